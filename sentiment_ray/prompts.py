@@ -1,0 +1,44 @@
+"""The instruction template: training records and inference prompts. Pure (no heavy imports).
+
+Default layout (the seed's prompt, Alpaca-style):
+
+    Classify the text into 'Positive', 'Negative', and return the answer as the predicted sentiment.
+    ### Input:
+    {sentence}
+    ### Response:
+    {label}<eos>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sentiment_ray.config import PromptConfig
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    instruction: str
+    input_template: str
+    response_header: str
+    separator: str = "\n"
+
+    @classmethod
+    def from_config(cls, cfg: PromptConfig) -> "PromptTemplate":
+        return cls(cfg.instruction, cfg.input_template, cfg.response_header, cfg.separator)
+
+    def prompt(self, sentence: str) -> str:
+        """Everything up to and including the response header: what the model continues."""
+        body = self.input_template.replace("{sentence}", sentence)
+        return f"{self.instruction}{self.separator}{body}{self.separator}{self.response_header}"
+
+    def completion(self, label: str, eos_token: str) -> str:
+        return f"{label}{eos_token}"
+
+    def full_text(self, sentence: str, label: str, eos_token: str) -> str:
+        """The seed's training text: instruction + input + label + EOS in one string."""
+        return self.prompt(sentence) + self.completion(label, eos_token)
+
+    def prompt_completion(self, sentence: str, label: str, eos_token: str) -> dict[str, str]:
+        """A TRL prompt-completion record (loss on the completion only)."""
+        return {"prompt": self.prompt(sentence), "completion": self.completion(label, eos_token)}
