@@ -1,0 +1,110 @@
+"""The interface every model backend implements, and helpers they share.
+
+Pure at import time: torch is imported inside the helpers, never at module level.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # annotations only; never imported at runtime here
+    from sentiment_ray.config import ExperimentConfig
+
+
+class BackendError(RuntimeError):
+    """A backend cannot do what the config asks (missing GPU, package, module...)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def load_for_training(self, cfg: ExperimentConfig, device: Any) -> tuple[Any, Any]:
+        """(base model with trainable LoRA adapters and frozen base weights, tokenizer)."""
+        ...
+
+    def load_for_inference(self, cfg: ExperimentConfig, adapter_path: str | None, device: Any) -> tuple[Any, Any]:
+        """(model in eval mode with the adapter attached when given, tokenizer)."""
+        ...
+
+    def save_adapter(self, model: Any, tokenizer: Any, out_dir: str) -> None:
+        """Write the LoRA adapter (not the base weights) and the tokenizer into `out_dir`."""
+        ...
+
+
+def resolve_dtype(requested: str, device: Any):
+    """The torch dtype for `model.dtype`: `auto` is bfloat16 on GPUs that support it,
+    float16 on older GPUs, float32 on CPU."""
+    import torch
+
+    device = torch.device(device)
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def existing_target_modules(model: Any, requested: list[str], model_name: str) -> list[str]:
+    """The requested LoRA target module names that exist as Linear-like layers in `model`.
+
+    Presets list all seven Llama projections; other architectures name theirs differently,
+    so keep the ones present and fail, naming what was asked and what exists, if none are.
+    """
+    import torch
+
+    present: set[str] = set()
+    linear_names: set[str] = set()
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        # bitsandbytes' Linear4bit subclasses torch.nn.Linear, so 4-bit layers count too.
+        if isinstance(module, torch.nn.Linear):
+            linear_names.add(leaf)
+            if leaf in requested:
+                present.add(leaf)
+    if not present:
+        raise BackendError(
+            f"none of lora.target_modules {requested} exist in model {model_name!r}; "
+            f"its linear layers are named {sorted(linear_names)}"
+        )
+    return [m for m in requested if m in present]
+
+
+def missing_target_modules(requested: list[str], present: list[str]) -> list[str]:
+    return [m for m in requested if m not in present]
+
+
+def trainable_parameter_summary(model: Any) -> dict[str, int]:
+    """Counts of trainable and total parameters (for logs and the LoRA invariant tests)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": int(trainable), "total": int(total)}
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """Batching needs a pad token; many base models ship without one. Use EOS (padding is
+    masked out of attention and loss, so which id fills it does not matter)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise BackendError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_adapter_dir(adapter_path: str) -> None:
+    import os
+
+    if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
+        raise BackendError(f"adapter folder {adapter_path!r} has no adapter_config.json (not a saved LoRA adapter)")
+
+
+def normalise_device(device: Any):
+    """torch.device from a str/device/None (None: the first GPU when there is one, else CPU)."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

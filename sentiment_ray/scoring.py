@@ -1,0 +1,325 @@
+"""Label-token scoring: one forward pass per batch, softmax over the labels' first tokens.
+
+For each sentence the prompt (instruction + input + response header) is run through the
+model once; the next-token logits at the prompt's last position, restricted to the first
+token of each label, give P(label | prompt). No decode loop, no parsing, a probability per
+class. `LabelScorer.generate` keeps the seed's generate-and-parse mode for parity, counting
+parse failures instead of defaulting them.
+
+Tokenisation matches what TRL 1.15 trains on: a prompt-completion record is tokenised as
+`tokenizer(prompt)` and `tokenizer(prompt + completion)` with the tokenizer's default special
+tokens (BOS where the tokenizer adds one), and the completion starts where they diverge. The
+scorer feeds exactly `tokenizer(prompt)["input_ids"]`.
+
+torch is imported lazily (inside functions), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.prompts import PromptTemplate
+
+
+class ScoringError(ValueError):
+    pass
+
+
+@dataclass
+class ScoreResult:
+    probs: np.ndarray
+    """float32 [n, k]: P(label) per row, columns in label-set order, rows in input order."""
+    truncated: np.ndarray
+    """bool [n]: the sentence was cut so the prompt fits in max_length."""
+    prompt_tokens: int
+    """Non-pad tokens run through the model."""
+    labels: tuple[str, ...]
+
+    def predicted(self) -> list[str]:
+        return [self.labels[i] for i in self.probs.argmax(axis=1)] if len(self.probs) else []
+
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1) if len(self.probs) else np.zeros(0, dtype=np.float32)
+
+
+@dataclass
+class GenerateResult:
+    texts: list[str]
+    """The generated continuation after the response header (special tokens removed)."""
+    labels: list[str | None]
+    """The parsed label, None where the text starts with no label."""
+    parse_failed: np.ndarray
+    """bool [n]: `labels[i] is None`."""
+    prompt_tokens: int
+    truncated: np.ndarray
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _check_sentences(sentences: Sequence[Any]) -> list[str]:
+    out = list(sentences)
+    for i, s in enumerate(out):
+        if not isinstance(s, str):
+            raise ScoringError(f"sentence at row {i} of the batch is {type(s).__name__} {s!r}, not text")
+    return out
+
+
+def _encode(tokenizer: Any, texts: list[str], **kwargs: Any) -> list[list[int]]:
+    # One batched call: fast tokenizers encode the whole list in Rust, in parallel.
+    return tokenizer(texts, return_attention_mask=False, **kwargs)["input_ids"] if texts else []
+
+
+def fit_prompts(
+    tokenizer: Any, template: PromptTemplate, sentences: Sequence[str], max_length: int
+) -> tuple[list[str], list[list[int]], np.ndarray]:
+    """Build each prompt and tokenise it as TRL does; cut the *sentence* of over-long ones.
+
+    Returns (prompt texts, prompt token ids, truncated flags). The instruction and the
+    response header are always kept whole; a too-long sentence is cut to the tokens that
+    fit, decoded back to text and re-tokenised inside the template (so the ids are what
+    `tokenizer(prompt)` gives for that text, exactly as training would see it). Training
+    can call this with `max_length = max_seq_length - <completion tokens>` to truncate
+    the same way.
+    """
+    sentences = _check_sentences(sentences)
+    prompts = [template.prompt(s) for s in sentences]
+    ids = _encode(tokenizer, prompts)
+    truncated = np.array([len(x) > max_length for x in ids], dtype=bool)
+    long_rows = np.flatnonzero(truncated).tolist()
+    if not long_rows:
+        return prompts, ids, truncated
+
+    overhead = len(_encode(tokenizer, [template.prompt("")])[0])
+    if overhead >= max_length:
+        raise ScoringError(
+            f"the prompt template alone takes {overhead} tokens, which leaves no room for a sentence "
+            f"within max_length={max_length}; raise model.max_seq_length or shorten prompt.instruction"
+        )
+    sentence_ids = _encode(tokenizer, [sentences[i] for i in long_rows], add_special_tokens=False)
+    budget = {row: max_length - overhead for row in long_rows}
+    pending = dict(zip(long_rows, sentence_ids))
+    # Re-tokenising decoded text can merge differently at the cut, so shrink until it fits
+    # (almost always one round).
+    while pending:
+        rows = list(pending)
+        cut_texts = tokenizer.batch_decode(
+            [pending[r][: max(budget[r], 0)] for r in rows], clean_up_tokenization_spaces=False
+        )
+        # A cut inside a multi-byte character decodes to U+FFFD; drop the partial character.
+        cut_texts = [t.rstrip("\ufffd") for t in cut_texts]
+        new_prompts = [template.prompt(t) for t in cut_texts]
+        new_ids = _encode(tokenizer, new_prompts)
+        for r, p, x in zip(rows, new_prompts, new_ids):
+            if len(x) <= max_length or budget[r] <= 0:
+                prompts[r], ids[r] = p, x
+                del pending[r]
+            else:
+                budget[r] -= len(x) - max_length
+    return prompts, ids, truncated
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _left_pad(batch_ids: list[list[int]], pad_id: int, device: Any):
+    """(input_ids, attention_mask, position_ids), padded on the left so every row's last
+    real token sits at the final position; positions count real tokens only, as
+    `generate` does, so a padded row computes the same as the row alone."""
+    import torch
+
+    width = max(len(x) for x in batch_ids)
+    ids = np.full((len(batch_ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch_ids), width), dtype=np.int64)
+    for row, x in enumerate(batch_ids):
+        ids[row, width - len(x) :] = x
+        mask[row, width - len(x) :] = 1
+    positions = np.clip(mask.cumsum(axis=1) - 1, 0, None)
+    to = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return to(ids), to(mask), to(positions)
+
+
+def _model_device(model: Any):
+    device = getattr(model, "device", None)
+    if device is not None:
+        return device
+    return next(model.parameters()).device
+
+
+def _logits_to_keep_arg(model: Any) -> str | None:
+    """The name under which the (innermost) causal LM accepts 'compute logits for the last N
+    positions only', or None. peft wrappers forward **kwargs, so look at the base model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return name
+    return None
+
+
+class _EvalMode:
+    """Dropout off while scoring; the model's previous train/eval mode restored after
+    (training evaluates mid-run with the model in train mode)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.model.train()
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+class LabelScorer:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: PromptTemplate,
+        labels: LabelSet,
+        max_length: int,
+        batch_size: int,
+    ):
+        if max_length <= 0 or batch_size <= 0:
+            raise ScoringError(f"max_length and batch_size must be positive, got {max_length}, {batch_size}")
+        if tokenizer.pad_token_id is None:
+            raise ScoringError("the tokenizer has no pad token; load it through a backend (pad = eos)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.labels = labels
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.label_token_ids = labels.first_token_ids(
+            lambda text: tokenizer(text)["input_ids"], template.prompt("An example sentence.")
+        )
+        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+        if vocab is not None and max(self.label_token_ids) >= vocab:
+            raise ScoringError(
+                f"label token ids {self.label_token_ids} exceed the model's vocabulary ({vocab}): "
+                "tokenizer and model do not match"
+            )
+        self._keep_arg = _logits_to_keep_arg(model)
+
+    # -- helpers
+
+    def encode(self, sentences: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Prompt token ids (what the model sees) and truncation flags, in input order."""
+        _, ids, truncated = fit_prompts(self.tokenizer, self.template, sentences, self.max_length)
+        return ids, truncated
+
+    def _micro_batches(self, ids: list[list[int]]):
+        # Longest first, so rows of similar length share a batch (less padding) and an
+        # out-of-memory shows up on the first batch rather than the last.
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    # -- scoring
+
+    def score(self, sentences: Sequence[str]) -> ScoreResult:
+        import torch
+
+        ids, truncated = self.encode(sentences)
+        k = len(self.labels)
+        probs = np.zeros((len(ids), k), dtype=np.float32)
+        if not ids:
+            return ScoreResult(probs, truncated, 0, self.labels.labels)
+        device = _model_device(self.model)
+        label_ids = torch.tensor(self.label_token_ids, device=device)
+        extra = {self._keep_arg: 1} if self._keep_arg else {}
+        with _EvalMode(self.model), torch.inference_mode():
+            for rows in self._micro_batches(ids):
+                input_ids, mask, positions = _left_pad([ids[r] for r in rows], self.tokenizer.pad_token_id, device)
+                out = self.model(
+                    input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
+                )
+                last = out.logits[:, -1, :]
+                chosen = last.index_select(-1, label_ids).float()
+                probs[rows] = torch.softmax(chosen, dim=-1).cpu().numpy()
+        return ScoreResult(probs, truncated, int(sum(len(x) for x in ids)), self.labels.labels)
+
+    # -- generate-and-parse (the seed's mode, for parity)
+
+    def generate(self, sentences: Sequence[str], max_new_tokens: int) -> GenerateResult:
+        import torch
+
+        ids, truncated = self.encode(sentences)
+        texts: list[str] = [""] * len(ids)
+        device = _model_device(self.model)
+        tok = self.tokenizer
+        with _EvalMode(self.model), torch.inference_mode():
+            for rows in self._micro_batches(ids):
+                input_ids, mask, _ = _left_pad([ids[r] for r in rows], tok.pad_token_id, device)
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                new = out[:, input_ids.shape[1] :].cpu().tolist()
+                for r, text in zip(rows, tok.batch_decode(new, skip_special_tokens=True)):
+                    texts[r] = text
+        parsed = [self.labels.parse_generated(t) for t in texts]
+        return GenerateResult(
+            texts=texts,
+            labels=parsed,
+            parse_failed=np.array([p is None for p in parsed], dtype=bool),
+            prompt_tokens=int(sum(len(x) for x in ids)),
+            truncated=truncated,
+        )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    scorer: LabelScorer,
+    sentences: Sequence[str],
+    true_labels: Sequence[str],
+    langs: Sequence[str | None] | None = None,
+) -> dict:
+    """Score `sentences` and compare with `true_labels` (matched case-insensitively to the
+    label set): `metrics.classification_report` plus `ece` (confidence = max probability),
+    `calibration_bins`, `truncated` and `prompt_tokens`."""
+    from sentiment_ray.metrics import classification_report, expected_calibration_error
+
+    sentences = list(sentences)
+    if len(sentences) != len(true_labels):
+        raise ScoringError(f"{len(sentences)} sentences but {len(true_labels)} labels")
+    if langs is not None and len(langs) != len(sentences):
+        raise ScoringError(f"{len(sentences)} sentences but {len(langs)} languages")
+    truth = []
+    for i, raw in enumerate(true_labels):
+        label = scorer.labels.normalise(raw)
+        if label is None:
+            raise ScoringError(f"row {i}: label {raw!r} is not one of {list(scorer.labels)}")
+        truth.append(label)
+    result = scorer.score(sentences)
+    predicted = result.predicted()
+    report = classification_report(truth, predicted, list(scorer.labels), langs)
+    calibration = expected_calibration_error(
+        result.confidence().tolist(), [t == p for t, p in zip(truth, predicted)]
+    )
+    report["ece"] = calibration["ece"]
+    report["calibration_bins"] = calibration["bins"]
+    report["truncated"] = int(result.truncated.sum())
+    report["prompt_tokens"] = result.prompt_tokens
+    return report
