@@ -208,7 +208,8 @@ class LabelScorer:
         self.label_token_ids = labels.first_token_ids(
             lambda text: tokenizer(text)["input_ids"], template.prompt("An example sentence.")
         )
-        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = head.weight.shape[0] if head is not None else None
         if vocab is not None and max(self.label_token_ids) >= vocab:
             raise ScoringError(
                 f"label token ids {self.label_token_ids} exceed the model's vocabulary ({vocab}): "
@@ -252,6 +253,10 @@ class LabelScorer:
                 last = out.logits[:, -1, :]
                 chosen = last.index_select(-1, label_ids).float()
                 probs[rows] = torch.softmax(chosen, dim=-1).cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+        if len(bad):
+            # fp16 overflow or broken weights: never hand NaN on as a prediction.
+            raise ScoringError(f"the model produced non-finite label logits for rows {bad[:10].tolist()} of the batch")
         return ScoreResult(probs, truncated, int(sum(len(x) for x in ids)), self.labels.labels)
 
     # -- generate-and-parse (the seed's mode, for parity)

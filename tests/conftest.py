@@ -30,8 +30,16 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# Usage: `pytestmark = requires_cuda` in a module, or `@requires_cuda` on a test.
+# Mark GPU tests `@pytest.mark.gpu` (or `pytestmark = pytest.mark.gpu` in a module): they skip
+# cleanly without CUDA (hook below). `requires_cuda` is the same skip as a plain marker object.
 requires_cuda = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu_items and not _cuda_available():
+        for item in gpu_items:
+            item.add_marker(requires_cuda)
 
 
 @pytest.fixture(scope="session")

@@ -198,7 +198,18 @@ def test_hf_save_adapter_needs_a_peft_model(tiny_cfg, tmp_path):
         get_backend("hf").save_adapter(model, tokenizer, str(tmp_path / "x"))
 
 
-def test_hf_backend_satisfies_protocol():
+def test_backends_satisfy_protocol():
     from sentiment_ray.backends.base import Backend
 
     assert isinstance(get_backend("hf"), Backend)
+    assert isinstance(get_backend("unsloth"), Backend)  # importable without unsloth installed
+
+
+def test_unsloth_backend_refuses_cpu_before_importing_unsloth(tiny_cfg):
+    for load in (
+        lambda: get_backend("unsloth").load_for_training(tiny_cfg, "cpu"),
+        lambda: get_backend("unsloth").load_for_inference(tiny_cfg, None, "cpu"),
+    ):
+        with pytest.raises(BackendError, match="needs a CUDA device, got cpu"):
+            load()
+    assert "unsloth" not in sys.modules

@@ -232,3 +232,17 @@ def test_demo_model_scores_demo_sentences(demo_model_dir):
     np.testing.assert_allclose(result.probs.sum(axis=1), 1.0, atol=1e-5)
     alone = scorer.score(sentences[:1]).probs[0]
     np.testing.assert_allclose(result.probs[0], alone, atol=1e-4)
+
+
+def test_non_finite_logits_error_names_the_rows(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sentiment_ray.scoring import ScoringError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    tiny = (model, AutoTokenizer.from_pretrained(tiny_model_dir))
+    with pytest.raises(ScoringError, match=r"non-finite label logits for rows \[0, 1\]"):
+        make_scorer(tiny).score(SENTENCES[:2])
