@@ -1,0 +1,55 @@
+"""Fine-tune a model into a sentiment classifier on Ray Train; print one JSON line at the end.
+
+    python jobs/train.py                                    # the demo preset, local Ray cluster
+    python jobs/train.py --config llama31_8b_multilingual train.max_steps=100
+    RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- \\
+        python jobs/train.py --config demo run.storage_path=/shared/runs
+
+Under `ray job submit` give run.storage_path as an absolute path or a URI: a relative one
+lands in the job's temporary copy of the working dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Run from a checkout (python jobs/train.py) or an uploaded working dir without installing.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=120 run.name=demo-long")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from sentiment_ray.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and "://" not in cfg.run.storage_path and not os.path.isabs(cfg.run.storage_path):
+        print(
+            f"warning: run.storage_path={cfg.run.storage_path!r} is relative inside a Ray job: results go to "
+            f"{os.path.abspath(cfg.run.storage_path)}, the job's temporary working dir",
+            file=sys.stderr,
+        )
+
+    from sentiment_ray.train import run_training
+
+    summary = run_training(cfg)
+    print(json.dumps(summary, sort_keys=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

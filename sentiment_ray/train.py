@@ -1,0 +1,684 @@
+"""Fine-tuning on Ray Train: the driver (`run_training`, `build_trainer`) and the worker
+function (`train_worker`) that runs TRL's SFTTrainer on a LoRA model in each Ray worker.
+
+    result = run_training(load_config("demo"))      # connects to / starts Ray, trains, returns a summary
+
+A run lives in `<run.storage_path>/<run.name>/` (a local path or a URI): Ray Train's
+checkpoints and snapshot, plus what rank 0 writes at the end:
+
+    adapter/                        LoRA adapter + tokenizer (backend.save_adapter)
+    metrics.json                    zero-shot and fine-tuned validation metrics, training stats
+    manifest.json                   config, package versions, data fingerprint, backend, device, commit
+    validation_predictions.parquet  per-row label probabilities of the fine-tuned model
+    quarantine*.jsonl               rows skipped by data.on_bad_rows=skip
+
+Rerunning with the same run name and storage path resumes from the run's latest checkpoint
+(Ray Train v2 restores its checkpoint list from the run folder; the worker hands the
+checkpoint to the HF Trainer as `resume_from_checkpoint`).
+
+Reporting cadence (what Ray Train, and a Tune scheduler behind it, sees): one
+`ray.train.report` per checkpoint (every `train.save_steps`, or every `train.eval_steps` when
+save_steps is 0, and always at the last step), plus one per evaluation step that is not a
+checkpoint step. Reports at evaluation steps and at the last step carry `val_accuracy`,
+`val_macro_f1` and `val_ece` (label-token scoring of the validation split).
+
+Light at import time: ray, torch, transformers and trl are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sentiment_ray.config import ExperimentConfig, validate
+
+log = logging.getLogger(__name__)
+
+# Test hook: the worker raises after this optimizer step on a run that did not resume from a
+# checkpoint (tests/test_train.py uses it to interrupt a run, then resume it).
+FAIL_AT_STEP_ENV = "SENTIMENT_RAY_TEST_FAIL_AT_STEP"
+# Written into every checkpoint: what a resumed attempt needs besides the HF trainer state.
+RUN_STATE_FILE = "sentiment_ray_state.json"
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+MANIFEST_FILE = "manifest.json"
+PREDICTIONS_FILE = "validation_predictions.parquet"
+# Ray Train v2 turns every print() in a worker into a log record, even prints that a
+# library captures by swapping sys.stdout (dill's bytecode dumps while `datasets` hashes
+# TRL's map functions would flood the log); plain stdout still reaches the driver.
+_TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Optimizers that need bitsandbytes / CUDA; on CPU they become plain AdamW.
+_CUDA_ONLY_OPTIMIZER_MARKERS = ("8bit", "paged", "bnb")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ============================================================================ run folder
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def absolute_storage_path(storage_path: str) -> str:
+    """Ray Train needs an absolute path or a URI; relative paths are taken from the cwd."""
+    return storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
+
+
+def run_dir_of(cfg: ExperimentConfig) -> str:
+    """`<storage_path>/<name>`: where Ray Train keeps the run and where the outputs go."""
+    return absolute_storage_path(cfg.run.storage_path).rstrip("/") + "/" + cfg.run.name
+
+
+def _filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a local path or a URI."""
+    import pyarrow.fs
+
+    if is_uri(path):
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+
+
+def publish(local_dir: str, run_dir: str) -> None:
+    """Copy everything under `local_dir` into `run_dir` (local folder or URI)."""
+    import pyarrow.fs
+
+    fs, target = _filesystem(run_dir)
+    fs.create_dir(target, recursive=True)
+    pyarrow.fs.copy_files(local_dir, target, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def read_run_json(run_dir: str, name: str) -> dict:
+    fs, base = _filesystem(run_dir)
+    try:
+        with fs.open_input_stream(base.rstrip("/") + "/" + name) as stream:
+            return json.loads(stream.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise TrainingError(f"{run_dir}/{name} is missing: the training worker did not finish writing its outputs") from None
+
+
+# ============================================================================ driver
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    *,
+    run_name: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+):
+    """A Ray Train `TorchTrainer` for one training run (Ray must be connected: the GPU
+    count decides `use_gpu: auto`). Tune trials call this with their own run name /
+    storage path and pass `ray.tune.integration.ray_train.TuneReportCallback()` in
+    `callbacks`, so every worker report (see the module docstring) reaches Tune."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sentiment_ray import manifest, ray_cluster
+
+    cfg = cfg.model_copy(deep=True)
+    if run_name is not None:
+        cfg.run.name = run_name
+    cfg.run.storage_path = absolute_storage_path(storage_path or cfg.run.storage_path)
+    use_gpu = ray_cluster.resolve_use_gpu(cfg.run.use_gpu)
+    if cfg.model.backend == "unsloth" and not use_gpu:
+        raise TrainingError(
+            "model.backend=unsloth needs GPU workers, but run.use_gpu resolved to false "
+            f"(run.use_gpu={cfg.run.use_gpu}, cluster GPUs: {ray_cluster.cluster_gpu_count()})"
+        )
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    payload = {
+        "config": cfg.model_dump(mode="json"),
+        "git_commit": manifest.git_commit(),
+        "fail_at_step": int(os.environ[FAIL_AT_STEP_ENV]) if os.environ.get(FAIL_AT_STEP_ENV) else None,
+    }
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": {**ray_cluster.worker_env_vars(), **_TRAIN_WORKER_ENV}},
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run_training(cfg: ExperimentConfig) -> dict:
+    """Train one run on Ray (connecting first, see ray_cluster.connect) and return its
+    summary: run dir, adapter path, backend, device, zero-shot and fine-tuned validation
+    accuracy / macro-F1, train loss, steps, wall time. Raises ray.train.TrainingFailedError
+    when the workers fail more than run.max_failures times."""
+    from sentiment_ray import ray_cluster
+
+    start = time.time()
+    ray_cluster.connect(cfg.run.ray_address)
+    trainer = build_trainer(cfg)
+    result = trainer.fit()
+    run_dir = run_dir_of(cfg)
+    metrics = read_run_json(run_dir, METRICS_FILE)
+    summary = summarise(run_dir, metrics)
+    summary["driver_wall_time_s"] = round(time.time() - start, 1)
+    summary["latest_checkpoint"] = getattr(result.checkpoint, "path", None)
+    return summary
+
+
+def summarise(run_dir: str, metrics: dict) -> dict:
+    """The short view of metrics.json that jobs/train.py prints."""
+
+    def brief(report: dict | None) -> dict | None:
+        if not report:
+            return None
+        return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "n": report["n"]}
+
+    train = metrics.get("train", {})
+    return {
+        "run_dir": run_dir,
+        "adapter": run_dir.rstrip("/") + "/" + ADAPTER_DIR,
+        "backend": metrics.get("backend"),
+        "device": metrics.get("device"),
+        "zero_shot": brief(metrics.get("zero_shot")),
+        "fine_tuned": brief(metrics.get("fine_tuned")),
+        "train_loss": train.get("loss_last"),
+        "steps": train.get("global_step"),
+        "resumed_from_step": train.get("resumed_from_step"),
+        "train_tokens_per_s": train.get("tokens_per_second"),
+        "worker_wall_time_s": metrics.get("wall_time_s"),
+    }
+
+
+# ============================================================================ worker
+
+
+def train_worker(payload: dict) -> None:
+    """The Ray Train worker function. `payload`: {"config": cfg dict, "git_commit": str |
+    None, "fail_at_step": int | None}, as build_trainer makes it."""
+    from sentiment_ray import backends
+
+    cfg = validate(payload["config"], source="train_worker payload")
+    backend_name = backends.resolve_backend_name(cfg.model.backend)
+    backends.early_import(backend_name)  # before anything below imports transformers/trl/peft
+
+    import ray.train
+    import ray.train.torch
+
+    started = time.time()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    scratch = tempfile.mkdtemp(prefix=f"sentiment-ray-{cfg.run.name}-rank{rank}-")
+    try:
+        _train_in(scratch, cfg, payload, backend_name, device, rank, world_size, started)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_in(
+    scratch: str, cfg: ExperimentConfig, payload: dict, backend_name: str, device, rank: int, world_size: int, started: float
+) -> None:
+    import ray.train
+    import torch
+
+    from sentiment_ray import backends
+    from sentiment_ray.labels import LabelSet
+    from sentiment_ray.prompts import PromptTemplate
+
+    run_dir = run_dir_of(cfg)
+    outputs = os.path.join(scratch, "outputs")  # rank 0 publishes this folder into run_dir
+    os.makedirs(outputs)
+    labels = LabelSet(cfg.prompt.labels)
+    template = PromptTemplate.from_config(cfg.prompt)
+    # Only rank 0 writes quarantine files into the run folder; other ranks keep theirs local.
+    quarantine_root = run_dir if rank == 0 else scratch
+    splits = load_splits(cfg, labels, quarantine_root)
+
+    if device.type == "cpu":
+        log.info("training on CPU with %d torch threads", torch.get_num_threads())
+    backend = backends.get_backend(backend_name)
+    model, tokenizer = backend.load_for_training(cfg, device)
+
+    # A checkpoint exists when this run resumes (same name and storage) or Ray retried it.
+    checkpoint = ray.train.get_checkpoint()
+    output_dir = os.path.join(scratch, "hf")
+    resume_path, run_state = restore_checkpoint(checkpoint, output_dir) if checkpoint else (None, {})
+    resumed_from = run_state.get("global_step", 0) if resume_path else 0
+
+    scorer = None
+    if rank == 0 and splits["validation"].num_rows:
+        from sentiment_ray.scoring import LabelScorer
+
+        scorer = LabelScorer(
+            model, tokenizer, template, labels, max_length=cfg.model.max_seq_length, batch_size=cfg.train.eval_batch_size
+        )
+    zero_shot = run_state.get("zero_shot")
+    if zero_shot is None and scorer is not None and cfg.train.zero_shot_eval and not resume_path:
+        # The adapter is freshly initialised (LoRA B = 0): the model still computes the base model.
+        zero_shot, _ = evaluate_split(scorer, splits["validation"])
+
+    train_dataset = build_train_dataset(cfg, splits["train"], tokenizer, template, labels)
+    args = build_sft_config(cfg, device, output_dir, world_size)
+    reporter = report_callback_class()(
+        cfg,
+        scorer=scorer,
+        validation=splits["validation"],
+        is_rank_zero=rank == 0,
+        run_state={"zero_shot": zero_shot},
+        fail_at_step=payload.get("fail_at_step") if not resume_path else None,
+    )
+
+    trainer = sft_trainer_class()(
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[reporter]
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_started = time.time()
+    train_output = trainer.train(resume_from_checkpoint=resume_path)
+    train_wall = time.time() - train_started
+    step_wall = max(train_wall - reporter.eval_seconds, 1e-9)  # optimizer steps + checkpoints
+
+    if rank != 0:
+        return
+    fine_tuned = None
+    if scorer is not None:
+        # The callback evaluated at the last step unless this attempt trained no step.
+        if reporter.last_eval_step == trainer.state.global_step:
+            fine_tuned, scores = reporter.last_eval, reporter.last_scores
+        else:
+            fine_tuned, scores = evaluate_split(scorer, splits["validation"])
+        import pyarrow.parquet as pq
+
+        pq.write_table(predictions_table(splits["validation"], scores), os.path.join(outputs, PREDICTIONS_FILE))
+    backend.save_adapter(model, tokenizer, os.path.join(outputs, ADAPTER_DIR))
+
+    state = trainer.state
+    session_tokens = state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    metrics = {
+        "run_name": cfg.run.name,
+        "backend": backend_name,
+        "device": str(device),
+        "world_size": world_size,
+        "rows": {
+            "train": splits["train"].num_rows,
+            "validation": splits["validation"].num_rows,
+            "bad_rows": splits["bad_rows"],
+        },
+        "zero_shot": zero_shot,
+        "fine_tuned": fine_tuned,
+        "train": {
+            "global_step": state.global_step,
+            "max_steps": cfg.train.max_steps,
+            "optimizer": getattr(args.optim, "value", args.optim),
+            "resumed_from_step": resumed_from,
+            "steps_this_attempt": state.global_step - resumed_from,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "train_runtime_s": round(train_wall, 2),
+            "eval_in_training_s": round(reporter.eval_seconds, 2),
+            "tokens_this_attempt": int(session_tokens),
+            # Non-padding tokens per second of training (validation scoring excluded).
+            "tokens_per_second": round(session_tokens / step_wall, 1) if session_tokens else None,
+            "hf_train_metrics": train_output.metrics,
+            "log_history": state.log_history,
+        },
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    from sentiment_ray import data, manifest, ray_cluster
+
+    write = manifest.write_json
+    write(os.path.join(outputs, METRICS_FILE), metrics)
+    write(
+        os.path.join(outputs, MANIFEST_FILE),
+        manifest.build_manifest(
+            cfg.model_dump(mode="json"),
+            data_fingerprint={kind: data.fingerprint(files) for kind, files in splits["files"].items()},
+            backend=backend_name,
+            device=str(device),
+            code_version=payload.get("git_commit"),
+            extra={
+                "run_dir": run_dir,
+                "world_size": world_size,
+                "resumed_from_step": resumed_from,
+                "data_files": splits["files"],
+                "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "worker_env": {k: os.environ.get(k) for k in ray_cluster.NVLINK_MULTICAST_OFF},
+            },
+        ),
+    )
+    publish(outputs, run_dir)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_splits(cfg: ExperimentConfig, labels, quarantine_root: str) -> dict:
+    """{"train", "validation": pyarrow tables, "files": {split: [files]}, "bad_rows": {...}}.
+    Validation comes from data.validation_path, else a stratified split of train_path."""
+    from sentiment_ray import data
+
+    d = cfg.data
+    if not d.train_path:
+        raise TrainingError("data.train_path is empty: set it in the config or as data.train_path=...")
+
+    def quarantine(name: str) -> str:
+        return d.quarantine_path or quarantine_root.rstrip("/") + "/" + name
+
+    train_data = data.load_labelled(d.train_path, d, labels, quarantine_path=quarantine("quarantine.jsonl"))
+    files = {"train": train_data.files}
+    bad = {"train": train_data.bad_rows.count}
+    if d.validation_path:
+        val_q = quarantine("quarantine-validation.jsonl") if not d.quarantine_path else d.quarantine_path + ".validation"
+        val_data = data.load_labelled(d.validation_path, d, labels, quarantine_path=val_q)
+        train, validation = train_data.table, val_data.table
+        files["validation"] = val_data.files
+        bad["validation"] = val_data.bad_rows.count
+    else:
+        train, validation = data.split_train_validation(train_data.table, d.validation_fraction, d.split_seed)
+    train, validation = data.apply_row_limits(train, validation, d)
+    if train.num_rows == 0:
+        raise TrainingError(f"{d.train_path}: no training rows left after the validation split and row limits")
+    return {"train": train, "validation": validation, "files": files, "bad_rows": bad}
+
+
+def completion_token_budget(tokenizer, template, labels) -> int:
+    """Tokens the longest label + EOS adds after a prompt (how TRL tokenises a completion)."""
+    prompt = template.prompt("An example sentence.")
+    base = len(tokenizer(prompt)["input_ids"])
+    return max(len(tokenizer(prompt + template.completion(label, tokenizer.eos_token))["input_ids"]) - base for label in labels)
+
+
+def build_train_dataset(cfg: ExperimentConfig, table, tokenizer, template, labels):
+    """A `datasets.Dataset` for TRL: prompt-completion records (`loss_on: completion`: loss
+    on the label tokens only) or the seed's full-text `text` records (`full_text`).
+
+    Over-long sentences are cut (scoring.fit_prompts, the way validation/labelling cut them)
+    so that every record, label included, fits model.max_seq_length: TRL truncates from the
+    end, which would drop the label and leave a record with nothing to learn."""
+    import datasets
+
+    from sentiment_ray.scoring import fit_prompts
+
+    datasets.disable_progress_bars()
+    budget = cfg.model.max_seq_length - completion_token_budget(tokenizer, template, labels)
+    prompts, _, truncated = fit_prompts(tokenizer, template, table.column("sentence").to_pylist(), budget)
+    if truncated.any():
+        log.warning("%d of %d training sentences were cut to fit model.max_seq_length=%d",
+                    int(truncated.sum()), len(prompts), cfg.model.max_seq_length)
+    eos = tokenizer.eos_token
+    completions = [template.completion(label, eos) for label in table.column("label").to_pylist()]
+    if cfg.train.loss_on == "completion":
+        return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
+    return datasets.Dataset.from_dict({"text": [p + c for p, c in zip(prompts, completions)]})
+
+
+# ---------------------------------------------------------------------------- trainer config
+
+
+def resolve_optimizer(name: str, device_type: str) -> str:
+    if device_type != "cuda" and any(marker in name for marker in _CUDA_ONLY_OPTIMIZER_MARKERS):
+        log.info("optimizer %s needs bitsandbytes on CUDA; using adamw_torch on %s", name, device_type)
+        return "adamw_torch"
+    return name
+
+
+def checkpoint_every(cfg: ExperimentConfig) -> int:
+    """Checkpoint cadence in steps: train.save_steps, else train.eval_steps, else the end."""
+    return cfg.train.save_steps or cfg.train.eval_steps or cfg.train.max_steps
+
+
+def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int):
+    """TRL SFTConfig from cfg.train (and model.max_seq_length)."""
+    import torch
+    from trl import SFTConfig
+
+    from sentiment_ray.backends.base import resolve_dtype
+
+    t = cfg.train
+    cuda = device.type == "cuda"
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    if t.packing and cfg.model.attn_implementation != "flash_attention_2":
+        # TRL's BFD packing is padding-free: sequences are concatenated with restarting
+        # position_ids and no attention mask. TRL warns this may cross-contaminate without
+        # flash-attention, but transformers' sdpa/eager mask builder derives a per-sequence
+        # (block-diagonal) causal mask from such position_ids (masking_utils.
+        # find_packed_sequence_indices); tests/test_train.py checks packed == unpacked loss.
+        log.info("packing with %s attention: per-sequence masks come from position_ids", cfg.model.attn_implementation)
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        optim=resolve_optimizer(t.optim, device.type),
+        seed=t.seed,
+        data_seed=t.seed,
+        # Mixed precision only on CUDA, following the model's dtype (TRL defaults bf16 on).
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        # The backend owns gradient checkpointing (Unsloth's offloaded variant, or HF's
+        # non-reentrant one); TRL would otherwise switch on its own by default.
+        gradient_checkpointing=False,
+        max_length=cfg.model.max_seq_length,
+        packing=t.packing,
+        completion_only_loss=True if t.loss_on == "completion" else None,
+        dataset_text_field="text",
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=checkpoint_every(cfg),
+        # Ray Train keeps run.checkpoints_to_keep in storage; one local copy is enough.
+        save_total_limit=1,
+        eval_strategy="no",  # validation is label-token scoring, done by RayReportCallback
+        report_to=[],
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0 if not cuda else min(4, max(0, int(cfg.run.cpus_per_worker) - 1)),
+        dataloader_pin_memory=cuda,
+        # Every LoRA parameter takes part in each forward; Ray Train wraps even one worker in DDP.
+        ddp_find_unused_parameters=False,
+    )
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class _RecordingScorer:
+    """Passes scoring.evaluate through to a scorer and keeps the per-row result, so one
+    scoring pass gives both the report and the predictions table."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.labels = scorer.labels
+        self.result = None
+
+    def score(self, sentences):
+        self.result = self.scorer.score(sentences)
+        return self.result
+
+
+def evaluate_split(scorer, table) -> tuple[dict, Any]:
+    """Label-token scoring of a validation table: (scoring.evaluate's report: accuracy,
+    macro-F1, per language, ECE; the per-row scoring.ScoreResult)."""
+    from sentiment_ray.scoring import evaluate
+
+    sentences = table.column("sentence").to_pylist()
+    truth = table.column("label").to_pylist()
+    langs = table.column("lang").to_pylist() if "lang" in table.column_names else None
+    recorder = _RecordingScorer(scorer)
+    report = evaluate(recorder, sentences, truth, langs)
+    return report, recorder.result
+
+
+def predictions_table(table, scores):
+    """The validation rows with the predicted label and one probability column per label."""
+    import pyarrow as pa
+
+    columns = {c: table.column(c) for c in ("ID", "sentence", "label", "lang") if c in table.column_names}
+    columns["predicted"] = pa.array(scores.predicted(), type=pa.string())
+    for i, label in enumerate(scores.labels):
+        columns[f"p_{label}"] = pa.array(scores.probs[:, i])
+    return pa.table(columns)
+
+
+def flat_validation_metrics(report: dict | None) -> dict:
+    """The scalars a Tune scheduler compares (report keys prefixed `val_`)."""
+    if not report:
+        return {}
+    return {"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"], "val_ece": report["ece"]}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def restore_checkpoint(checkpoint, output_dir: str) -> tuple[str, dict]:
+    """Download a Ray checkpoint (an HF Trainer checkpoint folder) into the trainer's
+    output dir as `checkpoint-<step>`; return (its path, the run state saved with it)."""
+    tmp = os.path.join(output_dir, "restoring")
+    checkpoint.to_directory(tmp)
+    trainer_state = os.path.join(tmp, "trainer_state.json")
+    if not os.path.isfile(trainer_state):
+        raise TrainingError(f"checkpoint {checkpoint.path} has no trainer_state.json: not an HF Trainer checkpoint")
+    with open(trainer_state, encoding="utf-8") as f:
+        step = int(json.load(f)["global_step"])
+    target = os.path.join(output_dir, f"checkpoint-{step}")
+    os.replace(tmp, target)
+    state = {}
+    state_file = os.path.join(target, RUN_STATE_FILE)
+    if os.path.isfile(state_file):
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+    state["global_step"] = step
+    log.info("resuming from checkpoint %s (step %d)", checkpoint.path, step)
+    return target, state
+
+
+def _make_report_callback_class():
+    from transformers import TrainerCallback
+
+    class _RayReportCallback(TrainerCallback):
+        """Reports to Ray Train at each checkpoint (with the checkpoint; only rank 0
+        uploads it) and at each evaluation step; evaluates the validation split by
+        label-token scoring on rank 0 at train.eval_steps and at the last step."""
+
+        def __init__(self, cfg, *, scorer, validation, is_rank_zero, run_state, fail_at_step=None):
+            self.cfg = cfg
+            self.scorer = scorer
+            self.validation = validation
+            self.is_rank_zero = is_rank_zero
+            self.run_state = run_state
+            self.fail_at_step = fail_at_step
+            self.last_eval = None
+            self.last_scores = None
+            self.last_eval_step = -1
+            self.eval_seconds = 0.0  # spent scoring inside trainer.train(), kept out of tokens/s
+
+        def _eval_due(self, state) -> bool:
+            every = self.cfg.train.eval_steps
+            return state.global_step >= state.max_steps or bool(every and state.global_step % every == 0)
+
+        def _metrics(self, state) -> dict:
+            metrics = {"step": state.global_step, "epoch": state.epoch}
+            for entry in reversed(state.log_history):
+                if "loss" in entry:
+                    metrics["train_loss"] = entry["loss"]
+                    metrics["learning_rate"] = entry.get("learning_rate")
+                    break
+            if self._eval_due(state) and self.scorer is not None:
+                eval_started = time.time()
+                self.last_eval, self.last_scores = evaluate_split(self.scorer, self.validation)
+                self.eval_seconds += time.time() - eval_started
+                self.last_eval_step = state.global_step
+                metrics.update(flat_validation_metrics(self.last_eval))
+            return metrics
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.fail_at_step is not None and state.global_step == self.fail_at_step:
+                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: test-injected failure after step {state.global_step}")
+            # Evaluation-only report, unless the checkpoint at this step reports it (on_save).
+            if self._eval_due(state) and not control.should_save:
+                import ray.train
+
+                ray.train.report(self._metrics(state))
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            import ray.train
+
+            metrics = self._metrics(state)
+            checkpoint = None
+            if self.is_rank_zero:
+                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                with open(os.path.join(folder, RUN_STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(self.run_state, f)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
+            return control
+
+    return _RayReportCallback
+
+
+def fused_loss_available(device) -> bool:
+    """TRL 1.15's SFTTrainer computes the loss with a Triton kernel (a fused LM head); the
+    CPU torch build has no Triton, and Triton kernels do not run on CPU tensors anyway."""
+    from trl.trainer import utils as trl_utils
+
+    return getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None and device.type in ("cuda", "xpu")
+
+
+def _make_sft_trainer_class():
+    import transformers
+    from trl import SFTTrainer
+
+    class _PortableSFTTrainer(SFTTrainer):
+        """SFTTrainer that falls back to the model's own loss where TRL's fused kernel
+        cannot run (CPU). Same objective: the summed token NLL over the label positions
+        (completion tokens, or all tokens for full-text records) divided by the batch's
+        label-token count, which transformers' causal-LM loss computes when given
+        `num_items_in_batch`. TRL's entropy / token-accuracy logs are skipped there."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if fused_loss_available(self.args.device):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return _PortableSFTTrainer
+
+
+_SFT_TRAINER_CLASS = None
+_REPORT_CALLBACK_CLASS = None
+
+
+def sft_trainer_class():
+    """The SFTTrainer subclass (built on first use, like report_callback_class)."""
+    global _SFT_TRAINER_CLASS
+    if _SFT_TRAINER_CLASS is None:
+        _SFT_TRAINER_CLASS = _make_sft_trainer_class()
+    return _SFT_TRAINER_CLASS
+
+
+def report_callback_class():
+    """The TrainerCallback class (built on first use: transformers must not be imported
+    when this module is, since Unsloth has to be imported first in a worker)."""
+    global _REPORT_CALLBACK_CLASS
+    if _REPORT_CALLBACK_CLASS is None:
+        _REPORT_CALLBACK_CLASS = _make_report_callback_class()
+    return _REPORT_CALLBACK_CLASS
