@@ -81,6 +81,14 @@ def _job_env_vars() -> dict[str, str]:
         return {}
 
 
+def driver_runtime_env() -> dict | None:
+    """The runtime env this driver passes to ray.init: the worker env vars, minus those the
+    Ray job it runs in already sets (Ray refuses a driver env var the job env also sets)."""
+    already = _job_env_vars()
+    env_vars = {k: v for k, v in worker_env_vars().items() if k not in already}
+    return {"env_vars": env_vars} if env_vars else None
+
+
 def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     """Connect this process to Ray, once.
 
@@ -96,11 +104,7 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     target = resolve_address(address)
-    # Ray refuses a driver env var that the job's runtime env also sets; add only the missing.
-    already = _job_env_vars()
-    env_vars = {k: v for k, v in worker_env_vars().items() if k not in already}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
-    common = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=runtime_env)
+    common = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=driver_runtime_env())
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         # Inside `ray job submit`: workers import the package from the uploaded working dir.
         ray.init(address=target or "auto", **common)

@@ -456,7 +456,8 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
         # position_ids and no attention mask. TRL warns this may cross-contaminate without
         # flash-attention, but transformers' sdpa/eager mask builder derives a per-sequence
         # (block-diagonal) causal mask from such position_ids (masking_utils.
-        # find_packed_sequence_indices); tests/test_train.py checks packed == unpacked loss.
+        # find_packed_sequence_indices) when no KV cache is passed, as in training (the
+        # trainer forwards with use_cache=False); tests/test_train.py checks packed == padded loss.
         log.info("packing with %s attention: per-sequence masks come from position_ids", cfg.model.attn_implementation)
     return SFTConfig(
         output_dir=output_dir,

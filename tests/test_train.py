@@ -1,0 +1,372 @@
+"""Fine-tuning on Ray Train (CPU, tiny random Llama): the trainer recipe, the outputs of a
+run, the LoRA invariant, the saved adapter's scores, and resuming an interrupted run.
+
+The first part runs in-process (no Ray). The Ray tests share one local cluster and one
+baseline run per module (Ray startup and a run cost ~10-20 s each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sentiment_ray import manifest, ray_cluster
+from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.prompts import PromptTemplate
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CSV = REPO_ROOT / "data" / "demo" / "sentiment_demo.csv"
+
+
+def make_cfg(model_dir: str, storage: Path, name: str = "tiny", **sections) -> ExperimentConfig:
+    """tiny_cfg's settings (tests/conftest.py), built here so module-scoped fixtures can use it."""
+    raw = {
+        "model": {"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
+        "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
+        "data": {"train_path": str(DEMO_CSV), "validation_fraction": 0.1, "max_train_rows": 64, "max_validation_rows": 32},
+        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4, "warmup_steps": 0,
+                  "optim": "adamw_torch", "packing": False, "eval_batch_size": 16, "zero_shot_eval": True, "seed": 0,
+                  "learning_rate": 1e-3, "save_steps": 2},
+        "run": {"name": name, "storage_path": str(storage), "use_gpu": "false", "num_workers": 1, "cpus_per_worker": 1,
+                "checkpoints_to_keep": 2},
+    }
+    for section, values in sections.items():
+        raw[section].update(values)
+    return ExperimentConfig(**raw)
+
+
+# ============================================================================ ray_cluster, manifest
+
+
+def test_dashboard_url_is_not_a_ray_init_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ray_cluster.ClusterError, match="dashboard .* URL.*ray job submit"):
+        ray_cluster.resolve_address("")
+    # The config's address wins over the environment.
+    assert ray_cluster.resolve_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert ray_cluster.resolve_address("") == ""  # -> a private local cluster
+
+
+def test_driver_adds_only_the_worker_env_vars_the_job_lacks(monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ray_cluster.driver_runtime_env() == {"env_vars": ray_cluster.NVLINK_MULTICAST_OFF}
+    job = {"runtime_env": {"env_vars": {"NCCL_NVLS_ENABLE": "0", "OTHER": "x"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert ray_cluster.driver_runtime_env() == {
+        "env_vars": {"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    }
+    job["runtime_env"]["env_vars"].update(ray_cluster.NVLINK_MULTICAST_OFF)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert ray_cluster.driver_runtime_env() is None
+
+
+def test_resolve_use_gpu_explicit_and_invalid():
+    assert ray_cluster.resolve_use_gpu("true") is True
+    assert ray_cluster.resolve_use_gpu("false") is False
+    with pytest.raises(ray_cluster.ClusterError, match="auto, true or false"):
+        ray_cluster.resolve_use_gpu("yes")
+
+
+def test_manifest_records_versions_commit_and_config(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setenv(manifest.GIT_COMMIT_ENV, "abc123")
+    m = manifest.build_manifest({"a": 1}, data_fingerprint={"train": "f"}, backend="hf", device="cpu",
+                                code_version=manifest.git_commit(), extra={"run_dir": "/x"})
+    assert m["git_commit"] == "abc123" and m["config"] == {"a": 1} and m["run_dir"] == "/x"
+    assert m["packages"]["torch"] == torch.__version__ and m["packages"]["unsloth"] is None
+    manifest.write_json(tmp_path / "m.json", m)
+    assert json.loads((tmp_path / "m.json").read_text())["data_fingerprint"] == {"train": "f"}
+    monkeypatch.delenv(manifest.GIT_COMMIT_ENV)
+    sha = manifest.git_commit()
+    assert sha is None or len(sha.split("-")[0]) == 40  # this checkout's HEAD ("-dirty" when edited)
+
+
+# ============================================================================ trainer recipe (no Ray)
+
+
+def test_sft_config_on_cpu(tiny_cfg, tmp_path):
+    import torch
+
+    from sentiment_ray.train import build_sft_config
+
+    tiny_cfg.train.optim = "adamw_8bit"
+    tiny_cfg.train.eval_steps = 5
+    args = build_sft_config(tiny_cfg, torch.device("cpu"), str(tmp_path), world_size=1)
+    assert args.optim == "adamw_torch"  # 8-bit AdamW needs bitsandbytes on CUDA
+    assert not args.bf16 and not args.fp16 and args.use_cpu  # TRL would default bf16 on
+    assert not args.gradient_checkpointing  # the backend owns it
+    assert args.max_length == tiny_cfg.model.max_seq_length
+    assert args.completion_only_loss is True and args.report_to == []
+    assert args.save_steps == 5  # no save_steps: checkpoint at the evaluation cadence
+    tiny_cfg.train.save_steps, tiny_cfg.train.loss_on = 2, "full_text"
+    args = build_sft_config(tiny_cfg, torch.device("cpu"), str(tmp_path), world_size=1)
+    assert args.save_steps == 2 and args.completion_only_loss is None
+    tiny_cfg.train.save_steps = tiny_cfg.train.eval_steps = 0
+    assert build_sft_config(tiny_cfg, torch.device("cpu"), str(tmp_path), 1).save_steps == tiny_cfg.train.max_steps
+
+
+def _tiny_table(rows):
+    import pyarrow as pa
+
+    return pa.table({"sentence": [r[0] for r in rows], "label": [r[1] for r in rows]})
+
+
+def test_train_records_keep_the_label_of_overlong_sentences(tiny_cfg):
+    from transformers import AutoTokenizer
+
+    from sentiment_ray.train import build_train_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_cfg.model.name)
+    template = PromptTemplate.from_config(tiny_cfg.prompt)
+    labels = LabelSet(tiny_cfg.prompt.labels)
+    table = _tiny_table([("good " * 500, "Positive"), ("bad", "Negative")])
+
+    ds = build_train_dataset(tiny_cfg, table, tokenizer, template, labels)
+    assert ds.column_names == ["prompt", "completion"]
+    assert ds[1] == template.prompt_completion("bad", "Negative", tokenizer.eos_token)
+    long = ds[0]
+    assert long["completion"] == "Positive" + tokenizer.eos_token
+    full = tokenizer(long["prompt"] + long["completion"])["input_ids"]
+    assert len(full) <= tiny_cfg.model.max_seq_length  # TRL's end truncation cannot cut the label
+    assert long["prompt"].endswith(tiny_cfg.prompt.response_header)
+
+    tiny_cfg.train.loss_on = "full_text"
+    ds = build_train_dataset(tiny_cfg, table, tokenizer, template, labels)
+    assert ds.column_names == ["text"]
+    assert ds[1]["text"] == template.full_text("bad", "Negative", tokenizer.eos_token)
+
+
+def _train_in_process(cfg, output_dir, rows=32):
+    """The worker's recipe (backend model, dataset, SFTConfig, trainer class) without Ray."""
+    import torch
+
+    from sentiment_ray.backends import get_backend
+    from sentiment_ray.data import load_labelled
+    from sentiment_ray.train import build_sft_config, build_train_dataset, sft_trainer_class
+
+    labels = LabelSet(cfg.prompt.labels)
+    model, tokenizer = get_backend("hf").load_for_training(cfg, torch.device("cpu"))
+    table = load_labelled(cfg.data.train_path, cfg.data, labels).table.slice(0, rows)
+    dataset = build_train_dataset(cfg, table, tokenizer, PromptTemplate.from_config(cfg.prompt), labels)
+    args = build_sft_config(cfg, torch.device("cpu"), str(output_dir), world_size=1)
+    args.save_strategy = "no"
+    trainer = sft_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return model, trainer
+
+
+def _base_name(peft_name: str) -> str:
+    # base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight -> model.layers.0.self_attn.q_proj.weight
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def test_lora_weights_change_and_base_weights_match_the_model_file(tiny_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    tiny_cfg.train.learning_rate = 1e-3
+    model, trainer = _train_in_process(tiny_cfg, tmp_path / "out")
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainer.train()
+    assert trainer.state.global_step == tiny_cfg.train.max_steps
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == tiny_cfg.train.max_steps and all(np.isfinite(losses))
+
+    base_file = load_file(os.path.join(tiny_cfg.model.name, "model.safetensors"))
+    checked = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad
+            assert not np.allclose(param.detach().numpy(), lora_before[name].numpy()), f"{name} did not train"
+        else:
+            assert not param.requires_grad, f"{name} is trainable"
+            np.testing.assert_array_equal(param.detach().numpy(), base_file[_base_name(name)].numpy(), err_msg=name)
+            checked += 1
+    assert checked == len(base_file)  # every base tensor was compared
+
+
+def test_packed_batches_compute_the_same_loss_as_padded_ones(tiny_model_dir):
+    """TRL's BFD packing is padding-free (no attention mask, restarting position_ids); on
+    sdpa/eager, transformers builds a per-sequence causal mask from the position_ids, so a
+    packed batch gives the same loss as the padded one (no cross-sequence attention). Only
+    without a KV cache, as in training (the trainer forwards with use_cache=False)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    rows = [{"input_ids": list(range(5, 17))}, {"input_ids": list(range(40, 47))}, {"input_ids": list(range(90, 110))}]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+
+    def summed_nll(batch):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+
+    with torch.no_grad():
+        assert torch.allclose(summed_nll(padded), summed_nll(packed), rtol=1e-5)
+        # The check has power: the same packed ids with one running position range attend across rows.
+        crossed = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+        assert abs(summed_nll(padded) - summed_nll(crossed)) > 0.05
+
+
+def test_packing_trains_on_cpu(tiny_cfg, tmp_path):
+    tiny_cfg.train.packing = True
+    tiny_cfg.train.max_steps = 2
+    _, trainer = _train_in_process(tiny_cfg, tmp_path / "out", rows=48)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" in batch and "attention_mask" not in batch  # padding-free packed rows
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+# ============================================================================ Ray Train runs
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray_cluster.connect(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("train-runs")
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_local, tiny_model_dir, runs_root):
+    """One uninterrupted 4-step run (checkpoints at steps 2 and 4): (config, summary)."""
+    from sentiment_ray.train import run_training
+
+    cfg = make_cfg(tiny_model_dir, runs_root, name="baseline")
+    return cfg, run_training(cfg)
+
+
+def _read(run_dir: str, name: str) -> dict:
+    return json.loads((Path(run_dir) / name).read_text())
+
+
+@pytest.mark.slow
+def test_run_writes_metrics_manifest_and_adapter(baseline):
+    from sentiment_ray.data import fingerprint
+
+    cfg, summary = baseline
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    assert summary["run_dir"] == str(run_dir) and summary["adapter"] == str(run_dir / "adapter")
+    assert summary["backend"] == "hf" and summary["device"] == "cpu" and summary["steps"] == 4
+
+    metrics = _read(summary["run_dir"], "metrics.json")
+    assert metrics["rows"]["validation"] == 32 and metrics["rows"]["train"] == 64
+    for key in ("zero_shot", "fine_tuned"):
+        report = metrics[key]
+        assert report["n"] == 32 and 0 <= report["accuracy"] <= 1 and 0 <= report["macro_f1"] <= 1
+        assert sum(v["n"] for v in report["per_language"].values()) == 32
+    assert summary["fine_tuned"]["accuracy"] == metrics["fine_tuned"]["accuracy"]
+    train = metrics["train"]
+    assert train["global_step"] == 4 and train["resumed_from_step"] == 0 and train["steps_this_attempt"] == 4
+    assert [e["step"] for e in train["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    assert train["optimizer"] == "adamw_torch" and train["tokens_this_attempt"] > 0 and train["tokens_per_second"] > 0
+    assert metrics["peak_gpu_memory_gb"] is None  # CPU
+
+    m = _read(summary["run_dir"], "manifest.json")
+    assert m["config"]["model"]["name"] == cfg.model.name
+    assert m["config"]["run"]["storage_path"] == cfg.run.storage_path
+    assert m["data_fingerprint"] == {"train": fingerprint([str(DEMO_CSV)])}
+    assert m["backend"] == "hf" and m["device"] == "cpu"
+    assert m["packages"]["ray"] == "2.60.0" and m["packages"]["trl"]
+    assert m["worker_env"] == ray_cluster.NVLINK_MULTICAST_OFF
+    # Ray Train kept the last two checkpoints in the run folder.
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
+
+
+@pytest.mark.slow
+def test_adapter_holds_only_trained_lora_weights(baseline):
+    from safetensors.torch import load_file
+
+    _, summary = baseline
+    weights = load_file(os.path.join(summary["adapter"], "adapter_model.safetensors"))
+    assert weights and all("lora_" in name for name in weights)  # no base weights saved
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and all(float(w.abs().max()) > 0 for w in lora_b)  # B starts at zero: it trained
+
+
+@pytest.mark.slow
+def test_saved_adapter_reproduces_the_reported_validation_scores(baseline):
+    import pyarrow.parquet as pq
+    import torch
+
+    from sentiment_ray.backends import get_backend
+    from sentiment_ray.scoring import LabelScorer, evaluate
+
+    cfg, summary = baseline
+    predictions = pq.read_table(os.path.join(summary["run_dir"], "validation_predictions.parquet"))
+    assert predictions.num_rows == 32
+    model, tokenizer = get_backend("hf").load_for_inference(cfg, summary["adapter"], torch.device("cpu"))
+    scorer = LabelScorer(model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels),
+                         max_length=cfg.model.max_seq_length, batch_size=cfg.train.eval_batch_size)
+    sentences = predictions.column("sentence").to_pylist()
+    probs = scorer.score(sentences).probs
+    reported = np.stack([predictions.column(f"p_{label}").to_numpy() for label in cfg.prompt.labels], axis=1)
+    np.testing.assert_allclose(probs, reported, atol=1e-4)
+
+    report = evaluate(scorer, sentences, predictions.column("label").to_pylist(), predictions.column("lang").to_pylist())
+    assert report["accuracy"] == summary["fine_tuned"]["accuracy"]
+    assert report["macro_f1"] == pytest.approx(summary["fine_tuned"]["macro_f1"])
+    # The fine-tuned adapter is not the base model: its scores differ from zero-shot ones.
+    base, _ = get_backend("hf").load_for_inference(cfg, None, torch.device("cpu"))
+    base_probs = LabelScorer(base, tokenizer, scorer.template, scorer.labels, 128, 16).score(sentences).probs
+    assert np.abs(base_probs - probs).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_its_checkpoint(baseline, tiny_model_dir, runs_root, monkeypatch):
+    import ray.train
+    from safetensors.torch import load_file
+
+    from sentiment_ray.train import FAIL_AT_STEP_ENV, run_training
+
+    base_cfg, base_summary = baseline
+    cfg = make_cfg(tiny_model_dir, runs_root, name="resume")
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+
+    # Attempt 1: checkpoint at step 2, then the worker fails after step 3 (max_failures=0).
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
+    with pytest.raises(ray.train.TrainingFailedError, match="test-injected failure after step 3"):
+        run_training(cfg)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000002"]
+    assert not (run_dir / "metrics.json").exists()
+
+    # Attempt 2: same name and storage path -> Ray Train restores the run, HF resumes at step 2.
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    summary = run_training(cfg)
+    train = _read(summary["run_dir"], "metrics.json")["train"]
+    assert train["resumed_from_step"] == 2 and train["steps_this_attempt"] == 2 and train["global_step"] == 4
+    with open(run_dir / "checkpoint-000002" / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 2
+
+    # Continuing from the checkpoint reproduces the uninterrupted run: same losses at steps
+    # 3-4 (same weights, optimizer state, RNG and data order) and the same adapter.
+    base_train = _read(base_summary["run_dir"], "metrics.json")["train"]
+    losses = {e["step"]: e["loss"] for e in train["log_history"] if "loss" in e}
+    base_losses = {e["step"]: e["loss"] for e in base_train["log_history"] if "loss" in e}
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert losses[step] == pytest.approx(base_losses[step], rel=1e-5), step
+    adapter = load_file(os.path.join(summary["adapter"], "adapter_model.safetensors"))
+    base_adapter = load_file(os.path.join(base_summary["adapter"], "adapter_model.safetensors"))
+    for name, tensor in adapter.items():
+        np.testing.assert_allclose(tensor.numpy(), base_adapter[name].numpy(), atol=1e-6, err_msg=name)
+    # The zero-shot scores came with the checkpoint (not recomputed on the resumed model).
+    assert summary["zero_shot"] == base_summary["zero_shot"]
