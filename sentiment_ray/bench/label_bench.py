@@ -1,0 +1,419 @@
+"""Labelling throughput: label-token scoring vs batched generate vs the seed's per-row generate.
+
+    python jobs/benchmark.py label --model llama8b-shape --out $OUT       # GPU: unsloth 4-bit
+    python jobs/benchmark.py label --model <tiny dir> --smoke --out /tmp/b  # CPU smoke (hf)
+
+The model is loaded the way the labelling job's actors load it - `sentiment_ray.label.Labeler`
+(backend `load_for_inference`: on the unsloth backend 4-bit + `for_inference`; the adapter
+attached when given) - in a child process per backend:
+
+    python -m sentiment_ray.bench.label_bench --spec <spec.json> --result <result.json>
+
+On `n` sentences drawn from the labelled CSV (a stratified, seeded sample) it measures:
+
+1. tokenisation alone: `LabelScorer.encode` (prompt building + batched fast-tokenizer call +
+   the over-long-sentence cut), best of 3;
+2. scoring, `LabelScorer.score` (one forward per micro-batch, last-position logits), for
+   each batch size of the sweep; its time includes the tokenisation, whose share is given;
+3. batched generate, `LabelScorer.generate` (left-padded, greedy, `max_new_tokens`), on the
+   first `generate_n` sentences, for each batch size;
+4. per-row generate, the seed's loop (`tokenizer(prompt)`, one `model.generate` per row,
+   decode, parse), on the first `per_row_n` sentences; batch size 1 by construction.
+
+Every phase is preceded by one untimed pass on a few batches (CUDA/cuBLAS set-up, Unsloth's
+kernels) and bracketed by `torch.cuda.synchronize()`. A failing phase records its error and
+the others still run. Rates: examples/s and prompt tokens/s (real tokens, padding
+excluded; the padded count is reported beside them). MFU for scoring follows
+`sentiment_ray.bench.flops.SCORING_CONVENTION`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sentiment_ray.bench import common, flops
+
+RESULT_FILE = "label_benchmark.json"
+SMOKE_OVERRIDES = ["model.max_seq_length=256"]
+
+
+# ============================================================================ parent
+
+
+def run_label_benchmark(
+    *,
+    model: str,
+    out_dir: str,
+    backends: list[str] | None = None,
+    adapter: str | None = None,
+    config: str = common.DEFAULT_CONFIG,
+    overrides: list[str] | None = None,
+    data: str | None = None,
+    n: int = 2048,
+    batch_sizes: list[int] | None = None,
+    generate_n: int = 512,
+    per_row_n: int = 64,
+    max_new_tokens: int | None = None,
+    peak_tflops: float = flops.H100_SXM_BF16_DENSE_TFLOPS,
+    tokenizer: str = "smollm2-135m-instruct",
+    cache_dir: str | None = None,
+    child_timeout: float = 480.0,
+    smoke: bool = False,
+    echo=print,
+) -> dict[str, Any]:
+    """Run the label benchmark per backend; write `<out_dir>/label_benchmark.json`; print a table."""
+    started = time.perf_counter()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    backends = backends or common.default_backends(smoke)
+    batch_sizes = batch_sizes or [16, 32, 64, 128, 256]
+    overrides = list(SMOKE_OVERRIDES if smoke else []) + list(overrides or [])
+    base_cfg = common.base_config(config, overrides)
+    data_path = common.resolve_data_path(data)
+    max_new_tokens = max_new_tokens or base_cfg.label.max_new_tokens
+    echo(f"[bench] model {model}: preparing")
+    prepared = common.prepare_model(model, tokenizer, cache_dir, out, child_timeout)
+    echo(f"[bench] model ready at {prepared['path']} ({prepared['seconds']} s); data {data_path}")
+
+    runs: dict[str, dict[str, Any]] = {}
+    for backend in backends:
+        cfg = base_cfg.model_copy(deep=True)
+        cfg.model.name = prepared["path"]
+        cfg.model.backend = backend
+        cfg.label.mode = "scoring"
+        cfg.label.max_new_tokens = max_new_tokens
+        cfg.label.batch_size = max(batch_sizes)
+        spec = {
+            "config": cfg.model_dump(mode="json"),
+            "model_label": model,
+            "adapter": os.path.abspath(adapter) if adapter else None,
+            "data": data_path,
+            "n": n,
+            "batch_sizes": batch_sizes,
+            "generate_n": generate_n,
+            "per_row_n": per_row_n,
+            "max_new_tokens": max_new_tokens,
+            "peak_tflops": peak_tflops,
+        }
+        spec_path, result_path = out / f"spec-label-{backend}.json", out / f"label-{backend}.json"
+        common.write_json(spec_path, spec)
+        if result_path.exists():
+            result_path.unlink()
+        echo(f"[bench] label/{backend}: {n} sentences, batch sizes {batch_sizes}, in a child process")
+        run = common.run_child(
+            "sentiment_ray.bench.label_bench",
+            ["--spec", str(spec_path), "--result", str(result_path)],
+            out / f"label-{backend}.log",
+            child_timeout,
+        )
+        result = common.read_json(result_path) if result_path.exists() else {}
+        result.setdefault("backend", backend)
+        result["child"] = run
+        if run["returncode"] != 0 or "error" in result:
+            result.setdefault("error", f"child exited with {run['returncode']}" + (" (timed out)" if run["timed_out"] else ""))
+            echo(f"[bench] label/{backend} FAILED: {result['error']}\n{common.log_tail(run['log'], 25)}")
+        runs[backend] = result
+
+    combined = {
+        "mode": "label",
+        "model": model,
+        "model_path": prepared["path"],
+        "model_prepare": prepared,
+        "adapter": adapter,
+        "data": data_path,
+        "config_preset": config,
+        "overrides": overrides,
+        "smoke": smoke,
+        "peak_tflops": peak_tflops,
+        "flops_convention": flops.SCORING_CONVENTION,
+        "runs": runs,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    common.write_json(out / RESULT_FILE, combined)
+    echo(format_label_table(combined))
+    echo(f"[bench] full results: {out / RESULT_FILE}")
+    return combined
+
+
+def format_label_table(result: dict[str, Any]) -> str:
+    f = common.fmt
+    header = ["backend", "mode", "batch", "ex/s", "prompt tok/s", "MFU", "tokenise %", "pad %", "peak GiB"]
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for backend, r in result["runs"].items():
+        if "error" in r and "scoring" not in r:
+            rows.append([backend, "FAILED", "-", "-", "-", "-", "-", "-", "-"])
+            continue
+        tok = r.get("tokenisation") or {}
+        notes.append(
+            f"{backend}: {r.get('n_examples')} sentences, {f(r.get('mean_prompt_tokens'), '.1f')} prompt tokens each; "
+            f"tokenisation alone {f(tok.get('examples_per_s'), '.0f')} ex/s; load {f(r.get('load_time_s'), '.1f')} s"
+        )
+        for mode in ("scoring", "generate_batched"):
+            phase = r.get(mode)
+            if isinstance(phase, dict) and "error" in phase:
+                rows.append([backend, mode, "FAILED", "-", "-", "-", "-", "-", "-"])
+                continue
+            for p in phase or []:
+                rows.append([
+                    backend,
+                    "score" if mode == "scoring" else "generate",
+                    str(p["batch_size"]),
+                    f(p["examples_per_s"], ".1f"),
+                    f(p["prompt_tokens_per_s"], ".0f"),
+                    f(p.get("mfu"), ".3f"),
+                    f(None if p.get("tokenisation_share") is None else 100 * p["tokenisation_share"], ".1f"),
+                    f(None if p.get("padding_fraction") is None else 100 * p["padding_fraction"], ".1f"),
+                    f(p.get("peak_memory_allocated_gib"), ".2f"),
+                ])
+        pr = r.get("generate_per_row")
+        if isinstance(pr, dict) and "error" not in pr:
+            rows.append([backend, "per-row gen", "1", f(pr["examples_per_s"], ".2f"), f(pr["prompt_tokens_per_s"], ".0f"), "-", "-", "0.0", f(pr.get("peak_memory_allocated_gib"), ".2f")])
+        elif isinstance(pr, dict):
+            rows.append([backend, "per-row gen", "FAILED", "-", "-", "-", "-", "-", "-"])
+    lines = [
+        f"== label benchmark: {result['model']}" + (f" + adapter {result['adapter']}" if result.get("adapter") else "")
+        + f" | MFU (scoring) vs {result['peak_tflops']:g} TFLOP/s",
+        *notes,
+        common.format_table(header, rows),
+    ]
+    return "\n".join(lines)
+
+
+# ============================================================================ child
+
+
+def _micro_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row groups as LabelScorer batches them: longest first, `batch_size` at a time."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padded_tokens(lengths: list[int], batch_size: int) -> int:
+    return sum(len(rows) * max(lengths[r] for r in rows) for rows in _micro_batches(lengths, batch_size))
+
+
+def _phase(fn):
+    """Run one phase; a failure becomes {"error": ...} so the other phases still run."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    from sentiment_ray import backends
+
+    cfg_dict = spec["config"]
+    backend_name = backends.resolve_backend_name(cfg_dict["model"]["backend"])
+    backends.early_import(backend_name)  # before transformers / peft
+
+    import torch
+
+    from sentiment_ray.config import validate
+    from sentiment_ray.label import Labeler
+
+    started = time.perf_counter()
+    cfg = validate(cfg_dict, source="label benchmark spec")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def reset_peak():
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def peak_gib():
+        return torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+
+    t0 = time.perf_counter()
+    labeler = Labeler(cfg, adapter_path=spec.get("adapter"), device=device)
+    load_s = time.perf_counter() - t0
+    scorer = labeler.scorer
+    model, tok, template, labels = scorer.model, scorer.tokenizer, scorer.template, scorer.labels
+    lora_params = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
+    shape = flops.ModelShape.from_config(getattr(model.config, "text_config", None) or model.config)
+    peak = float(spec.get("peak_tflops") or flops.H100_SXM_BF16_DENSE_TFLOPS)
+
+    table = common.load_table(spec["data"], int(spec["n"]), cfg.data.split_seed, cfg.data, labels)
+    sentences = table.column("sentence").to_pylist()
+    n = len(sentences)
+    batch_sizes = [int(b) for b in spec["batch_sizes"]]
+
+    # 1. tokenisation alone
+    tok_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ids, truncated = scorer.encode(sentences)
+        tok_times.append(time.perf_counter() - t0)
+    lengths = [len(x) for x in ids]
+    prompt_tokens = sum(lengths)
+    tok_s = min(tok_times)
+    result: dict[str, Any] = {
+        "backend": backend_name,
+        "model": spec.get("model_label"),
+        "model_path": cfg.model.name,
+        "adapter": spec.get("adapter"),
+        "environment": common.environment(device),
+        "load_time_s": load_s,
+        "n_examples": n,
+        "prompt_tokens": prompt_tokens,
+        "mean_prompt_tokens": prompt_tokens / max(1, n),
+        "max_prompt_tokens": max(lengths) if lengths else 0,
+        "truncated": int(truncated.sum()),
+        "lora_params": int(lora_params),
+        "shape": shape.to_dict(),
+        "peak_tflops": peak,
+        "flops_convention": flops.SCORING_CONVENTION,
+        "tokenisation": {
+            "seconds": tok_s,
+            "seconds_all": tok_times,
+            "examples_per_s": n / tok_s if tok_s > 0 else None,
+            "tokens_per_s": prompt_tokens / tok_s if tok_s > 0 else None,
+        },
+    }
+    fl = flops.scoring_flops(shape, lengths, lora_params)
+
+    # 2. scoring, batch-size sweep
+    def scoring():
+        out = []
+        warm = sentences[: min(n, 2 * max(batch_sizes))]
+        for bs in (min(batch_sizes), max(batch_sizes)):
+            scorer.batch_size = bs
+            scorer.score(warm)
+        for bs in batch_sizes:
+            scorer.batch_size = bs
+            reset_peak()
+            sync()
+            t0 = time.perf_counter()
+            res = scorer.score(sentences)
+            sync()
+            dt = time.perf_counter() - t0
+            padded = padded_tokens(lengths, bs)
+            out.append({
+                "batch_size": bs,
+                "seconds": dt,
+                "examples_per_s": n / dt,
+                "prompt_tokens_per_s": res.prompt_tokens / dt,
+                "padded_tokens": padded,
+                "padding_fraction": 1 - prompt_tokens / padded if padded else 0.0,
+                "tokenisation_share": tok_s / dt,
+                "model_flops": fl["model_flops"],
+                "achieved_tflops": fl["model_flops"] / dt / 1e12,
+                "mfu": flops.mfu(fl["model_flops"], dt, peak),
+                "peak_memory_allocated_gib": peak_gib(),
+                "finite": bool(torch.isfinite(torch.from_numpy(res.probs)).all()),
+                "predicted_share": {l: res.predicted().count(l) / n for l in labels},
+            })
+        return out
+
+    result["scoring"] = _phase(scoring)
+
+    # 3. batched generate
+    k = int(spec["max_new_tokens"])
+    gen_sentences = sentences[: int(spec["generate_n"])]
+    gen_lengths = lengths[: len(gen_sentences)]
+
+    def generate_batched():
+        out = []
+        if not gen_sentences:
+            return out
+        scorer.batch_size = min(batch_sizes)
+        scorer.generate(gen_sentences[: min(len(gen_sentences), 2 * min(batch_sizes))], k)
+        for bs in batch_sizes:
+            scorer.batch_size = bs
+            reset_peak()
+            sync()
+            t0 = time.perf_counter()
+            res = scorer.generate(gen_sentences, k)
+            sync()
+            dt = time.perf_counter() - t0
+            out.append({
+                "batch_size": bs,
+                "n": len(gen_sentences),
+                "max_new_tokens": k,
+                "seconds": dt,
+                "examples_per_s": len(gen_sentences) / dt,
+                "prompt_tokens_per_s": res.prompt_tokens / dt,
+                "padding_fraction": 1 - sum(gen_lengths) / max(1, padded_tokens(gen_lengths, bs)),
+                "parse_failed": int(res.parse_failed.sum()),
+                "peak_memory_allocated_gib": peak_gib(),
+            })
+        return out
+
+    result["generate_batched"] = _phase(generate_batched)
+
+    # 4. the seed's per-row generate loop
+    row_sentences = sentences[: int(spec["per_row_n"])]
+
+    def generate_per_row():
+        if not row_sentences:
+            return {"n": 0}
+        model.eval()
+
+        def one(sentence: str) -> tuple[int, int, str | None]:
+            enc = tok(template.prompt(sentence), return_tensors="pt").to(device)
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc, max_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+                )
+            width = enc["input_ids"].shape[1]
+            text = tok.decode(out[0, width:], skip_special_tokens=True)
+            return width, int(out.shape[1] - width), labels.parse_generated(text)
+
+        one(row_sentences[0])  # warm-up
+        reset_peak()
+        sync()
+        t0 = time.perf_counter()
+        done = [one(s) for s in row_sentences]
+        sync()
+        dt = time.perf_counter() - t0
+        return {
+            "n": len(row_sentences),
+            "max_new_tokens": k,
+            "seconds": dt,
+            "examples_per_s": len(row_sentences) / dt,
+            "prompt_tokens_per_s": sum(d[0] for d in done) / dt,
+            "new_tokens": sum(d[1] for d in done),
+            "parse_failed": sum(d[2] is None for d in done),
+            "peak_memory_allocated_gib": peak_gib(),
+        }
+
+    result["generate_per_row"] = _phase(generate_per_row)
+    result["child_wall_time_s"] = time.perf_counter() - started
+    failed = [name for name in ("scoring", "generate_batched", "generate_per_row") if isinstance(result[name], dict) and "error" in result[name]]
+    if failed:
+        result["error"] = f"phases failed: {failed}"
+    return result
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="One labelling benchmark run (a child of jobs/benchmark.py label).")
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args(argv)
+    spec = common.read_json(args.spec)
+    try:
+        result = measure(spec)
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        common.write_json(args.result, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+        return 1
+    common.write_json(args.result, result)
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(child_main())
