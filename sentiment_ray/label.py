@@ -46,21 +46,22 @@ from sentiment_ray.label_units import (
     CSV_DIR,
     DEFAULT_ROWS_PER_UNIT,
     DONE_DIR,
+    FAILED_DIR,
     MANIFEST_NAME,
     OUTPUT_DIRS,
+    IDENTITY_COLUMNS,
     IdRegistry,
     Storage,
     WorkUnit,
     describe_inputs,
     done_unit_ids,
     duplicate_id_error,
-    iter_unit_chunks,
     plan_units,
     quarantine_jsonl,
     submission_csv,
     unit_paths,
-    validate_chunk,
 )
+from sentiment_ray.label_rows import iter_unit_chunks, validate_chunk
 from sentiment_ray.labels import LabelSet
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ def prediction_config(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def output_columns(cfg: ExperimentConfig) -> set[str]:
     """Columns the labeller adds to every row; an input column with one of these names is an error."""
-    from sentiment_ray.label_units import IDENTITY_COLUMNS, PREDICTION_COLUMNS, SOURCE_COLUMNS
+    from sentiment_ray.label_rows import SOURCE_COLUMNS
+    from sentiment_ray.label_units import IDENTITY_COLUMNS, PREDICTION_COLUMNS
 
     return {*SOURCE_COLUMNS, *IDENTITY_COLUMNS, *PREDICTION_COLUMNS, *LabelSet(cfg.prompt.labels).probability_columns()}
 
@@ -196,11 +198,23 @@ class Labeler:
 
     def label_unit(self, unit: WorkUnit) -> dict[str, Any]:
         """Label one unit and commit its files; returns the commit marker's content. A unit
-        already committed (a retry after the marker was written) is not redone."""
-        import pyarrow as pa
-
+        already committed (a retry after the marker was written) is not redone. A failure
+        is recorded under `_failed/` (for the driver's error message) and re-raised."""
         if self.storage is None:
             raise LabelError("Labeler.label_unit needs output_dir")
+        try:
+            return self._label_unit(unit)
+        except Exception as err:
+            where = f"{unit.file}: rows {unit.start}-{unit.stop - 1}"
+            self.storage.write_json(
+                f"{self.storage.root}/{FAILED_DIR}/{unit.unit_id}.json",
+                {"unit_id": unit.unit_id, "where": where, "type": type(err).__name__, "message": str(err)},
+            )
+            raise
+
+    def _label_unit(self, unit: WorkUnit) -> dict[str, Any]:
+        import pyarrow as pa
+
         paths = unit_paths(self.storage.root, unit.unit_id)
         if self.storage.exists(paths.done):
             return self.storage.read_json(paths.done)
@@ -216,9 +230,9 @@ class Labeler:
                 model_seconds += time.perf_counter() - t
                 tokens += n_tokens
                 table = valid.table
-                clash = sorted(set(predictions) & set(table.column_names))
+                clash = sorted(({*predictions, *IDENTITY_COLUMNS}) & set(table.column_names))
                 if clash:
-                    raise DataError(f"{unit.file}: input column(s) {clash} clash with prediction columns; rename them")
+                    raise DataError(f"{unit.file}: input column(s) {clash} clash with columns the labeller adds; rename them")
                 for name, array in predictions.items():
                     table = table.append_column(name, array)
                 table = table.append_column("model_name", pa.array([self.model_name] * table.num_rows, pa.string()))
@@ -355,6 +369,7 @@ def label_dataset(
     units = [WorkUnit.from_dict(d) for d in manifest["units"]]
 
     stale = storage.remove_stale_temporaries()
+    storage.delete_dir(f"{storage.root}/{FAILED_DIR}")  # failures of an earlier attempt
     done = done_unit_ids(storage)
     pending = [u for u in units if u.unit_id not in done]
     log.info("%d units, %d done earlier, %d to label (%d stale temp files removed)", len(units), len(done), len(pending), stale)
@@ -505,6 +520,11 @@ def _run_on_ray(cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path, ou
 
     use_gpu = resolve_use_gpu(cfg.run.use_gpu)
     actors = cfg.label.num_actors or (cluster_gpu_count() if use_gpu else 1)
+    if use_gpu and actors == 0:
+        raise LabelError(
+            "run.use_gpu=true but the cluster has no GPU now; set label.num_actors to the GPU actors an "
+            "autoscaler will provide, or run.use_gpu=auto for CPU actors"
+        )
     actors = max(1, min(actors, len(pending)))
     items = [{"unit": json.dumps(u.to_dict())} for u in pending]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -524,25 +544,19 @@ def _run_on_ray(cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path, ou
     try:
         for _ in dataset.iter_rows():
             pass  # progress shows in Ray Data's bars; the markers are the record
-    except Exception as err:  # noqa: BLE001 - re-raised with the cause in front
-        cause = _root_cause(err)
-        if cause is err:
+    except Exception as err:  # noqa: BLE001 - re-raised as the actor's own error
+        failure = _first_failure(Storage(output_root))
+        if failure is None:
             raise
-        # Ray wraps the actor's error in several layers; surface the original message.
-        error_type = type(cause) if isinstance(cause, (DataError, LabelError)) else LabelError
-        raise error_type(f"labelling failed: {type(cause).__name__}: {cause}") from err
+        # Ray hands over only the traceback text; the actor recorded type and message.
+        error_type = DataError if failure["type"] == "DataError" else LabelError
+        message = failure["message"] if failure["type"] == "DataError" else f"{failure['where']}: {failure['type']}: {failure['message']}"
+        raise error_type(message) from err
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    """The user-facing error inside Ray's wrappers (RayTaskError, UserCodeException)."""
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "cause", None) or err.__cause__
-        if inner is None or not isinstance(inner, BaseException):
-            break
-        err = inner
-    return err
+def _first_failure(storage: Storage) -> dict[str, Any] | None:
+    names = storage.list_names(f"{storage.root}/{FAILED_DIR}")
+    return storage.read_json(f"{storage.root}/{FAILED_DIR}/{names[0]}") if names else None
 
 
 def _read_markers(storage: Storage, units: list[WorkUnit]) -> dict[str, dict[str, Any]]:

@@ -344,3 +344,16 @@ def test_scoring_with_a_trained_adapter_agrees_with_the_training_validation(ray_
     for lang, row in metrics["per_language"].items():
         assert ours["per_language"][lang] == pytest.approx(row)
     assert summary["adapter"].startswith("adapter@")
+
+
+@pytest.mark.slow
+def test_an_input_error_inside_the_actor_stops_the_run_naming_file_and_column(ray_address, tiny_model_dir, tmp_path):
+    from sentiment_ray.label import label_dataset
+
+    (tmp_path / "in.jsonl").write_text(
+        json.dumps({"ID": "a", "sentence": "one", "stars": 5}) + "\n" + json.dumps({"ID": "b", "sentence": "two", "stars": "five"}) + "\n"
+    )
+    with pytest.raises(DataError, match=r"in\.jsonl: rows 1-2: column 'stars' mixes value types"):
+        label_dataset(make_cfg(tiny_model_dir), str(tmp_path / "in.jsonl"), str(tmp_path / "out"))
+    # Nothing of the failed unit looks committed.
+    assert committed(tmp_path / "out") == 0 and not list((tmp_path / "out").glob("predictions/part-*"))

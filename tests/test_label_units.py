@@ -17,12 +17,11 @@ from sentiment_ray.label_units import (
     WorkUnit,
     done_unit_ids,
     duplicate_id_error,
-    iter_unit_chunks,
     plan_units,
     submission_csv,
     unit_paths,
-    validate_chunk,
 )
+from sentiment_ray.label_rows import iter_unit_chunks, validate_chunk
 
 COLS = dict(text_column="sentence", id_column="ID")
 
@@ -236,3 +235,24 @@ def test_atomic_writes_leave_no_partial_file_and_stale_temporaries_are_removed(t
 def test_submission_csv_is_the_seed_format():
     body = submission_csv(["a", "b,c", "d"], ["Positive", None, "Negative"]).decode()
     assert body == 'ID,label\na,Positive\n"b,c",\nd,Negative\n'
+
+
+def test_labelling_modules_import_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sentiment_ray.label, sentiment_ray.label_units, sentiment_ray.label_rows, sentiment_ray.report_plots; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'unsloth', 'ray', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_json_array_file_is_one_unit(tmp_path):
+    f = tmp_path / "arr.json"
+    f.write_text(json.dumps([{"ID": "r1", "sentence": "one"}, {"ID": "r2", "sentence": ""}, {"ID": "r3", "sentence": "three"}]))
+    p = plan([f], rows_per_unit=2)
+    assert [(u.start, u.stop, u.whole_file) for u in p.units] == [(1, 4, True)]
+    table, bad = read_all(p.units, chunk_rows=2)
+    assert table.column("ID").to_pylist() == ["r1", "r3"] and [b["row"] for b in bad] == [2]
