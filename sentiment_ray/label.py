@@ -221,13 +221,13 @@ class Labeler:
         started = time.perf_counter()
         tables, quarantined = [], []
         tokens = 0
-        model_seconds = 0.0
+        predict_seconds = 0.0
         for valid in _prefetched(self._valid_chunks(unit)):
             quarantined.extend(valid.quarantined)
             if valid.table.num_rows:
                 t = time.perf_counter()
                 predictions, n_tokens = self.predict(valid.sentences)
-                model_seconds += time.perf_counter() - t
+                predict_seconds += time.perf_counter() - t
                 tokens += n_tokens
                 table = valid.table
                 clash = sorted(({*predictions, *IDENTITY_COLUMNS}) & set(table.column_names))
@@ -261,7 +261,7 @@ class Labeler:
             "truncated": _count_true(table, "truncated"),
             "parse_failed": _count_true(table, "parse_failed"),
             "prompt_tokens": tokens,
-            "model_seconds": round(model_seconds, 4),
+            "predict_seconds": round(predict_seconds, 4),
             "seconds": round(time.perf_counter() - started, 4),
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -290,28 +290,30 @@ class Labeler:
 
 def _prefetched(iterator, depth: int = 2):
     """Run `iterator` in a thread, `depth` items ahead, so reading and validating the next
-    chunk overlaps the model's work on this one. Exceptions re-raise in the consumer."""
+    chunk overlaps the model's work on this one. Exceptions re-raise in the consumer; a
+    consumer that stops early stops the thread too."""
     items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
     stop = threading.Event()
+
+    def hand_over(kind: str, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put((kind, item), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce():
         try:
             for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over("item", item):
                     return
-            items.put(("end", done))
+            hand_over("end", None)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            items.put(("error", err))
+            hand_over("error", err)
 
-    thread = threading.Thread(target=produce, name="label-prefetch", daemon=True)
-    thread.start()
+    threading.Thread(target=produce, name="label-prefetch", daemon=True).start()
     try:
         while True:
             kind, item = items.get()
@@ -402,8 +404,8 @@ def label_dataset(
         "prompt_tokens_per_s": (
             round(sum(m["prompt_tokens"] for m in ran_now) / label_seconds, 1) if ran_now and label_seconds else None
         ),
-        "prompt_tokens_per_model_s": (
-            round(totals["prompt_tokens"] / totals["model_seconds"], 1) if totals["model_seconds"] else None
+        "prompt_tokens_per_predict_s": (
+            round(totals["prompt_tokens"] / totals["predict_seconds"], 1) if totals["predict_seconds"] else None
         ),
     }
     summary["submission"] = _merge_submission(storage, units) if cfg.label.write_submission else None
@@ -588,7 +590,7 @@ def _totals(markers) -> dict[str, Any]:
         "truncated": sum(m["truncated"] for m in markers),
         "parse_failed": sum(m["parse_failed"] for m in markers),
         "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
-        "model_seconds": round(sum(m["model_seconds"] for m in markers), 3),
+        "predict_seconds": round(sum(m["predict_seconds"] for m in markers), 3),
     }
 
 
