@@ -6,7 +6,9 @@
         python jobs/train.py --config demo run.storage_path=/shared/runs
 
 Under `ray job submit` give run.storage_path as an absolute path or a URI: a relative one
-lands in the job's temporary copy of the working dir.
+lands in the job's temporary copy of the working dir. With Ray's token authentication on
+(Ray 2.60 turns it on when ~/.ray/auth_token exists), the `ray job` CLI sends the token only
+with RAY_AUTH_MODE=token in its environment (token from RAY_AUTH_TOKEN or ~/.ray/auth_token).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from sentiment_ray.config import ExperimentConfig, validate
@@ -168,16 +168,15 @@ def run_training(cfg: ExperimentConfig) -> dict:
     ray_cluster.connect(cfg.run.ray_address)
     trainer = build_trainer(cfg)
     result = trainer.fit()
-    run_dir = run_dir_of(cfg)
-    metrics = read_run_json(run_dir, METRICS_FILE)
-    summary = summarise(run_dir, metrics)
+    summary = run_summary(run_dir_of(cfg))
     summary["driver_wall_time_s"] = round(time.time() - start, 1)
     summary["latest_checkpoint"] = getattr(result.checkpoint, "path", None)
     return summary
 
 
-def summarise(run_dir: str, metrics: dict) -> dict:
-    """The short view of metrics.json that jobs/train.py prints."""
+def run_summary(run_dir: str) -> dict:
+    """The short view of a finished run's metrics.json (what jobs/train.py prints)."""
+    metrics = read_run_json(run_dir, METRICS_FILE)
 
     def brief(report: dict | None) -> dict | None:
         if not report:
@@ -215,20 +214,46 @@ def train_worker(payload: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    started = time.time()
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    scratch = tempfile.mkdtemp(prefix=f"sentiment-ray-{cfg.run.name}-rank{rank}-")
+    attempt = _Attempt(
+        cfg=cfg,
+        payload=payload,
+        backend_name=backend_name,
+        device=ray.train.torch.get_device(),
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        started=time.time(),
+        scratch=tempfile.mkdtemp(prefix=f"sentiment-ray-{cfg.run.name}-rank{context.get_world_rank()}-"),
+    )
     try:
-        _train_in(scratch, cfg, payload, backend_name, device, rank, world_size, started)
+        _train(attempt)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(attempt.scratch, ignore_errors=True)
 
 
-def _train_in(
-    scratch: str, cfg: ExperimentConfig, payload: dict, backend_name: str, device, rank: int, world_size: int, started: float
-) -> None:
+@dataclass
+class _Attempt:
+    """One worker's view of one attempt at a run (Ray Train retries and reruns are new attempts)."""
+
+    cfg: ExperimentConfig
+    payload: dict
+    backend_name: str
+    device: Any
+    rank: int
+    world_size: int
+    started: float
+    scratch: str  # worker-local; removed at the end
+    resumed_from: int = 0
+
+    @property
+    def run_dir(self) -> str:
+        return run_dir_of(self.cfg)
+
+    def local(self, *parts: str) -> str:
+        return os.path.join(self.scratch, *parts)
+
+
+def _train(attempt: _Attempt) -> None:
     import ray.train
     import torch
 
@@ -236,61 +261,57 @@ def _train_in(
     from sentiment_ray.labels import LabelSet
     from sentiment_ray.prompts import PromptTemplate
 
-    run_dir = run_dir_of(cfg)
-    outputs = os.path.join(scratch, "outputs")  # rank 0 publishes this folder into run_dir
-    os.makedirs(outputs)
+    cfg, device = attempt.cfg, attempt.device
     labels = LabelSet(cfg.prompt.labels)
     template = PromptTemplate.from_config(cfg.prompt)
     # Only rank 0 writes quarantine files into the run folder; other ranks keep theirs local.
-    quarantine_root = run_dir if rank == 0 else scratch
-    splits = load_splits(cfg, labels, quarantine_root)
-
+    splits = load_splits(cfg, labels, attempt.run_dir if attempt.rank == 0 else attempt.scratch)
     if device.type == "cpu":
-        log.info("training on CPU with %d torch threads", torch.get_num_threads())
-    backend = backends.get_backend(backend_name)
+        log.info("training on CPU with %d torch threads (run.cpus_per_worker sets them)", torch.get_num_threads())
+    backend = backends.get_backend(attempt.backend_name)
     model, tokenizer = backend.load_for_training(cfg, device)
 
     # A checkpoint exists when this run resumes (same name and storage) or Ray retried it.
     checkpoint = ray.train.get_checkpoint()
-    output_dir = os.path.join(scratch, "hf")
+    output_dir = attempt.local("hf")
     resume_path, run_state = restore_checkpoint(checkpoint, output_dir) if checkpoint else (None, {})
-    resumed_from = run_state.get("global_step", 0) if resume_path else 0
+    attempt.resumed_from = run_state.get("global_step", 0)
 
     scorer = None
-    if rank == 0 and splits["validation"].num_rows:
+    if attempt.rank == 0 and splits["validation"].num_rows:
         from sentiment_ray.scoring import LabelScorer
 
-        scorer = LabelScorer(
-            model, tokenizer, template, labels, max_length=cfg.model.max_seq_length, batch_size=cfg.train.eval_batch_size
-        )
-    zero_shot = run_state.get("zero_shot")
+        scorer = LabelScorer(model, tokenizer, template, labels, cfg.model.max_seq_length, cfg.train.eval_batch_size)
+    zero_shot = run_state.get("zero_shot")  # carried by the checkpoint on resume
     if zero_shot is None and scorer is not None and cfg.train.zero_shot_eval and not resume_path:
         # The adapter is freshly initialised (LoRA B = 0): the model still computes the base model.
         zero_shot, _ = evaluate_split(scorer, splits["validation"])
 
-    train_dataset = build_train_dataset(cfg, splits["train"], tokenizer, template, labels)
-    args = build_sft_config(cfg, device, output_dir, world_size)
+    args = build_sft_config(cfg, device, output_dir, attempt.world_size)
     reporter = report_callback_class()(
         cfg,
         scorer=scorer,
         validation=splits["validation"],
-        is_rank_zero=rank == 0,
+        is_rank_zero=attempt.rank == 0,
         run_state={"zero_shot": zero_shot},
-        fail_at_step=payload.get("fail_at_step") if not resume_path else None,
+        fail_at_step=attempt.payload.get("fail_at_step") if not resume_path else None,
     )
-
     trainer = sft_trainer_class()(
-        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[reporter]
+        model=model,
+        args=args,
+        train_dataset=build_train_dataset(cfg, splits["train"], tokenizer, template, labels),
+        processing_class=tokenizer,
+        callbacks=[reporter],
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     train_started = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_path)
     train_wall = time.time() - train_started
-    step_wall = max(train_wall - reporter.eval_seconds, 1e-9)  # optimizer steps + checkpoints
-
-    if rank != 0:
+    if attempt.rank != 0:
         return
+
+    os.makedirs(attempt.local("outputs"))
     fine_tuned = None
     if scorer is not None:
         # The callback evaluated at the last step unless this attempt trained no step.
@@ -300,67 +321,75 @@ def _train_in(
             fine_tuned, scores = evaluate_split(scorer, splits["validation"])
         import pyarrow.parquet as pq
 
-        pq.write_table(predictions_table(splits["validation"], scores), os.path.join(outputs, PREDICTIONS_FILE))
-    backend.save_adapter(model, tokenizer, os.path.join(outputs, ADAPTER_DIR))
+        pq.write_table(predictions_table(splits["validation"], scores), attempt.local("outputs", PREDICTIONS_FILE))
+    backend.save_adapter(model, tokenizer, attempt.local("outputs", ADAPTER_DIR))
+    training = training_stats(attempt, trainer, train_output, train_wall, reporter.eval_seconds)
+    _write_reports(attempt, splits, zero_shot, fine_tuned, training)
+    publish(attempt.local("outputs"), attempt.run_dir)
 
+
+def training_stats(attempt: _Attempt, trainer, train_output, train_wall: float, eval_seconds: float) -> dict:
+    """metrics.json's `train` section: steps, losses, throughput, the HF log history."""
     state = trainer.state
-    session_tokens = state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    tokens = state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    step_wall = max(train_wall - eval_seconds, 1e-9)  # optimizer steps + checkpoints
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-    metrics = {
-        "run_name": cfg.run.name,
-        "backend": backend_name,
-        "device": str(device),
-        "world_size": world_size,
-        "rows": {
-            "train": splits["train"].num_rows,
-            "validation": splits["validation"].num_rows,
-            "bad_rows": splits["bad_rows"],
-        },
-        "zero_shot": zero_shot,
-        "fine_tuned": fine_tuned,
-        "train": {
-            "global_step": state.global_step,
-            "max_steps": cfg.train.max_steps,
-            "optimizer": getattr(args.optim, "value", args.optim),
-            "resumed_from_step": resumed_from,
-            "steps_this_attempt": state.global_step - resumed_from,
-            "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None,
-            "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-            "train_runtime_s": round(train_wall, 2),
-            "eval_in_training_s": round(reporter.eval_seconds, 2),
-            "tokens_this_attempt": int(session_tokens),
-            # Non-padding tokens per second of training (validation scoring excluded).
-            "tokens_per_second": round(session_tokens / step_wall, 1) if session_tokens else None,
-            "hf_train_metrics": train_output.metrics,
-            "log_history": state.log_history,
-        },
-        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
-        "wall_time_s": round(time.time() - started, 1),
+    return {
+        "global_step": state.global_step,
+        "max_steps": attempt.cfg.train.max_steps,
+        "optimizer": getattr(trainer.args.optim, "value", trainer.args.optim),
+        "resumed_from_step": attempt.resumed_from,
+        "steps_this_attempt": state.global_step - attempt.resumed_from,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "train_runtime_s": round(train_wall, 2),
+        "eval_in_training_s": round(eval_seconds, 2),
+        "tokens_this_attempt": int(tokens),
+        # Non-padding tokens per second of training (validation scoring excluded).
+        "tokens_per_second": round(tokens / step_wall, 1) if tokens else None,
+        "hf_train_metrics": train_output.metrics,
+        "log_history": state.log_history,
     }
+
+
+def _write_reports(attempt: _Attempt, splits: dict, zero_shot, fine_tuned, training: dict) -> None:
+    """metrics.json and manifest.json into the attempt's outputs folder."""
+    import torch
+
     from sentiment_ray import data, manifest, ray_cluster
 
-    write = manifest.write_json
-    write(os.path.join(outputs, METRICS_FILE), metrics)
-    write(
-        os.path.join(outputs, MANIFEST_FILE),
-        manifest.build_manifest(
-            cfg.model_dump(mode="json"),
-            data_fingerprint={kind: data.fingerprint(files) for kind, files in splits["files"].items()},
-            backend=backend_name,
-            device=str(device),
-            code_version=payload.get("git_commit"),
-            extra={
-                "run_dir": run_dir,
-                "world_size": world_size,
-                "resumed_from_step": resumed_from,
-                "data_files": splits["files"],
-                "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
-                "worker_env": {k: os.environ.get(k) for k in ray_cluster.NVLINK_MULTICAST_OFF},
-            },
-        ),
+    cfg, device = attempt.cfg, attempt.device
+    cuda = device.type == "cuda"
+    metrics = {
+        "run_name": cfg.run.name,
+        "backend": attempt.backend_name,
+        "device": str(device),
+        "world_size": attempt.world_size,
+        "rows": {"train": splits["train"].num_rows, "validation": splits["validation"].num_rows, "bad_rows": splits["bad_rows"]},
+        "zero_shot": zero_shot,
+        "fine_tuned": fine_tuned,
+        "train": training,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
+        "wall_time_s": round(time.time() - attempt.started, 1),
+    }
+    manifest.write_json(attempt.local("outputs", METRICS_FILE), metrics)
+    record = manifest.build_manifest(
+        cfg.model_dump(mode="json"),
+        data_fingerprint={kind: data.fingerprint(files) for kind, files in splits["files"].items()},
+        backend=attempt.backend_name,
+        device=str(device),
+        code_version=attempt.payload.get("git_commit"),
+        extra={
+            "run_dir": attempt.run_dir,
+            "world_size": attempt.world_size,
+            "resumed_from_step": attempt.resumed_from,
+            "data_files": splits["files"],
+            "torch_threads": None if cuda else torch.get_num_threads(),
+            "worker_env": {k: os.environ.get(k) for k in ray_cluster.NVLINK_MULTICAST_OFF},
+        },
     )
-    publish(outputs, run_dir)
+    manifest.write_json(attempt.local("outputs", MANIFEST_FILE), record)
 
 
 # ---------------------------------------------------------------------------- data
