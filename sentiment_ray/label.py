@@ -24,6 +24,12 @@ How it works (see `label_units` for the unit/commit layout):
    and returns the summary (also written to `summary.json`).
 
 `Labeler(cfg).predict(sentences)` is the scoring core without Ray, for benchmarks.
+
+Notes: bad rows are always quarantined here (`data.on_bad_rows` governs training only: one
+bad row must not stop a million-row labelling run). The evaluation holds the labelled rows'
+gold/predicted labels in driver memory (fine for evaluation-sized sets, not for 100M rows).
+Outputs may live on a shared disk or an object store (`s3://...`); actors write them
+directly, so on a multi-node cluster a node-local path does not work.
 """
 
 from __future__ import annotations
