@@ -117,6 +117,13 @@ class TrainConfig(_Strict):
     optim: str = "adamw_8bit"
     """Any HF optimizer name; `adamw_8bit` falls back to `adamw_torch` without CUDA."""
     packing: bool = True
+    padding_free: Literal["auto", "true", "false"] = "auto"
+    """Padding-free batches (sequences concatenated, no pad tokens). `auto`: only when
+    packing (TRL's BFD packing is padding-free by construction). Unpacked batches are padded:
+    on a GPU without flash-attention, Unsloth's padding-free path runs attention once per
+    sequence and costs ~0.1 s per sequence per step (benchmarks/NOTES.md)."""
+    pad_to_multiple_of: int | None = Field(64, gt=0)
+    """Round padded batch widths up so few distinct shapes reach the GPU kernels."""
     loss_on: Literal["completion", "full_text"] = "completion"
     """`completion`: loss on the label tokens only (measured better); `full_text`: the
     seed's loss over instruction + input + label."""

@@ -470,6 +470,15 @@ def checkpoint_every(cfg: ExperimentConfig) -> int:
     return cfg.train.save_steps or cfg.train.eval_steps or cfg.train.max_steps
 
 
+def resolve_padding_free(setting: str, packing: bool) -> bool:
+    """Explicit, never left to the backend: Unsloth switches padding-free on by itself on
+    Hopper GPUs, and without flash-attention that runs attention per sequence (0.87 s per
+    8-row step of the 135M demo model on an H100, 4% GPU busy; padded: 0.35 s at 64 rows)."""
+    if setting == "auto":
+        return packing
+    return setting == "true"
+
+
 def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int):
     """TRL SFTConfig from cfg.train (and model.max_seq_length)."""
     import torch
@@ -509,6 +518,8 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
         gradient_checkpointing=False,
         max_length=cfg.model.max_seq_length,
         packing=t.packing,
+        padding_free=resolve_padding_free(t.padding_free, t.packing),
+        pad_to_multiple_of=None if t.packing else t.pad_to_multiple_of,
         completion_only_loss=True if t.loss_on == "completion" else None,
         dataset_text_field="text",
         logging_steps=t.logging_steps,

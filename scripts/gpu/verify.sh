@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU verification and benchmark phases, run on the device machine after the staging calls of
+# scripts/gpu/README.md (the full dev CSV is carried in .stage2 and lands in /tmp/stage):
+#
+#   . scripts/gpu/remote_setup.sh || exit 1; bash scripts/gpu/verify.sh tests train
+#
+# Each phase logs to $OUT/<phase>.log and copies its JSON results under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+DATA=${DATA:-/tmp/stage/sentiment_dev.csv}
+[ -f "$DATA" ] || DATA=data/demo/sentiment_demo.csv
+RUNS=/tmp/runs; mkdir -p "$RUNS"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+phase() {
+  local name=$1; shift
+  echo "=== $name: $* ($(date -u +%H:%M:%S))"
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+  tail -n "${TAIL:-15}" "$OUT/$name.log"
+  return 0
+}
+
+tiny_model() { [ -f /tmp/tiny/config.json ] || python tests/tiny_model.py /tmp/tiny >/dev/null; }
+
+for p in "$@"; do
+  case $p in
+    tests)   phase gpu-tests python -m pytest -q -x -p no:cacheprovider tests/gpu ;;
+    train)   tiny_model
+             phase train-tiny python jobs/train.py --config demo model.name=/tmp/tiny run.name=tiny \
+               run.storage_path=$RUNS train.max_steps=20 model.max_seq_length=256
+             phase train-demo python jobs/train.py --config demo run.storage_path=$RUNS
+             grep -h '^{' "$OUT"/train-*.log | tail -n 2 > "$OUT/train_results.jsonl" ;;
+    bench-train-demo) phase bench-train-demo python jobs/benchmark.py train --model smollm2-135m-instruct --data "$DATA" --out "$OUT/bench-train-demo" ;;
+    bench-train-8b)   phase bench-train-8b python jobs/benchmark.py train --model llama8b-shape --data "$DATA" --out "$OUT/bench-train-8b" ;;
+    bench-label-demo) phase bench-label-demo python jobs/benchmark.py label --model smollm2-135m-instruct --data "$DATA" --out "$OUT/bench-label-demo" ;;
+    bench-label-8b)   phase bench-label-8b python jobs/benchmark.py label --model llama8b-shape --data "$DATA" --out "$OUT/bench-label-8b" ;;
+    label-8b) phase label-8b python jobs/label.py --config demo --input "$DATA" --output /tmp/label-8b --overwrite \
+               model.name=$SENTIMENT_RAY_CACHE/bench-shapes/llama8b-shape label.batch_size=${LABEL_BATCH:-128} ;;
+    label-demo) phase label-demo python jobs/label.py --config demo --input "$DATA" --output /tmp/label-demo --overwrite \
+               --adapter "$RUNS/demo/adapter" label.batch_size=${LABEL_BATCH:-128} ;;
+    tune)    phase tune python jobs/tune.py --config demo tune.num_samples=2 run.storage_path=$RUNS ;;
+    *) echo "unknown phase $p"; exit 2 ;;
+  esac
+done
