@@ -29,6 +29,16 @@ class _Strict(BaseModel):
     # Unknown keys are errors, never silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bools_to_tristate(cls, data: Any) -> Any:
+        # `run.use_gpu=true` reaches us as YAML's bool; tri-state fields spell it "true".
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and "'true'" in repr(field.annotation):
+                    data = {**data, name: "true" if data[name] else "false"}
+        return data
+
 
 class ModelConfig(_Strict):
     name: str = "smollm2-135m-instruct"

@@ -26,12 +26,12 @@ tiny_model() { [ -f /tmp/tiny/config.json ] || python tests/tiny_model.py /tmp/t
 
 for p in "$@"; do
   case $p in
-    tests)   phase gpu-tests python -m pytest -q -x -p no:cacheprovider tests/gpu ;;
+    tests)   phase gpu-tests python -m pytest -q -p no:cacheprovider --timeout 540 -rA tests/gpu ;;
     train)   tiny_model
              phase train-tiny python jobs/train.py --config demo model.name=/tmp/tiny run.name=tiny \
                run.storage_path=$RUNS train.max_steps=20 model.max_seq_length=256
              phase train-demo python jobs/train.py --config demo run.storage_path=$RUNS
-             grep -h '^{' "$OUT"/train-*.log | tail -n 2 > "$OUT/train_results.jsonl" ;;
+             for r in tiny demo; do cp "$RUNS/$r/metrics.json" "$OUT/train-$r-metrics.json" 2>/dev/null; done ;;
     bench-train-demo) phase bench-train-demo python jobs/benchmark.py train --model smollm2-135m-instruct --data "$DATA" --out "$OUT/bench-train-demo" ;;
     bench-train-8b)   phase bench-train-8b python jobs/benchmark.py train --model llama8b-shape --data "$DATA" --out "$OUT/bench-train-8b" ;;
     bench-label-demo) phase bench-label-demo python jobs/benchmark.py label --model smollm2-135m-instruct --data "$DATA" --out "$OUT/bench-label-demo" ;;
@@ -40,7 +40,8 @@ for p in "$@"; do
                model.name=$SENTIMENT_RAY_CACHE/bench-shapes/llama8b-shape label.batch_size=${LABEL_BATCH:-128} ;;
     label-demo) phase label-demo python jobs/label.py --config demo --input "$DATA" --output /tmp/label-demo --overwrite \
                --adapter "$RUNS/demo/adapter" label.batch_size=${LABEL_BATCH:-128} ;;
-    tune)    phase tune python jobs/tune.py --config demo tune.num_samples=2 run.storage_path=$RUNS ;;
+    tune)    UNSLOTH_COMPILE_DISABLE=1 phase tune python jobs/tune.py --config demo tune.num_samples=2 run.storage_path=$RUNS
+             find "$RUNS" -name trials.csv -exec cp {} "$OUT/tune-trials.csv" \; ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

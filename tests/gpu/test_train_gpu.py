@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(tmp_path: Path, *overrides: str, timeout: int = 1200) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "jobs/train.py", "--config", "demo", f"run.storage_path={tmp_path / 'runs'}", *overrides]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
