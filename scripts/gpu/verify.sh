@@ -37,7 +37,7 @@ for p in "$@"; do
     bench-label-demo) phase bench-label-demo python jobs/benchmark.py label --model smollm2-135m-instruct --data "$DATA" --out "$OUT/bench-label-demo" ;;
     bench-label-8b)   phase bench-label-8b python jobs/benchmark.py label --model llama8b-shape --data "$DATA" --out "$OUT/bench-label-8b" ;;
     label-8b) phase label-8b python jobs/label.py --config demo --input "$DATA" --output /tmp/label-8b --overwrite \
-               model.name=$SENTIMENT_RAY_CACHE/bench-shapes/llama8b-shape label.batch_size=${LABEL_BATCH:-128} ;;
+               model.name=$(ls -d $SENTIMENT_RAY_CACHE/bench-shapes/llama8b-shape-* | head -1) label.batch_size=${LABEL_BATCH:-128} ;;
     label-demo) phase label-demo python jobs/label.py --config demo --input "$DATA" --output /tmp/label-demo --overwrite \
                --adapter "$RUNS/demo/adapter" label.batch_size=${LABEL_BATCH:-128} ;;
     tune)    UNSLOTH_COMPILE_DISABLE=1 phase tune python jobs/tune.py --config demo tune.num_samples=2 run.storage_path=$RUNS
