@@ -470,12 +470,19 @@ def checkpoint_every(cfg: ExperimentConfig) -> int:
     return cfg.train.save_steps or cfg.train.eval_steps or cfg.train.max_steps
 
 
-def resolve_padding_free(setting: str, packing: bool) -> bool:
+def resolve_padding_free(setting: str, packing: bool, device_type: str) -> bool:
     """Explicit, never left to the backend: Unsloth switches padding-free on by itself on
     Hopper GPUs, and without flash-attention that runs attention per sequence (0.87 s per
-    8-row step of the 135M demo model on an H100, 4% GPU busy; padded: 0.35 s at 64 rows)."""
+    8-row step of the 135M demo model on an H100, 4% GPU busy; padded: 0.35 s at 64 rows).
+
+    `auto`: padding-free with packing (TRL's BFD packing is padding-free by construction)
+    and on CPU, where transformers runs one attention call per layer over the concatenated
+    rows with a per-sequence mask built from position_ids: the same loss as a padded batch
+    (tests/test_train.py) without computing the padding, which is most of a padded demo
+    batch (one long row sets the width): 5.9 s instead of 17.1 s per 8-row step of the
+    demo model on this 2-core CPU."""
     if setting == "auto":
-        return packing
+        return packing or device_type == "cpu"
     return setting == "true"
 
 
@@ -489,14 +496,16 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
     t = cfg.train
     cuda = device.type == "cuda"
     dtype = resolve_dtype(cfg.model.dtype, device)
-    if t.packing and cfg.model.attn_implementation != "flash_attention_2":
-        # TRL's BFD packing is padding-free: sequences are concatenated with restarting
-        # position_ids and no attention mask. TRL warns this may cross-contaminate without
-        # flash-attention, but transformers' sdpa/eager mask builder derives a per-sequence
-        # (block-diagonal) causal mask from such position_ids (masking_utils.
+    padding_free = resolve_padding_free(t.padding_free, t.packing, device.type)
+    if padding_free and cfg.model.attn_implementation != "flash_attention_2":
+        # Padding-free rows (TRL's BFD packing, or padding_free) are concatenated with
+        # restarting position_ids and no attention mask. TRL warns this may cross-contaminate
+        # without flash-attention, but transformers' sdpa/eager mask builder derives a
+        # per-sequence (block-diagonal) causal mask from such position_ids (masking_utils.
         # find_packed_sequence_indices) when no KV cache is passed, as in training (the
         # trainer forwards with use_cache=False); tests/test_train.py checks packed == padded loss.
-        log.info("packing with %s attention: per-sequence masks come from position_ids", cfg.model.attn_implementation)
+        log.info("padding-free rows with %s attention: per-sequence masks come from position_ids",
+                 cfg.model.attn_implementation)
     return SFTConfig(
         output_dir=output_dir,
         max_steps=t.max_steps,
@@ -516,10 +525,12 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
         # The backend owns gradient checkpointing (Unsloth's offloaded variant, or HF's
         # non-reentrant one); TRL would otherwise switch on its own by default.
         gradient_checkpointing=False,
-        max_length=cfg.model.max_seq_length,
+        # TRL refuses max_length for padding-free rows without packing (it would not enforce
+        # it); build_train_dataset already fits every record into model.max_seq_length.
+        max_length=None if padding_free and not t.packing else cfg.model.max_seq_length,
         packing=t.packing,
-        padding_free=resolve_padding_free(t.padding_free, t.packing),
-        pad_to_multiple_of=None if t.packing else t.pad_to_multiple_of,
+        padding_free=padding_free,
+        pad_to_multiple_of=None if padding_free else t.pad_to_multiple_of,
         completion_only_loss=True if t.loss_on == "completion" else None,
         dataset_text_field="text",
         logging_steps=t.logging_steps,

@@ -39,6 +39,12 @@ def test_runtime_env_matches_ray_cluster():
     assert ray_cluster.job_runtime_env() == env
 
 
+def test_rayignore_matches_ray_cluster():
+    """`ray job submit --working-dir .` without cluster/runtime_env.yaml excludes the same."""
+    lines = (REPO_ROOT / ".rayignore").read_text(encoding="utf-8").splitlines()
+    assert [x for x in lines if x and not x.startswith("#")] == ray_cluster.WORKING_DIR_EXCLUDES
+
+
 def test_rayjob_runs_a_shipped_preset_with_gpu_workers():
     job = _load("rayjob-train.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"

@@ -74,7 +74,7 @@ def _stop_head(head: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """(dashboard URL, env for CLI calls) of a private head node; stopped afterwards."""
+    """(dashboard URL, env for CLI calls, temp dir) of a private head node; stopped afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="rayjs-", dir="/tmp")  # short: Ray puts unix sockets here
     dashboard_port = _free_port()
     env = dict(os.environ)
@@ -103,7 +103,7 @@ def ray_head():
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(url, head)
-        yield url, env
+        yield url, env, temp_dir
     finally:
         _stop_head(head)
         log.close()
@@ -138,7 +138,7 @@ def _ray_job(env: dict, *args: str, timeout: float = 60) -> str:
 
 
 def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tmp_path):
-    url, env = ray_head
+    url, env, temp_dir = ray_head
     config_path = _tiny_config_file(tiny_model_dir, tmp_path)
     submission_id = f"sentiment-train-{os.getpid()}-{int(time.time())}"
     submitted = subprocess.run(
@@ -155,8 +155,14 @@ def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tm
         f"{status}\n--- submit output ---\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}"
         f"\n--- job logs ---\n{logs[-6000:]}"
     )
-    # Ray uploaded the working dir (a package in the cluster's storage), without the venv.
-    assert "Uploading package gcs://" in submitted.stdout + submitted.stderr or "already exists" in submitted.stdout + submitted.stderr
+    # The working dir reached the cluster as a small package: Ray's defaults, .gitignore and
+    # .rayignore kept the venv, runs, .git and caches out.
+    unpacked = [p for p in Path(temp_dir).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
+    assert len(unpacked) == 1, unpacked
+    names = {p.name for p in unpacked[0].iterdir()}
+    assert {"jobs", "sentiment_ray", "data"} <= names and not names & {".venv", ".git", "runs", ".pytest_cache"}
+    size = sum(f.stat().st_size for f in unpacked[0].rglob("*") if f.is_file())
+    assert size < 5 * 2**20, f"working-dir package is {size / 2**20:.1f} MiB"
 
     json_lines = [line for line in logs.splitlines() if line.startswith("{") and line.endswith("}")]
     assert len(json_lines) == 1, f"expected exactly one JSON line, got {json_lines}"

@@ -96,20 +96,39 @@ def test_sft_config_on_cpu(tiny_cfg, tmp_path):
 
     from sentiment_ray.train import build_sft_config
 
+    cpu = torch.device("cpu")
     tiny_cfg.train.optim = "adamw_8bit"
     tiny_cfg.train.eval_steps = 5
-    args = build_sft_config(tiny_cfg, torch.device("cpu"), str(tmp_path), world_size=1)
+    args = build_sft_config(tiny_cfg, cpu, str(tmp_path), world_size=1)
     assert args.optim == "adamw_torch"  # 8-bit AdamW needs bitsandbytes on CUDA
     assert not args.bf16 and not args.fp16 and args.use_cpu  # TRL would default bf16 on
     assert not args.gradient_checkpointing  # the backend owns it
-    assert args.max_length == tiny_cfg.model.max_seq_length
     assert args.completion_only_loss is True and args.report_to == []
     assert args.save_steps == 5  # no save_steps: checkpoint at the evaluation cadence
-    tiny_cfg.train.save_steps, tiny_cfg.train.loss_on = 2, "full_text"
-    args = build_sft_config(tiny_cfg, torch.device("cpu"), str(tmp_path), world_size=1)
+    # padding_free=auto on CPU: padding-free rows; the records are pre-fitted to
+    # max_seq_length, so TRL gets no max_length (it refuses one for unpacked padding-free rows).
+    assert args.padding_free and not args.packing and args.max_length is None and args.pad_to_multiple_of is None
+
+    tiny_cfg.train.save_steps, tiny_cfg.train.loss_on, tiny_cfg.train.padding_free = 2, "full_text", "false"
+    args = build_sft_config(tiny_cfg, cpu, str(tmp_path), world_size=1)
     assert args.save_steps == 2 and args.completion_only_loss is None
+    assert not args.padding_free and args.max_length == tiny_cfg.model.max_seq_length
+    assert args.pad_to_multiple_of == tiny_cfg.train.pad_to_multiple_of
     tiny_cfg.train.save_steps = tiny_cfg.train.eval_steps = 0
-    assert build_sft_config(tiny_cfg, torch.device("cpu"), str(tmp_path), 1).save_steps == tiny_cfg.train.max_steps
+    tiny_cfg.train.packing, tiny_cfg.train.padding_free = True, "auto"
+    args = build_sft_config(tiny_cfg, cpu, str(tmp_path), 1)
+    assert args.save_steps == tiny_cfg.train.max_steps
+    assert args.packing and args.padding_free and args.max_length == tiny_cfg.model.max_seq_length
+
+
+def test_padding_free_resolution():
+    from sentiment_ray.train import resolve_padding_free
+
+    assert resolve_padding_free("auto", packing=False, device_type="cpu")
+    assert not resolve_padding_free("auto", packing=False, device_type="cuda")  # padded on GPUs
+    assert resolve_padding_free("auto", packing=True, device_type="cuda")
+    assert not resolve_padding_free("false", packing=False, device_type="cpu")
+    assert resolve_padding_free("true", packing=False, device_type="cuda")
 
 
 def _tiny_table(rows):
@@ -216,6 +235,26 @@ def test_packed_batches_compute_the_same_loss_as_padded_ones(tiny_model_dir):
         # The check has power: the same packed ids with one running position range attend across rows.
         crossed = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
         assert abs(summed_nll(padded) - summed_nll(crossed)) > 0.05
+
+
+def test_padding_free_training_loss_equals_padded(tiny_cfg, tmp_path):
+    """The trainer's loss on a padding-free batch (CPU default) equals the padded batch's."""
+    import torch
+
+    tiny_cfg.train.padding_free = "true"
+    model, free = _train_in_process(tiny_cfg, tmp_path / "free", rows=8)
+    tiny_cfg.train.padding_free = "false"
+    _, padded = _train_in_process(tiny_cfg, tmp_path / "padded", rows=8)
+    rows = [free.train_dataset[i] for i in range(8)]
+    free_batch, padded_batch = free.data_collator(rows), padded.data_collator(rows)
+    assert free_batch["input_ids"].shape[0] == 1 and "attention_mask" not in free_batch
+    assert padded_batch["input_ids"].shape[0] == 8
+    model.eval()
+    with torch.no_grad():
+        n = int((padded_batch["labels"] != -100).sum())
+        loss_free = free.compute_loss(model, dict(free_batch), num_items_in_batch=n)
+        loss_padded = padded.compute_loss(model, dict(padded_batch), num_items_in_batch=n)
+    assert torch.allclose(loss_free, loss_padded, rtol=1e-5), (loss_free, loss_padded)
 
 
 def test_packing_trains_on_cpu(tiny_cfg, tmp_path):
