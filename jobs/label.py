@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path")
+    from sentiment_ray.job_args import config_parser
+
+    parser = config_parser(__doc__.split("\n")[0], "label.batch_size=128 label.mode=generate")
     parser.add_argument("--input", required=True, help="file, glob, directory or URI of CSV/Parquet/JSONL")
     parser.add_argument("--output", required=True, help="output folder (local, shared, or a URI)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (<run>/adapter); omit for zero-shot")
@@ -34,18 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rows-per-unit", type=int, default=None,
         help="rows per work unit (the unit of resume and of output shards); default 50000",
     )
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. label.batch_size=128 label.mode=generate")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from sentiment_ray.config import ConfigError, load_config
+    from sentiment_ray.job_args import load_config_or_none
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    cfg = load_config_or_none(args)
+    if cfg is None:
         return 2
 
     from sentiment_ray.data import DataError

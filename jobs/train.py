@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,27 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=120 run.name=demo-long")
-    return parser.parse_args(argv)
+    from sentiment_ray.job_args import config_parser
+
+    return config_parser(__doc__.split("\n")[0], "train.max_steps=120 run.name=demo-long").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from sentiment_ray.config import ConfigError, load_config
+    from sentiment_ray.job_args import load_config_or_none, warn_if_storage_is_job_local
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    cfg = load_config_or_none(args)
+    if cfg is None:
         return 2
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and "://" not in cfg.run.storage_path and not os.path.isabs(cfg.run.storage_path):
-        print(
-            f"warning: run.storage_path={cfg.run.storage_path!r} is relative inside a Ray job: results go to "
-            f"{os.path.abspath(cfg.run.storage_path)}, the job's temporary working dir",
-            file=sys.stderr,
-        )
+    warn_if_storage_is_job_local(cfg)
 
     from sentiment_ray.train import run_training
 

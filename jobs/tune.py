@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -25,32 +24,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="llama31_8b_tune", help="preset name (sentiment_ray/configs) or YAML path")
+    from sentiment_ray.job_args import config_parser
+
+    parser = config_parser(__doc__.split("\n")[0], "tune.num_samples=8 train.max_steps=70")
+    parser.set_defaults(config="llama31_8b_tune")
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster this job starts (not used when joining one)"
     )
     parser.add_argument("--report-only", action="store_true", help="rebuild table, plot and best/ from the experiment folder")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=8 train.max_steps=70")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from sentiment_ray.config import ConfigError, load_config
+    from sentiment_ray.job_args import load_config_or_none, warn_if_storage_is_job_local
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    cfg = load_config_or_none(args)
+    if cfg is None:
         return 2
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and "://" not in cfg.run.storage_path and not os.path.isabs(cfg.run.storage_path):
-        print(
-            f"warning: run.storage_path={cfg.run.storage_path!r} is relative inside a Ray job: the experiment goes to "
-            f"{os.path.abspath(cfg.run.storage_path)}, the job's temporary working dir",
-            file=sys.stderr,
-        )
+    warn_if_storage_is_job_local(cfg, "the experiment's files")
 
     from sentiment_ray import tune
 

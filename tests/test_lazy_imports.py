@@ -14,6 +14,9 @@ PURE = [
     "sentiment_ray.metrics",
     "sentiment_ray.data",
     "sentiment_ray.label_units",
+    "sentiment_ray.label_rows",
+    "sentiment_ray.job_args",
+    "sentiment_ray.search_space",
 ]
 HEAVY = ["torch", "transformers", "unsloth", "ray", "peft", "trl"]
 
