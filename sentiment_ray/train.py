@@ -264,8 +264,9 @@ def _train(attempt: _Attempt) -> None:
     cfg, device = attempt.cfg, attempt.device
     labels = LabelSet(cfg.prompt.labels)
     template = PromptTemplate.from_config(cfg.prompt)
-    # Only rank 0 writes quarantine files into the run folder; other ranks keep theirs local.
-    splits = load_splits(cfg, labels, attempt.run_dir if attempt.rank == 0 else attempt.scratch)
+    # Only rank 0 writes quarantine files where the config / run folder says; other ranks
+    # (reading the same rows) keep theirs in their scratch folder.
+    splits = load_splits(cfg, labels, attempt.run_dir if attempt.rank == 0 else attempt.scratch, attempt.rank == 0)
     if device.type == "cpu":
         log.info("training on CPU with %d torch threads (run.cpus_per_worker sets them)", torch.get_num_threads())
     backend = backends.get_backend(attempt.backend_name)
@@ -395,23 +396,28 @@ def _write_reports(attempt: _Attempt, splits: dict, zero_shot, fine_tuned, train
 # ---------------------------------------------------------------------------- data
 
 
-def load_splits(cfg: ExperimentConfig, labels, quarantine_root: str) -> dict:
+def load_splits(cfg: ExperimentConfig, labels, quarantine_root: str, use_configured_quarantine: bool = True) -> dict:
     """{"train", "validation": pyarrow tables, "files": {split: [files]}, "bad_rows": {...}}.
-    Validation comes from data.validation_path, else a stratified split of train_path."""
+    Validation comes from data.validation_path, else a stratified split of train_path.
+    Skipped rows (data.on_bad_rows=skip) go to data.quarantine_path (validation file rows
+    to `<that>.validation`), or to quarantine.jsonl / quarantine-validation.jsonl under
+    `quarantine_root`."""
     from sentiment_ray import data
 
     d = cfg.data
     if not d.train_path:
         raise TrainingError("data.train_path is empty: set it in the config or as data.train_path=...")
 
-    def quarantine(name: str) -> str:
-        return d.quarantine_path or quarantine_root.rstrip("/") + "/" + name
+    def quarantine(name: str, suffix: str) -> str:
+        if d.quarantine_path and use_configured_quarantine:
+            return d.quarantine_path + suffix
+        return quarantine_root.rstrip("/") + "/" + name
 
-    train_data = data.load_labelled(d.train_path, d, labels, quarantine_path=quarantine("quarantine.jsonl"))
+    train_data = data.load_labelled(d.train_path, d, labels, quarantine_path=quarantine("quarantine.jsonl", ""))
     files = {"train": train_data.files}
     bad = {"train": train_data.bad_rows.count}
     if d.validation_path:
-        val_q = quarantine("quarantine-validation.jsonl") if not d.quarantine_path else d.quarantine_path + ".validation"
+        val_q = quarantine("quarantine-validation.jsonl", ".validation")
         val_data = data.load_labelled(d.validation_path, d, labels, quarantine_path=val_q)
         train, validation = train_data.table, val_data.table
         files["validation"] = val_data.files
@@ -564,6 +570,9 @@ class _RecordingScorer:
     def score(self, sentences):
         self.result = self.scorer.score(sentences)
         return self.result
+
+    def __getattr__(self, name):
+        return getattr(self.scorer, name)
 
 
 def evaluate_split(scorer, table) -> tuple[dict, Any]:

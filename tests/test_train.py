@@ -162,6 +162,29 @@ def test_train_records_keep_the_label_of_overlong_sentences(tiny_cfg):
     assert ds[1]["text"] == template.full_text("bad", "Negative", tokenizer.eos_token)
 
 
+def test_bad_rows_are_quarantined_under_the_run_dir(tiny_cfg, tmp_path):
+    from sentiment_ray.train import load_splits
+
+    csv = tmp_path / "train.csv"
+    good = "".join(f"r{i},sentence number {i},{'Positive' if i % 2 else 'Negative'},en\n" for i in range(20))
+    csv.write_text("ID,sentence,label,lang\n" + good + "r99,a sentence,Neutral,en\n", encoding="utf-8")
+    tiny_cfg.data.train_path, tiny_cfg.data.on_bad_rows = str(csv), "skip"
+    tiny_cfg.data.max_train_rows = tiny_cfg.data.max_validation_rows = None
+    labels = LabelSet(tiny_cfg.prompt.labels)
+
+    splits = load_splits(tiny_cfg, labels, str(tmp_path / "run"))
+    assert splits["bad_rows"] == {"train": 1}
+    assert splits["train"].num_rows + splits["validation"].num_rows == 20
+    [entry] = [json.loads(line) for line in (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()]
+    assert entry["row"] == 21 and "label" in entry["reason"]
+    # A configured quarantine path is used by rank 0 only; other ranks keep theirs local.
+    tiny_cfg.data.quarantine_path = str(tmp_path / "q.jsonl")
+    load_splits(tiny_cfg, labels, str(tmp_path / "rank1"), use_configured_quarantine=False)
+    assert (tmp_path / "rank1" / "quarantine.jsonl").is_file() and not (tmp_path / "q.jsonl").exists()
+    load_splits(tiny_cfg, labels, str(tmp_path / "run"))
+    assert (tmp_path / "q.jsonl").is_file()
+
+
 def _train_in_process(cfg, output_dir, rows=32):
     """The worker's recipe (backend model, dataset, SFTConfig, trainer class) without Ray."""
     import torch
