@@ -62,7 +62,7 @@ def _stop_head(head: subprocess.Popen) -> None:
     if head.poll() is None:
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
     try:
