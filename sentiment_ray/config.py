@@ -159,7 +159,8 @@ class RunConfig(_Strict):
     max_failures: int = Field(0, ge=-1)
     checkpoints_to_keep: int = Field(2, gt=0)
     ray_address: str = ""
-    """Empty: connect to RAY_ADDRESS / a running cluster if any, else start a local one."""
+    """Empty: connect to RAY_ADDRESS if set, else start a private local cluster (`auto`
+    joins the one `ray start` runs on this machine)."""
 
 
 class LabelConfig(_Strict):
