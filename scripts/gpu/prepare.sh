@@ -67,6 +67,9 @@ for p in "${parts[@]}"; do
   printf 'name=%s\nparts=%s\nsha256=%s\nbytes=%s\n' "$name" "$n" "$sha" "$bytes" > "$d/manifest.txt"
 done
 rmdir "$tmp"
+# The full dev set rides in the last stage (it lands in /tmp/stage/, where verify.sh reads it).
+dev_csv=$(cd "$(dirname "$0")/../.." && pwd)/../shared/data/sentiment_dev.csv
+[ -f "$dev_csv" ] && cp "$dev_csv" ".stage$i/" && echo "copied $(basename "$dev_csv") into .stage$i"
 
 tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
 tree_mib=$(( (tree_bytes + 1048575) / 1048576 ))
