@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_storage_is_job_local(cfg, "the experiment's files")
 
     from sentiment_ray import tune
+    from sentiment_ray.config import ConfigError
 
     try:
         if args.report_only:
