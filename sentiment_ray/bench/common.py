@@ -257,3 +257,21 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def run_measurement(module: str, spec: dict, spec_path: Path, result_path: Path, log_path: Path,
+                    timeout: float, backend: str, name: str, echo) -> dict:
+    """Write the spec, run `python -m module` on it in a child process, and return its
+    result JSON with the child's run record; a failed or timed-out child becomes a result
+    with an `error` (and the log's tail echoed), never an exception."""
+    write_json(spec_path, spec)
+    if result_path.exists():
+        result_path.unlink()
+    run = run_child(module, ["--spec", str(spec_path), "--result", str(result_path)], log_path, timeout)
+    result = read_json(result_path) if result_path.exists() else {}
+    result.setdefault("backend", backend)
+    result["child"] = run
+    if run["returncode"] != 0 or "error" in result:
+        result.setdefault("error", f"child exited with {run['returncode']}" + (" (timed out)" if run["timed_out"] else ""))
+        echo(f"[bench] {name} FAILED: {result['error']}\n{log_tail(run['log'], 25)}")
+    return result

@@ -101,23 +101,11 @@ def run_label_benchmark(
             "max_new_tokens": max_new_tokens,
             "peak_tflops": peak_tflops,
         }
-        spec_path, result_path = out / f"spec-label-{backend}.json", out / f"label-{backend}.json"
-        common.write_json(spec_path, spec)
-        if result_path.exists():
-            result_path.unlink()
         echo(f"[bench] label/{backend}: {n} sentences, batch sizes {batch_sizes}, in a child process")
-        run = common.run_child(
-            "sentiment_ray.bench.label_bench",
-            ["--spec", str(spec_path), "--result", str(result_path)],
-            out / f"label-{backend}.log",
-            child_timeout,
+        result = common.run_measurement(
+            "sentiment_ray.bench.label_bench", spec, out / f"spec-label-{backend}.json", out / f"label-{backend}.json",
+            out / f"label-{backend}.log", child_timeout, backend, f"label/{backend}", echo,
         )
-        result = common.read_json(result_path) if result_path.exists() else {}
-        result.setdefault("backend", backend)
-        result["child"] = run
-        if run["returncode"] != 0 or "error" in result:
-            result.setdefault("error", f"child exited with {run['returncode']}" + (" (timed out)" if run["timed_out"] else ""))
-            echo(f"[bench] label/{backend} FAILED: {result['error']}\n{common.log_tail(run['log'], 25)}")
         runs[backend] = result
 
     combined = {

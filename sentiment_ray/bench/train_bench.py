@@ -124,25 +124,13 @@ def run_train_benchmark(
                 "max_rows": max_rows,
                 "peak_tflops": peak_tflops,
             }
-            spec_path, result_path = out / f"spec-{key}.json", out / f"train-{key}.json"
-            common.write_json(spec_path, spec)
-            if result_path.exists():
-                result_path.unlink()
             echo(f"[bench] {key}: training {warmup} warm-up + {steps} timed steps in a child process")
-            run = common.run_child(
-                "sentiment_ray.bench.train_bench",
-                ["--spec", str(spec_path), "--result", str(result_path)],
-                out / f"train-{key}.log",
-                child_timeout,
+            result = common.run_measurement(
+                "sentiment_ray.bench.train_bench", spec, out / f"spec-{key}.json", out / f"train-{key}.json",
+                out / f"train-{key}.log", child_timeout, backend, key, echo,
             )
-            result = common.read_json(result_path) if result_path.exists() else {}
-            result.setdefault("backend", backend)
-            result["child"] = run
-            if run["returncode"] != 0 or "error" in result:
-                result.setdefault("error", f"child exited with {run['returncode']}" + (" (timed out)" if run["timed_out"] else ""))
-                echo(f"[bench] {key} FAILED: {result['error']}\n{common.log_tail(run['log'], 25)}")
-            else:
-                echo(f"[bench] {key}: {common.fmt(result.get('tokens_per_s'), '.0f')} tokens/s ({run['seconds']} s)")
+            if "error" not in result:
+                echo(f"[bench] {key}: {common.fmt(result.get('tokens_per_s'), '.0f')} tokens/s ({result['child']['seconds']} s)")
             runs[key] = result
 
     combined = {
