@@ -1,6 +1,6 @@
-"""What every `jobs/*.py` entry point shares: the `--config` + `key=value` overrides
-arguments, loading the config with a readable error, and the relative-storage warning.
-Pure: no heavy imports."""
+"""What every job entry point (`jobs/*.py`, `sentiment-ray <command>`) shares: the
+`--config` + `key=value` overrides arguments, loading the config with a readable error, and
+the relative-storage warning. Pure: no heavy imports."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ import sys
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
 
 
-def config_parser(description: str, overrides_example: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path")
-    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {overrides_example}")
+def job_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose description keeps its line breaks (the usage examples)."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def config_parser(description: str, overrides_example: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = job_parser(description, prog)
+    parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path (default: %(default)s)")
+    parser.add_argument(
+        "overrides", nargs="*", help=f"dotted config overrides key=value, validated, e.g. {overrides_example}"
+    )
     return parser
 
 

@@ -1,0 +1,20 @@
+"""Merge a LoRA adapter into a standard Hugging Face model folder (`sentiment-ray export`).
+
+The `ray job submit -- python jobs/export.py ...` entry point: runs from a checkout or an
+uploaded working dir without installing the package. The parser and main function live in
+sentiment_ray/cli.py; `python jobs/export.py --help` lists every option with examples.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run from a checkout (python jobs/export.py) or an uploaded working dir without installing.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sentiment_ray.cli import export_main as main  # noqa: E402
+from sentiment_ray.cli import export_parser as parser  # noqa: E402,F401
+
+if __name__ == "__main__":
+    sys.exit(main())

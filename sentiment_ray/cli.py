@@ -1,0 +1,324 @@
+"""The `sentiment-ray` command: one entry point for every job.
+
+    sentiment-ray train  [--config demo] [key=value ...]
+    sentiment-ray tune   [--config llama31_8b_tune] [--num-cpus N] [--report-only] [key=value ...]
+    sentiment-ray label  --input PATH --output DIR [--adapter RUN/adapter] [key=value ...]
+    sentiment-ray export --adapter RUN/adapter --output DIR [--dtype bfloat16] [key=value ...]
+    sentiment-ray eval   --predictions LABEL_OUTPUT|FILE [--output DIR] [--experiment TUNE_DIR]
+
+Each command's parser and main function live here and are the same ones `jobs/<command>.py`
+runs (those scripts stay the `ray job submit -- python jobs/<command>.py` entry points: they
+need no installed package). `sentiment-ray <command> --help` lists every option.
+
+Pure at import time: each main imports the heavy machinery it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sentiment_ray.job_args import config_parser, job_parser, load_config_or_none, warn_if_storage_is_job_local
+
+PROG = "sentiment-ray"
+
+TRAIN_DESCRIPTION = """\
+Fine-tune a model into a sentiment classifier on Ray Train; print one JSON line at the end.
+
+    python jobs/train.py                                    # the demo preset, local Ray cluster
+    sentiment-ray train --config llama31_8b_multilingual train.max_steps=100
+    RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- \\
+        python jobs/train.py --config demo run.storage_path=/shared/runs
+
+Under `ray job submit` give run.storage_path as an absolute path or a URI: a relative one
+lands in the job's temporary copy of the working dir. With Ray's token authentication on
+(Ray 2.60 turns it on when ~/.ray/auth_token exists), the `ray job` CLI sends the token only
+with RAY_AUTH_MODE=token in its environment (token from RAY_AUTH_TOKEN or ~/.ray/auth_token).
+MLflow: tracking.mlflow=auto|true|false, tracking.mlflow_tracking_uri (README, MLflow tracking).
+"""
+
+TUNE_DESCRIPTION = """\
+Search training hyperparameters with Ray Tune (one Ray Train run per trial); promote the best
+adapter; print the trials table and one JSON line at the end.
+
+    python jobs/tune.py --config llama31_8b_tune                  # the `tune:` section of the YAML
+    sentiment-ray tune --config llama31_8b_tune tune.num_samples=12 tune.scheduler=fifo
+    RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- \\
+        python jobs/tune.py --config llama31_8b_tune run.storage_path=/shared/runs
+
+Rerun the same command after an interruption to resume the experiment
+(<run.storage_path>/<tune.experiment_name>): finished trials are kept, unfinished ones resume
+from their last checkpoint. `--report-only` rewrites the table, plot, report.html and best/
+from the experiment folder without training.
+"""
+
+LABEL_DESCRIPTION = """\
+Label a large dataset with a fine-tuned (or zero-shot) model on Ray Data; print one JSON line.
+
+    python jobs/label.py --input data/demo/sentiment_demo.csv --output runs/label-demo \\
+        --adapter runs/demo/adapter label.write_submission=true
+    sentiment-ray label --config llama31_8b_multilingual --adapter s3://.../adapter \\
+        --input 's3://bucket/unlabelled/*.parquet' --output /shared/label-2026-01
+    RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- \\
+        python jobs/label.py --config demo --input /shared/in.csv --output /shared/out
+
+The config decides model, label set, prompt, batch size, actors (label.num_actors; 0 = one
+per GPU) and mode (label.mode=scoring|generate). Rerunning the same command after a crash
+finishes only the missing work units; --overwrite starts the output folder over.
+"""
+
+EXPORT_DESCRIPTION = """\
+Merge a LoRA adapter into its base model and save a standard Hugging Face folder (weights,
+config, tokenizer) that plain `transformers.AutoModelForCausalLM.from_pretrained` loads;
+print one JSON line.
+
+    sentiment-ray export --config demo --adapter runs/demo/adapter --output runs/demo/merged
+    python jobs/export.py --config llama31_8b_multilingual --adapter runs/ref/adapter \\
+        --output /shared/llama-sentiment-merged --dtype bfloat16
+
+The config names the base model (model.name) and the backend: on the unsloth backend (GPU)
+Unsloth's `save_pretrained_merged(..., save_method="merged_16bit")` dequantises the 4-bit base
+and merges; elsewhere peft's `merge_and_unload` merges into the base loaded in full precision
+on the CPU (or GPU), then the weights are cast to --dtype.
+"""
+
+EVAL_DESCRIPTION = """\
+Evaluate predictions against their gold labels and write a self-contained HTML report
+(metrics table, per-language table, confusion matrix, reliability diagram; trial curves for a
+tune experiment); print one JSON line.
+
+    sentiment-ray eval --predictions runs/label-demo                 # a label job's output folder
+    sentiment-ray eval --predictions preds.parquet --output reports/x # Parquet/CSV/JSONL file
+    sentiment-ray eval --predictions runs/demo/validation_predictions.parquet
+    sentiment-ray eval --experiment runs/tune                        # a tune experiment's trials
+
+A predictions file needs the gold label column, a predicted label column (`pred_label` or
+`predicted`) and optionally `p_<label>` probability columns (for the reliability diagram and
+ECE) and a language column.
+"""
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    return config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog)
+
+
+def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = train_parser(prog).parse_args(argv)
+    cfg = load_config_or_none(args)
+    if cfg is None:
+        return 2
+    warn_if_storage_is_job_local(cfg)
+
+    from sentiment_ray.train import run_training
+
+    summary = run_training(cfg)
+    print(json.dumps(summary, sort_keys=False), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- tune
+
+
+def tune_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = config_parser(TUNE_DESCRIPTION, "tune.num_samples=8 train.max_steps=70", prog)
+    parser.set_defaults(config="llama31_8b_tune")
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster this job starts (not used when joining one)"
+    )
+    parser.add_argument("--report-only", action="store_true", help="rebuild table, plot, report and best/ from the experiment folder")
+    return parser
+
+
+def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = tune_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config_or_none(args)
+    if cfg is None:
+        return 2
+    warn_if_storage_is_job_local(cfg, "the experiment's files")
+
+    from sentiment_ray import tune
+    from sentiment_ray.config import ConfigError
+
+    try:
+        if args.report_only:
+            prepared, space = tune.prepare(cfg)
+            summary = tune.finalize(prepared, space, tune.experiment_path(prepared))
+        else:
+            summary = tune.run_tune(cfg, num_cpus=args.num_cpus)
+    except (ConfigError, tune.TuneError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # stops worker log forwarding: the JSON line is the last line
+    print(tune.summary_line(summary), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- label
+
+
+def label_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = config_parser(LABEL_DESCRIPTION, "label.batch_size=128 label.mode=generate", prog)
+    parser.add_argument("--input", required=True, help="file, glob, directory or URI of CSV/Parquet/JSONL")
+    parser.add_argument("--output", required=True, help="output folder (local, shared, or a URI)")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder (<run>/adapter); omit for zero-shot")
+    parser.add_argument("--overwrite", action="store_true", help="discard an earlier run's outputs in --output")
+    parser.add_argument(
+        "--rows-per-unit", type=int, default=None,
+        help="rows per work unit (the unit of resume and of output shards); default 50000",
+    )
+    return parser
+
+
+def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = label_parser(prog).parse_args(argv)
+    cfg = load_config_or_none(args)
+    if cfg is None:
+        return 2
+
+    from sentiment_ray.data import DataError
+    from sentiment_ray.label import LabelError, label_dataset
+
+    try:
+        summary = label_dataset(
+            cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
+        )
+    except (DataError, LabelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, ensure_ascii=False), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = config_parser(EXPORT_DESCRIPTION, "model.name=/models/llama model.backend=hf", prog)
+    parser.add_argument("--adapter", required=True, help="LoRA adapter folder to merge (<run>/adapter or <experiment>/best/adapter)")
+    parser.add_argument("--output", required=True, help="folder for the merged Hugging Face model (created; must be empty or absent)")
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+        help="dtype of the saved weights (default: %(default)s; the unsloth backend always saves 16-bit)",
+    )
+    parser.add_argument("--device", default=None, help="where to merge: cpu, cuda, cuda:1 (default: the first GPU, else cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --output folder")
+    return parser
+
+
+def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = export_parser(prog).parse_args(argv)
+    cfg = load_config_or_none(args)
+    if cfg is None:
+        return 2
+
+    from sentiment_ray.export import ExportError, export_merged
+
+    try:
+        summary = export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def eval_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = job_parser(EVAL_DESCRIPTION, prog)
+    parser.add_argument(
+        "--predictions", default=None,
+        help="a label job's output folder, a training run folder, or a Parquet/CSV/JSONL file (or glob) of predictions",
+    )
+    parser.add_argument(
+        "--experiment", default=None, help="a tune experiment folder (<run.storage_path>/<tune.experiment_name>): adds the trial curves"
+    )
+    parser.add_argument(
+        "--output", default=None,
+        help="folder for report.html and metrics.json (default: the --predictions folder, or the file's folder, or --experiment)",
+    )
+    parser.add_argument("--labels", default=None, help="comma-separated label set in order (default: from the p_<label> columns or the data)")
+    parser.add_argument("--label-column", default="label", help="gold label column (default: %(default)s)")
+    parser.add_argument("--lang-column", default="lang", help="language column for the per-language table (default: %(default)s)")
+    parser.add_argument("--title", default=None, help="page title (default: from the input's name)")
+    return parser
+
+
+def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = eval_parser(prog)
+    args = parser.parse_args(argv)
+    if not args.predictions and not args.experiment:
+        parser.error("give --predictions, --experiment, or both")
+
+    from sentiment_ray.report_html import ReportError, evaluate_to_report
+
+    try:
+        summary = evaluate_to_report(
+            predictions=args.predictions,
+            experiment=args.experiment,
+            output=args.output,
+            labels=args.labels.split(",") if args.labels else None,
+            label_column=args.label_column,
+            lang_column=args.lang_column,
+            title=args.title,
+        )
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str
+    parser: Callable[[str | None], argparse.ArgumentParser]
+    main: Callable[..., int]
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("fine-tune on Ray Train (jobs/train.py)", train_parser, train_main),
+    "tune": Command("hyperparameter search on Ray Tune (jobs/tune.py)", tune_parser, tune_main),
+    "label": Command("label a dataset on Ray Data (jobs/label.py)", label_parser, label_main),
+    "export": Command("merge an adapter into a standard HF model folder (jobs/export.py)", export_parser, export_main),
+    "eval": Command("metrics + HTML report from predictions or a tune experiment", eval_parser, eval_main),
+}
+
+
+def top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fine-tune LLMs into sentiment classifiers and label datasets with them, on Ray.",
+        epilog="`sentiment-ray <command> --help` lists the options of a command.",
+    )
+    parser.add_argument("command", choices=list(COMMANDS), help="; ".join(f"{name}: {c.summary}" for name, c in COMMANDS.items()))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's options (see sentiment-ray <command> --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`sentiment-ray <command> [options]`: runs the command's main with its own parser."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        top_parser().parse_args(argv)  # prints help / the error and exits
+        return 2
+    command = argv[0]
+    return COMMANDS[command].main(argv[1:], prog=f"{PROG} {command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Merge a LoRA adapter into its base model and save a plain Hugging Face folder.
+
+    summary = export_merged(load_config("demo"), "runs/demo/adapter", "runs/demo/merged")
+
+The folder holds `config.json`, safetensors weights, the tokenizer (the one the adapter was
+trained with) and `sentiment_ray_export.json` (base model, adapter identity, dtype, and the
+prompt + label set the model was fine-tuned on: the merged model classifies only with that
+prompt). `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it with no peft,
+and label-token scoring gives the labels of base + adapter (tests/test_export.py).
+
+Backends (the config's `model.backend`, `auto` resolved as in training):
+
+- unsloth (GPU): Unsloth's own `save_pretrained_merged(out, tokenizer, save_method=
+  "merged_16bit")`, which dequantises the 4-bit base and merges in 16-bit.
+- hf (anywhere): the base is loaded in full weights (never 4-bit: merging into quantised
+  weights loses the adapter's precision) — float32 on CPU — the adapter attached with peft,
+  `merge_and_unload()`, then cast to `dtype` and saved.
+
+Light at import time: torch, transformers, peft and unsloth are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from sentiment_ray.config import ExperimentConfig
+
+EXPORT_INFO_FILE = "sentiment_ray_export.json"
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _prepare_output(output: str, overwrite: bool) -> None:
+    if "://" in output:
+        raise ExportError(f"--output {output}: export writes a local folder; copy it to object storage afterwards")
+    if os.path.isfile(output):
+        raise ExportError(f"--output {output} is a file; give a folder")
+    if os.path.isdir(output) and os.listdir(output):
+        if not overwrite:
+            raise ExportError(f"--output {output} is not empty; pass --overwrite to replace its contents")
+        shutil.rmtree(output)
+    os.makedirs(output, exist_ok=True)
+
+
+def _check_adapter(adapter: str) -> None:
+    if "://" in adapter:
+        raise ExportError(f"--adapter {adapter}: give a local folder (download the adapter first)")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise ExportError(f"--adapter {adapter} has no adapter_config.json: not a saved LoRA adapter")
+
+
+def export_merged(
+    cfg: ExperimentConfig,
+    adapter: str,
+    output: str,
+    *,
+    dtype: str = "bfloat16",
+    device: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Merge `adapter` into cfg.model.name and write a standard HF folder to `output`.
+    Returns a summary (output folder, backend, dtype, files, seconds)."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    _check_adapter(adapter)
+    started = time.perf_counter()
+
+    from sentiment_ray import backends
+    from sentiment_ray.backends.base import normalise_device
+
+    requested = cfg.model.backend
+    if device is not None and str(device).startswith("cpu") and requested == "auto":
+        requested = "hf"
+    try:
+        backend_name = backends.resolve_backend_name(requested)
+    except backends.BackendError as err:
+        raise ExportError(str(err)) from None
+    backends.early_import(backend_name)  # unsloth before transformers/peft
+    target = normalise_device(device)
+    _prepare_output(output, overwrite)
+    if backend_name == "unsloth":
+        saved_dtype = _merge_unsloth(cfg, adapter, output, target)
+    else:
+        saved_dtype = _merge_hf(cfg, adapter, output, target, dtype)
+    info = {
+        "base_model": cfg.model.name,
+        "adapter": os.path.abspath(adapter),
+        "adapter_config": _read_json(os.path.join(adapter, "adapter_config.json")),
+        "backend": backend_name,
+        "dtype": saved_dtype,
+        "prompt": cfg.prompt.model_dump(mode="json"),
+        "max_seq_length": cfg.model.max_seq_length,
+    }
+    with open(os.path.join(output, EXPORT_INFO_FILE), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    return {
+        "output": os.path.abspath(output),
+        "base_model": cfg.model.name,
+        "adapter": os.path.abspath(adapter),
+        "backend": backend_name,
+        "device": str(target),
+        "dtype": saved_dtype,
+        "files": sorted(os.listdir(output)),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _merge_hf(cfg: ExperimentConfig, adapter: str, output: str, device, dtype: str) -> str:
+    """peft merge_and_unload into a full-weight base, cast to `dtype`, save."""
+    import torch
+
+    from sentiment_ray.backends.hf import HFBackend
+
+    full = cfg.model_copy(deep=True)
+    full.model.load_in_4bit = False
+    # Merge in float32 on the CPU (exact); on a GPU in the saved precision (memory).
+    full.model.dtype = "float32" if device.type == "cpu" or dtype == "float32" else dtype
+    model, tokenizer = HFBackend().load_for_inference(full, adapter, device)
+    merged = model.merge_and_unload()
+    merged = merged.to(getattr(torch, dtype))
+    merged.config.use_cache = True
+    merged.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    return dtype
+
+
+def _merge_unsloth(cfg: ExperimentConfig, adapter: str, output: str, device) -> str:
+    """Unsloth's merged 16-bit save (dequantises the 4-bit base, merges the LoRA weights)."""
+    from sentiment_ray.backends.unsloth import UnslothBackend
+
+    model, tokenizer = UnslothBackend().load_for_inference(cfg, adapter, device)
+    if not hasattr(model, "save_pretrained_merged"):
+        # A PeftModel built by peft (not by FastLanguageModel.get_peft_model) lacks
+        # Unsloth's saving methods until they are patched on.
+        from unsloth.save import patch_saving_functions
+
+        patch_saving_functions(model)
+    model.save_pretrained_merged(output, tokenizer, save_method="merged_16bit")
+    config = _read_json(os.path.join(output, "config.json"))
+    return str(config.get("torch_dtype") or config.get("dtype") or "16-bit")

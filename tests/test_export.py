@@ -1,0 +1,132 @@
+"""Export (sentiment_ray/export.py, `sentiment-ray export`): an adapter merged into the
+tiny random Llama on CPU (hf backend, peft merge_and_unload) gives a plain HF folder that
+transformers loads without peft and that scores like base + adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.prompts import PromptTemplate
+
+SENTENCES = [
+    "I love this phone, the battery lasts forever",
+    "terrible service, never again",
+    "ok",
+    "El servicio fue excelente y la comida deliciosa",
+    "这个产品很差劲",
+    "Filmnya bagus sekali",
+    "meh",
+    "The plot was thin but the acting carried it through to a satisfying ending",
+]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """A LoRA adapter on the tiny model with random (non-zero) B matrices, so the merged
+    weights differ from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
+def _score(model, tokenizer, cfg):
+    from sentiment_ray.scoring import LabelScorer
+
+    scorer = LabelScorer(model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels), 128, 4)
+    return scorer.score(SENTENCES)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, adapter_dir):
+    """(base + adapter scores, base-only scores) through the hf backend on CPU."""
+    from sentiment_ray.backends.hf import HFBackend
+    from sentiment_ray.config import ExperimentConfig
+
+    cfg = ExperimentConfig(model={"name": tiny_model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32"})
+    with_adapter = _score(*HFBackend().load_for_inference(cfg, adapter_dir, "cpu"), cfg)
+    base = _score(*HFBackend().load_for_inference(cfg, None, "cpu"), cfg)
+    return cfg, with_adapter, base
+
+
+def _load_plain(folder: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def test_export_float32_scores_like_base_plus_adapter(reference, adapter_dir, tmp_path):
+    from sentiment_ray.cli import main
+
+    cfg, with_adapter, base = reference
+    # The adapter matters: without it the probabilities differ.
+    assert np.abs(with_adapter.probs - base.probs).max() > 0.01
+    out = tmp_path / "merged"
+    config_path = tmp_path / "cfg.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["export", "--config", str(config_path), "--adapter", adapter_dir, "--output", str(out), "--dtype", "float32", "--device", "cpu"]) == 0
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "sentiment_ray_export.json"} <= files
+    assert not any(name.startswith("adapter_") for name in files)  # a plain model, no peft files
+    info = json.loads((out / "sentiment_ray_export.json").read_text())
+    assert info["backend"] == "hf" and info["dtype"] == "float32" and info["prompt"]["labels"] == ["Positive", "Negative"]
+
+    model, tokenizer = _load_plain(str(out))
+    assert type(model).__module__.startswith("transformers.")  # not a peft model
+    merged = _score(model, tokenizer, cfg)
+    assert merged.predicted() == with_adapter.predicted()
+    np.testing.assert_allclose(merged.probs, with_adapter.probs, atol=1e-4)
+
+
+def test_export_bfloat16_by_default_within_tolerance(reference, adapter_dir, tmp_path):
+    import torch
+
+    from sentiment_ray.export import export_merged
+
+    cfg, with_adapter, _ = reference
+    summary = export_merged(cfg, adapter_dir, str(tmp_path / "bf16"), device="cpu")
+    assert summary["dtype"] == "bfloat16" and summary["backend"] == "hf"
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    merged = _score(*_load_plain(str(tmp_path / "bf16")), cfg)
+    np.testing.assert_allclose(merged.probs, with_adapter.probs, atol=0.03)
+    clear = np.abs(with_adapter.probs[:, 0] - 0.5) > 0.03  # labels agree wherever rounding cannot flip them
+    assert clear.any()
+    assert [p for p, c in zip(merged.predicted(), clear) if c] == [p for p, c in zip(with_adapter.predicted(), clear) if c]
+
+
+def test_export_refuses_a_non_empty_output_and_a_non_adapter(reference, adapter_dir, tmp_path, tiny_model_dir):
+    from sentiment_ray.export import ExportError, export_merged
+
+    cfg = reference[0]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(ExportError, match="not empty.*--overwrite"):
+        export_merged(cfg, adapter_dir, str(tmp_path / "full"), device="cpu")
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+    with pytest.raises(ExportError, match="adapter_config.json"):
+        export_merged(cfg, tiny_model_dir, str(tmp_path / "out"), device="cpu")
