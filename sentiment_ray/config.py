@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sentiment_ray.storage import check_no_inline_credentials, redact
+
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 DEFAULT_INSTRUCTION = (
@@ -92,11 +94,44 @@ class PromptConfig(_Strict):
         return v
 
 
+class HFDatasetConfig(_Strict):
+    """A Hugging Face dataset as a data source (instead of files): `datasets.load_dataset(name,
+    config, split=split, revision=revision)`, or with `load_from_disk: true`,
+    `datasets.load_from_disk(name)` of a `save_to_disk` folder (a local path, or an s3:// / gs://
+    URI through fsspec: the `s3` extra), taking `split` when the folder holds a DatasetDict.
+    Its columns go through `text_column` / `label_column` / `label_map` and the same row
+    validation as files; errors name the source as `hf:<name>[/<config>]:<split>`.
+
+        data:
+          train_dataset: {name: imdb, split: train}   # IMDB: text, label 0/1
+          text_column: text
+          label_map: {"0": Negative, "1": Positive}
+    """
+
+    name: str = Field(min_length=1)
+    """Hub dataset id (`imdb`, `stanfordnlp/imdb`), or a folder with `load_from_disk: true`."""
+    config: str | None = None
+    """The dataset's configuration name (`load_dataset`'s second argument), if it has several."""
+    split: str = Field("train", min_length=1)
+    """Split to read; a slice works too (`train[:2000]`) with load_dataset."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin."""
+    load_from_disk: bool = False
+
+    def describe(self) -> str:
+        """How messages and manifests name this source: `hf:imdb:train`, `hf:glue/sst2:validation`."""
+        return f"hf:{self.name}{'/' + self.config if self.config else ''}:{self.split}"
+
+
 class DataConfig(_Strict):
     train_path: str = ""
     """File, glob or URI (s3://, gs://, file://) of CSV, Parquet or JSONL."""
     validation_path: str = ""
     """Optional separate validation set; otherwise split off `train_path`."""
+    train_dataset: HFDatasetConfig | None = None
+    """A Hugging Face dataset instead of `train_path` (see HFDatasetConfig); one of the two."""
+    validation_dataset: HFDatasetConfig | None = None
+    """A Hugging Face dataset instead of `validation_path`; one of the two."""
     text_column: str = "sentence"
     label_column: str = "label"
     id_column: str = "ID"
@@ -114,6 +149,18 @@ class DataConfig(_Strict):
     `skip`: bad rows go to a quarantine file with their reason and are counted."""
     quarantine_path: str = ""
     """Where skipped rows go; default `<run dir>/quarantine.jsonl`."""
+
+    @field_validator("train_path", "validation_path", "quarantine_path")
+    @classmethod
+    def _no_inline_credentials(cls, v: str) -> str:
+        return check_no_inline_credentials(v, "URI")
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> "DataConfig":
+        for kind in ("train", "validation"):
+            if getattr(self, f"{kind}_path") and getattr(self, f"{kind}_dataset") is not None:
+                raise ValueError(f"set data.{kind}_path or data.{kind}_dataset, not both")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -152,7 +199,8 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     name: str = "demo"
     storage_path: str = "runs"
-    """Local dir or URI where Ray Train keeps runs, checkpoints and results."""
+    """Local dir or URI (s3://, gs://) where Ray Train keeps runs, checkpoints and results.
+    Credentials come from the environment (sentiment_ray/storage.py), never the URI."""
     num_workers: int = Field(1, gt=0)
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: float = Field(1, gt=0)
@@ -161,6 +209,11 @@ class RunConfig(_Strict):
     ray_address: str = ""
     """Empty: connect to RAY_ADDRESS if set, else start a private local cluster (`auto`
     joins the one `ray start` runs on this machine)."""
+
+    @field_validator("storage_path")
+    @classmethod
+    def _no_inline_credentials(cls, v: str) -> str:
+        return check_no_inline_credentials(v, "URI")
 
 
 class LabelConfig(_Strict):
@@ -272,7 +325,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {field}: unknown field")
         else:
             lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+    return redact("\n".join(lines))
 
 
 def validate(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:

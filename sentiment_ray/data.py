@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sentiment_ray.config import DataConfig
+from sentiment_ray import storage
+from sentiment_ray.config import DataConfig, HFDatasetConfig
 from sentiment_ray.labels import LabelSet
 
 TEXT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -59,7 +60,11 @@ _CSV_FIELD_LIMIT = 64 * 1024 * 1024
 
 
 class DataError(ValueError):
-    """Bad input data. The message names the file, the row (and line) and the reason."""
+    """Bad input data. The message names the file, the row (and line) and the reason;
+    credentials in it (a URI's userinfo, secret env values) are masked (storage.redact)."""
+
+    def __init__(self, message: str):
+        super().__init__(storage.redact(message))
 
 
 def _where(file: str, row: int | None = None, line: int | None = None) -> str:
@@ -111,15 +116,12 @@ def _is_hidden(relative: str) -> bool:
 
 
 def _filesystem(path: str):
-    """(pyarrow FileSystem, path inside it) for a local path or a URI."""
-    from pyarrow import fs as pafs
-
-    if _is_uri(path):
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-            raise DataError(f"{path}: cannot open this URI: {err}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    """(pyarrow FileSystem, path inside it) for a local path or a URI (storage.filesystem;
+    a URI with inline credentials or one pyarrow cannot open is a DataError)."""
+    try:
+        return storage.filesystem(path)
+    except storage.StorageError as err:
+        raise DataError(str(err)) from None
 
 
 def _glob_matches(pattern: str, candidate: str) -> bool:
@@ -362,6 +364,37 @@ def _read_parquet_raw(path: str, columns: Sequence[str] | None) -> RawFile:
     return RawFile(path, names, values, None, [None] * table.num_rows)
 
 
+def read_dataset_raw(source: HFDatasetConfig, columns: Sequence[str] | None = None) -> RawFile:
+    """A Hugging Face dataset split as a RawFile named `source.describe()` (`hf:imdb:train`):
+    `datasets.load_dataset(name, config, split=..., revision=...)`, or `load_from_disk(name)`
+    (its `split` when it holds a DatasetDict). ClassLabel columns keep their integer codes
+    (IMDB: 0/1, mapped through data.label_map)."""
+    import datasets
+
+    where = source.describe()
+    try:
+        if source.load_from_disk:
+            loaded = datasets.load_from_disk(source.name)
+            if isinstance(loaded, datasets.DatasetDict):
+                if source.split not in loaded:
+                    raise DataError(f"{where}: no split {source.split!r} in {source.name}; splits: {sorted(loaded)}")
+                loaded = loaded[source.split]
+        else:
+            loaded = datasets.load_dataset(source.name, source.config, split=source.split, revision=source.revision)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the hub, the cache and fsspec raise many kinds
+        raise DataError(f"{where}: cannot load the dataset: {type(err).__name__}: {err}") from None
+    if not isinstance(loaded, datasets.Dataset):
+        raise DataError(f"{where}: expected one split (a Dataset), got {type(loaded).__name__}; set data.*_dataset.split")
+    names = list(loaded.column_names)
+    keep = [n for n in names if columns is None or n in columns]
+    # Through the dataset's own indexing (it honours an indices mapping; .data would not).
+    table = loaded.select_columns(keep).with_format("arrow")[:] if keep else None
+    values = {n: table.column(n).to_pylist() for n in keep}
+    return RawFile(where, names, values, None, [None] * loaded.num_rows)
+
+
 def read_file(path: str) -> pa.Table:
     """One file as a pyarrow Table, strictly: any malformed row or undecodable value is a
     DataError naming the row. CSV columns are all strings (exactly as written)."""
@@ -585,21 +618,34 @@ class LabelledData:
 
     table: pa.Table
     bad_rows: BadRows
-    files: list[str]
+    files: list[str]  # the files read, or a Hugging Face dataset's name (`hf:imdb:train`)
+    content_digest: str | None = None  # a Hugging Face dataset's sha256 (files: see fingerprint)
 
     def __len__(self) -> int:
         return self.table.num_rows
 
+    def fingerprint(self) -> str:
+        """For manifests: `fingerprint(files)`, or for a Hugging Face dataset the sha256 of
+        the columns read from it."""
+        return self.content_digest or fingerprint(self.files)
+
 
 def load_labelled(
-    path: str, data_cfg: DataConfig, labels: LabelSet, *, quarantine_path: str | None = None
+    path: str | HFDatasetConfig, data_cfg: DataConfig, labels: LabelSet, *, quarantine_path: str | None = None
 ) -> LabelledData:
-    """Read every file `path` names, validate each row and normalise labels.
+    """Read every file `path` names (or the Hugging Face dataset split it describes),
+    validate each row and normalise labels.
 
     `on_bad_rows=error` raises DataError at the first bad row; `skip` quarantines bad rows
     to `quarantine_path` (or `data_cfg.quarantine_path`) and counts them. An empty file,
     or input where no row is good, is a DataError in both modes."""
-    files = expand_paths(path)
+    dataset = path if isinstance(path, HFDatasetConfig) else None
+    if dataset is not None:
+        path = dataset.describe()
+        files = [path]
+    else:
+        files = expand_paths(path)
+    digest = hashlib.sha256() if dataset is not None else None
     skip = data_cfg.on_bad_rows == "skip"
     sink = None
     if skip:
@@ -615,7 +661,10 @@ def load_labelled(
     total = 0
     try:
         for file in files:
-            raw = read_raw(file, [text_col, label_col, id_col, lang_col])
+            wanted = [text_col, label_col, id_col, lang_col]
+            raw = read_dataset_raw(dataset, wanted) if dataset is not None else read_raw(file, wanted)
+            if digest is not None:
+                digest.update(json.dumps(raw.values, sort_keys=True, default=str).encode())
             missing = [c for c in (text_col, label_col) if c not in raw.columns]
             if missing:
                 raise DataError(
@@ -674,7 +723,7 @@ def load_labelled(
         columns["ID"] = pa.string()
     columns.update(source_file=pa.string(), source_row=pa.int64())
     table = pa.table({name: pa.array(out[name], type=typ) for name, typ in columns.items()})
-    return LabelledData(table=table, bad_rows=bad, files=files)
+    return LabelledData(table=table, bad_rows=bad, files=files, content_digest=digest.hexdigest() if digest else None)
 
 
 # ----------------------------------------------------------------------------- splits

@@ -95,6 +95,17 @@ def adapter_identity(adapter_path: str | None) -> dict[str, Any] | None:
     for zero-shot. The hash, not the path, decides whether outputs are comparable."""
     if not adapter_path:
         return None
+    if "://" in adapter_path:  # s3://, gs://: hash a local copy
+        from sentiment_ray.storage import StorageError, local_folder
+
+        try:
+            with local_folder(adapter_path) as local:
+                if not os.path.isfile(os.path.join(local, "adapter_config.json")):
+                    raise LabelError(f"--adapter {adapter_path}: no adapter_config.json there (not a saved LoRA adapter)")
+                sha = adapter_identity(local)["sha256"]
+            return {"path": adapter_path, "sha256": sha, "id": f"{adapter_path.rstrip('/').rsplit('/', 1)[-1]}@{sha[:12]}"}
+        except StorageError as err:
+            raise LabelError(f"--adapter {err}") from None
     path = os.path.abspath(os.path.expanduser(adapter_path))
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise LabelError(f"--adapter {adapter_path}: no adapter_config.json there (not a saved LoRA adapter)")
@@ -163,7 +174,10 @@ class Labeler:
         self.labels = LabelSet(cfg.prompt.labels)
         self.mode = cfg.label.mode
         started = time.perf_counter()
-        model, tokenizer = get_backend(self.backend_name).load_for_inference(cfg, adapter_path, device)
+        from sentiment_ray.storage import local_folder
+
+        with local_folder(adapter_path) as local_adapter:  # an s3:// adapter: a local copy while loading
+            model, tokenizer = get_backend(self.backend_name).load_for_inference(cfg, local_adapter, device)
         # Generation needs room for the new tokens inside the model's context.
         max_length = cfg.model.max_seq_length - (cfg.label.max_new_tokens if self.mode == "generate" else 0)
         self.scorer = LabelScorer(
@@ -539,7 +553,7 @@ def _run_on_ray(cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path, ou
         Labeler,
         fn_constructor_kwargs={
             "cfg": cfg.model_dump(),
-            "adapter_path": os.path.abspath(adapter_path) if adapter_path else None,
+            "adapter_path": adapter_path if not adapter_path or "://" in adapter_path else os.path.abspath(adapter_path),
             "output_dir": output_root,
             "identity": identity,
         },

@@ -2,6 +2,7 @@
 device, code version), written next to its adapter as manifest.json.
 
 Pure: the standard library only (versions come from package metadata, not imports).
+Credentials never reach a manifest: every string is masked (sentiment_ray.storage.redact).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from sentiment_ray.storage import redact, redact_obj
 
 # The packages whose versions decide what a run computes.
 TRACKED_PACKAGES = (
@@ -77,7 +80,8 @@ def build_manifest(
     code_version: str | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict. `config` is the validated config as a plain dict (`model_dump()`)."""
+    """The manifest dict. `config` is the validated config as a plain dict (`model_dump()`).
+    Credentials are masked in every string (storage.redact_obj)."""
     manifest = {
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config,
@@ -90,13 +94,15 @@ def build_manifest(
         "packages": package_versions(),
     }
     manifest.update(extra or {})
-    return manifest
+    return redact_obj(manifest)
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write `payload` as indented JSON, atomically (no half-written file under the name)."""
+    """Write `payload` as indented JSON, atomically (no half-written file under the name),
+    with credentials masked in every string (storage.redact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    text = redact(json.dumps(payload, indent=2, sort_keys=False, default=str))
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)

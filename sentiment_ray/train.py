@@ -358,7 +358,7 @@ def _write_reports(attempt: _Attempt, splits: dict, zero_shot, fine_tuned, train
     """metrics.json and manifest.json into the attempt's outputs folder."""
     import torch
 
-    from sentiment_ray import data, manifest, ray_cluster
+    from sentiment_ray import manifest, ray_cluster
 
     cfg, device = attempt.cfg, attempt.device
     cuda = device.type == "cuda"
@@ -377,7 +377,7 @@ def _write_reports(attempt: _Attempt, splits: dict, zero_shot, fine_tuned, train
     manifest.write_json(attempt.local("outputs", METRICS_FILE), metrics)
     record = manifest.build_manifest(
         cfg.model_dump(mode="json"),
-        data_fingerprint={kind: data.fingerprint(files) for kind, files in splits["files"].items()},
+        data_fingerprint=splits["fingerprints"],
         backend=attempt.backend_name,
         device=str(device),
         code_version=attempt.payload.get("git_commit"),
@@ -397,37 +397,41 @@ def _write_reports(attempt: _Attempt, splits: dict, zero_shot, fine_tuned, train
 
 
 def load_splits(cfg: ExperimentConfig, labels, quarantine_root: str, use_configured_quarantine: bool = True) -> dict:
-    """{"train", "validation": pyarrow tables, "files": {split: [files]}, "bad_rows": {...}}.
-    Validation comes from data.validation_path, else a stratified split of train_path.
+    """{"train", "validation": pyarrow tables, "files": {split: [files]}, "fingerprints":
+    {split: sha256}, "bad_rows": {...}}. Sources are data.train_path / data.train_dataset
+    (a Hugging Face dataset). Validation comes from data.validation_path or
+    data.validation_dataset, else a stratified split of the training source.
     Skipped rows (data.on_bad_rows=skip) go to data.quarantine_path (validation file rows
     to `<that>.validation`), or to quarantine.jsonl / quarantine-validation.jsonl under
     `quarantine_root`."""
     from sentiment_ray import data
 
     d = cfg.data
-    if not d.train_path:
-        raise TrainingError("data.train_path is empty: set it in the config or as data.train_path=...")
+    if not d.train_path and d.train_dataset is None:
+        raise TrainingError("data.train_path is empty: set it (or data.train_dataset) in the config or as data.train_path=...")
 
     def quarantine(name: str, suffix: str) -> str:
         if d.quarantine_path and use_configured_quarantine:
             return d.quarantine_path + suffix
         return quarantine_root.rstrip("/") + "/" + name
 
-    train_data = data.load_labelled(d.train_path, d, labels, quarantine_path=quarantine("quarantine.jsonl", ""))
+    train_data = data.load_labelled(d.train_dataset or d.train_path, d, labels, quarantine_path=quarantine("quarantine.jsonl", ""))
     files = {"train": train_data.files}
+    fingerprints = {"train": train_data.fingerprint()}
     bad = {"train": train_data.bad_rows.count}
-    if d.validation_path:
+    if d.validation_path or d.validation_dataset:
         val_q = quarantine("quarantine-validation.jsonl", ".validation")
-        val_data = data.load_labelled(d.validation_path, d, labels, quarantine_path=val_q)
+        val_data = data.load_labelled(d.validation_dataset or d.validation_path, d, labels, quarantine_path=val_q)
         train, validation = train_data.table, val_data.table
         files["validation"] = val_data.files
+        fingerprints["validation"] = val_data.fingerprint()
         bad["validation"] = val_data.bad_rows.count
     else:
         train, validation = data.split_train_validation(train_data.table, d.validation_fraction, d.split_seed)
     train, validation = data.apply_row_limits(train, validation, d)
     if train.num_rows == 0:
-        raise TrainingError(f"{d.train_path}: no training rows left after the validation split and row limits")
-    return {"train": train, "validation": validation, "files": files, "bad_rows": bad}
+        raise TrainingError(f"{train_data.files[0]}: no training rows left after the validation split and row limits")
+    return {"train": train, "validation": validation, "files": files, "fingerprints": fingerprints, "bad_rows": bad}
 
 
 def completion_token_budget(tokenizer, template, labels) -> int:

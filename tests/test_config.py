@@ -15,8 +15,8 @@ from sentiment_ray.config import (
 def test_every_shipped_preset_validates(name):
     cfg = load_config(name)
     assert isinstance(cfg, ExperimentConfig)
-    # Each preset is a complete run: it names a model and training data.
-    assert cfg.model.name and cfg.data.train_path
+    # Each preset is a complete run: it names a model and training data (files or a HF dataset).
+    assert cfg.model.name and (cfg.data.train_path or cfg.data.train_dataset)
     # Its tune search space names real config fields.
     for field in cfg.tune.search_space:
         section, key = field.split(".")

@@ -1,0 +1,317 @@
+"""Object storage for real: a moto S3 server on loopback, found by pyarrow (and Ray Train's
+storage, and the jobs' Ray workers) through the standard AWS environment variables; data
+reading, quarantine, adapters, run outputs and labelling outputs on it; and credentials that
+never show up in logs, manifests, metrics or error messages.
+
+The server runs for the module (`python -m moto.server`, from `moto[server]` in the dev
+extra). The end-to-end test runs `jobs/train.py` and then `jobs/label.py` as the user would,
+each in a subprocess with its own local Ray cluster, all data and outputs in S3.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sentiment_ray import manifest, storage
+from sentiment_ray.config import ConfigError, load_config
+from sentiment_ray.data import DataError, expand_paths, fingerprint, load_labelled, read_raw
+from sentiment_ray.labels import LabelSet
+
+pytest.importorskip("moto", reason="moto[server] (dev extra) runs the S3 server")
+boto3 = pytest.importorskip("boto3")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CSV = REPO_ROOT / "data" / "demo" / "sentiment_demo.csv"
+BUCKET = "sentiment-ray-test"
+# Recognisable, so a leak anywhere is found by a plain substring search.
+SECRET = "SeCrEt-" + uuid.uuid4().hex
+ACCESS_KEY = "AKIATESTONLY" + uuid.uuid4().hex[:8].upper()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3:
+    endpoint: str
+    env: dict[str, str]
+    client: object
+
+    def put(self, key: str, data: bytes) -> str:
+        self.client.put_object(Bucket=BUCKET, Key=key, Body=data)
+        return f"s3://{BUCKET}/{key}"
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 and the AWS variables that point at it, set in this
+    process for the module (and handed to the job subprocesses)."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    patch = pytest.MonkeyPatch()
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not start (exit code {server.poll()})") from None
+                time.sleep(0.2)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        yield S3(endpoint, env, client)
+    finally:
+        patch.undo()
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def demo_rows(n: int, start: int = 0) -> list[dict]:
+    with open(DEMO_CSV, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: r[k] for k in ("ID", "sentence", "label", "lang")} for r in rows[start : start + n]]
+
+
+def to_csv(rows: list[dict]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def assert_no_secret(where: str, text: str | bytes) -> None:
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    assert SECRET not in text, f"the secret access key leaked into {where}"
+
+
+# ============================================================================ redaction (pure)
+
+
+def test_redact_masks_uri_credentials_query_secrets_and_secret_env_values(monkeypatch):
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "tok-" + "x" * 20)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # short values are not masked
+    text = (
+        "s3://AKIA123:abc/def@bucket/x.csv gs://user@b/y "
+        "https://h/o?X-Amz-Credential=AK%2F1&X-Amz-Signature=deadbeef&region=eu-west-1 "
+        "s3://b/k?access_key=AK&secret_key=SK&endpoint_override=http://127.0.0.1:9000 "
+        f"token tok-{'x' * 20} false"
+    )
+    out = storage.redact(text)
+    for secret in ("AKIA123", "abc/def", "user@", "AK%2F1", "deadbeef", "=AK&", "=SK", "tok-xxxx"):
+        assert secret not in out
+    for kept in ("bucket/x.csv", "region=eu-west-1", "endpoint_override=http://127.0.0.1:9000", " false"):
+        assert kept in out
+    assert storage.redact("s3://bucket/runs/demo http://127.0.0.1:5000/a") == "s3://bucket/runs/demo http://127.0.0.1:5000/a"
+    nested = storage.redact_obj({"p": ["s3://K:S@b/x"], "n": 1, "t": ("ok",)})
+    assert nested == {"p": ["s3://***@b/x"], "n": 1, "t": ("ok",)}
+
+
+def test_uris_with_inline_credentials_are_refused_without_echoing_them(tmp_path):
+    uri = f"s3://{ACCESS_KEY}:{SECRET}@{BUCKET}/train.csv"
+    with pytest.raises(ConfigError) as config_err:
+        load_config("demo", [f"data.train_path={uri}"])
+    with pytest.raises(ConfigError) as storage_err:
+        load_config("demo", [f"run.storage_path=s3://{BUCKET}/runs?secret_key={SECRET}"])
+    with pytest.raises(DataError) as data_err:
+        expand_paths(uri)
+    with pytest.raises(storage.StorageError) as folder_err:
+        with storage.local_folder(f"s3://{ACCESS_KEY}:{SECRET}@{BUCKET}/adapter"):
+            pass
+    for err in (config_err, storage_err, data_err, folder_err):
+        assert "carries credentials" in str(err.value)
+        assert_no_secret("an error message", str(err.value))
+
+
+def test_manifests_and_json_outputs_mask_credentials(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    record = manifest.build_manifest(
+        {"data": {"train_path": f"s3://k:{SECRET}@b/x"}, "note": f"key {SECRET}"},
+        data_fingerprint=None, backend="hf", device="cpu", code_version=None,
+        extra={"run_dir": f"s3://b/runs?session_token={SECRET}"},
+    )
+    assert_no_secret("build_manifest", json.dumps(record))
+    manifest.write_json(tmp_path / "m.json", {"message": f"failed with {SECRET}", "nested": [{"k": SECRET}]})
+    assert_no_secret("write_json", (tmp_path / "m.json").read_text())
+    assert json.loads((tmp_path / "m.json").read_text())["nested"] == [{"k": "***"}]
+
+
+# ============================================================================ data on S3
+
+
+def test_data_globs_validation_quarantine_and_fingerprint_on_s3(s3, tmp_path):
+    rows = demo_rows(30)
+    bad = dict(rows[0], ID="bad-1", label="Neutral")
+    s3.put("data/part-1.csv", to_csv(rows[:20] + [bad]))
+    s3.put("data/part-2.csv", to_csv(rows[20:]))
+    s3.put("data/_SUCCESS", b"")
+    files = expand_paths(f"s3://{BUCKET}/data/")
+    assert files == [f"s3://{BUCKET}/data/part-1.csv", f"s3://{BUCKET}/data/part-2.csv"]
+    assert expand_paths(f"s3://{BUCKET}/data/*-2.csv") == files[1:]
+
+    cfg = load_config("demo", ["data.on_bad_rows=skip"])
+    quarantine = f"s3://{BUCKET}/q/quarantine.jsonl"
+    data = load_labelled(f"s3://{BUCKET}/data/*.csv", cfg.data, LabelSet(cfg.prompt.labels), quarantine_path=quarantine)
+    assert len(data) == 30 and data.bad_rows.count == 1 and data.bad_rows.quarantine_path == quarantine
+    entry = json.loads(s3.get("q/quarantine.jsonl"))
+    assert entry["file"] == files[0] and entry["row"] == 21 and entry["kind"] == "unknown label"
+
+    # The same bytes under another name and place give the same fingerprint locally and in S3.
+    (tmp_path / "part-1.csv").write_bytes(s3.get("data/part-1.csv"))
+    (tmp_path / "part-2.csv").write_bytes(s3.get("data/part-2.csv"))
+    assert fingerprint(files) == fingerprint(str(tmp_path))
+
+
+def test_errors_for_missing_objects_name_the_uri_and_never_the_secret(s3):
+    errors = []
+    for call in (
+        lambda: expand_paths(f"s3://{BUCKET}/nowhere/train.csv"),
+        lambda: expand_paths(f"s3://{BUCKET}/nowhere/*.parquet"),
+        lambda: read_raw(f"s3://{BUCKET}/nowhere/train.csv"),
+        lambda: read_raw(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x.csv"),
+    ):
+        with pytest.raises(DataError) as err:
+            call()
+        errors.append(str(err.value))
+    assert "no such file" in errors[0] and "no files match" in errors[1] and "no such file" in errors[2]
+    for message in errors:
+        assert message.startswith("s3://")
+        assert_no_secret("a DataError", message)
+
+
+def test_local_folder_copies_a_remote_folder_for_the_block_only(s3):
+    s3.put("adapters/a/adapter_config.json", b"{}")
+    s3.put("adapters/a/sub/tokenizer.json", b"[1]")
+    with storage.local_folder(f"s3://{BUCKET}/adapters/a") as local:
+        assert Path(local, "adapter_config.json").read_bytes() == b"{}"
+        assert Path(local, "sub", "tokenizer.json").read_bytes() == b"[1]"
+    assert not Path(local).exists()
+    with pytest.raises(storage.StorageError, match="no such folder"):
+        with storage.local_folder(f"s3://{BUCKET}/adapters/missing"):
+            pass
+    with storage.local_folder("relative/dir") as same:  # local paths pass through
+        assert same == "relative/dir"
+
+
+# ============================================================================ train -> label on S3
+
+
+def _job(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_model_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train_rows = demo_rows(120)
+    s3.put("in/train.csv", to_csv(train_rows + [dict(train_rows[0], ID="bad-1", label="Neutral")]))
+    cfg_path = tmp_path / "tiny-s3.yaml"
+    cfg_path.write_text(json.dumps({  # JSON is YAML
+        "model": {"name": tiny_model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32",
+                  "max_seq_length": 128},
+        "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
+        "data": {"train_path": f"s3://{BUCKET}/in/train.csv", "validation_fraction": 0.1, "max_validation_rows": 16,
+                 "on_bad_rows": "skip"},
+        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
+                  "warmup_steps": 0, "optim": "adamw_torch", "packing": False, "eval_batch_size": 16,
+                  "zero_shot_eval": False, "seed": 0},
+        "run": {"name": "tiny-s3", "storage_path": f"s3://{BUCKET}/runs", "use_gpu": "false", "num_workers": 1,
+                "cpus_per_worker": 1},
+        "label": {"batch_size": 16, "num_actors": 1},
+    }))
+    env = {**os.environ, **s3.env, "SENTIMENT_RAY_GIT_COMMIT": "test"}
+
+    train = _job(["jobs/train.py", "--config", str(cfg_path)], env)
+    assert train.returncode == 0, train.stderr[-4000:]
+    summary = json.loads(train.stdout.strip().splitlines()[-1])
+    run_dir = f"s3://{BUCKET}/runs/tiny-s3"
+    assert summary["run_dir"] == run_dir and summary["adapter"] == f"{run_dir}/adapter" and summary["steps"] == 2
+    run_keys = s3.keys("runs/tiny-s3/")
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json", "manifest.json",
+                 "quarantine.jsonl", "validation_predictions.parquet"):
+        assert f"runs/tiny-s3/{name}" in run_keys, run_keys
+    assert any("/checkpoint-" in k for k in run_keys), "Ray Train's checkpoint is in S3"
+    assert json.loads(s3.get("runs/tiny-s3/quarantine.jsonl"))["values"]["ID"] == "bad-1"
+    run_manifest = json.loads(s3.get("runs/tiny-s3/manifest.json"))
+    assert run_manifest["run_dir"] == run_dir and run_manifest["data_files"]["train"] == [f"s3://{BUCKET}/in/train.csv"]
+
+    # Labelling: Parquet + CSV inputs in S3, the adapter from S3, the outputs into S3.
+    unlabelled = demo_rows(50, start=500)
+    pq_buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(unlabelled[:30]), pq_buffer)
+    s3.put("unlabelled/part-0.parquet", pq_buffer.getvalue().to_pybytes())
+    s3.put("unlabelled/part-1.csv", to_csv(unlabelled[30:]))
+    label = _job(
+        ["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/unlabelled/",
+         "--adapter", f"{run_dir}/adapter", "--output", f"s3://{BUCKET}/labels", "--rows-per-unit", "20",
+         "label.write_submission=true"],
+        env,
+    )
+    assert label.returncode == 0, label.stderr[-4000:]
+    label_summary = json.loads(label.stdout.strip().splitlines()[-1])
+    assert label_summary["rows"] == label_summary["labelled"] == 50 and label_summary["adapter"].startswith("adapter@")
+    shards = [k for k in s3.keys("labels/predictions/") if k.endswith(".parquet")]
+    ids = []
+    for key in shards:
+        ids.extend(pq.read_table(pa.BufferReader(s3.get(key))).column("ID").to_pylist())
+    assert sorted(ids) == sorted(r["ID"] for r in unlabelled)  # every input ID exactly once
+    submission = s3.get("labels/submission.csv").decode().splitlines()
+    assert submission[0] == "ID,label" and [line.split(",")[0] for line in submission[1:]] == [r["ID"] for r in unlabelled]
+    assert label_summary["metrics"]["n"] == 50
+
+    # A failing read of a missing object: a clean error naming the URI, not the secret.
+    missing = _job(["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/nowhere/*.csv",
+                    "--output", f"s3://{BUCKET}/labels-missing"], env, timeout=300)
+    assert missing.returncode == 1 and f"s3://{BUCKET}/nowhere/*.csv: no files match" in missing.stderr
+
+    for name, proc in (("train", train), ("label", label), ("failing label", missing)):
+        assert_no_secret(f"{name} stdout", proc.stdout)
+        assert_no_secret(f"{name} stderr", proc.stderr)
+    for key in ("runs/tiny-s3/manifest.json", "runs/tiny-s3/metrics.json", "labels/_manifest.json",
+                "labels/summary.json", "labels/metrics.json"):
+        assert_no_secret(key, s3.get(key))
+    assert run_manifest["config"]["run"]["storage_path"] == f"s3://{BUCKET}/runs"
