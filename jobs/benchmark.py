@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     label.add_argument("--adapter", default=None, help="LoRA adapter folder to attach")
     label.add_argument("--n", type=int, default=None, help="sentences scored per batch size (default 2048; smoke 24)")
     label.add_argument("--batch-sizes", type=_csv_ints, default=None, help="sweep (default 16,32,64,128,256; smoke 4,8)")
+    label.add_argument(
+        "--token-budgets", type=_csv_ints, default=None,
+        help="also score with these label.max_batch_tokens budgets (default 8192,16384,32768,65536; smoke 256)",
+    )
     label.add_argument("--generate-n", type=int, default=None, help="sentences for batched generate (default 512; smoke 8)")
     label.add_argument("--per-row-n", type=int, default=None, help="sentences for per-row generate (default 64; smoke 4)")
     label.add_argument("--max-new-tokens", type=int, default=None, help="generate length (default: label.max_new_tokens; smoke 2)")
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 adapter=args.adapter,
                 n=args.n or (24 if args.smoke else 2048),
                 batch_sizes=args.batch_sizes or ([4, 8] if args.smoke else [16, 32, 64, 128, 256]),
+                token_budgets=args.token_budgets or ([256] if args.smoke else None),
                 generate_n=args.generate_n if args.generate_n is not None else (8 if args.smoke else 512),
                 per_row_n=args.per_row_n if args.per_row_n is not None else (4 if args.smoke else 64),
                 max_new_tokens=args.max_new_tokens or (2 if args.smoke else None),

@@ -219,6 +219,10 @@ class RunConfig(_Strict):
 class LabelConfig(_Strict):
     mode: Literal["scoring", "generate"] = "scoring"
     batch_size: int = Field(64, gt=0)
+    """Most rows per forward pass."""
+    max_batch_tokens: int = Field(32768, ge=0)
+    """Most padded tokens (rows x longest row) per forward pass; 0 = rows only. Short
+    prompts then share wide batches (a GPU stays busy) and long ones narrow batches."""
     num_actors: int = Field(0, ge=0)
     """0 = one actor per GPU in the cluster (one CPU actor on a CPU-only cluster)."""
     max_new_tokens: int = Field(4, gt=0)

@@ -181,7 +181,8 @@ class Labeler:
         # Generation needs room for the new tokens inside the model's context.
         max_length = cfg.model.max_seq_length - (cfg.label.max_new_tokens if self.mode == "generate" else 0)
         self.scorer = LabelScorer(
-            model, tokenizer, PromptTemplate.from_config(cfg.prompt), self.labels, max_length, cfg.label.batch_size
+            model, tokenizer, PromptTemplate.from_config(cfg.prompt), self.labels, max_length,
+            cfg.label.batch_size, cfg.label.max_batch_tokens,
         )
         self.load_seconds = time.perf_counter() - started
         self.storage = Storage(output_dir) if output_dir else None
@@ -191,12 +192,13 @@ class Labeler:
 
     # -- predictions
 
-    def predict(self, sentences: Sequence[str]) -> tuple[dict[str, Any], int]:
-        """(prediction columns as Arrow arrays, prompt tokens) for `sentences`, in order."""
+    def predict(self, sentences: Sequence[str], encoded=None) -> tuple[dict[str, Any], int]:
+        """(prediction columns as Arrow arrays, prompt tokens) for `sentences`, in order.
+        `encoded`: `scorer.encode(sentences)` when the caller already has it."""
         import pyarrow as pa
 
         if self.mode == "scoring":
-            result = self.scorer.score(sentences)
+            result = self.scorer.score_ids(*(encoded or self.scorer.encode(sentences)))
             columns = {"pred_label": pa.array(result.predicted(), type=pa.string())}
             for j, name in enumerate(self.labels.probability_columns()):
                 columns[name] = pa.array(result.probs[:, j])
@@ -242,11 +244,11 @@ class Labeler:
         tables, quarantined = [], []
         tokens = 0
         predict_seconds = 0.0
-        for valid in _prefetched(self._valid_chunks(unit)):
+        for valid, encoded in _prefetched(self._valid_chunks(unit)):
             quarantined.extend(valid.quarantined)
             if valid.table.num_rows:
                 t = time.perf_counter()
-                predictions, n_tokens = self.predict(valid.sentences)
+                predictions, n_tokens = self.predict(valid.sentences, encoded)
                 predict_seconds += time.perf_counter() - t
                 tokens += n_tokens
                 table = valid.table
@@ -292,7 +294,11 @@ class Labeler:
     def _valid_chunks(self, unit: WorkUnit):
         text_column, id_column = self.cfg.data.text_column, self.cfg.data.id_column
         for chunk in iter_unit_chunks(unit, text_column=text_column, id_column=id_column, chunk_rows=self.chunk_rows):
-            yield validate_chunk(chunk, unit, text_column=text_column, id_column=id_column)
+            valid = validate_chunk(chunk, unit, text_column=text_column, id_column=id_column)
+            # Tokenised here, in the reader thread (the Rust tokenizer releases the GIL), so
+            # the model never waits for it.
+            encoded = self.scorer.encode(valid.sentences) if self.mode == "scoring" and valid.sentences else None
+            yield valid, encoded
 
     def _write_parquet(self, path: str, table) -> None:
         import pyarrow.parquet as pq

@@ -128,6 +128,23 @@ def fit_prompts(
 # ----------------------------------------------------------------------------- batching
 
 
+def micro_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int = 0) -> list[np.ndarray]:
+    """Row indices per forward pass: longest first, so rows of similar length share a batch
+    (little padding) and an out-of-memory shows up on the first batch, not the last. A batch
+    holds at most `batch_size` rows and, when `max_batch_tokens` > 0, at most that many
+    padded tokens (rows x its longest row; a single longer row still gets its own batch).
+    Short rows thus ride in wide batches, which keeps a GPU busy, and long ones in narrow
+    batches, which keeps memory bounded."""
+    order = np.argsort([-n for n in lengths], kind="stable")
+    out, start = [], 0
+    while start < len(order):
+        width = max(int(lengths[order[start]]), 1)  # the longest row of this batch
+        rows = batch_size if max_batch_tokens <= 0 else max(1, min(batch_size, max_batch_tokens // width))
+        out.append(order[start : start + rows])
+        start += rows
+    return out
+
+
 def _left_pad(batch_ids: list[list[int]], pad_id: int, device: Any):
     """(input_ids, attention_mask, position_ids), padded on the left so every row's last
     real token sits at the final position; positions count real tokens only, as
@@ -194,9 +211,13 @@ class LabelScorer:
         labels: LabelSet,
         max_length: int,
         batch_size: int,
+        max_batch_tokens: int = 0,
     ):
-        if max_length <= 0 or batch_size <= 0:
-            raise ScoringError(f"max_length and batch_size must be positive, got {max_length}, {batch_size}")
+        if max_length <= 0 or batch_size <= 0 or max_batch_tokens < 0:
+            raise ScoringError(
+                f"max_length and batch_size must be positive and max_batch_tokens >= 0, "
+                f"got {max_length}, {batch_size}, {max_batch_tokens}"
+            )
         if tokenizer.pad_token_id is None:
             raise ScoringError("the tokenizer has no pad token; load it through a backend (pad = eos)")
         self.model = model
@@ -205,6 +226,7 @@ class LabelScorer:
         self.labels = labels
         self.max_length = max_length
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.label_token_ids = labels.first_token_ids(
             lambda text: tokenizer(text)["input_ids"], template.prompt("An example sentence.")
         )
@@ -225,18 +247,18 @@ class LabelScorer:
         return ids, truncated
 
     def _micro_batches(self, ids: list[list[int]]):
-        # Longest first, so rows of similar length share a batch (less padding) and an
-        # out-of-memory shows up on the first batch rather than the last.
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            yield order[start : start + self.batch_size]
+        return micro_batches([len(x) for x in ids], self.batch_size, self.max_batch_tokens)
 
     # -- scoring
 
     def score(self, sentences: Sequence[str]) -> ScoreResult:
+        return self.score_ids(*self.encode(sentences))
+
+    def score_ids(self, ids: list[list[int]], truncated: np.ndarray) -> ScoreResult:
+        """`score` for prompts already encoded by `encode` (the labeller encodes the next
+        chunk in a reader thread while the model scores this one)."""
         import torch
 
-        ids, truncated = self.encode(sentences)
         k = len(self.labels)
         probs = np.zeros((len(ids), k), dtype=np.float32)
         if not ids:
@@ -244,15 +266,20 @@ class LabelScorer:
         device = _model_device(self.model)
         label_ids = torch.tensor(self.label_token_ids, device=device)
         extra = {self._keep_arg: 1} if self._keep_arg else {}
+        batches, outputs = [], []
         with _EvalMode(self.model), torch.inference_mode():
             for rows in self._micro_batches(ids):
                 input_ids, mask, positions = _left_pad([ids[r] for r in rows], self.tokenizer.pad_token_id, device)
                 out = self.model(
                     input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
                 )
-                last = out.logits[:, -1, :]
-                chosen = last.index_select(-1, label_ids).float()
-                probs[rows] = torch.softmax(chosen, dim=-1).cpu().numpy()
+                chosen = out.logits[:, -1, :].index_select(-1, label_ids).float()
+                # Kept on the device: a copy to the host per batch would wait for the GPU
+                # each time and leave it idle while Python prepares the next batch.
+                batches.append(rows)
+                outputs.append(torch.softmax(chosen, dim=-1))
+            gathered = torch.cat(outputs).cpu().numpy()
+        probs[np.concatenate(batches)] = gathered
         bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
         if len(bad):
             # fp16 overflow or broken weights: never hand NaN on as a prediction.

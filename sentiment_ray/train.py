@@ -708,6 +708,29 @@ def fused_loss_available(device) -> bool:
     return getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None and device.type in ("cuda", "xpu")
 
 
+def keep_label_position_logits(inputs: dict) -> dict:
+    """Ask the model for logits only where a label token is predicted.
+
+    With loss on the completion, a prompt-completion row has a handful of label positions
+    among ~100 tokens; the LM head over the rest (576 x 49k multiply-adds per token for the
+    demo model, and a log-softmax over 49k classes) is a sixth of a CPU step, wasted. The
+    model's own causal-LM loss takes pre-shifted labels (`shift_labels`), so the objective
+    is unchanged: the same token NLL summed over label positions / num_items_in_batch
+    (tests/test_train.py compares both). Positions are shared across the batch dimension
+    (padding-free batches have one row; padded ones keep the union of their rows')."""
+    import torch
+
+    labels = inputs.get("labels")
+    if labels is None or labels.dim() != 2:
+        return inputs
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    positions = (shifted != -100).any(dim=0).nonzero().squeeze(1)
+    if positions.numel() == 0 or positions.numel() == labels.shape[1]:
+        return inputs
+    kept = shifted[:, positions].contiguous()
+    return {**inputs, "labels": kept, "shift_labels": kept, "logits_to_keep": positions}
+
+
 def _make_sft_trainer_class():
     import transformers
     from trl import SFTTrainer
@@ -723,6 +746,8 @@ def _make_sft_trainer_class():
             if fused_loss_available(self.args.device):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
+            if not return_outputs:
+                inputs = keep_label_position_logits(inputs)
             return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return _PortableSFTTrainer

@@ -246,3 +246,27 @@ def test_non_finite_logits_error_names_the_rows(tiny_model_dir):
     tiny = (model, AutoTokenizer.from_pretrained(tiny_model_dir))
     with pytest.raises(ScoringError, match=r"non-finite label logits for rows \[0, 1\]"):
         make_scorer(tiny).score(SENTENCES[:2])
+
+
+def test_micro_batches_cap_rows_and_padded_tokens():
+    from sentiment_ray.scoring import micro_batches
+
+    lengths = [10, 200, 30, 30, 5, 120, 30]
+    batches = micro_batches(lengths, batch_size=3)
+    assert [list(b) for b in batches] == [[1, 5, 2], [3, 6, 0], [4]]  # longest first, 3 rows each
+    budgeted = micro_batches(lengths, batch_size=100, max_batch_tokens=240)
+    # every row exactly once; no batch over the budget unless one row alone exceeds it
+    assert sorted(int(r) for b in budgeted for r in b) == list(range(len(lengths)))
+    for b in budgeted:
+        assert len(b) * max(lengths[r] for r in b) <= 240 or len(b) == 1
+    assert [len(b) for b in budgeted] == [1, 2, 4]  # 200 alone; 120+30; the short rows together
+    assert [list(b) for b in micro_batches([300], batch_size=4, max_batch_tokens=100)] == [[0]]
+
+
+def test_token_budget_batching_gives_the_same_scores(tiny):
+    sentences = ["good " * n for n in (1, 40, 3, 17, 2, 60, 5)]
+    scorer = make_scorer(tiny, batch_size=7)
+    by_rows = scorer.score(sentences).probs
+    scorer.max_batch_tokens = 64
+    assert len(scorer._micro_batches(scorer.encode(sentences)[0])) > 1
+    np.testing.assert_allclose(by_rows, scorer.score(sentences).probs, atol=1e-5)

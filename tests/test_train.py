@@ -280,6 +280,37 @@ def test_padding_free_training_loss_equals_padded(tiny_cfg, tmp_path):
     assert torch.allclose(loss_free, loss_padded, rtol=1e-5), (loss_free, loss_padded)
 
 
+def test_label_position_logits_give_the_full_logits_loss_and_gradients(tiny_cfg, tmp_path):
+    """On CPU the trainer asks for logits only where a label is predicted; the loss and the
+    LoRA gradients equal those of the model's own full-logits loss, padded and padding-free."""
+    import torch
+    import transformers
+
+    from sentiment_ray.train import keep_label_position_logits
+
+    for padding_free in ("true", "false"):
+        tiny_cfg.train.padding_free = padding_free
+        model, trainer = _train_in_process(tiny_cfg, tmp_path / padding_free, rows=8)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        kept = keep_label_position_logits(dict(batch))
+        assert kept["logits_to_keep"].numel() < batch["input_ids"].shape[1] / 3
+        n = int((batch["labels"] != -100).sum())
+
+        def loss_and_grads(compute):
+            model.zero_grad()
+            loss = compute(model, dict(batch), num_items_in_batch=n)
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            return loss.detach(), grads
+
+        fast_loss, fast_grads = loss_and_grads(trainer.compute_loss)
+        full_loss, full_grads = loss_and_grads(
+            lambda m, b, **kw: transformers.Trainer.compute_loss(trainer, m, {**b, "use_cache": False}, **kw)
+        )
+        assert torch.allclose(fast_loss, full_loss, rtol=1e-5), (padding_free, fast_loss, full_loss)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(fast_grads, full_grads))
+
+
 def test_packing_trains_on_cpu(tiny_cfg, tmp_path):
     tiny_cfg.train.packing = True
     tiny_cfg.train.max_steps = 2

@@ -41,6 +41,8 @@ from sentiment_ray.bench import common, flops
 
 RESULT_FILE = "label_benchmark.json"
 SMOKE_OVERRIDES = ["model.max_seq_length=256"]
+# Row cap of the token-budget settings: high enough that the budget decides.
+TOKEN_BUDGET_MAX_ROWS = 1024
 
 
 # ============================================================================ parent
@@ -57,6 +59,7 @@ def run_label_benchmark(
     data: str | None = None,
     n: int = 2048,
     batch_sizes: list[int] | None = None,
+    token_budgets: list[int] | None = None,
     generate_n: int = 512,
     per_row_n: int = 64,
     max_new_tokens: int | None = None,
@@ -73,6 +76,7 @@ def run_label_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     backends = backends or common.default_backends(smoke)
     batch_sizes = batch_sizes or [16, 32, 64, 128, 256]
+    token_budgets = [8192, 16384, 32768, 65536] if token_budgets is None else token_budgets
     overrides = list(SMOKE_OVERRIDES if smoke else []) + list(overrides or [])
     base_cfg = common.base_config(config, overrides)
     data_path = common.resolve_data_path(data)
@@ -96,6 +100,7 @@ def run_label_benchmark(
             "data": data_path,
             "n": n,
             "batch_sizes": batch_sizes,
+            "token_budgets": token_budgets,
             "generate_n": generate_n,
             "per_row_n": per_row_n,
             "max_new_tokens": max_new_tokens,
@@ -177,14 +182,11 @@ def format_label_table(result: dict[str, Any]) -> str:
 # ============================================================================ child
 
 
-def _micro_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Row groups as LabelScorer batches them: longest first, `batch_size` at a time."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def padded_tokens(lengths: list[int], batch_size: int, max_batch_tokens: int = 0) -> int:
+    """Tokens the model runs, padding included, when LabelScorer batches `lengths`."""
+    from sentiment_ray.scoring import micro_batches
 
-
-def padded_tokens(lengths: list[int], batch_size: int) -> int:
-    return sum(len(rows) * max(lengths[r] for r in rows) for rows in _micro_batches(lengths, batch_size))
+    return sum(len(rows) * max(lengths[r] for r in rows) for rows in micro_batches(lengths, batch_size, max_batch_tokens))
 
 
 def _phase(fn):
@@ -274,23 +276,29 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     fl = flops.scoring_flops(shape, lengths, lora_params)
 
     # 2. scoring, batch-size sweep
+    # Row-count batches (max_batch_tokens 0), then token-budget batches of up to
+    # TOKEN_BUDGET_MAX_ROWS rows: the labeller's default batching.
+    settings = [(bs, 0) for bs in batch_sizes] + [(TOKEN_BUDGET_MAX_ROWS, t) for t in spec.get("token_budgets") or []]
+
     def scoring():
         out = []
         warm = sentences[: min(n, 2 * max(batch_sizes))]
+        scorer.max_batch_tokens = 0
         for bs in (min(batch_sizes), max(batch_sizes)):
             scorer.batch_size = bs
             scorer.score(warm)
-        for bs in batch_sizes:
-            scorer.batch_size = bs
+        for bs, budget in settings:
+            scorer.batch_size, scorer.max_batch_tokens = bs, budget
             reset_peak()
             sync()
             t0 = time.perf_counter()
             res = scorer.score(sentences)
             sync()
             dt = time.perf_counter() - t0
-            padded = padded_tokens(lengths, bs)
+            padded = padded_tokens(lengths, bs, budget)
             out.append({
-                "batch_size": bs,
+                "batch_size": bs if not budget else f"<={budget} tok",
+                "max_batch_tokens": budget,
                 "seconds": dt,
                 "examples_per_s": n / dt,
                 "prompt_tokens_per_s": res.prompt_tokens / dt,
@@ -317,7 +325,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         out = []
         if not gen_sentences:
             return out
-        scorer.batch_size = min(batch_sizes)
+        scorer.batch_size, scorer.max_batch_tokens = min(batch_sizes), 0
         scorer.generate(gen_sentences[: min(len(gen_sentences), 2 * min(batch_sizes))], k)
         for bs in batch_sizes:
             scorer.batch_size = bs
