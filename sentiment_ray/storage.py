@@ -155,3 +155,16 @@ def local_folder(path: str | None, *, prefix: str = "sentiment-ray-") -> Iterato
         yield local
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def move_dir(fs, source: str, destination: str) -> None:
+    """Move a folder within one pyarrow filesystem: a rename where the filesystem has one
+    (local disks: atomic), else `pyarrow.fs.copy_files` then delete, since object stores
+    move single objects only (S3's CopyObject). `destination` must not exist."""
+    from pyarrow import fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(source, destination)
+        return
+    pafs.copy_files(source, destination, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(source)

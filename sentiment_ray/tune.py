@@ -651,6 +651,7 @@ def promote_best(exp_path: str, record: dict, row: dict, metric: str) -> str:
 
     import yaml
 
+    from sentiment_ray.storage import move_dir
     from sentiment_ray.train import ADAPTER_DIR, MANIFEST_FILE, METRICS_FILE, PREDICTIONS_FILE, _filesystem
 
     fs, base = _filesystem(exp_path)
@@ -686,7 +687,7 @@ def promote_best(exp_path: str, record: dict, row: dict, metric: str) -> str:
         stream.write(json.dumps(trial_info, indent=2, sort_keys=True, default=str).encode("utf-8"))
     if fs.get_file_info(best).type != pyarrow.fs.FileType.NotFound:
         fs.delete_dir(best)
-    fs.move(staging, best)
+    move_dir(fs, staging, best)  # object stores cannot rename a folder
     return exp_path + "/" + BEST_DIR
 
 

@@ -242,6 +242,25 @@ def _job(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess
     )
 
 
+def write_tiny_config(path: Path, model_dir: str, train_uri: str, **sections) -> Path:
+    """tiny_cfg's settings (tests/conftest.py) with data and runs in S3, as a YAML file."""
+    raw = {
+        "model": {"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
+        "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
+        "data": {"train_path": train_uri, "validation_fraction": 0.1, "max_validation_rows": 16, "on_bad_rows": "skip"},
+        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
+                  "warmup_steps": 0, "optim": "adamw_torch", "packing": False, "eval_batch_size": 16,
+                  "zero_shot_eval": False, "seed": 0},
+        "run": {"name": "tiny-s3", "storage_path": f"s3://{BUCKET}/runs", "use_gpu": "false", "num_workers": 1,
+                "cpus_per_worker": 1},
+        "label": {"batch_size": 16, "num_actors": 1},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    return path
+
+
 @pytest.mark.slow
 def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_model_dir, tmp_path):
     import pyarrow as pa
@@ -249,20 +268,7 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
 
     train_rows = demo_rows(120)
     s3.put("in/train.csv", to_csv(train_rows + [dict(train_rows[0], ID="bad-1", label="Neutral")]))
-    cfg_path = tmp_path / "tiny-s3.yaml"
-    cfg_path.write_text(json.dumps({  # JSON is YAML
-        "model": {"name": tiny_model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32",
-                  "max_seq_length": 128},
-        "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
-        "data": {"train_path": f"s3://{BUCKET}/in/train.csv", "validation_fraction": 0.1, "max_validation_rows": 16,
-                 "on_bad_rows": "skip"},
-        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
-                  "warmup_steps": 0, "optim": "adamw_torch", "packing": False, "eval_batch_size": 16,
-                  "zero_shot_eval": False, "seed": 0},
-        "run": {"name": "tiny-s3", "storage_path": f"s3://{BUCKET}/runs", "use_gpu": "false", "num_workers": 1,
-                "cpus_per_worker": 1},
-        "label": {"batch_size": 16, "num_actors": 1},
-    }))
+    cfg_path = write_tiny_config(tmp_path / "tiny-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/train.csv")
     env = {**os.environ, **s3.env, "SENTIMENT_RAY_GIT_COMMIT": "test"}
 
     train = _job(["jobs/train.py", "--config", str(cfg_path)], env)
@@ -315,3 +321,26 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
                 "labels/summary.json", "labels/metrics.json"):
         assert_no_secret(key, s3.get(key))
     assert run_manifest["config"]["run"]["storage_path"] == f"s3://{BUCKET}/runs"
+
+
+@pytest.mark.slow
+def test_tune_experiment_and_best_adapter_live_in_s3(s3, tiny_model_dir, tmp_path):
+    s3.put("in/tune.csv", to_csv(demo_rows(80)))
+    cfg_path = write_tiny_config(
+        tmp_path / "tune-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/tune.csv",
+        tune={"num_samples": 2, "max_concurrent_trials": 1, "scheduler": "fifo", "experiment_name": "tune-s3",
+              "metric": "val_accuracy", "search_space": {"lora.r": {"type": "choice", "values": [2, 4]}}},
+    )
+    env = {**os.environ, **s3.env}
+    env.pop("RAY_ADDRESS", None)
+    tune = _job(["jobs/tune.py", "--config", str(cfg_path), "--num-cpus", "2"], env)
+    assert tune.returncode == 0, tune.stderr[-4000:]
+    summary = json.loads(next(line for line in reversed(tune.stdout.splitlines()) if line.startswith("{")))
+    exp = f"s3://{BUCKET}/runs/tune-s3"
+    assert summary["experiment"] == exp and summary["best_dir"] == f"{exp}/best"
+    assert summary["outcomes"].get("completed") == 2, summary
+    keys = s3.keys("runs/tune-s3/")
+    for name in ("trials.csv", "metric_vs_step.png", "best/adapter/adapter_config.json", "best/trial.json"):
+        assert f"runs/tune-s3/{name}" in keys, keys
+    assert_no_secret("tune stdout", tune.stdout)
+    assert_no_secret("tune stderr", tune.stderr)
