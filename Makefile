@@ -9,6 +9,7 @@ demo: setup            ## fine-tune the demo model on the demo data, on a local 
 	$(PY) jobs/train.py
 
 test: setup            ## the CPU test suite (GPU tests skip without CUDA)
+	@bash scripts/install_browser.sh   # headless Chromium for the HTML report test
 	$(PY) -m pytest -q tests
 
 test-gpu: setup        ## only the GPU tests (run them on a GPU machine)

@@ -248,6 +248,22 @@ class TuneConfig(_Strict):
     experiment_name: str = "tune"
 
 
+class TrackingConfig(_Strict):
+    mlflow: Literal["auto", "true", "false"] = "auto"
+    """Log training and tuning runs to MLflow (params, per-step metrics, final metrics, the
+    adapter as artifacts). `auto`: when the `mlflow` package is installed (the `mlflow`
+    extra); `true`: always (an error without it)."""
+    mlflow_tracking_uri: str = ""
+    """Empty: MLFLOW_TRACKING_URI from the environment, else a local SQLite store in the
+    run folder (`<run dir>/mlflow/mlflow.db`, artifacts beside it; for tuning one store in
+    the experiment folder). A run folder on object storage (s3://...) falls back to
+    `~/.cache/sentiment-ray/mlflow/` on the worker: give a server URI on clusters."""
+    mlflow_experiment: str = ""
+    """MLflow experiment name; empty: `run.name` for training, `tune.experiment_name` for tuning."""
+    mlflow_parent_run_id: str = ""
+    """Set by the Tune driver: each trial's MLflow run is nested under the experiment's run."""
+
+
 class ExperimentConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -257,6 +273,7 @@ class ExperimentConfig(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":

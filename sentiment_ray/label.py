@@ -703,6 +703,8 @@ def _evaluate(storage: Storage, units: list[WorkUnit], cfg: ExperimentConfig) ->
         ece=report.get("ece"),
     )
     storage.write_bytes(f"{storage.root}/{REPORT_PNG_NAME}", png)
+    from sentiment_ray.report_html import REPORT_FILE, prediction_report_html  # one HTML page beside metrics.json
+    storage.write_bytes(f"{storage.root}/{REPORT_FILE}", prediction_report_html(report, title=f"Labelling with {cfg.model.name}").encode())
     return report
 
 

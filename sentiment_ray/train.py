@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sentiment_ray import tracking
 from sentiment_ray.config import ExperimentConfig, validate
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def build_trainer(
     if run_name is not None:
         cfg.run.name = run_name
     cfg.run.storage_path = absolute_storage_path(storage_path or cfg.run.storage_path)
+    cfg = tracking.for_workers(cfg)  # the driver's MLFLOW_TRACKING_URI reaches every node
     use_gpu = ray_cluster.resolve_use_gpu(cfg.run.use_gpu)
     if cfg.model.backend == "unsloth" and not use_gpu:
         raise TrainingError(
@@ -227,6 +229,9 @@ def train_worker(payload: dict) -> None:
     )
     try:
         _train(attempt)
+    except BaseException:
+        tracking.end_failed(attempt.tracker)
+        raise
     finally:
         shutil.rmtree(attempt.scratch, ignore_errors=True)
 
@@ -244,6 +249,7 @@ class _Attempt:
     started: float
     scratch: str  # worker-local; removed at the end
     resumed_from: int = 0
+    tracker: Any = None  # rank 0's MLflow run (sentiment_ray.tracking), or None
 
     @property
     def run_dir(self) -> str:
@@ -277,6 +283,7 @@ def _train(attempt: _Attempt) -> None:
     output_dir = attempt.local("hf")
     resume_path, run_state = restore_checkpoint(checkpoint, output_dir) if checkpoint else (None, {})
     attempt.resumed_from = run_state.get("global_step", 0)
+    attempt.tracker = tracking.start_training(cfg, attempt.run_dir) if attempt.rank == 0 else None
 
     scorer = None
     if attempt.rank == 0 and splits["validation"].num_rows:
@@ -302,7 +309,7 @@ def _train(attempt: _Attempt) -> None:
         args=args,
         train_dataset=build_train_dataset(cfg, splits["train"], tokenizer, template, labels),
         processing_class=tokenizer,
-        callbacks=[reporter],
+        callbacks=[reporter, *tracking.training_callbacks(attempt.tracker, reporter)],
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -326,6 +333,7 @@ def _train(attempt: _Attempt) -> None:
     backend.save_adapter(model, tokenizer, attempt.local("outputs", ADAPTER_DIR))
     training = training_stats(attempt, trainer, train_output, train_wall, reporter.eval_seconds)
     _write_reports(attempt, splits, zero_shot, fine_tuned, training)
+    tracking.finish_training(attempt.tracker, attempt.local("outputs"), zero_shot, fine_tuned, training)
     publish(attempt.local("outputs"), attempt.run_dir)
 
 

@@ -19,6 +19,8 @@ The experiment folder `<run.storage_path>/<tune.experiment_name>/`:
     sentiment_ray_tune.json                            the experiment's config (resume check)
     trials.csv, trials.parquet                         one row per trial (tune_report)
     metric_vs_step.png                                 the metric of every trial by step
+    report.html                                        trial curves + table (report_html)
+    mlflow/                                            MLflow store, when tracking (tracking.py)
     best/                                              the best trial's adapter/, metrics.json,
                                                        manifest.json, config.yaml, trial.json
 
@@ -55,7 +57,7 @@ import time
 from typing import Any
 
 from sentiment_ray import search_space as ss
-from sentiment_ray import tune_report
+from sentiment_ray import report_html, tracking, tune_report
 from sentiment_ray.config import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -477,6 +479,7 @@ def run_tune(cfg: ExperimentConfig, *, num_cpus: int | None = None) -> dict:
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources(), use_gpu)
     exp_path = experiment_path(cfg)
     existed = check_experiment_state(exp_path, cfg)
+    cfg = tracking.start_tune(cfg, exp_path, space)  # MLflow parent run; trials nest under it
     train_runs = exp_path + "/" + TRAIN_RUNS_DIR
     scheduler_state = exp_path + "/" + SCHEDULER_STATE_FILE
     base = cfg.model_dump(mode="json")
@@ -550,7 +553,9 @@ def finalize(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, *, st
         )
         with open(os.path.join(tmp, tune_report.PLOT_FILE), "wb") as f:
             f.write(png)
+        report_html.write_tune_report(tmp, cfg, records, rows, best)  # report.html: curves, table
         publish(tmp, exp_path)
+        tracking.finish_tune(cfg, exp_path, tmp, metric=metric, best=best, trials=len(rows))
     print(tune_report.format_table(rows, best_id=best["trial_id"] if best else None), flush=True)
     best_dir = None
     if best is not None:
@@ -571,6 +576,7 @@ def finalize(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, *, st
         "outcomes": counts,
         "table": exp_path + "/" + tune_report.TABLE_BASENAME + ".csv",
         "plot": exp_path + "/" + tune_report.PLOT_FILE,
+        "report": exp_path + "/" + report_html.REPORT_FILE,
         "driver_wall_time_s": round(time.time() - started, 1) if started else None,
     }
 

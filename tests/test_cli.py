@@ -86,7 +86,7 @@ def test_bad_config_exits_2_naming_the_field(capsys):
 
 def test_cli_and_export_modules_import_nothing_heavy():
     code = (
-        "import sys, sentiment_ray.cli, sentiment_ray.export; "
+        "import sys, sentiment_ray.cli, sentiment_ray.export, sentiment_ray.tracking, sentiment_ray.report_html; "
         "print(','.join(m for m in ('torch', 'transformers', 'peft', 'trl', 'unsloth', 'ray', 'mlflow') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)

@@ -13,16 +13,7 @@ import pytest
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
 
-SENTENCES = [
-    "I love this phone, the battery lasts forever",
-    "terrible service, never again",
-    "ok",
-    "El servicio fue excelente y la comida deliciosa",
-    "这个产品很差劲",
-    "Filmnya bagus sekali",
-    "meh",
-    "The plot was thin but the acting carried it through to a satisfying ending",
-]
+from test_scoring import SENTENCES  # the same multilingual sentences
 
 
 @pytest.fixture(scope="module")
