@@ -174,8 +174,16 @@ class TrainConfig(_Strict):
     optim: str = "adamw_8bit"
     """Any HF optimizer name; `adamw_8bit` falls back to `adamw_torch` without CUDA."""
     packing: bool = True
+    packing_strategy: Literal["bfd", "wrapped"] = "bfd"
+    """`bfd`: TRL's best-fit-decreasing packing; rows keep their own attention (padding-free,
+    per-sequence positions). `wrapped`: rows concatenated and cut into max_seq_length blocks
+    with plain causal attention across them, as the seed's TRL packing did; dense shapes,
+    so no per-sequence attention kernel is needed (benchmarks/NOTES.md compares them)."""
+    group_by_length: bool = False
+    """Unpacked batches of similar-length rows (transformers' LengthGroupedSampler): little
+    padding with real per-row attention."""
     padding_free: Literal["auto", "true", "false"] = "auto"
-    """Padding-free batches (sequences concatenated, no pad tokens). `auto`: when packing
+    """Padding-free batches (sequences concatenated, no pad tokens). `auto`: with BFD packing
     (TRL's BFD packing is padding-free by construction) and on CPU (same loss, no compute
     spent on padding: ~2.9x faster demo steps). Unpacked GPU batches are padded:
     on a GPU without flash-attention, Unsloth's padding-free path runs attention once per

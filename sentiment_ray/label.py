@@ -240,7 +240,7 @@ class Labeler:
         paths = unit_paths(self.storage.root, unit.unit_id)
         if self.storage.exists(paths.done):
             return self.storage.read_json(paths.done)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         tables, quarantined = [], []
         tokens = 0
         predict_seconds = 0.0
@@ -285,6 +285,8 @@ class Labeler:
             "prompt_tokens": tokens,
             "predict_seconds": round(predict_seconds, 4),
             "seconds": round(time.perf_counter() - started, 4),
+            "started_at": round(started_at, 3),
+            "finished_at": round(time.time(), 3),
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
@@ -364,6 +366,21 @@ def _concat(tables, unit: WorkUnit):
         ) from None
 
 
+def _labelling_window(markers: list[dict]) -> dict[str, Any]:
+    """Throughput between the first unit's start and the last unit's end (actor start-up
+    and model loading excluded): the rate a long run settles at."""
+    timed = [m for m in markers if "started_at" in m and "finished_at" in m]
+    if not timed:
+        return {}
+    window = max(m["finished_at"] for m in timed) - min(m["started_at"] for m in timed)
+    return {
+        "labelling_window_s": round(window, 3),
+        "actors_used": len({(m.get("host"), m.get("pid")) for m in timed}),
+        "prompt_tokens_per_s_in_window": round(sum(m["prompt_tokens"] for m in timed) / window, 1) if window > 0 else None,
+        "rows_per_s_in_window": round(sum(m["rows"] for m in timed) / window, 2) if window > 0 else None,
+    }
+
+
 def _count_true(table, column: str) -> int:
     if column not in table.column_names or table.num_rows == 0:
         return 0
@@ -433,6 +450,7 @@ def label_dataset(
         "prompt_tokens_per_predict_s": (
             round(totals["prompt_tokens"] / totals["predict_seconds"], 1) if totals["predict_seconds"] else None
         ),
+        **_labelling_window(ran_now),
     }
     summary["submission"] = _merge_submission(storage, units) if cfg.label.write_submission else None
     summary["quarantine"] = _merge_quarantine(storage, units, markers)

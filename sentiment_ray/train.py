@@ -488,7 +488,7 @@ def checkpoint_every(cfg: ExperimentConfig) -> int:
     return cfg.train.save_steps or cfg.train.eval_steps or cfg.train.max_steps
 
 
-def resolve_padding_free(setting: str, packing: bool, device_type: str) -> bool:
+def resolve_padding_free(setting: str, packing: bool, device_type: str, packing_strategy: str = "bfd") -> bool:
     """Explicit, never left to the backend: Unsloth switches padding-free on by itself on
     Hopper GPUs, and without flash-attention that runs attention per sequence (0.87 s per
     8-row step of the 135M demo model on an H100, 4% GPU busy; padded: 0.35 s at 64 rows).
@@ -500,7 +500,9 @@ def resolve_padding_free(setting: str, packing: bool, device_type: str) -> bool:
     batch (one long row sets the width): 5.9 s instead of 17.1 s per 8-row step of the
     demo model on this 2-core CPU."""
     if setting == "auto":
-        return packing or device_type == "cpu"
+        if packing:
+            return packing_strategy == "bfd"  # wrapped blocks are full: nothing to pad
+        return device_type == "cpu"
     return setting == "true"
 
 
@@ -514,7 +516,7 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
     t = cfg.train
     cuda = device.type == "cuda"
     dtype = resolve_dtype(cfg.model.dtype, device)
-    padding_free = resolve_padding_free(t.padding_free, t.packing, device.type)
+    padding_free = resolve_padding_free(t.padding_free, t.packing, device.type, t.packing_strategy)
     if padding_free and cfg.model.attn_implementation != "flash_attention_2":
         # Padding-free rows (TRL's BFD packing, or padding_free) are concatenated with
         # restarting position_ids and no attention mask. TRL warns this may cross-contaminate
@@ -547,6 +549,8 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
         # it); build_train_dataset already fits every record into model.max_seq_length.
         max_length=None if padding_free and not t.packing else cfg.model.max_seq_length,
         packing=t.packing,
+        packing_strategy=t.packing_strategy,
+        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
         padding_free=padding_free,
         pad_to_multiple_of=None if padding_free else t.pad_to_multiple_of,
         completion_only_loss=True if t.loss_on == "completion" else None,

@@ -123,6 +123,7 @@ def trial_rows(records: list[dict], metric: str, mode: str, fields: list[str]) -
                     sum(float(r["time_this_iter_s"]) for r in rec.get("history", []) if _finite(r.get("time_this_iter_s"))),
                     2,
                 ),
+                **_time_span(rec.get("history", [])),
                 "run_dir": rec.get("run_dir"),
                 "adapter": rec.get("adapter") if rec.get("finished") else None,
                 "error": rec.get("error"),
@@ -130,6 +131,16 @@ def trial_rows(records: list[dict], metric: str, mode: str, fields: list[str]) -
         )
         rows.append(row)
     return rows
+
+
+def _time_span(history: list[dict]) -> dict:
+    """Unix start and end of a trial from its reports (Tune's `timestamp` is when a report
+    arrived; the first report's `time_this_iter_s` reaches back to the trial's start), so
+    concurrent trials show as overlapping intervals."""
+    stamps = [(float(r["timestamp"]), float(r.get("time_this_iter_s") or 0)) for r in history if _finite(r.get("timestamp"))]
+    if not stamps:
+        return {"started_at": None, "finished_at": None}
+    return {"started_at": round(stamps[0][0] - stamps[0][1], 1), "finished_at": round(stamps[-1][0], 1)}
 
 
 def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:

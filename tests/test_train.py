@@ -321,6 +321,36 @@ def test_packing_trains_on_cpu(tiny_cfg, tmp_path):
     assert trainer.state.global_step == 2
 
 
+def test_wrapped_packing_gives_dense_blocks_and_trains(tiny_cfg, tmp_path):
+    """`wrapped` (the seed's packing): full max_seq_length blocks, no per-row positions, the
+    label tokens still the only loss positions."""
+    tiny_cfg.train.packing = True
+    tiny_cfg.train.packing_strategy = "wrapped"
+    tiny_cfg.train.max_steps = 2
+    _, trainer = _train_in_process(tiny_cfg, tmp_path / "out", rows=48)
+    assert trainer.args.padding_free is False
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] == tiny_cfg.model.max_seq_length
+    assert "position_ids" not in batch or bool((batch["position_ids"][:, 1:] > 0).all())
+    labelled = (batch["labels"] != -100).sum()
+    assert 0 < labelled < batch["input_ids"].numel() / 5  # completion tokens only
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_group_by_length_batches_rows_of_similar_length(tiny_cfg, tmp_path):
+    tiny_cfg.train.packing = False
+    tiny_cfg.train.padding_free = "false"
+    tiny_cfg.train.group_by_length = True
+    tiny_cfg.train.per_device_train_batch_size = 4
+    _, trainer = _train_in_process(tiny_cfg, tmp_path / "out", rows=64)
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    batches = list(trainer.get_train_dataloader())
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["input_ids"].numel() for b in batches)
+    assert real / padded > 0.7, real / padded
+
+
 # ============================================================================ Ray Train runs
 
 

@@ -42,6 +42,24 @@ for p in "$@"; do
                --adapter "$RUNS/demo/adapter" label.batch_size=${LABEL_BATCH:-128} ;;
     tune)    UNSLOTH_COMPILE_DISABLE=1 phase tune python jobs/tune.py --config demo tune.num_samples=2 run.storage_path=$RUNS
              find "$RUNS" -name trials.csv -exec cp {} "$OUT/tune-trials.csv" \; ;;
+    shape-8b) phase shape-8b python -m sentiment_ray.bench.shapes --model llama8b-shape --tokenizer smollm2-135m-instruct ;;
+    # Weak scaling (issue 6): SCALE_ROWS dev rows per actor, ACTORS="1 2 4" GPU actors.
+    label-scale) mkdir -p /tmp/scale; python scripts/gpu/scale_data.py "$DATA" /tmp/scale ${SCALE_ROWS:-20000} ${ACTORS:-1 2 4}
+             for n in ${ACTORS:-1 2 4}; do
+               phase label-scale-$n python jobs/label.py --config demo --input /tmp/scale/rows-$n.csv \
+                 --output /tmp/label-scale-$n --overwrite --rows-per-unit ${UNIT_ROWS:-2500} label.num_actors=$n \
+                 model.name=$(ls -d $SENTIMENT_RAY_CACHE/bench-shapes/llama8b-shape-* | head -1) label.batch_size=1024
+               cp /tmp/label-scale-$n/summary.json "$OUT/label-scale-$n-summary.json"
+               mkdir -p "$OUT/label-scale-$n-done"; cp /tmp/label-scale-$n/_done/*.json "$OUT/label-scale-$n-done/" 2>/dev/null
+             done ;;
+    # Concurrent trials, one per GPU (issues 4 and 6), with GPU utilisation sampled every second.
+    tune-multi) nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -lms 1000 > "$OUT/tune-gpu-util.csv" &
+             smi=$!
+             UNSLOTH_COMPILE_DISABLE=1 phase tune-multi python jobs/tune.py --config demo tune.num_samples=${TRIALS:-4} \
+               tune.scheduler=fifo tune.experiment_name=tune-multi run.storage_path=$RUNS
+             kill $smi
+             mkdir -p "$OUT/tune-multi"; find "$RUNS/tune-multi" -maxdepth 2 -type f -size -2M \( -name "*.csv" -o -name "*.json" -o -name "*.jsonl" \) \
+               | while read f; do cp "$f" "$OUT/tune-multi/$(echo "${f#$RUNS/tune-multi/}" | tr / _)"; done ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done
