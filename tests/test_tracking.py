@@ -131,6 +131,14 @@ def test_training_run_logs_params_step_metrics_final_metrics_and_adapter(ray_loc
     local = client.download_artifacts(runs[0].info.run_id, "adapter/adapter_config.json", str(run_dir.parent / "dl"))
     assert Path(local).read_text() == (run_dir / "adapter" / "adapter_config.json").read_text()
 
+    # `sentiment-ray eval` on the run folder reads validation_predictions.parquet: same metrics.
+    from sentiment_ray.report_html import evaluate_to_report
+
+    evaluated = evaluate_to_report(predictions=str(run_dir))
+    assert evaluated["report"] == str(run_dir / "report.html") and evaluated["n"] == metrics["fine_tuned"]["n"]
+    assert evaluated["accuracy"] == pytest.approx(metrics["fine_tuned"]["accuracy"])
+    assert evaluated["ece"] == pytest.approx(metrics["fine_tuned"]["ece"], abs=1e-6)
+
 
 @pytest.mark.slow
 def test_tune_logs_a_parent_run_with_one_nested_run_per_trial(ray_local, tiny_cfg, monkeypatch):
