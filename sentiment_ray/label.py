@@ -67,7 +67,7 @@ from sentiment_ray.label_units import (
     submission_csv,
     unit_paths,
 )
-from sentiment_ray.label_rows import iter_unit_chunks, validate_chunk
+from sentiment_ray.label_rows import ValidChunk, iter_unit_chunks, validate_chunk
 from sentiment_ray.labels import LabelSet
 
 log = logging.getLogger(__name__)
@@ -295,12 +295,17 @@ class Labeler:
 
     def _valid_chunks(self, unit: WorkUnit):
         text_column, id_column = self.cfg.data.text_column, self.cfg.data.id_column
-        for chunk in iter_unit_chunks(unit, text_column=text_column, id_column=id_column, chunk_rows=self.chunk_rows):
+        chunks = iter_unit_chunks(unit, text_column=text_column, id_column=id_column, chunk_rows=self.chunk_rows)
+        for index, chunk in enumerate(chunks):
             valid = validate_chunk(chunk, unit, text_column=text_column, id_column=id_column)
-            # Tokenised here, in the reader thread (the Rust tokenizer releases the GIL), so
-            # the model never waits for it.
-            encoded = self.scorer.encode(valid.sentences) if self.mode == "scoring" and valid.sentences else None
-            yield valid, encoded
+            # The model waits for a unit's first piece (nothing overlaps it), so that piece is
+            # one batch; the rest is tokenised while the model scores it.
+            pieces = _split_first(valid, self.cfg.label.batch_size) if index == 0 else [valid]
+            for piece in pieces:
+                # Tokenised here, in the reader thread (the Rust tokenizer releases the GIL),
+                # so the model never waits for it.
+                encoded = self.scorer.encode(piece.sentences) if self.mode == "scoring" and piece.sentences else None
+                yield piece, encoded
 
     def _write_parquet(self, path: str, table) -> None:
         import pyarrow.parquet as pq
@@ -314,6 +319,16 @@ class Labeler:
 
         markers = [self.label_unit(WorkUnit.from_dict(json.loads(u))) for u in batch.column("unit").to_pylist()]
         return pa.table({"marker": [json.dumps(m) for m in markers]})
+
+
+def _split_first(valid, rows: int) -> list:
+    """[first `rows` good rows (with all quarantine entries), the rest] of a ValidChunk."""
+    if len(valid.sentences) <= rows:
+        return [valid]
+    return [
+        ValidChunk(valid.table.slice(0, rows), valid.sentences[:rows], valid.quarantined),
+        ValidChunk(valid.table.slice(rows), valid.sentences[rows:], []),
+    ]
 
 
 def _prefetched(iterator, depth: int = 2):

@@ -256,3 +256,17 @@ def test_a_json_array_file_is_one_unit(tmp_path):
     assert [(u.start, u.stop, u.whole_file) for u in p.units] == [(1, 4, True)]
     table, bad = read_all(p.units, chunk_rows=2)
     assert table.column("ID").to_pylist() == ["r1", "r3"] and [b["row"] for b in bad] == [2]
+
+
+def test_first_piece_split_keeps_rows_order_and_quarantine():
+    import pyarrow as pa
+
+    from sentiment_ray.label import _split_first
+    from sentiment_ray.label_rows import ValidChunk
+
+    valid = ValidChunk(pa.table({"ID": [str(i) for i in range(5)]}), [f"s{i}" for i in range(5)], [{"row": 9}])
+    first, rest = _split_first(valid, 2)
+    assert first.table.column("ID").to_pylist() == ["0", "1"] and first.sentences == ["s0", "s1"]
+    assert rest.table.column("ID").to_pylist() == ["2", "3", "4"] and rest.sentences == ["s2", "s3", "s4"]
+    assert first.quarantined == [{"row": 9}] and rest.quarantined == []
+    assert _split_first(valid, 5) == [valid]

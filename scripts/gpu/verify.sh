@@ -50,7 +50,7 @@ for p in "$@"; do
                  --output /tmp/label-scale-$n --overwrite --rows-per-unit ${UNIT_ROWS:-2500} label.num_actors=$n \
                  model.name=$(ls -d $SENTIMENT_RAY_CACHE/bench-shapes/llama8b-shape-* | head -1) label.batch_size=1024
                cp /tmp/label-scale-$n/summary.json "$OUT/label-scale-$n-summary.json"
-               mkdir -p "$OUT/label-scale-$n-done"; cp /tmp/label-scale-$n/_done/*.json "$OUT/label-scale-$n-done/" 2>/dev/null
+               tar czf "$OUT/label-scale-$n-done.tgz" -C /tmp label-scale-$n/_done  # per-unit markers: actor timelines
              done ;;
     # Concurrent trials, one per GPU (issues 4 and 6), with GPU utilisation sampled every second.
     tune-multi) nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -lms 1000 > "$OUT/tune-gpu-util.csv" &
