@@ -137,16 +137,34 @@ def _merge_hf(cfg: ExperimentConfig, adapter: str, output: str, device, dtype: s
 
 
 def _merge_unsloth(cfg: ExperimentConfig, adapter: str, output: str, device) -> str:
-    """Unsloth's merged 16-bit save (dequantises the 4-bit base, merges the LoRA weights)."""
-    from sentiment_ray.backends.unsloth import UnslothBackend
+    """Unsloth's merged 16-bit save (dequantises the 4-bit base, merges the LoRA weights).
 
-    model, tokenizer = UnslothBackend().load_for_inference(cfg, adapter, device)
-    if not hasattr(model, "save_pretrained_merged"):
-        # A PeftModel built by peft (not by FastLanguageModel.get_peft_model) lacks
-        # Unsloth's saving methods until they are patched on.
-        from unsloth.save import patch_saving_functions
+    Unsloth refuses a merged save of a model whose adapter peft attached
+    (`PeftModel.from_pretrained`, as the labeller loads it); it wants the adapter folder
+    loaded by its own loader. That loader takes the base from the adapter's
+    `base_model_name_or_path`, which records where the *training* worker found the model, so
+    a temporary copy of the adapter points it at this config's model instead."""
+    import tempfile
 
-        patch_saving_functions(model)
-    model.save_pretrained_merged(output, tokenizer, save_method="merged_16bit")
+    from sentiment_ray.backends.base import ensure_pad_token
+    from sentiment_ray.backends.unsloth import _require_unsloth, _torch_dtype
+    from sentiment_ray.models import resolve_model_path
+
+    FastLanguageModel = _require_unsloth()
+    with tempfile.TemporaryDirectory(prefix="sentiment-ray-export-") as tmp:
+        local = shutil.copytree(adapter, os.path.join(tmp, "adapter"))
+        config_path = os.path.join(local, "adapter_config.json")
+        adapter_config = _read_json(config_path)
+        adapter_config["base_model_name_or_path"] = resolve_model_path(cfg.model.name)
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(adapter_config, f, indent=2)
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=local,
+            max_seq_length=cfg.model.max_seq_length,
+            dtype=_torch_dtype(cfg.model.dtype),
+            load_in_4bit=cfg.model.load_in_4bit,
+            device_map={"": device},
+        )
+        model.save_pretrained_merged(output, ensure_pad_token(tokenizer), save_method="merged_16bit")
     config = _read_json(os.path.join(output, "config.json"))
     return str(config.get("torch_dtype") or config.get("dtype") or "16-bit")

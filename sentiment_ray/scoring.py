@@ -183,6 +183,19 @@ def _logits_to_keep_arg(model: Any) -> str | None:
     return None
 
 
+def _cpu_bf16_autocast(model: Any, device: Any):
+    """bf16 autocast for a bf16 model on the CPU: its float32 LoRA weights then run in bf16
+    too instead of upcasting every activation (2x faster demo scoring on an AVX512-BF16 CPU).
+    A no-op elsewhere (GPU backends manage their own precision)."""
+    import contextlib
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cpu" and getattr(model, "dtype", None) == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class _EvalMode:
     """Dropout off while scoring; the model's previous train/eval mode restored after
     (training evaluates mid-run with the model in train mode)."""
@@ -267,7 +280,7 @@ class LabelScorer:
         label_ids = torch.tensor(self.label_token_ids, device=device)
         extra = {self._keep_arg: 1} if self._keep_arg else {}
         batches, outputs = [], []
-        with _EvalMode(self.model), torch.inference_mode():
+        with _EvalMode(self.model), torch.inference_mode(), _cpu_bf16_autocast(self.model, device):
             for rows in self._micro_batches(ids):
                 input_ids, mask, positions = _left_pad([ids[r] for r in rows], self.tokenizer.pad_token_id, device)
                 out = self.model(

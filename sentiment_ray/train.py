@@ -538,8 +538,10 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
         optim=resolve_optimizer(t.optim, device.type),
         seed=t.seed,
         data_seed=t.seed,
-        # Mixed precision only on CUDA, following the model's dtype (TRL defaults bf16 on).
-        bf16=cuda and dtype == torch.bfloat16,
+        # Mixed precision following the model's dtype (TRL defaults bf16 on). bf16 autocast
+        # also on CPU: ~1.6x faster demo steps on an AVX512-BF16 CPU (the LoRA weights and
+        # the optimizer stay float32).
+        bf16=dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
         # The backend owns gradient checkpointing (Unsloth's offloaded variant, or HF's

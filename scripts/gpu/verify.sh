@@ -47,7 +47,7 @@ for p in "$@"; do
     label-scale) mkdir -p /tmp/scale; python scripts/gpu/scale_data.py "$DATA" /tmp/scale ${SCALE_ROWS:-20000} ${ACTORS:-1 2 4}
              for n in ${ACTORS:-1 2 4}; do
                phase label-scale-$n python jobs/label.py --config demo --input /tmp/scale/rows-$n.csv \
-                 --output /tmp/label-scale-$n --overwrite --rows-per-unit ${UNIT_ROWS:-2500} label.num_actors=$n \
+                 --output /tmp/label-scale-$n --overwrite --rows-per-unit ${UNIT_ROWS:-2500} label.num_actors=$n model.max_seq_length=512 \
                  model.name=$(ls -d $SENTIMENT_RAY_CACHE/bench-shapes/llama8b-shape-* | head -1) label.batch_size=1024
                cp /tmp/label-scale-$n/summary.json "$OUT/label-scale-$n-summary.json"
                tar czf "$OUT/label-scale-$n-done.tgz" -C /tmp label-scale-$n/_done  # per-unit markers: actor timelines
