@@ -146,11 +146,9 @@ def _merge_unsloth(cfg: ExperimentConfig, adapter: str, output: str, device) -> 
     a temporary copy of the adapter points it at this config's model instead."""
     import tempfile
 
-    from sentiment_ray.backends.base import ensure_pad_token
-    from sentiment_ray.backends.unsloth import _require_unsloth, _torch_dtype
+    from sentiment_ray.backends.unsloth import UnslothBackend
     from sentiment_ray.models import resolve_model_path
 
-    FastLanguageModel = _require_unsloth()
     with tempfile.TemporaryDirectory(prefix="sentiment-ray-export-") as tmp:
         local = shutil.copytree(adapter, os.path.join(tmp, "adapter"))
         config_path = os.path.join(local, "adapter_config.json")
@@ -158,13 +156,7 @@ def _merge_unsloth(cfg: ExperimentConfig, adapter: str, output: str, device) -> 
         adapter_config["base_model_name_or_path"] = resolve_model_path(cfg.model.name)
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(adapter_config, f, indent=2)
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=local,
-            max_seq_length=cfg.model.max_seq_length,
-            dtype=_torch_dtype(cfg.model.dtype),
-            load_in_4bit=cfg.model.load_in_4bit,
-            device_map={"": device},
-        )
-        model.save_pretrained_merged(output, ensure_pad_token(tokenizer), save_method="merged_16bit")
+        model, tokenizer = UnslothBackend().from_pretrained(local, cfg, device)
+        model.save_pretrained_merged(output, tokenizer, save_method="merged_16bit")
     config = _read_json(os.path.join(output, "config.json"))
     return str(config.get("torch_dtype") or config.get("dtype") or "16-bit")

@@ -51,11 +51,15 @@ class UnslothBackend:
     name = "unsloth"
 
     def _load_base(self, cfg: ExperimentConfig, device: Any) -> tuple[Any, Any]:
+        return self.from_pretrained(resolve_model_path(cfg.model.name), cfg, device)
+
+    def from_pretrained(self, path: str, cfg: ExperimentConfig, device: Any) -> tuple[Any, Any]:
+        """`FastLanguageModel.from_pretrained` of `path` (a model, or an adapter folder whose
+        base Unsloth then loads) with the config's length, dtype and 4-bit setting."""
         device = normalise_device(device)
         if device.type != "cuda":
             raise BackendError(f"the unsloth backend needs a CUDA device, got {device}; use model.backend=hf")
         FastLanguageModel = _require_unsloth()
-        path = resolve_model_path(cfg.model.name)
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path,
             max_seq_length=cfg.model.max_seq_length,
