@@ -185,7 +185,7 @@ def _logits_to_keep_arg(model: Any) -> str | None:
 
 def _cpu_bf16_autocast(model: Any, device: Any):
     """bf16 autocast for a bf16 model on the CPU: its float32 LoRA weights then run in bf16
-    too instead of upcasting every activation (2x faster demo scoring on an AVX512-BF16 CPU).
+    too instead of upcasting every activation.
     A no-op elsewhere (GPU backends manage their own precision)."""
     import contextlib
 

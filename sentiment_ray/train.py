@@ -539,7 +539,7 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
         seed=t.seed,
         data_seed=t.seed,
         # Mixed precision following the model's dtype (TRL defaults bf16 on). bf16 autocast
-        # also on CPU: ~1.6x faster demo steps on an AVX512-BF16 CPU (the LoRA weights and
+        # also on CPU: 1.5x faster demo steps on an AVX512-BF16 CPU (the LoRA weights and
         # the optimizer stay float32).
         bf16=dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
@@ -727,7 +727,8 @@ def keep_label_position_logits(inputs: dict) -> dict:
 
     With loss on the completion, a prompt-completion row has a handful of label positions
     among ~100 tokens; the LM head over the rest (576 x 49k multiply-adds per token for the
-    demo model, and a log-softmax over 49k classes) is a sixth of a CPU step, wasted. The
+    demo model, and a log-softmax over 49k classes) is, by FLOP count, about a sixth of a
+    CPU step, wasted. The
     model's own causal-LM loss takes pre-shifted labels (`shift_labels`), so the objective
     is unchanged: the same token NLL summed over label positions / num_items_in_batch
     (tests/test_train.py compares both). Positions are shared across the batch dimension
