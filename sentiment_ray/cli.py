@@ -105,6 +105,18 @@ ECE) and a language column.
 # ----------------------------------------------------------------------------- train
 
 
+def _print_summary(run, errors) -> int:
+    """Run a job; print its summary as the one JSON line the jobs end with (exit 0), or a
+    job error's message on stderr (exit 1)."""
+    try:
+        summary = run()
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, ensure_ascii=False, default=str), flush=True)
+    return 0
+
+
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog)
 
@@ -188,15 +200,12 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from sentiment_ray.data import DataError
     from sentiment_ray.label import LabelError, label_dataset
 
-    try:
-        summary = label_dataset(
+    return _print_summary(
+        lambda: label_dataset(
             cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
-        )
-    except (DataError, LabelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, ensure_ascii=False), flush=True)
-    return 0
+        ),
+        (DataError, LabelError),
+    )
 
 
 # ----------------------------------------------------------------------------- export
@@ -223,13 +232,10 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from sentiment_ray.export import ExportError, export_merged
 
-    try:
-        summary = export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary), flush=True)
-    return 0
+    return _print_summary(
+        lambda: export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite),
+        ExportError,
+    )
 
 
 # ----------------------------------------------------------------------------- eval
@@ -263,8 +269,8 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from sentiment_ray.report_html import ReportError, evaluate_to_report
 
-    try:
-        summary = evaluate_to_report(
+    return _print_summary(
+        lambda: evaluate_to_report(
             predictions=args.predictions,
             experiment=args.experiment,
             output=args.output,
@@ -272,12 +278,9 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             label_column=args.label_column,
             lang_column=args.lang_column,
             title=args.title,
-        )
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, default=str), flush=True)
-    return 0
+        ),
+        ReportError,
+    )
 
 
 # ----------------------------------------------------------------------------- dispatch

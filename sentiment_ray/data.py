@@ -79,10 +79,6 @@ def _where(file: str, row: int | None = None, line: int | None = None) -> str:
 # ----------------------------------------------------------------------------- paths
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _has_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
@@ -142,7 +138,7 @@ def expand_paths(path_or_glob_or_uri: str) -> list[str]:
     given = path_or_glob_or_uri
     if not given or not str(given).strip():
         raise DataError("no data path given (data.train_path / the input path is empty)")
-    scheme = given.split("://", 1)[0].lower() if _is_uri(given) else ""
+    scheme = given.split("://", 1)[0].lower() if storage.is_uri(given) else ""
     fs, inner = _filesystem(given)
     local = isinstance(fs, pafs.LocalFileSystem)
 
@@ -583,7 +579,7 @@ class _Quarantine:
 
     def __init__(self, path: str):
         self.path = path
-        if _is_uri(path):
+        if storage.is_uri(path):
             fs, inner = _filesystem(path)
             self._stream = io.TextIOWrapper(fs.open_output_stream(inner), encoding="utf-8")
         else:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sentiment_ray import tracking
+from sentiment_ray.storage import filesystem as _filesystem
+from sentiment_ray.storage import is_uri
 from sentiment_ray.config import ExperimentConfig, validate
 
 log = logging.getLogger(__name__)
@@ -65,10 +67,6 @@ class TrainingError(RuntimeError):
 # ============================================================================ run folder
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def absolute_storage_path(storage_path: str) -> str:
     """Ray Train needs an absolute path or a URI; relative paths are taken from the cwd."""
     return storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
@@ -77,15 +75,6 @@ def absolute_storage_path(storage_path: str) -> str:
 def run_dir_of(cfg: ExperimentConfig) -> str:
     """`<storage_path>/<name>`: where Ray Train keeps the run and where the outputs go."""
     return absolute_storage_path(cfg.run.storage_path).rstrip("/") + "/" + cfg.run.name
-
-
-def _filesystem(path: str):
-    """(pyarrow filesystem, path inside it) for a local path or a URI."""
-    import pyarrow.fs
-
-    if is_uri(path):
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
 
 
 def publish(local_dir: str, run_dir: str) -> None:

@@ -59,6 +59,7 @@ from typing import Any
 from sentiment_ray import search_space as ss
 from sentiment_ray import report_html, tracking, tune_report
 from sentiment_ray.config import ConfigError, ExperimentConfig
+from sentiment_ray.storage import filesystem as _filesystem
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,6 @@ def check_experiment_state(exp_path: str, cfg: ExperimentConfig) -> bool:
     existing experiment was started with the same model/lora/prompt/data/train/tune
     sections (Tune would otherwise silently continue the old search). Returns whether the
     file existed."""
-    from sentiment_ray.train import _filesystem
-
     fs, base = _filesystem(exp_path)
     path = base.rstrip("/") + "/" + STATE_FILE
     current = _experiment_fingerprint(cfg)
@@ -253,8 +252,6 @@ def _make_asha_class():
             if not self._state_path:
                 return
             try:
-                from sentiment_ray.train import _filesystem
-
                 fs, path = _filesystem(self._state_path)
                 data = json.dumps({"rungs": self.rung_records()}).encode("utf-8")
                 with fs.open_output_stream(path + ".tmp") as stream:
@@ -269,8 +266,6 @@ def _make_asha_class():
             self._state_loaded = True
             if not self._state_path:
                 return
-            from sentiment_ray.train import _filesystem
-
             fs, path = _filesystem(self._state_path)
             try:
                 with fs.open_input_stream(path) as stream:
@@ -347,8 +342,6 @@ def history_path(exp_path: str, trial_id: str) -> str:
 
 def read_history(exp_path: str, trial_id: str) -> list[dict] | None:
     """The reports of a trial recorded by HistoryCallback, or None if there is no record."""
-    from sentiment_ray.train import _filesystem
-
     fs, path = _filesystem(history_path(exp_path, trial_id))
     try:
         with fs.open_input_stream(path) as stream:
@@ -390,8 +383,6 @@ def _make_history_callback_class():
                 log.exception("could not record the history of trial %s", trial.trial_id)
 
         def _record(self, trial_id: str, result: dict) -> None:
-            from sentiment_ray.train import _filesystem
-
             rows = self._rows.get(trial_id)
             if rows is None:
                 rows = self._rows[trial_id] = read_history(self.exp_path, trial_id) or []
@@ -528,8 +519,6 @@ def run_tune(cfg: ExperimentConfig, *, num_cpus: int | None = None) -> dict:
 
 
 def _remove_file(path: str) -> None:
-    from sentiment_ray.train import _filesystem
-
     fs, target = _filesystem(path)
     try:
         fs.delete_file(target)
@@ -621,7 +610,7 @@ def collect_trials(exp_path: str, space: dict[str, dict], cfg: ExperimentConfig)
     """Trial records (see tune_report) from an experiment folder."""
     from ray.tune import ExperimentAnalysis
 
-    from sentiment_ray.train import ADAPTER_DIR, METRICS_FILE, _filesystem
+    from sentiment_ray.train import ADAPTER_DIR, METRICS_FILE
 
     analysis = ExperimentAnalysis(exp_path, default_metric=cfg.tune.metric, default_mode=cfg.tune.mode)
     base = cfg.model_dump(mode="json")
@@ -658,7 +647,7 @@ def promote_best(exp_path: str, record: dict, row: dict, metric: str) -> str:
     import yaml
 
     from sentiment_ray.storage import move_dir
-    from sentiment_ray.train import ADAPTER_DIR, MANIFEST_FILE, METRICS_FILE, PREDICTIONS_FILE, _filesystem
+    from sentiment_ray.train import ADAPTER_DIR, MANIFEST_FILE, METRICS_FILE, PREDICTIONS_FILE
 
     fs, base = _filesystem(exp_path)
     run_dir = base.rstrip("/") + "/" + TRAIN_RUNS_DIR + "/" + trial_run_name(record["trial_id"])
