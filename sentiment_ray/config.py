@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sentiment_ray.storage import check_no_inline_credentials, redact
+from sentiment_ray.storage import check_uri, redact
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
@@ -152,8 +152,8 @@ class DataConfig(_Strict):
 
     @field_validator("train_path", "validation_path", "quarantine_path")
     @classmethod
-    def _no_inline_credentials(cls, v: str) -> str:
-        return check_no_inline_credentials(v, "URI")
+    def _usable_uri(cls, v: str) -> str:
+        return check_uri(v, "URI")
 
     @model_validator(mode="after")
     def _one_source_each(self) -> "DataConfig":
@@ -220,8 +220,8 @@ class RunConfig(_Strict):
 
     @field_validator("storage_path")
     @classmethod
-    def _no_inline_credentials(cls, v: str) -> str:
-        return check_no_inline_credentials(v, "URI")
+    def _usable_uri(cls, v: str) -> str:
+        return check_uri(v, "URI")
 
 
 class LabelConfig(_Strict):

@@ -138,12 +138,12 @@ def expand_paths(path_or_glob_or_uri: str) -> list[str]:
     given = path_or_glob_or_uri
     if not given or not str(given).strip():
         raise DataError("no data path given (data.train_path / the input path is empty)")
-    scheme = given.split("://", 1)[0].lower() if storage.is_uri(given) else ""
     fs, inner = _filesystem(given)
     local = isinstance(fs, pafs.LocalFileSystem)
+    prefix = "" if local else storage.uri_prefix(given)
 
     def outward(p: str) -> str:
-        return p if local else f"{scheme}://{p}"
+        return prefix + p
 
     if _has_glob(inner):
         if local:

@@ -11,7 +11,8 @@ Credentials come from the standard places, never from the URI: for S3 the AWS va
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
 `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` for MinIO / other S3-compatible servers), the AWS
 config files or an instance role; for GCS `GOOGLE_APPLICATION_CREDENTIALS` or the metadata
-server. Arrow's S3 client reads these itself, and so does Ray Train's storage (also pyarrow).
+server, or none at all with Arrow's `gs://anonymous@bucket/...` (public buckets; an emulator
+named by `CLOUD_STORAGE_EMULATOR_ENDPOINT`, as in tests/test_gcs_storage.py). Arrow's S3 client reads these itself, and so does Ray Train's storage (also pyarrow).
 Ray workers read them from their own environment: a local cluster inherits the driver's, a
 real cluster needs them on its nodes. A URI carrying credentials (`s3://KEY:SECRET@bucket/x`,
 `?secret_key=...`) is refused: it would be copied into manifests, logs and output rows.
@@ -38,7 +39,10 @@ _SECRET_ENV_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE
 _SECRET_ENV_MIN_LENGTH = 8
 # `scheme://user[:password]@host`: the userinfo of a URI (pyarrow's S3 form is
 # `s3://KEY:SECRET@bucket/...`; AWS secrets may hold unescaped '/', so the password part may).
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@:\s'\"]+(?::[^@\s'\"]*)?)@")
+# Arrow's `anonymous@` (`gs://anonymous@bucket/...`: no credentials at all) is not one.
+_URI_USERINFO = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?!anonymous@)(?P<userinfo>[^/@:\s'\"]+(?::[^@\s'\"]*)?)@"
+)
 # Credential-like query parameters: access_key, secret_key, session_token, X-Amz-Signature,
 # X-Amz-Credential, X-Goog-Signature, sig (Azure SAS), password, ...
 _CREDENTIAL_QUERY_KEY = r"[\w.\-]*(?:key|secret|token|passw(?:or)?d|signature|credential|sig)[\w.\-]*"
@@ -108,16 +112,38 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def check_uri(path: str, what: str = "path") -> str:
+    """`path` unchanged, or StorageError for inline credentials or a URI query. Options in a
+    query (`s3://b/x?endpoint_override=...`) would be lost from every path derived from the URI
+    (`<run dir>/adapter`, the files a glob matches), so they come from the environment instead;
+    a '?' is not a glob character in a URI for the same reason."""
+    check_no_inline_credentials(path, what)
+    if path and is_uri(path) and "?" in path:
+        raise StorageError(
+            f"{what} {path}: a '?' starts a URI query, and options given there would be lost from the "
+            "paths derived from it; set them through the environment (AWS_ENDPOINT_URL, AWS_REGION, "
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT, ...) and use '*' to match characters"
+        )
+    return path
+
+
+def uri_prefix(uri: str) -> str:
+    """`scheme://` plus Arrow's `anonymous@` when `uri` has it: what turns a path inside the
+    URI's filesystem (`bucket/x.csv`) back into a URI of the same store and access."""
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme.lower()}://anonymous@" if rest.startswith("anonymous@") else f"{scheme.lower()}://"
+
+
 def filesystem(path: str):
     """(pyarrow FileSystem, path inside it) for a local path (made absolute) or a URI
     (`s3://`, `gs://`, `file://`, anything `pyarrow.fs.FileSystem.from_uri` knows).
-    StorageError for inline credentials or a URI pyarrow cannot open."""
+    StorageError for inline credentials, a URI query, or a URI pyarrow cannot open."""
     import pyarrow as pa
     from pyarrow import fs as pafs
 
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-    check_no_inline_credentials(path)
+    check_uri(path)
     try:
         return pafs.FileSystem.from_uri(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:

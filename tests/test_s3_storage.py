@@ -10,41 +10,27 @@ each in a subprocess with its own local Ray cluster, all data and outputs in S3.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from object_store import demo_rows, free_port, last_json_line, run_job, start_server, stop_server, to_csv, write_tiny_config
 
 from sentiment_ray import manifest, storage
-from sentiment_ray.config import ConfigError, load_config
+from sentiment_ray.config import ConfigError, HFDatasetConfig, load_config
 from sentiment_ray.data import DataError, expand_paths, fingerprint, load_labelled, read_raw
 from sentiment_ray.labels import LabelSet
 
 pytest.importorskip("moto", reason="moto[server] (dev extra) runs the S3 server")
 boto3 = pytest.importorskip("boto3")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CSV = REPO_ROOT / "data" / "demo" / "sentiment_demo.csv"
 BUCKET = "sentiment-ray-test"
 # Recognisable, so a leak anywhere is found by a plain substring search.
 SECRET = "SeCrEt-" + uuid.uuid4().hex
 ACCESS_KEY = "AKIATESTONLY" + uuid.uuid4().hex[:8].upper()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -69,11 +55,7 @@ class S3:
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 and the AWS variables that point at it, set in this
     process for the module (and handed to the job subprocesses)."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {
         "AWS_ENDPOINT_URL": endpoint,
@@ -83,17 +65,10 @@ def s3(tmp_path_factory):
         "AWS_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
+    server = start_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/",
+                          tmp_path_factory.mktemp("moto") / "moto.log")
     patch = pytest.MonkeyPatch()
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not start (exit code {server.poll()})") from None
-                time.sleep(0.2)
         for key, value in env.items():
             patch.setenv(key, value)
         client = boto3.client("s3", endpoint_url=endpoint)
@@ -101,23 +76,7 @@ def s3(tmp_path_factory):
         yield S3(endpoint, env, client)
     finally:
         patch.undo()
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-
-
-def demo_rows(n: int, start: int = 0) -> list[dict]:
-    with open(DEMO_CSV, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: r[k] for k in ("ID", "sentence", "label", "lang")} for r in rows[start : start + n]]
-
-
-def to_csv(rows: list[dict]) -> bytes:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue().encode()
+        stop_server(server)
 
 
 def assert_no_secret(where: str, text: str | bytes) -> None:
@@ -233,32 +192,33 @@ def test_local_folder_copies_a_remote_folder_for_the_block_only(s3):
         assert same == "relative/dir"
 
 
+def test_a_saved_hf_dataset_in_s3_loads_through_the_s3_extra(s3, tmp_path):
+    """The `s3` extra (s3fs) is what `datasets.load_from_disk("s3://...")` goes through; it
+    finds the server and the keys through the same AWS variables as pyarrow."""
+    pytest.importorskip("s3fs", reason="the s3 extra")
+    import datasets
+
+    local = tmp_path / "reviews"
+    rows = demo_rows(12)
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": [r["sentence"] for r in rows], "stars": [r["label"] for r in rows]})}
+    ).save_to_disk(str(local))
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3.put(f"datasets/reviews/{file.relative_to(local).as_posix()}", file.read_bytes())
+
+    cfg = load_config("demo", ["data.text_column=text", "data.label_column=stars"])
+    source = HFDatasetConfig(name=f"s3://{BUCKET}/datasets/reviews", split="train", load_from_disk=True)
+    loaded = load_labelled(source, cfg.data, LabelSet(cfg.prompt.labels))
+    assert loaded.table.column("sentence").to_pylist() == [r["sentence"] for r in rows]
+    assert loaded.table.column("label").to_pylist() == [r["label"] for r in rows]
+    with pytest.raises(DataError) as err:
+        load_labelled(HFDatasetConfig(name=f"s3://{BUCKET}/datasets/nothing", split="train", load_from_disk=True),
+                      cfg.data, LabelSet(cfg.prompt.labels))
+    assert str(err.value).startswith(f"hf:s3://{BUCKET}/datasets/nothing:train: cannot load the dataset")
+    assert_no_secret("a DataError", str(err.value))
+
+
 # ============================================================================ train -> label on S3
-
-
-def _job(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def write_tiny_config(path: Path, model_dir: str, train_uri: str, **sections) -> Path:
-    """tiny_cfg's settings (tests/conftest.py) with data and runs in S3, as a YAML file."""
-    raw = {
-        "model": {"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
-        "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
-        "data": {"train_path": train_uri, "validation_fraction": 0.1, "max_validation_rows": 16, "on_bad_rows": "skip"},
-        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
-                  "warmup_steps": 0, "optim": "adamw_torch", "packing": False, "eval_batch_size": 16,
-                  "zero_shot_eval": False, "seed": 0},
-        "run": {"name": "tiny-s3", "storage_path": f"s3://{BUCKET}/runs", "use_gpu": "false", "num_workers": 1,
-                "cpus_per_worker": 1},
-        "label": {"batch_size": 16, "num_actors": 1},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    path.write_text(json.dumps(raw))  # JSON is YAML
-    return path
 
 
 @pytest.mark.slow
@@ -268,10 +228,10 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
 
     train_rows = demo_rows(120)
     s3.put("in/train.csv", to_csv(train_rows + [dict(train_rows[0], ID="bad-1", label="Neutral")]))
-    cfg_path = write_tiny_config(tmp_path / "tiny-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/train.csv")
+    cfg_path = write_tiny_config(tmp_path / "tiny-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/train.csv", f"s3://{BUCKET}/runs", "tiny-s3")
     env = {**os.environ, **s3.env, "SENTIMENT_RAY_GIT_COMMIT": "test"}
 
-    train = _job(["jobs/train.py", "--config", str(cfg_path)], env)
+    train = run_job(["jobs/train.py", "--config", str(cfg_path)], env)
     assert train.returncode == 0, train.stderr[-4000:]
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     run_dir = f"s3://{BUCKET}/runs/tiny-s3"
@@ -291,7 +251,7 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
     pq.write_table(pa.Table.from_pylist(unlabelled[:30]), pq_buffer)
     s3.put("unlabelled/part-0.parquet", pq_buffer.getvalue().to_pybytes())
     s3.put("unlabelled/part-1.csv", to_csv(unlabelled[30:]))
-    label = _job(
+    label = run_job(
         ["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/unlabelled/",
          "--adapter", f"{run_dir}/adapter", "--output", f"s3://{BUCKET}/labels", "--rows-per-unit", "20",
          "label.write_submission=true"],
@@ -310,7 +270,7 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
     assert label_summary["metrics"]["n"] == 50
 
     # A failing read of a missing object: a clean error naming the URI, not the secret.
-    missing = _job(["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/nowhere/*.csv",
+    missing = run_job(["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/nowhere/*.csv",
                     "--output", f"s3://{BUCKET}/labels-missing"], env, timeout=300)
     assert missing.returncode == 1 and f"s3://{BUCKET}/nowhere/*.csv: no files match" in missing.stderr
 
@@ -327,15 +287,15 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
 def test_tune_experiment_and_best_adapter_live_in_s3(s3, tiny_model_dir, tmp_path):
     s3.put("in/tune.csv", to_csv(demo_rows(80)))
     cfg_path = write_tiny_config(
-        tmp_path / "tune-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/tune.csv",
+        tmp_path / "tune-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/tune.csv", f"s3://{BUCKET}/runs", "tiny-s3",
         tune={"num_samples": 2, "max_concurrent_trials": 1, "scheduler": "fifo", "experiment_name": "tune-s3",
               "metric": "val_accuracy", "search_space": {"lora.r": {"type": "choice", "values": [2, 4]}}},
     )
     env = {**os.environ, **s3.env}
     env.pop("RAY_ADDRESS", None)
-    tune = _job(["jobs/tune.py", "--config", str(cfg_path), "--num-cpus", "2"], env)
+    tune = run_job(["jobs/tune.py", "--config", str(cfg_path), "--num-cpus", "2"], env)
     assert tune.returncode == 0, tune.stderr[-4000:]
-    summary = json.loads(next(line for line in reversed(tune.stdout.splitlines()) if line.startswith("{")))
+    summary = last_json_line(tune.stdout)
     exp = f"s3://{BUCKET}/runs/tune-s3"
     assert summary["experiment"] == exp and summary["best_dir"] == f"{exp}/best"
     assert summary["outcomes"].get("completed") == 2, summary
