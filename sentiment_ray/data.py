@@ -111,7 +111,7 @@ def _is_hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/") if part)
 
 
-def _filesystem(path: str):
+def data_filesystem(path: str):
     """(pyarrow FileSystem, path inside it) for a local path or a URI (storage.filesystem;
     a URI with inline credentials or one pyarrow cannot open is a DataError)."""
     try:
@@ -138,7 +138,7 @@ def expand_paths(path_or_glob_or_uri: str) -> list[str]:
     given = path_or_glob_or_uri
     if not given or not str(given).strip():
         raise DataError("no data path given (data.train_path / the input path is empty)")
-    fs, inner = _filesystem(given)
+    fs, inner = data_filesystem(given)
     local = isinstance(fs, pafs.LocalFileSystem)
     prefix = "" if local else storage.uri_prefix(given)
 
@@ -194,7 +194,7 @@ def _files_in(fs, directory: str, outward) -> list[str]:
 
 def _open_binary(path: str):
     """A readable binary stream, gunzipped when the name ends in .gz."""
-    fs, inner = _filesystem(path)
+    fs, inner = data_filesystem(path)
     try:
         return fs.open_input_stream(inner, compression="gzip" if path.lower().endswith(".gz") else None)
     except FileNotFoundError:
@@ -252,7 +252,7 @@ def _read_csv_raw(path: str, stream, columns: Sequence[str] | None) -> RawFile:
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}: empty file (no header row)")
-        _check_header(path, header)
+        check_header(path, header)
         keep = [(i, name) for i, name in enumerate(header) if columns is None or name in columns]
         values: dict[str, list[Any]] = {name: [] for _, name in keep}
         lines: list[int] = []
@@ -281,7 +281,8 @@ def _read_csv_raw(path: str, stream, columns: Sequence[str] | None) -> RawFile:
     return RawFile(path, list(header), values, lines, problems, raw_rows)
 
 
-def _check_header(path: str, header: list[str]) -> None:
+def check_header(path: str, header: list[str]) -> None:
+    """DataError naming `path` for an undecodable or duplicated column name."""
     if any(_undecodable_offset(name) is not None for name in header):
         raise DataError(f"{path}: line 1: the header is not valid UTF-8: {header!r}")
     duplicated = sorted(name for name, n in Counter(header).items() if n > 1)
@@ -351,7 +352,7 @@ def _records_to_raw(path, records, lines, problems, raw_rows, columns) -> RawFil
 def _read_parquet_raw(path: str, columns: Sequence[str] | None) -> RawFile:
     import pyarrow.parquet as pq
 
-    fs, inner = _filesystem(path)
+    fs, inner = data_filesystem(path)
     schema = pq.read_schema(inner, filesystem=fs)
     names = list(schema.names)
     keep = [n for n in names if columns is None or n in columns]
@@ -397,7 +398,7 @@ def read_file(path: str) -> pa.Table:
     if file_format(path) == "parquet":
         import pyarrow.parquet as pq
 
-        fs, inner = _filesystem(path)
+        fs, inner = data_filesystem(path)
         return pq.read_table(inner, filesystem=fs)
     raw = read_raw(path)
     for i, problem in enumerate(raw.problems):
@@ -477,7 +478,7 @@ def as_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def _as_key(value: Any) -> str | None:
+def as_key(value: Any) -> str | None:
     """A label/ID/lang value as a comparable string: ints and integral floats without a
     decimal point (IMDB labels 0/1 from Parquet or JSON match label_map keys "0"/"1")."""
     if _is_null(value):
@@ -491,7 +492,8 @@ def _as_key(value: Any) -> str | None:
     return str(value).strip()
 
 
-def _value_problem(value: Any, column: str) -> str | None:
+def value_problem(value: Any, column: str) -> str | None:
+    """The reason `value` of `column` is not valid UTF-8 text, or None."""
     if isinstance(value, bytes):
         try:
             value.decode("utf-8")
@@ -505,10 +507,10 @@ def _value_problem(value: Any, column: str) -> str | None:
 def resolve_label(value: Any, labels: LabelSet, label_map: dict[str, str] | None = None) -> tuple[str | None, str | None]:
     """(canonical label, None) or (None, reason). `label_map` is applied first (keys
     compared as strings after stripping), then the label set matches case-insensitively."""
-    problem = _value_problem(value, "label")
+    problem = value_problem(value, "label")
     if problem:
         return None, problem
-    key = _as_key(value)
+    key = as_key(value)
     if not key:
         return None, MISSING_LABEL
     mapped = (label_map or {}).get(key, key)
@@ -528,10 +530,10 @@ class DuplicateIds:
         self._first_seen: dict[str, tuple[str, int]] = {}
 
     def problem(self, value: Any, file: str, row: int) -> str | None:
-        bad = _value_problem(value, "ID")
+        bad = value_problem(value, "ID")
         if bad:
             return bad
-        key = _as_key(value)
+        key = as_key(value)
         if not key:
             return MISSING_ID
         seen = self._first_seen.get(key)
@@ -560,7 +562,7 @@ def reason_kind(reason: str) -> str:
 # ----------------------------------------------------------------------------- quarantine
 
 
-def _printable(value: Any) -> Any:
+def printable(value: Any) -> Any:
     """A raw value as JSON-safe text: undecodable bytes shown as \\x escapes, None kept."""
     if value is None:
         return None
@@ -569,7 +571,7 @@ def _printable(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if isinstance(value, (list, tuple)):
-        return [_printable(v) for v in value]
+        return [printable(v) for v in value]
     return str(value)
 
 
@@ -580,7 +582,7 @@ class _Quarantine:
     def __init__(self, path: str):
         self.path = path
         if storage.is_uri(path):
-            fs, inner = _filesystem(path)
+            fs, inner = data_filesystem(path)
             self._stream = io.TextIOWrapper(fs.open_output_stream(inner), encoding="utf-8")
         else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -589,7 +591,7 @@ class _Quarantine:
 
     def write(self, file: str, row: int, line: int | None, reason: str, values: dict[str, Any]) -> None:
         entry = {"file": file, "row": row, "line": line, "reason": reason, "kind": reason_kind(reason)}
-        entry["values"] = {k: _printable(v) for k, v in values.items()}
+        entry["values"] = {k: printable(v) for k, v in values.items()}
         self._stream.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self.by_reason[reason_kind(reason)] += 1
 
@@ -682,7 +684,7 @@ def load_labelled(
                 if problem is None:
                     label, problem = resolve_label(label_values[i], labels, data_cfg.label_map)
                 if problem is None and file_has_lang:
-                    problem = _value_problem(lang_values[i], "lang")
+                    problem = value_problem(lang_values[i], "lang")
                 if problem is None and file_has_id:
                     problem = ids.problem(id_values[i], file, row)
                 if problem is not None:
@@ -695,8 +697,8 @@ def load_labelled(
                     continue
                 out["sentence"].append(as_text(texts[i]))
                 out["label"].append(label)
-                out["ID"].append(_as_key(id_values[i]) if file_has_id else None)
-                out["lang"].append(_as_key(lang_values[i]) if file_has_lang else None)
+                out["ID"].append(as_key(id_values[i]) if file_has_id else None)
+                out["lang"].append(as_key(lang_values[i]) if file_has_lang else None)
                 out["source_file"].append(file)
                 out["source_row"].append(row)
     finally:
@@ -803,7 +805,7 @@ def fingerprint(paths: str | Sequence[str]) -> str:
     files = expand_paths(paths) if isinstance(paths, str) else list(paths)
     digest = hashlib.sha256()
     for path in files:
-        fs, inner = _filesystem(path)
+        fs, inner = data_filesystem(path)
         name = path.rstrip("/").rsplit("/", 1)[-1].encode("utf-8")
         digest.update(len(name).to_bytes(8, "little") + name)
         file_digest = hashlib.sha256()

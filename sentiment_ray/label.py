@@ -683,7 +683,7 @@ def _evaluate(storage: Storage, units: list[WorkUnit], cfg: ExperimentConfig) ->
     prediction, confidence and language columns of the shards."""
     import pyarrow.parquet as pq
 
-    from sentiment_ray.data import _as_key, resolve_label
+    from sentiment_ray.data import as_key, resolve_label
     from sentiment_ray.metrics import classification_report, expected_calibration_error
 
     labels = LabelSet(cfg.prompt.labels)
@@ -714,7 +714,7 @@ def _evaluate(storage: Storage, units: list[WorkUnit], cfg: ExperimentConfig) ->
             truth.append(resolved)
             predicted.append(p)
             confidence.append(c)
-            langs.append(_as_key(la))
+            langs.append(as_key(la))
     if not truth:
         return None
     has_lang = any(x is not None for x in langs)

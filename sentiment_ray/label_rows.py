@@ -22,14 +22,14 @@ from sentiment_ray.data import (
     MISSING_ID,
     UNDECODABLE,
     DataError,
-    _as_key,
-    _check_header,
-    _filesystem,
-    _printable,
-    _value_problem,
+    as_key,
     as_text,
+    check_header,
+    data_filesystem,
+    printable,
     reason_kind,
     text_problem,
+    value_problem,
 )
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ _BOM = b"\xef\xbb\xbf"
 def open_stream(path: str, offset: int = 0) -> io.BufferedReader:
     """A buffered binary stream positioned at `offset` (decompressed position for .gz,
     reached by reading through; a plain file seeks)."""
-    fs, inner = _filesystem(path)
+    fs, inner = data_filesystem(path)
     try:
         if path.lower().endswith(".gz"):
             stream = io.BufferedReader(fs.open_input_stream(inner, compression="gzip"), 1 << 20)
@@ -108,7 +108,7 @@ def csv_header(path: str, stream: io.BufferedReader) -> tuple[list[str], _Lines,
         raise DataError(f"{path}: line 1: CSV parse error: {err}") from None
     if header is None:
         raise DataError(f"{path}: empty file (no header row)")
-    _check_header(path, header)
+    check_header(path, header)
     return header, lines, reader
 
 
@@ -195,7 +195,7 @@ def _parquet_chunks(unit, text_column, id_column, chunk_rows):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, inner = _filesystem(unit.file)
+    fs, inner = data_filesystem(unit.file)
     reader = pq.ParquetFile(inner, filesystem=fs)
     row = unit.start
     for batch in reader.iter_batches(batch_size=chunk_rows, row_groups=list(unit.row_groups)):
@@ -316,15 +316,15 @@ def validate_chunk(chunk: Chunk, unit: "WorkUnit", *, text_column: str, id_colum
         id_value = None
         if problem is None:
             if unit.has_ids:
-                problem = _value_problem(ids[i], "ID")
-                id_value = _as_key(ids[i]) if problem is None else None
+                problem = value_problem(ids[i], "ID")
+                id_value = as_key(ids[i]) if problem is None else None
                 if problem is None and not id_value:
                     problem = MISSING_ID
             else:
                 id_value = f"{unit.id_name}:{row}"
         if problem is None:
             for column in other_columns:
-                problem = _value_problem(chunk.values[column][i], column)
+                problem = value_problem(chunk.values[column][i], column)
                 if problem:
                     break
         if problem is not None:
@@ -340,7 +340,7 @@ def validate_chunk(chunk: Chunk, unit: "WorkUnit", *, text_column: str, id_colum
                     "line": chunk.lines[i] if chunk.lines else None,
                     "reason": problem,
                     "kind": reason_kind(problem),
-                    "values": {k: _printable(v) for k, v in values.items()},
+                    "values": {k: printable(v) for k, v in values.items()},
                 }
             )
             continue

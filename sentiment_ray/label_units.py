@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sentiment_ray.data import DataError, _as_key, _filesystem, _value_problem, file_format
+from sentiment_ray.data import DataError, as_key, data_filesystem, file_format, value_problem
 from sentiment_ray.label_rows import csv_header, csv_problem, csv_records, is_json_array_file, json_line, open_stream
 
 DEFAULT_ROWS_PER_UNIT = 50_000
@@ -137,7 +137,7 @@ class Storage:
         if "://" not in root:
             root = os.path.abspath(os.path.expanduser(root))
         self.root = root.rstrip("/") or "/"
-        self.fs, self._inner_root = _filesystem(self.root)
+        self.fs, self._inner_root = data_filesystem(self.root)
 
     def _inner(self, path: str) -> str:
         if not path.startswith(self.root):
@@ -239,7 +239,7 @@ def describe_inputs(files: Sequence[str]) -> list[InputFile]:
     """Size and modification time of each file (from the filesystem, no reading)."""
     out = []
     for path in files:
-        fs, inner = _filesystem(path)
+        fs, inner = data_filesystem(path)
         info = fs.get_file_info(inner)
         if info.size is None:
             raise DataError(f"{path}: no such file")
@@ -382,7 +382,7 @@ def plan_units(
 def _plan_parquet(path, file_index, text_column, id_column, rows_per_unit, registry):
     import pyarrow.parquet as pq
 
-    fs, inner = _filesystem(path)
+    fs, inner = data_filesystem(path)
     try:
         meta = pq.ParquetFile(inner, filesystem=fs)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad footer
@@ -479,9 +479,9 @@ def _plan_json_array(path, file_index, id_column, registry):
 def _id_key(value: Any) -> str | None:
     """An ID as the string the outputs carry, or None when it is missing or undecodable
     (such rows are quarantined, so they take no part in the duplicate check)."""
-    if _value_problem(value, "ID") is not None:
+    if value_problem(value, "ID") is not None:
         return None
-    return _as_key(value) or None
+    return as_key(value) or None
 
 
 # ----------------------------------------------------------------------------- shards

@@ -472,7 +472,7 @@ def test_remote_uri_glob_lists_and_reads_through_the_filesystem(tmp_path, monkey
         assert path.startswith("s3://")
         return bucket, path[len("s3://") :]
 
-    monkeypatch.setattr(data_module, "_filesystem", fake_filesystem)
+    monkeypatch.setattr(data_module, "data_filesystem", fake_filesystem)
     # '*' stays within one directory level, as in a shell
     assert expand_paths("s3://bucket/train/*.parquet") == ["s3://bucket/train/a.parquet", "s3://bucket/train/b.parquet"]
     assert expand_paths("s3://bucket/train")[-1] == "s3://bucket/train/sub/c.parquet"
