@@ -34,6 +34,11 @@ for p in "$@"; do
              for r in tiny demo; do cp "$RUNS/$r/metrics.json" "$OUT/train-$r-metrics.json" 2>/dev/null; done ;;
     bench-train-demo) phase bench-train-demo python jobs/benchmark.py train --model smollm2-135m-instruct --data "$DATA" --out "$OUT/bench-train-demo" ;;
     bench-train-8b)   phase bench-train-8b python jobs/benchmark.py train --model llama8b-shape --data "$DATA" --out "$OUT/bench-train-8b" ;;
+    # Unsloth's gradient checkpointing (the presets') against none, same machine, back to back.
+    bench-train-8b-gc) for gc in unsloth false; do
+               phase bench-train-8b-gc-$gc python jobs/benchmark.py train --model llama8b-shape --backends unsloth \
+                 --data "$DATA" --out "$OUT/bench-train-8b-gc-$gc" lora.gradient_checkpointing=$gc
+             done ;;
     bench-label-demo) phase bench-label-demo python jobs/benchmark.py label --model smollm2-135m-instruct --data "$DATA" --out "$OUT/bench-label-demo" ;;
     bench-label-8b)   phase bench-label-8b python jobs/benchmark.py label --model llama8b-shape --data "$DATA" --out "$OUT/bench-label-8b" ;;
     label-8b) phase label-8b python jobs/label.py --config demo --input "$DATA" --output /tmp/label-8b --overwrite \
