@@ -62,9 +62,10 @@ class LoraConfig(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
-    gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
+    gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = "unsloth"
     """`unsloth` = Unsloth's offloaded checkpointing on the unsloth backend, plain
-    checkpointing on hf."""
+    checkpointing on hf. `auto` = none on a GPU with >= 40 GiB (1.46x the tokens/s for the 8B
+    model on an H100, 21 GiB instead of 7 at batch 2 x 2048), `unsloth` on smaller GPUs and CPUs."""
     use_rslora: bool = False
 
 

@@ -253,6 +253,7 @@ def _train(attempt: _Attempt) -> None:
     import torch
 
     from sentiment_ray import backends
+    from sentiment_ray.backends.base import gradient_checkpointing_for
     from sentiment_ray.labels import LabelSet
     from sentiment_ray.prompts import PromptTemplate
 
@@ -321,6 +322,7 @@ def _train(attempt: _Attempt) -> None:
         pq.write_table(predictions_table(splits["validation"], scores), attempt.local("outputs", PREDICTIONS_FILE))
     backend.save_adapter(model, tokenizer, attempt.local("outputs", ADAPTER_DIR))
     training = training_stats(attempt, trainer, train_output, train_wall, reporter.eval_seconds)
+    training["gradient_checkpointing"] = gradient_checkpointing_for(cfg, device)
     _write_reports(attempt, splits, zero_shot, fine_tuned, training)
     tracking.finish_training(attempt.tracker, attempt.local("outputs"), zero_shot, fine_tuned, training)
     publish(attempt.local("outputs"), attempt.run_dir)

@@ -147,6 +147,26 @@ def test_hf_gradient_checkpointing_trains_only_lora(tiny_cfg):
     assert grads and all("lora_B" in n or "lora_A" in n for n in grads)
 
 
+@pytest.mark.parametrize(
+    "setting, gib, expected",
+    [("auto", 79.2, "false"), ("auto", 40.0, "false"), ("auto", 23.6, "unsloth"), ("auto", None, "unsloth"),
+     ("unsloth", 79.2, "unsloth"), ("true", None, "true"), ("false", 8.0, "false")],
+)
+def test_auto_gradient_checkpointing_is_off_only_on_big_gpus(setting, gib, expected):
+    from sentiment_ray.backends.base import resolve_gradient_checkpointing
+
+    assert resolve_gradient_checkpointing(setting, gib) == expected
+
+
+def test_auto_gradient_checkpointing_on_cpu_checkpoints(tiny_cfg):
+    from sentiment_ray.backends.base import gradient_checkpointing_for
+
+    tiny_cfg.lora.gradient_checkpointing = "auto"
+    assert gradient_checkpointing_for(tiny_cfg, "cpu") == "unsloth"
+    model, _ = get_backend("hf").load_for_training(tiny_cfg, "cpu")
+    assert model.base_model.model.is_gradient_checkpointing  # hf: `unsloth` means plain checkpointing
+
+
 def test_hf_keeps_existing_targets_and_errors_when_none_exist(tiny_cfg, caplog):
     tiny_cfg.lora.target_modules = ["q_proj", "query_key_value"]
     model, _ = get_backend("hf").load_for_training(tiny_cfg, "cpu")

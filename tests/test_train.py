@@ -400,7 +400,7 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
     train = metrics["train"]
     assert train["global_step"] == 4 and train["resumed_from_step"] == 0 and train["steps_this_attempt"] == 4
     assert [e["step"] for e in train["log_history"] if "loss" in e] == [1, 2, 3, 4]
-    assert train["optimizer"] == "adamw_torch" and train["tokens_this_attempt"] > 0 and train["tokens_per_second"] > 0
+    assert train["optimizer"] == "adamw_torch" and train["gradient_checkpointing"] == "false" and train["tokens_this_attempt"] > 0 and train["tokens_per_second"] > 0
     assert metrics["peak_gpu_memory_gb"] is None  # CPU
 
     m = _read(summary["run_dir"], "manifest.json")

@@ -108,3 +108,35 @@ def normalise_device(device: Any):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+# lora.gradient_checkpointing=auto: none on GPUs with at least this much memory, Unsloth's
+# (offloaded) checkpointing below and on CPUs. H100, 8B shape, batch 2 x 2048 tokens
+# (benchmarks/NOTES.md, session 3): 11,132 tokens/s and 20.9 GiB without, 7,602 and 6.8 GiB
+# with: 1.46x the speed for 14 GiB, which a 40 GiB GPU has room for at the presets' batch.
+NO_CHECKPOINTING_MIN_GPU_GIB = 40.0
+
+
+def resolve_gradient_checkpointing(setting: str, gpu_memory_gib: float | None) -> str:
+    """`unsloth` | `true` | `false` for a `lora.gradient_checkpointing` setting on a device
+    with `gpu_memory_gib` of memory (None: not a GPU)."""
+    if setting != "auto":
+        return setting
+    if gpu_memory_gib is not None and gpu_memory_gib >= NO_CHECKPOINTING_MIN_GPU_GIB:
+        return "false"
+    return "unsloth"
+
+
+def gpu_memory_gib(device: Any) -> float | None:
+    """Total memory of a CUDA device in GiB; None for other devices."""
+    import torch
+
+    device = normalise_device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def gradient_checkpointing_for(cfg: Any, device: Any) -> str:
+    """The checkpointing a training run on `device` uses (cfg.lora.gradient_checkpointing resolved)."""
+    return resolve_gradient_checkpointing(cfg.lora.gradient_checkpointing, gpu_memory_gib(device))

@@ -14,6 +14,7 @@ from sentiment_ray.backends.base import (
     check_adapter_dir,
     ensure_pad_token,
     existing_target_modules,
+    gradient_checkpointing_for,
     missing_target_modules,
     normalise_device,
     resolve_dtype,
@@ -73,7 +74,7 @@ class HFBackend:
         if missing:
             log.warning("LoRA target modules %s do not exist in %s; adapting %s", missing, cfg.model.name, targets)
 
-        checkpointing = cfg.lora.gradient_checkpointing != "false"
+        checkpointing = gradient_checkpointing_for(cfg, device) != "false"
         # Non-reentrant checkpointing works with frozen inputs and with LoRA; the reentrant
         # default would need every checkpointed block's input to require grad.
         gc_kwargs = {"use_reentrant": False}

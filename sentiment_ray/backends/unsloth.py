@@ -17,6 +17,7 @@ from sentiment_ray.backends.base import (
     check_adapter_dir,
     ensure_pad_token,
     existing_target_modules,
+    gradient_checkpointing_for,
     missing_target_modules,
     normalise_device,
 )
@@ -24,7 +25,7 @@ from sentiment_ray.backends.hf import save_peft_adapter
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.models import resolve_model_path
 
-# lora.gradient_checkpointing -> Unsloth's use_gradient_checkpointing
+# lora.gradient_checkpointing (resolved) -> Unsloth's use_gradient_checkpointing
 _CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
 
 
@@ -92,7 +93,7 @@ class UnslothBackend:
             lora_alpha=cfg.lora.alpha,
             lora_dropout=cfg.lora.dropout,
             bias=cfg.lora.bias,
-            use_gradient_checkpointing=_CHECKPOINTING[cfg.lora.gradient_checkpointing],
+            use_gradient_checkpointing=_CHECKPOINTING[gradient_checkpointing_for(cfg, device)],
             random_state=cfg.train.seed,
             use_rslora=cfg.lora.use_rslora,
             max_seq_length=cfg.model.max_seq_length,

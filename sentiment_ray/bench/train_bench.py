@@ -414,6 +414,7 @@ def _bare_loop(trainer, model, counter, sync, device, total_steps: int, grad_acc
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Train per `spec` in this process and return the measurements (the child's work)."""
     from sentiment_ray import backends
+    from sentiment_ray.backends.base import gradient_checkpointing_for
 
     cfg_dict = spec["config"]
     backend_name = backends.resolve_backend_name(cfg_dict["model"]["backend"])
@@ -500,7 +501,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "lora_r": cfg.lora.r,
             "lora_alpha": cfg.lora.alpha,
             "lora_targets": cfg.lora.target_modules,
-            "gradient_checkpointing": cfg.lora.gradient_checkpointing,
+            "gradient_checkpointing": gradient_checkpointing_for(cfg, device),
             "seed": cfg.train.seed,
             "train_rows": table.num_rows,
             "packed_sequences": _length(trainer.train_dataset),
