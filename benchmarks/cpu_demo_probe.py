@@ -1,6 +1,7 @@
 """CPU probe behind the demo preset's settings (README "Two commands"): the demo model's
 optimizer-step time through the training job's own trainer, float32 vs bfloat16 weights
-(bf16 autocast), and label-token scoring throughput by batch size. Prints one JSON line.
+(bf16 autocast), the preset's no gradient checkpointing vs checkpointing, and label-token
+scoring throughput by batch size. Prints one JSON line.
 
     .venv/bin/python benchmarks/cpu_demo_probe.py          # ~3 minutes on 2 cores; run it alone
 """
@@ -20,7 +21,7 @@ STEPS = 6  # the first two are warm-up
 ROWS = 160
 
 
-def step_seconds(dtype: str) -> dict:
+def step_seconds(dtype: str, checkpointing: str = "false") -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -31,7 +32,8 @@ def step_seconds(dtype: str) -> dict:
     from sentiment_ray.prompts import PromptTemplate
     from sentiment_ray.train import build_sft_config, build_train_dataset, sft_trainer_class
 
-    cfg = load_config("demo", [f"model.dtype={dtype}", "model.backend=hf", f"train.max_steps={STEPS}"])
+    cfg = load_config("demo", [f"model.dtype={dtype}", "model.backend=hf", f"train.max_steps={STEPS}",
+                               f"lora.gradient_checkpointing={checkpointing}"])
     labels = LabelSet(cfg.prompt.labels)
     model, tokenizer = get_backend("hf").load_for_training(cfg, torch.device("cpu"))
     table = load_labelled(cfg.data.train_path, cfg.data, labels).table.slice(0, 8 * STEPS)
@@ -53,7 +55,7 @@ def step_seconds(dtype: str) -> dict:
         )
         trainer.train()
     tokens = trainer.state.num_input_tokens_seen
-    return {"dtype": dtype, "step_s": [round(t, 2) for t in times], "median_step_s_after_warmup": round(statistics.median(times[2:]), 2),
+    return {"dtype": dtype, "gradient_checkpointing": checkpointing, "step_s": [round(t, 2) for t in times], "median_step_s_after_warmup": round(statistics.median(times[2:]), 2),
             "tokens_per_step": round(tokens / STEPS)}
 
 
@@ -88,7 +90,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)  # what the demo's Ray worker gets (run.cpus_per_worker)
-    result = {"train": [step_seconds("float32"), step_seconds("bfloat16")], "scoring_bf16": scoring_tokens_per_s()}
+    train = [step_seconds("float32"), step_seconds("bfloat16"), step_seconds("bfloat16", "true")]
+    result = {"train": train, "scoring_bf16": scoring_tokens_per_s()}
     print(json.dumps(result))
 
 
