@@ -59,3 +59,18 @@ def test_gpu_run_resumes_after_an_injected_failure(demo_model_dir, tmp_path):
         del os.environ[env_key]
     result = _train(tmp_path, *overrides)
     assert result["resumed_from_step"] == 4 and result["steps"] == 8
+
+
+def test_auto_gradient_checkpointing_follows_the_gpu_memory(demo_model_dir, tmp_path):
+    """`lora.gradient_checkpointing=auto` resolved on the worker's GPU: none on >= 40 GiB
+    (H100/H200), Unsloth's below; the run trains either way and records what it used."""
+    import torch
+
+    from sentiment_ray.backends.base import resolve_gradient_checkpointing
+
+    expected = resolve_gradient_checkpointing("auto", torch.cuda.get_device_properties(0).total_memory / 2**30)
+    result = _train(tmp_path, "run.name=gpu-auto-gc", "lora.gradient_checkpointing=auto", "train.max_steps=6",
+                    "train.zero_shot_eval=false")
+    metrics = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
+    assert result["steps"] == 6 and metrics["train"]["gradient_checkpointing"] == expected
+    assert metrics["train"]["loss_last"] < metrics["train"]["loss_first"]
