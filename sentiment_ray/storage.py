@@ -12,7 +12,8 @@ Credentials come from the standard places, never from the URI: for S3 the AWS va
 `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` for MinIO / other S3-compatible servers), the AWS
 config files or an instance role; for GCS `GOOGLE_APPLICATION_CREDENTIALS` or the metadata
 server, or none at all with Arrow's `gs://anonymous@bucket/...` (public buckets; an emulator
-named by `CLOUD_STORAGE_EMULATOR_ENDPOINT`, as in tests/test_gcs_storage.py). Arrow's S3 client reads these itself, and so does Ray Train's storage (also pyarrow).
+named by `CLOUD_STORAGE_EMULATOR_ENDPOINT`, as in tests/test_gcs_storage.py). Arrow's clients
+read these themselves, and so does Ray Train's storage (also pyarrow).
 Ray workers read them from their own environment: a local cluster inherits the driver's, a
 real cluster needs them on its nodes. A URI carrying credentials (`s3://KEY:SECRET@bucket/x`,
 `?secret_key=...`) is refused: it would be copied into manifests, logs and output rows.
