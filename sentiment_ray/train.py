@@ -37,9 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sentiment_ray import tracking
-from sentiment_ray.storage import filesystem as _filesystem
-from sentiment_ray.storage import is_uri
 from sentiment_ray.config import ExperimentConfig, validate
+from sentiment_ray.storage import filesystem, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +80,13 @@ def publish(local_dir: str, run_dir: str) -> None:
     """Copy everything under `local_dir` into `run_dir` (local folder or URI)."""
     import pyarrow.fs
 
-    fs, target = _filesystem(run_dir)
+    fs, target = filesystem(run_dir)
     fs.create_dir(target, recursive=True)
     pyarrow.fs.copy_files(local_dir, target, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def read_run_json(run_dir: str, name: str) -> dict:
-    fs, base = _filesystem(run_dir)
+    fs, base = filesystem(run_dir)
     try:
         with fs.open_input_stream(base.rstrip("/") + "/" + name) as stream:
             return json.loads(stream.read().decode("utf-8"))

@@ -59,7 +59,7 @@ from typing import Any
 from sentiment_ray import search_space as ss
 from sentiment_ray import report_html, tracking, tune_report
 from sentiment_ray.config import ConfigError, ExperimentConfig
-from sentiment_ray.storage import filesystem as _filesystem
+from sentiment_ray.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def check_experiment_state(exp_path: str, cfg: ExperimentConfig) -> bool:
     existing experiment was started with the same model/lora/prompt/data/train/tune
     sections (Tune would otherwise silently continue the old search). Returns whether the
     file existed."""
-    fs, base = _filesystem(exp_path)
+    fs, base = filesystem(exp_path)
     path = base.rstrip("/") + "/" + STATE_FILE
     current = _experiment_fingerprint(cfg)
     try:
@@ -252,7 +252,7 @@ def _make_asha_class():
             if not self._state_path:
                 return
             try:
-                fs, path = _filesystem(self._state_path)
+                fs, path = filesystem(self._state_path)
                 data = json.dumps({"rungs": self.rung_records()}).encode("utf-8")
                 with fs.open_output_stream(path + ".tmp") as stream:
                     stream.write(data)
@@ -266,7 +266,7 @@ def _make_asha_class():
             self._state_loaded = True
             if not self._state_path:
                 return
-            fs, path = _filesystem(self._state_path)
+            fs, path = filesystem(self._state_path)
             try:
                 with fs.open_input_stream(path) as stream:
                     saved = json.loads(stream.read().decode("utf-8"))["rungs"]
@@ -342,7 +342,7 @@ def history_path(exp_path: str, trial_id: str) -> str:
 
 def read_history(exp_path: str, trial_id: str) -> list[dict] | None:
     """The reports of a trial recorded by HistoryCallback, or None if there is no record."""
-    fs, path = _filesystem(history_path(exp_path, trial_id))
+    fs, path = filesystem(history_path(exp_path, trial_id))
     try:
         with fs.open_input_stream(path) as stream:
             text = stream.read().decode("utf-8")
@@ -387,7 +387,7 @@ def _make_history_callback_class():
             if rows is None:
                 rows = self._rows[trial_id] = read_history(self.exp_path, trial_id) or []
             rows.append({k: v for k, v in result.items() if k != "config" and _jsonable(v)})
-            fs, path = _filesystem(history_path(self.exp_path, trial_id))
+            fs, path = filesystem(history_path(self.exp_path, trial_id))
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             data = "".join(json.dumps(r, default=str) + "\n" for r in rows).encode("utf-8")
             tmp = path + ".tmp"
@@ -519,7 +519,7 @@ def run_tune(cfg: ExperimentConfig, *, num_cpus: int | None = None) -> dict:
 
 
 def _remove_file(path: str) -> None:
-    fs, target = _filesystem(path)
+    fs, target = filesystem(path)
     try:
         fs.delete_file(target)
     except (FileNotFoundError, OSError):
@@ -614,7 +614,7 @@ def collect_trials(exp_path: str, space: dict[str, dict], cfg: ExperimentConfig)
 
     analysis = ExperimentAnalysis(exp_path, default_metric=cfg.tune.metric, default_mode=cfg.tune.mode)
     base = cfg.model_dump(mode="json")
-    fs, fs_base = _filesystem(exp_path)
+    fs, fs_base = filesystem(exp_path)
     records = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         values = ss.resolve_trial_values(space, trial.config, base)
@@ -649,7 +649,7 @@ def promote_best(exp_path: str, record: dict, row: dict, metric: str) -> str:
     from sentiment_ray.storage import move_dir
     from sentiment_ray.train import ADAPTER_DIR, MANIFEST_FILE, METRICS_FILE, PREDICTIONS_FILE
 
-    fs, base = _filesystem(exp_path)
+    fs, base = filesystem(exp_path)
     run_dir = base.rstrip("/") + "/" + TRAIN_RUNS_DIR + "/" + trial_run_name(record["trial_id"])
     best = base.rstrip("/") + "/" + BEST_DIR
     staging = best + ".partial"

@@ -67,6 +67,30 @@ def to_csv(rows: list[dict]) -> bytes:
     return out.getvalue().encode()
 
 
+def check_globs_and_quarantine(store, root: str) -> list[str]:
+    """On a store with `put(key, bytes)` / `get(key)` under URI `root`: two CSV parts (one bad
+    row) expand as a folder and as a glob, load with the bad row skipped, and the quarantine
+    entry lands in the store naming file and row. Returns the expanded files."""
+    from sentiment_ray.config import load_config
+    from sentiment_ray.data import expand_paths, load_labelled
+    from sentiment_ray.labels import LabelSet
+
+    rows = demo_rows(30)
+    store.put("data/part-1.csv", to_csv(rows[:20] + [dict(rows[0], ID="bad-1", label="Neutral")]))
+    store.put("data/part-2.csv", to_csv(rows[20:]))
+    files = expand_paths(f"{root}/data/")
+    assert files == [f"{root}/data/part-1.csv", f"{root}/data/part-2.csv"]
+    assert expand_paths(f"{root}/data/*-2.csv") == files[1:]
+
+    cfg = load_config("demo", ["data.on_bad_rows=skip"])
+    quarantine = f"{root}/q/quarantine.jsonl"
+    data = load_labelled(f"{root}/data/*.csv", cfg.data, LabelSet(cfg.prompt.labels), quarantine_path=quarantine)
+    assert len(data) == 30 and data.bad_rows.count == 1 and data.bad_rows.quarantine_path == quarantine
+    entry = json.loads(store.get("q/quarantine.jsonl"))
+    assert entry["file"] == files[0] and entry["row"] == 21 and entry["kind"] == "unknown label"
+    return files
+
+
 def run_job(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout

@@ -10,17 +10,15 @@ does, with data, Ray Train's checkpoints, the adapter and the predictions in the
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import pytest
-from object_store import demo_rows, free_port, last_json_line, run_job, start_server, stop_server, to_csv, write_tiny_config
+from object_store import check_globs_and_quarantine, demo_rows, free_port, last_json_line, run_job, start_server, stop_server, to_csv, write_tiny_config
 
 from sentiment_ray import storage
 from sentiment_ray.config import ConfigError, load_config
-from sentiment_ray.data import DataError, expand_paths, load_labelled
-from sentiment_ray.labels import LabelSet
+from sentiment_ray.data import DataError, expand_paths
 
 pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator (dev extra) runs the GCS server")
 
@@ -89,19 +87,7 @@ def test_anonymous_gs_uris_are_usable_while_userinfo_and_queries_are_refused():
 
 
 def test_data_globs_validation_and_quarantine_on_gcs(gcs):
-    rows = demo_rows(30)
-    gcs.put("data/part-1.csv", to_csv(rows[:20] + [dict(rows[0], ID="bad-1", label="Neutral")]))
-    gcs.put("data/part-2.csv", to_csv(rows[20:]))
-    files = expand_paths(f"{ROOT}/data/")
-    assert files == [f"{ROOT}/data/part-1.csv", f"{ROOT}/data/part-2.csv"]
-    assert expand_paths(f"{ROOT}/data/*-2.csv") == files[1:]
-
-    cfg = load_config("demo", ["data.on_bad_rows=skip"])
-    quarantine = f"{ROOT}/q/quarantine.jsonl"
-    data = load_labelled(f"{ROOT}/data/*.csv", cfg.data, LabelSet(cfg.prompt.labels), quarantine_path=quarantine)
-    assert len(data) == 30 and data.bad_rows.count == 1
-    entry = json.loads(gcs.get("q/quarantine.jsonl"))
-    assert entry["file"] == files[0] and entry["row"] == 21 and entry["kind"] == "unknown label"
+    check_globs_and_quarantine(gcs, ROOT)
     with storage.local_folder(f"{ROOT}/data") as local:
         assert sorted(os.listdir(local)) == ["part-1.csv", "part-2.csv"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from object_store import demo_rows, free_port, last_json_line, run_job, start_server, stop_server, to_csv, write_tiny_config
+from object_store import check_globs_and_quarantine, demo_rows, free_port, last_json_line, run_job, start_server, stop_server, to_csv, write_tiny_config
 
 from sentiment_ray import manifest, storage
 from sentiment_ray.config import ConfigError, HFDatasetConfig, load_config
@@ -139,21 +139,8 @@ def test_manifests_and_json_outputs_mask_credentials(monkeypatch, tmp_path):
 
 
 def test_data_globs_validation_quarantine_and_fingerprint_on_s3(s3, tmp_path):
-    rows = demo_rows(30)
-    bad = dict(rows[0], ID="bad-1", label="Neutral")
-    s3.put("data/part-1.csv", to_csv(rows[:20] + [bad]))
-    s3.put("data/part-2.csv", to_csv(rows[20:]))
-    s3.put("data/_SUCCESS", b"")
-    files = expand_paths(f"s3://{BUCKET}/data/")
-    assert files == [f"s3://{BUCKET}/data/part-1.csv", f"s3://{BUCKET}/data/part-2.csv"]
-    assert expand_paths(f"s3://{BUCKET}/data/*-2.csv") == files[1:]
-
-    cfg = load_config("demo", ["data.on_bad_rows=skip"])
-    quarantine = f"s3://{BUCKET}/q/quarantine.jsonl"
-    data = load_labelled(f"s3://{BUCKET}/data/*.csv", cfg.data, LabelSet(cfg.prompt.labels), quarantine_path=quarantine)
-    assert len(data) == 30 and data.bad_rows.count == 1 and data.bad_rows.quarantine_path == quarantine
-    entry = json.loads(s3.get("q/quarantine.jsonl"))
-    assert entry["file"] == files[0] and entry["row"] == 21 and entry["kind"] == "unknown label"
+    s3.put("data/_SUCCESS", b"")  # a marker, not data: skipped by expand_paths
+    files = check_globs_and_quarantine(s3, f"s3://{BUCKET}")
 
     # The same bytes under another name and place give the same fingerprint locally and in S3.
     (tmp_path / "part-1.csv").write_bytes(s3.get("data/part-1.csv"))
