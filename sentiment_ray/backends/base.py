@@ -113,7 +113,8 @@ def normalise_device(device: Any):
 # lora.gradient_checkpointing=auto: none on GPUs with at least this much memory, Unsloth's
 # (offloaded) checkpointing below and on CPUs. H100, 8B shape, batch 2 x 2048 tokens
 # (benchmarks/NOTES.md, session 3): 11,132 tokens/s and 20.9 GiB without, 7,602 and 6.8 GiB
-# with: 1.46x the speed for 14 GiB, which a 40 GiB GPU has room for at the presets' batch.
+# with: 1.46x the speed for 14 GiB. 40 GiB is a chosen margin (about twice the measured
+# need at the presets' batch), not a figure measured on a 40 GiB card.
 NO_CHECKPOINTING_MIN_GPU_GIB = 40.0
 
 
