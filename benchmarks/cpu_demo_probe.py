@@ -1,4 +1,4 @@
-"""CPU probe behind the demo preset's settings (README "Two commands"): the demo model's
+"""CPU probe behind the demo preset's settings (docs/benchmarks.md): the demo model's
 optimizer-step time through the training job's own trainer, float32 vs bfloat16 weights
 (bf16 autocast), the preset's no gradient checkpointing vs checkpointing, and label-token
 scoring throughput by batch size. Prints one JSON line.
@@ -27,10 +27,10 @@ def step_seconds(dtype: str, checkpointing: str = "false") -> dict:
 
     from sentiment_ray.backends import get_backend
     from sentiment_ray.config import load_config
-    from sentiment_ray.data import load_labelled
+    from sentiment_ray.train.data import build_train_dataset, load_labelled
     from sentiment_ray.labels import LabelSet
     from sentiment_ray.prompts import PromptTemplate
-    from sentiment_ray.train import build_sft_config, build_train_dataset, sft_trainer_class
+    from sentiment_ray.train.trainer import build_sft_config, sft_trainer_class
 
     cfg = load_config("demo", [f"model.dtype={dtype}", "model.backend=hf", f"train.max_steps={STEPS}",
                                f"lora.gradient_checkpointing={checkpointing}"])
@@ -65,7 +65,7 @@ def scoring_tokens_per_s() -> list[dict]:
 
     from sentiment_ray.backends import get_backend
     from sentiment_ray.config import load_config
-    from sentiment_ray.data import load_labelled
+    from sentiment_ray.train.data import build_train_dataset, load_labelled
     from sentiment_ray.labels import LabelSet
     from sentiment_ray.prompts import PromptTemplate
     from sentiment_ray.scoring import LabelScorer

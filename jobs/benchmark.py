@@ -8,7 +8,7 @@
 `--model`: a random-weight shape (llama8b-shape, llama1b-shape, tiny-shape; built once into
 the cache in its own process), the alias smollm2-135m-instruct, or a local model folder.
 Trailing `key=value` arguments override the config preset (`--config`, default the
-reference run llama31_8b_multilingual). Full JSON goes to `--out`; see benchmarks/README.md.
+reference run llama31_8b_multilingual). Full JSON goes to `--out`; see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared.add_argument("--out", default="runs/benchmarks", help="folder for the JSON results and child logs")
     shared.add_argument("--backends", type=_csv, default=None, help="comma list of unsloth,hf (default: both on a GPU with unsloth, else hf)")
     shared.add_argument("--config", default=common.DEFAULT_CONFIG, help="config preset or YAML the runs start from")
-    shared.add_argument("--data", default=None, help=f"labelled CSV/Parquet/JSONL (default: first of {', '.join(common.DATA_CANDIDATES)})")
+    shared.add_argument("--data", default=None, help=f"labelled CSV/Parquet/JSONL (default: {common.DEFAULT_DATA})")
     shared.add_argument("--peak-tflops", type=float, default=flops.H100_SXM_BF16_DENSE_TFLOPS, help="MFU denominator (default: H100 SXM dense bf16)")
     shared.add_argument("--tokenizer", default="smollm2-135m-instruct", help="tokenizer saved with a random-weight shape")
     shared.add_argument("--cache-dir", default=None, help="where shapes are built (default: the sentiment-ray cache)")

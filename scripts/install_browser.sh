@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's chromium for the HTML-report test (tests/test_report_html.py renders the
+# Installs Debian's chromium for the HTML-report test (tests/integration/test_report_html.py renders the
 # report in headless Chromium). Called by `make test`. Does nothing when a Chromium is already
 # on PATH; without apt-get or root it says so and the test skips with that reason.
 set -uo pipefail

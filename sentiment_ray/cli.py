@@ -10,7 +10,7 @@ Each command's parser and main function live here and are the same ones `jobs/<c
 runs (those scripts stay the `ray job submit -- python jobs/<command>.py` entry points: they
 need no installed package). `sentiment-ray <command> --help` lists every option.
 
-Pure at import time: each main imports the heavy machinery it needs.
+Light at import time: the recipes import torch, transformers and ray inside their functions.
 """
 
 from __future__ import annotations
@@ -18,11 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sentiment_ray.job_args import config_parser, job_parser, load_config_or_none, warn_if_storage_is_job_local
+from sentiment_ray import evaluate, export
+from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
+from sentiment_ray.io.values import DataError
+from sentiment_ray.label.plan import LabelRunError
+from sentiment_ray.label.recipe import label_dataset
+from sentiment_ray.train.recipe import run_training
+from sentiment_ray.tune import recipe as tune_recipe
 
 PROG = "sentiment-ray"
 
@@ -102,6 +109,43 @@ ECE) and a language column.
 """
 
 
+# ----------------------------------------------------------------------------- shared
+
+
+def job_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose description keeps its line breaks (the usage examples)."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def config_parser(description: str, overrides_example: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = job_parser(description, prog)
+    parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path (default: %(default)s)")
+    parser.add_argument(
+        "overrides", nargs="*", help=f"dotted config overrides key=value, validated, e.g. {overrides_example}"
+    )
+    return parser
+
+
+def load_config_or_none(args: argparse.Namespace) -> ExperimentConfig | None:
+    """The validated config, or None after printing why it is invalid (exit code 2)."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return None
+
+
+def warn_if_storage_is_job_local(cfg: ExperimentConfig, what: str = "results") -> None:
+    """Inside `ray job submit` the working dir is a temporary copy: relative storage vanishes."""
+    path = cfg.run.storage_path
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and "://" not in path and not os.path.isabs(path):
+        print(
+            f"warning: run.storage_path={path!r} is relative inside a Ray job: {what} go to "
+            f"{os.path.abspath(path)}, the job's temporary working dir",
+            file=sys.stderr,
+        )
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -127,9 +171,6 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if cfg is None:
         return 2
     warn_if_storage_is_job_local(cfg)
-
-    from sentiment_ray.train import run_training
-
     summary = run_training(cfg)
     print(json.dumps(summary, sort_keys=False), flush=True)
     return 0
@@ -156,22 +197,19 @@ def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     warn_if_storage_is_job_local(cfg, "the experiment's files")
 
-    from sentiment_ray import tune
-    from sentiment_ray.config import ConfigError
-
     try:
         if args.report_only:
-            prepared, space = tune.prepare(cfg)
-            summary = tune.finalize(prepared, space, tune.experiment_path(prepared))
+            prepared, space = tune_recipe.prepare(cfg)
+            summary = tune_recipe.finalize(prepared, space, tune_recipe.experiment_path(prepared))
         else:
-            summary = tune.run_tune(cfg, num_cpus=args.num_cpus)
-    except (ConfigError, tune.TuneError) as err:
+            summary = tune_recipe.run_tune(cfg, num_cpus=args.num_cpus)
+    except (ConfigError, tune_recipe.TuneError) as err:
         print(err, file=sys.stderr)
         return 2
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()  # stops worker log forwarding: the JSON line is the last line
-    print(tune.summary_line(summary), flush=True)
+    print(tune_recipe.summary_line(summary), flush=True)
     return 0
 
 
@@ -197,14 +235,11 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if cfg is None:
         return 2
 
-    from sentiment_ray.data import DataError
-    from sentiment_ray.label import LabelError, label_dataset
-
     return _print_summary(
         lambda: label_dataset(
             cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
         ),
-        (DataError, LabelError),
+        (DataError, LabelRunError),
     )
 
 
@@ -230,11 +265,9 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if cfg is None:
         return 2
 
-    from sentiment_ray.export import ExportError, export_merged
-
     return _print_summary(
-        lambda: export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite),
-        ExportError,
+        lambda: export.export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite),
+        export.ExportError,
     )
 
 
@@ -252,11 +285,15 @@ def eval_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output", default=None,
-        help="folder for report.html and metrics.json (default: the --predictions folder, or the file's folder, or --experiment)",
+        help=f"folder for {evaluate.REPORT_FILE} and {evaluate.METRICS_FILE} (default: the --predictions folder, or the file's folder, or --experiment)",
     )
     parser.add_argument("--labels", default=None, help="comma-separated label set in order (default: from the p_<label> columns or the data)")
-    parser.add_argument("--label-column", default="label", help="gold label column (default: %(default)s)")
-    parser.add_argument("--lang-column", default="lang", help="language column for the per-language table (default: %(default)s)")
+    parser.add_argument("--label-column", default=None, help="gold label column (default: the label job's, else label)")
+    parser.add_argument("--lang-column", default=None, help="language column for the per-language table (default: the label job's, else lang)")
+    parser.add_argument(
+        "--label-map", default=None,
+        help='JSON map from raw gold values to labels, e.g. \'{"0": "Negative", "1": "Positive"}\' (default: the label job\'s data.label_map)',
+    )
     parser.add_argument("--title", default=None, help="page title (default: from the input's name)")
     return parser
 
@@ -267,19 +304,22 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not args.predictions and not args.experiment:
         parser.error("give --predictions, --experiment, or both")
 
-    from sentiment_ray.report_html import ReportError, evaluate_to_report
-
+    try:
+        label_map = json.loads(args.label_map) if args.label_map else None
+    except ValueError as err:
+        parser.error(f"--label-map is not JSON: {err}")
     return _print_summary(
-        lambda: evaluate_to_report(
+        lambda: evaluate.evaluate_to_report(
             predictions=args.predictions,
             experiment=args.experiment,
             output=args.output,
             labels=args.labels.split(",") if args.labels else None,
+            label_map=label_map,
             label_column=args.label_column,
             lang_column=args.lang_column,
             title=args.title,
         ),
-        ReportError,
+        (evaluate.ReportError, DataError),
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sentiment_ray.storage import check_uri, redact
+from sentiment_ray.io.uris import check_uri, redact
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
@@ -64,8 +64,8 @@ class LoraConfig(_Strict):
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
     gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = "unsloth"
     """`unsloth` = Unsloth's offloaded checkpointing on the unsloth backend, plain
-    checkpointing on hf. `auto` = none on a GPU with >= 40 GiB (1.46x the tokens/s for the 8B
-    model on an H100, 21 GiB instead of 7 at batch 2 x 2048), `unsloth` on smaller GPUs and CPUs."""
+    checkpointing on hf. `auto` = none on a GPU with >= 40 GiB (faster; the 8B model at batch
+    2 x 2048 then needs about three times the memory), `unsloth` on smaller GPUs and CPUs."""
     use_rslora: bool = False
 
 
@@ -178,22 +178,22 @@ class TrainConfig(_Strict):
     packing_strategy: Literal["bfd", "wrapped"] = "bfd"
     """`bfd`: TRL's best-fit-decreasing packing; rows keep their own attention (padding-free,
     per-sequence positions). `wrapped`: rows concatenated and cut into max_seq_length blocks
-    with plain causal attention across them, as the seed's TRL packing did; dense shapes,
-    so no per-sequence attention kernel is needed (benchmarks/NOTES.md compares them)."""
+    with plain causal attention across them (TRL's classic packing); dense shapes, so no
+    per-sequence attention kernel is needed (docs/benchmarks.md compares them)."""
     group_by_length: bool = False
     """Unpacked batches of similar-length rows (transformers' LengthGroupedSampler): little
     padding with real per-row attention."""
     padding_free: Literal["auto", "true", "false"] = "auto"
     """Padding-free batches (sequences concatenated, no pad tokens). `auto`: with BFD packing
     (TRL's BFD packing is padding-free by construction) and on CPU (same loss, no compute
-    spent on padding: ~2.9x faster demo steps). Unpacked GPU batches are padded:
+    spent on padding). Unpacked GPU batches are padded:
     on a GPU without flash-attention, Unsloth's padding-free path runs attention once per
-    sequence and costs ~0.1 s per sequence per step (benchmarks/NOTES.md)."""
+    sequence, which is slow for short rows."""
     pad_to_multiple_of: int | None = Field(64, gt=0)
     """Round padded batch widths up so few distinct shapes reach the GPU kernels."""
     loss_on: Literal["completion", "full_text"] = "completion"
-    """`completion`: loss on the label tokens only (measured better); `full_text`: the
-    seed's loss over instruction + input + label."""
+    """`completion`: loss on the label tokens only (what is classified); `full_text`: loss
+    over instruction + input + label, the classic SFT objective."""
     seed: int = 3407
     logging_steps: int = Field(1, gt=0)
     eval_steps: int = Field(0, ge=0)
@@ -236,7 +236,8 @@ class LabelConfig(_Strict):
     """0 = one actor per GPU in the cluster (one CPU actor on a CPU-only cluster)."""
     max_new_tokens: int = Field(4, gt=0)
     default_label_on_parse_failure: str | None = None
-    """The seed defaulted unparseable generations to 'Positive'; only when set explicitly."""
+    """A label for generations that name none (default: none; such rows are counted as
+    `parse_failed`, never guessed)."""
     generate_ids: bool = False
     """Allow inputs without an ID column: IDs become `<file>:<row>`."""
     write_submission: bool = False

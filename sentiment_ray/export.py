@@ -6,7 +6,7 @@ The folder holds `config.json`, safetensors weights, the tokenizer (the one the 
 trained with) and `sentiment_ray_export.json` (base model, adapter identity, dtype, and the
 prompt + label set the model was fine-tuned on: the merged model classifies only with that
 prompt). `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it with no peft,
-and label-token scoring gives the labels of base + adapter (tests/test_export.py).
+and label-token scoring gives the labels of base + adapter (tests/integration/test_export.py).
 
 Backends (the config's `model.backend`, `auto` resolved as in training):
 
@@ -27,7 +27,12 @@ import shutil
 import time
 from typing import Any
 
+from sentiment_ray import backends
+from sentiment_ray.backends.base import normalise_device
+from sentiment_ray.backends.hf import HFBackend
+from sentiment_ray.backends.unsloth import UnslothBackend
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.models import resolve_model_path
 
 EXPORT_INFO_FILE = "sentiment_ray_export.json"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -71,9 +76,6 @@ def export_merged(
         raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     _check_adapter(adapter)
     started = time.perf_counter()
-
-    from sentiment_ray import backends
-    from sentiment_ray.backends.base import normalise_device
 
     requested = cfg.model.backend
     if device is not None and str(device).startswith("cpu") and requested == "auto":
@@ -121,8 +123,6 @@ def _merge_hf(cfg: ExperimentConfig, adapter: str, output: str, device, dtype: s
     """peft merge_and_unload into a full-weight base, cast to `dtype`, save."""
     import torch
 
-    from sentiment_ray.backends.hf import HFBackend
-
     full = cfg.model_copy(deep=True)
     full.model.load_in_4bit = False
     # Merge in float32 on the CPU (exact); on a GPU in the saved precision (memory).
@@ -145,9 +145,6 @@ def _merge_unsloth(cfg: ExperimentConfig, adapter: str, output: str, device) -> 
     `base_model_name_or_path`, which records where the *training* worker found the model, so
     a temporary copy of the adapter points it at this config's model instead."""
     import tempfile
-
-    from sentiment_ray.backends.unsloth import UnslothBackend
-    from sentiment_ray.models import resolve_model_path
 
     with tempfile.TemporaryDirectory(prefix="sentiment-ray-export-") as tmp:
         local = shutil.copytree(adapter, os.path.join(tmp, "adapter"))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from sentiment_ray.io.values import MISSING_LABEL, UNKNOWN_LABEL, as_key, value_problem
 
 
-class LabelError(ValueError):
+class LabelSetError(ValueError):
     pass
 
 
@@ -18,9 +21,9 @@ class LabelSet:
     def __init__(self, labels: Sequence[str]):
         cleaned = tuple(str(x).strip() for x in labels)
         if len(cleaned) < 2 or any(not x for x in cleaned):
-            raise LabelError(f"a label set needs at least two non-empty labels, got {list(labels)}")
+            raise LabelSetError(f"a label set needs at least two non-empty labels, got {list(labels)}")
         if len({x.lower() for x in cleaned}) != len(cleaned):
-            raise LabelError(f"labels must be distinct case-insensitively: {list(labels)}")
+            raise LabelSetError(f"labels must be distinct case-insensitively: {list(labels)}")
         object.__setattr__(self, "labels", cleaned)
 
     def __len__(self) -> int:
@@ -42,6 +45,22 @@ class LabelSet:
                 return label
         return None
 
+    def resolve(self, value: Any, label_map: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+        """(canonical label, None) or (None, the bad-row reason) for a raw gold label.
+        `label_map` is applied first (keys compared as strings after stripping: IMDB's 0/1),
+        then the label set matches case-insensitively."""
+        problem = value_problem(value, "label")
+        if problem:
+            return None, problem
+        key = as_key(value)
+        if not key:
+            return None, MISSING_LABEL
+        label = self.normalise((label_map or {}).get(key, key))
+        if label is None:
+            mapping = f"; label_map keys: {sorted(label_map)}" if label_map else ""
+            return None, f"{UNKNOWN_LABEL} ({key!r}; expected one of {', '.join(self.labels)}{mapping})"
+        return label, None
+
     def probability_columns(self) -> list[str]:
         return [f"p_{label}" for label in self.labels]
 
@@ -58,7 +77,7 @@ class LabelSet:
         for label in self.labels:
             full = encode(prompt + label)
             if full[: len(prompt_ids)] != prompt_ids or len(full) <= len(prompt_ids):
-                raise LabelError(
+                raise LabelSetError(
                     f"label {label!r} does not tokenise as a continuation of the prompt "
                     "(the prompt's last token merges with it); end the response header with "
                     "a newline or space"
@@ -67,7 +86,7 @@ class LabelSet:
         seen: dict[int, str] = {}
         for label, tid in zip(self.labels, ids):
             if tid in seen:
-                raise LabelError(
+                raise LabelSetError(
                     f"labels {seen[tid]!r} and {label!r} share their first token (id {tid}); "
                     "label-token scoring cannot separate them: rename one label"
                 )

@@ -1,10 +1,15 @@
-"""Classification metrics: accuracy, macro-F1, confusion matrix, per-language, ECE. Pure (numpy)."""
+"""Classification metrics: accuracy, macro-F1, confusion matrix, per-language, ECE, and the
+one evaluation of predictions against gold labels (`evaluate_predictions`). Pure (numpy)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from sentiment_ray.io.values import as_key
+from sentiment_ray.labels import LabelSet
 
 
 def confusion_matrix(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> list[list[int]]:
@@ -88,3 +93,43 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
             acc = avg = None
         bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "accuracy": acc, "confidence": avg})
     return {"ece": float(ece) if len(conf) else 0.0, "bins": bins}
+
+
+def evaluate_predictions(
+    gold: Sequence[Any],
+    predicted: Sequence[str | None],
+    labels: LabelSet,
+    *,
+    label_map: dict[str, str] | None = None,
+    confidence: Sequence[float | None] | None = None,
+    langs: Sequence[Any] | None = None,
+) -> dict | None:
+    """The one evaluation, used by training, labelling and `eval`.
+
+    `gold` holds raw gold labels, resolved as training resolves them (`label_map` first,
+    then the label set case-insensitively); rows whose gold label is missing or does not
+    resolve are counted in `rows_without_label`, not scored. `predicted` holds label names
+    (None: an unparsed generation, always wrong). With `confidence` (the probability of the
+    predicted label) the report adds `ece` and `calibration_bins`. None when no row has a
+    usable gold label."""
+    gold, predicted = list(gold), list(predicted)
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
+    keep, truth = [], []
+    for i, value in enumerate(gold):
+        label, _ = labels.resolve(value, label_map)
+        if label is not None:
+            keep.append(i)
+            truth.append(label)
+    if not keep:
+        return None
+    pred = [predicted[i] for i in keep]
+    lang_keys = None
+    if langs is not None and any(x is not None for x in langs):
+        lang_keys = [None if langs[i] is None else as_key(langs[i]) for i in keep]
+    report = classification_report(truth, pred, list(labels), lang_keys)
+    report["rows_without_label"] = len(gold) - len(keep)
+    if confidence is not None and all(confidence[i] is not None for i in keep):
+        calibration = expected_calibration_error([confidence[i] for i in keep], [t == p for t, p in zip(truth, pred)])
+        report["ece"], report["calibration_bins"] = calibration["ece"], calibration["bins"]
+    return report

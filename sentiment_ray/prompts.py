@@ -1,6 +1,6 @@
 """The instruction template: training records and inference prompts. Pure (no heavy imports).
 
-Default layout (the seed's prompt, Alpaca-style):
+Default layout (Alpaca-style):
 
     Classify the text into 'Positive', 'Negative', and return the answer as the predicted sentiment.
     ### Input:
@@ -36,7 +36,7 @@ class PromptTemplate:
         return f"{label}{eos_token}"
 
     def full_text(self, sentence: str, label: str, eos_token: str) -> str:
-        """The seed's training text: instruction + input + label + EOS in one string."""
+        """The full-text training record: instruction + input + label + EOS in one string."""
         return self.prompt(sentence) + self.completion(label, eos_token)
 
     def prompt_completion(self, sentence: str, label: str, eos_token: str) -> dict[str, str]:

@@ -3,8 +3,18 @@
 For each sentence the prompt (instruction + input + response header) is run through the
 model once; the next-token logits at the prompt's last position, restricted to the first
 token of each label, give P(label | prompt). No decode loop, no parsing, a probability per
-class. `LabelScorer.generate` keeps the seed's generate-and-parse mode for parity, counting
+class. `LabelScorer.generate` keeps the generate-and-parse mode for comparison, counting
 parse failures instead of defaulting them.
+
+Every prompt starts with the same instruction. By default (`reuse_prefix`) that shared prefix
+runs through the model once per call, and each batch continues from its key/value cache with
+only the rows' own tokens (same positions, same attention, so the same probabilities); rows
+whose tokens do not start with the prefix are scored whole. Prompt tokens are counted the
+same either way (every token of every prompt: `prompt_tokens`); what the model actually ran
+is `computed_tokens`.
+
+Probabilities are softmax(label logits / temperature): a temperature fitted on validation
+data after training (calibration.py) makes them honest; 1 leaves them as the model gives.
 
 Tokenisation matches what TRL 1.15 trains on: a prompt-completion record is tokenised as
 `tokenizer(prompt)` and `tokenizer(prompt + completion)` with the tokenizer's default special
@@ -38,8 +48,12 @@ class ScoreResult:
     truncated: np.ndarray
     """bool [n]: the sentence was cut so the prompt fits in max_length."""
     prompt_tokens: int
-    """Non-pad tokens run through the model."""
+    """Tokens of the prompts (prefix included), padding excluded."""
     labels: tuple[str, ...]
+    logits: np.ndarray | None = None
+    """float32 [n, k]: the label tokens' logits (before the temperature)."""
+    computed_tokens: int | None = None
+    """Tokens the model ran: the shared prefix once, then each row's own tokens."""
 
     def predicted(self) -> list[str]:
         return [self.labels[i] for i in self.probs.argmax(axis=1)] if len(self.probs) else []
@@ -125,21 +139,32 @@ def fit_prompts(
     return prompts, ids, truncated
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, returned as float32."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- batching
 
 
-def micro_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int = 0) -> list[np.ndarray]:
+def micro_batches(lengths: Sequence[int], batch_size: int | None, max_batch_tokens: int = 0) -> list[np.ndarray]:
     """Row indices per forward pass: longest first, so rows of similar length share a batch
     (little padding) and an out-of-memory shows up on the first batch, not the last. A batch
-    holds at most `batch_size` rows and, when `max_batch_tokens` > 0, at most that many
-    padded tokens (rows x its longest row; a single longer row still gets its own batch).
-    Short rows thus ride in wide batches, which keeps a GPU busy, and long ones in narrow
-    batches, which keeps memory bounded."""
+    holds at most `max_batch_tokens` padded tokens (rows x its longest row; a single longer
+    row still gets its own batch) when that is > 0, and at most `batch_size` rows when that
+    is set. Short rows thus ride in wide batches, which keeps a GPU busy, and long ones in
+    narrow batches, which keeps memory bounded."""
+    if not batch_size and max_batch_tokens <= 0:
+        raise ScoringError("a batch needs a bound: set label.max_batch_tokens > 0 or label.batch_size")
+    cap = batch_size or len(lengths) or 1
     order = np.argsort([-n for n in lengths], kind="stable")
     out, start = [], 0
     while start < len(order):
         width = max(int(lengths[order[start]]), 1)  # the longest row of this batch
-        rows = batch_size if max_batch_tokens <= 0 else max(1, min(batch_size, max_batch_tokens // width))
+        rows = cap if max_batch_tokens <= 0 else max(1, min(cap, max_batch_tokens // width))
         out.append(order[start : start + rows])
         start += rows
     return out
@@ -196,6 +221,30 @@ def _cpu_bf16_autocast(model: Any, device: Any):
     return contextlib.nullcontext()
 
 
+# Architectures whose forward takes a key/value cache of the shared prefix the standard way
+# (a transformers Cache, positions and a 2-D mask continuing after it) on both backends.
+PREFIX_CACHE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _cache_tensors(past: Any) -> list[tuple[Any, Any]]:
+    """Per layer (keys, values) of what a forward with use_cache=True returned: a
+    transformers Cache (layers with .keys / .values) or a tuple of (keys, values)."""
+    layers = getattr(past, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return [(k, v) for k, v in past]
+
+
+def _expanded_cache(layers: list[tuple[Any, Any]], batch: int):
+    """A DynamicCache holding the prefix for `batch` rows (broadcast views, no copies)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (k, v) in enumerate(layers):
+        cache.update(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]), index)
+    return cache
+
+
 class _EvalMode:
     """Dropout off while scoring; the model's previous train/eval mode restored after
     (training evaluates mid-run with the model in train mode)."""
@@ -223,14 +272,21 @@ class LabelScorer:
         template: PromptTemplate,
         labels: LabelSet,
         max_length: int,
-        batch_size: int,
+        batch_size: int | None,
         max_batch_tokens: int = 0,
+        *,
+        reuse_prefix: bool = True,
+        temperature: float = 1.0,
     ):
-        if max_length <= 0 or batch_size <= 0 or max_batch_tokens < 0:
+        if max_length <= 0 or (batch_size is not None and batch_size <= 0) or max_batch_tokens < 0:
             raise ScoringError(
                 f"max_length and batch_size must be positive and max_batch_tokens >= 0, "
                 f"got {max_length}, {batch_size}, {max_batch_tokens}"
             )
+        if not batch_size and not max_batch_tokens:
+            raise ScoringError("a batch needs a bound: set label.max_batch_tokens > 0 or label.batch_size")
+        if not temperature > 0:
+            raise ScoringError(f"temperature must be positive, got {temperature}")
         if tokenizer.pad_token_id is None:
             raise ScoringError("the tokenizer has no pad token; load it through a backend (pad = eos)")
         self.model = model
@@ -251,6 +307,19 @@ class LabelScorer:
                 "tokenizer and model do not match"
             )
         self._keep_arg = _logits_to_keep_arg(model)
+        self.temperature = float(temperature)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.prefix_ids = self._shared_prefix() if reuse_prefix and model_type in PREFIX_CACHE_MODEL_TYPES else []
+
+    def _shared_prefix(self) -> list[int]:
+        """The token ids every prompt starts with: the common start of two very different
+        prompts (rows that do not start with it are scored whole)."""
+        a = self.tokenizer(self.template.prompt("x"))["input_ids"]
+        b = self.tokenizer(self.template.prompt("Zq 1 \u00e9"))["input_ids"]
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return list(a[:n]) if n >= 2 else []
 
     # -- helpers
 
@@ -259,8 +328,18 @@ class LabelScorer:
         _, ids, truncated = fit_prompts(self.tokenizer, self.template, sentences, self.max_length)
         return ids, truncated
 
-    def _micro_batches(self, ids: list[list[int]]):
-        return micro_batches([len(x) for x in ids], self.batch_size, self.max_batch_tokens)
+    def _micro_batches(self, ids: list[list[int]], offset: int = 0):
+        return micro_batches([len(x) - offset for x in ids], self.batch_size, self.max_batch_tokens)
+
+    def _split_by_prefix(self, ids: list[list[int]]) -> tuple[list[int], list[int]]:
+        """(rows that start with the shared prefix and have tokens after it, the others)."""
+        p = self.prefix_ids
+        if not p:
+            return [], list(range(len(ids)))
+        shared, whole = [], []
+        for r, x in enumerate(ids):
+            (shared if len(x) > len(p) and x[: len(p)] == p else whole).append(r)
+        return shared, whole
 
     # -- scoring
 
@@ -273,33 +352,55 @@ class LabelScorer:
         import torch
 
         k = len(self.labels)
-        probs = np.zeros((len(ids), k), dtype=np.float32)
         if not ids:
-            return ScoreResult(probs, truncated, 0, self.labels.labels)
+            empty = np.zeros((0, k), dtype=np.float32)
+            return ScoreResult(empty, truncated, 0, self.labels.labels, empty, 0)
         device = _model_device(self.model)
         label_ids = torch.tensor(self.label_token_ids, device=device)
         extra = {self._keep_arg: 1} if self._keep_arg else {}
+        pad = self.tokenizer.pad_token_id
+        shared, whole = self._split_by_prefix(ids)
+        p = len(self.prefix_ids)
         batches, outputs = [], []
+        computed = 0
         with _EvalMode(self.model), torch.inference_mode(), _cpu_bf16_autocast(self.model, device):
-            for rows in self._micro_batches(ids):
-                input_ids, mask, positions = _left_pad([ids[r] for r in rows], self.tokenizer.pad_token_id, device)
-                out = self.model(
-                    input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
-                )
-                chosen = out.logits[:, -1, :].index_select(-1, label_ids).float()
-                # Kept on the device: a copy to the host per batch would wait for the GPU
-                # each time and leave it idle while Python prepares the next batch.
-                batches.append(rows)
-                outputs.append(torch.softmax(chosen, dim=-1))
+            if shared:
+                # Once per call: training scores between optimizer steps, when the weights changed.
+                prefix = torch.tensor([self.prefix_ids], device=device)
+                layers = _cache_tensors(self.model(input_ids=prefix, use_cache=True, **extra).past_key_values)
+                computed += p
+                sub = [ids[r] for r in shared]
+                for rows in self._micro_batches(sub, offset=p):
+                    input_ids, mask, positions = _left_pad([sub[r][p:] for r in rows], pad, device)
+                    mask = torch.cat([torch.ones((len(rows), p), dtype=mask.dtype, device=device), mask], dim=1)
+                    out = self.model(
+                        input_ids=input_ids, attention_mask=mask, position_ids=positions + p,
+                        past_key_values=_expanded_cache(layers, len(rows)), use_cache=True, **extra,
+                    )
+                    batches.append(np.asarray(shared)[rows])
+                    # Kept on the device: a copy to the host per batch would wait for the GPU
+                    # each time and leave it idle while Python prepares the next batch.
+                    outputs.append(out.logits[:, -1, :].index_select(-1, label_ids).float())
+                    computed += sum(len(sub[r]) - p for r in rows)
+            if whole:
+                sub = [ids[r] for r in whole]
+                for rows in self._micro_batches(sub):
+                    input_ids, mask, positions = _left_pad([sub[r] for r in rows], pad, device)
+                    out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
+                    batches.append(np.asarray(whole)[rows])
+                    outputs.append(out.logits[:, -1, :].index_select(-1, label_ids).float())
+                    computed += sum(len(sub[r]) for r in rows)
             gathered = torch.cat(outputs).cpu().numpy()
-        probs[np.concatenate(batches)] = gathered
-        bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+        logits = np.zeros((len(ids), k), dtype=np.float32)
+        logits[np.concatenate(batches)] = gathered
+        bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
         if len(bad):
             # fp16 overflow or broken weights: never hand NaN on as a prediction.
             raise ScoringError(f"the model produced non-finite label logits for rows {bad[:10].tolist()} of the batch")
-        return ScoreResult(probs, truncated, int(sum(len(x) for x in ids)), self.labels.labels)
+        probs = softmax(logits / self.temperature)
+        return ScoreResult(probs, truncated, int(sum(len(x) for x in ids)), self.labels.labels, logits, computed)
 
-    # -- generate-and-parse (the seed's mode, for parity)
+    # -- generate-and-parse (for comparison with scoring)
 
     def generate(self, sentences: Sequence[str], max_new_tokens: int) -> GenerateResult:
         import torch
@@ -330,41 +431,3 @@ class LabelScorer:
             prompt_tokens=int(sum(len(x) for x in ids)),
             truncated=truncated,
         )
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(
-    scorer: LabelScorer,
-    sentences: Sequence[str],
-    true_labels: Sequence[str],
-    langs: Sequence[str | None] | None = None,
-) -> dict:
-    """Score `sentences` and compare with `true_labels` (matched case-insensitively to the
-    label set): `metrics.classification_report` plus `ece` (confidence = max probability),
-    `calibration_bins`, `truncated` and `prompt_tokens`."""
-    from sentiment_ray.metrics import classification_report, expected_calibration_error
-
-    sentences = list(sentences)
-    if len(sentences) != len(true_labels):
-        raise ScoringError(f"{len(sentences)} sentences but {len(true_labels)} labels")
-    if langs is not None and len(langs) != len(sentences):
-        raise ScoringError(f"{len(sentences)} sentences but {len(langs)} languages")
-    truth = []
-    for i, raw in enumerate(true_labels):
-        label = scorer.labels.normalise(raw)
-        if label is None:
-            raise ScoringError(f"row {i}: label {raw!r} is not one of {list(scorer.labels)}")
-        truth.append(label)
-    result = scorer.score(sentences)
-    predicted = result.predicted()
-    report = classification_report(truth, predicted, list(scorer.labels), langs)
-    calibration = expected_calibration_error(
-        result.confidence().tolist(), [t == p for t, p in zip(truth, predicted)]
-    )
-    report["ece"] = calibration["ece"]
-    report["calibration_bins"] = calibration["bins"]
-    report["truncated"] = int(result.truncated.sum())
-    report["prompt_tokens"] = result.prompt_tokens
-    return report

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.train.evaluation import flat_validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +270,6 @@ def training_callbacks(tracker: RunTracker | None, reporter) -> list:
 
         def _log_eval(self, state):
             if reporter.last_eval_step == state.global_step and self.logged_eval_step != state.global_step:
-                from sentiment_ray.train import flat_validation_metrics
-
                 tracker.log_metrics(flat_validation_metrics(reporter.last_eval), state.global_step)
                 self.logged_eval_step = state.global_step
 

@@ -1,4 +1,4 @@
-"""What the object-store tests share (tests/test_s3_storage.py, tests/test_gcs_storage.py):
+"""What the object-store tests share (tests/integration/test_s3_storage.py, tests/integration/test_gcs_storage.py):
 a loopback server started as a subprocess and waited for, demo rows as CSV bytes, the tiny
 model's config with data and runs in a bucket, and the jobs run as the user runs them."""
 
@@ -72,7 +72,8 @@ def check_globs_and_quarantine(store, root: str) -> list[str]:
     row) expand as a folder and as a glob, load with the bad row skipped, and the quarantine
     entry lands in the store naming file and row. Returns the expanded files."""
     from sentiment_ray.config import load_config
-    from sentiment_ray.data import expand_paths, load_labelled
+    from sentiment_ray.io.files import expand_paths
+    from sentiment_ray.train.data import load_labelled
     from sentiment_ray.labels import LabelSet
 
     rows = demo_rows(30)

@@ -9,13 +9,11 @@ or its patches are silently lost; and it raises on machines without a GPU).
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
-import tempfile
-import warnings
 from typing import Literal
 
-from sentiment_ray.backends.base import Backend, BackendError
+from sentiment_ray.backends.base import Backend, BackendError, early_import
+from sentiment_ray.backends.hf import HFBackend
+from sentiment_ray.backends.unsloth import UnslothBackend
 
 __all__ = ["Backend", "BackendError", "early_import", "get_backend", "resolve_backend_name"]
 
@@ -59,45 +57,7 @@ def resolve_backend_name(requested: str) -> BackendName:
 def get_backend(name: str) -> Backend:
     """The backend object for a resolved name (`unsloth` or `hf`; resolve `auto` first)."""
     if name == "hf":
-        from sentiment_ray.backends.hf import HFBackend
-
         return HFBackend()
     if name == "unsloth":
-        from sentiment_ray.backends.unsloth import UnslothBackend
-
         return UnslothBackend()
     raise BackendError(f"unknown backend {name!r}; call resolve_backend_name() first (auto -> unsloth|hf)")
-
-
-def default_compile_dir() -> str:
-    """A per-process Unsloth compile cache, so concurrent workers/trials never share one."""
-    return os.path.join(tempfile.gettempdir(), "unsloth_cache", str(os.getpid()))
-
-
-def early_import(name: str, compile_dir: str | None = None) -> None:
-    """Call first thing in a training worker or labelling actor, with the resolved name.
-
-    For `unsloth`: point UNSLOTH_COMPILE_LOCATION at a per-process folder (unless the
-    environment already sets one) and import unsloth before anything imports
-    transformers, trl or peft. For `hf`: nothing to do.
-    """
-    if name == "hf":
-        return
-    if name != "unsloth":
-        raise BackendError(f"unknown backend {name!r} (expected unsloth or hf)")
-    if "unsloth" in sys.modules:
-        return
-    if "UNSLOTH_COMPILE_LOCATION" not in os.environ:
-        target = compile_dir or default_compile_dir()
-        os.makedirs(target, exist_ok=True)
-        os.environ["UNSLOTH_COMPILE_LOCATION"] = target
-    already = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
-    if already:
-        warnings.warn(
-            f"{', '.join(already)} already imported before unsloth in process {os.getpid()}: "
-            "Unsloth's patches may not apply. Call backends.early_import('unsloth') before "
-            "importing them (e.g. before ray.train.huggingface.transformers).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    import unsloth  # noqa: F401  (imported for its patches)

@@ -5,10 +5,13 @@ Pure at import time: torch is imported inside the helpers, never at module level
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+import os
+import sys
+import tempfile
+import warnings
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # annotations only; never imported at runtime here
-    from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.config import ExperimentConfig
 
 
 class BackendError(RuntimeError):
@@ -92,8 +95,6 @@ def ensure_pad_token(tokenizer: Any) -> Any:
 
 
 def check_adapter_dir(adapter_path: str) -> None:
-    import os
-
     if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
         raise BackendError(f"adapter folder {adapter_path!r} has no adapter_config.json (not a saved LoRA adapter)")
 
@@ -111,10 +112,9 @@ def normalise_device(device: Any):
 
 
 # lora.gradient_checkpointing=auto: none on GPUs with at least this much memory, Unsloth's
-# (offloaded) checkpointing below and on CPUs. H100, 8B shape, batch 2 x 2048 tokens
-# (benchmarks/NOTES.md, session 3): 11,132 tokens/s and 20.9 GiB without, 7,602 and 6.8 GiB
-# with: 1.46x the speed for 14 GiB. 40 GiB is a chosen margin (about twice the measured
-# need at the presets' batch), not a figure measured on a 40 GiB card.
+# (offloaded) checkpointing below and on CPUs. Without checkpointing a step recomputes
+# nothing but keeps every activation; 40 GiB is a margin of about twice what the 8B model
+# needs at the presets' batch (docs/benchmarks.md).
 NO_CHECKPOINTING_MIN_GPU_GIB = 40.0
 
 
@@ -141,3 +141,40 @@ def gpu_memory_gib(device: Any) -> float | None:
 def gradient_checkpointing_for(cfg: Any, device: Any) -> str:
     """The checkpointing a training run on `device` uses (cfg.lora.gradient_checkpointing resolved)."""
     return resolve_gradient_checkpointing(cfg.lora.gradient_checkpointing, gpu_memory_gib(device))
+
+
+# ----------------------------------------------------------------------------- import order
+
+
+def default_compile_dir() -> str:
+    """A per-process Unsloth compile cache, so concurrent workers/trials never share one."""
+    return os.path.join(tempfile.gettempdir(), "unsloth_cache", str(os.getpid()))
+
+
+def early_import(name: str, compile_dir: str | None = None) -> None:
+    """Call first thing in a training worker or labelling actor, with the resolved name.
+
+    For `unsloth`: point UNSLOTH_COMPILE_LOCATION at a per-process folder (unless the
+    environment already sets one) and import unsloth before anything imports
+    transformers, trl or peft. For `hf`: nothing to do.
+    """
+    if name == "hf":
+        return
+    if name != "unsloth":
+        raise BackendError(f"unknown backend {name!r} (expected unsloth or hf)")
+    if "unsloth" in sys.modules:
+        return
+    if "UNSLOTH_COMPILE_LOCATION" not in os.environ:
+        target = compile_dir or default_compile_dir()
+        os.makedirs(target, exist_ok=True)
+        os.environ["UNSLOTH_COMPILE_LOCATION"] = target
+    already = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+    if already:
+        warnings.warn(
+            f"{', '.join(already)} already imported before unsloth in process {os.getpid()}: "
+            "Unsloth's patches may not apply. Call backends.early_import('unsloth') before "
+            "importing them (e.g. before ray.train.huggingface.transformers).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    import unsloth  # noqa: F401  (imported for its patches)

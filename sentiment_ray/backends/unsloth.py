@@ -15,6 +15,7 @@ from typing import Any
 from sentiment_ray.backends.base import (
     BackendError,
     check_adapter_dir,
+    early_import,
     ensure_pad_token,
     existing_target_modules,
     gradient_checkpointing_for,
@@ -31,8 +32,6 @@ _CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
 
 def _require_unsloth():
     if "unsloth" not in sys.modules:
-        from sentiment_ray.backends import early_import
-
         # Importing here is still correct when nothing has imported transformers yet;
         # early_import warns if something has.
         early_import("unsloth")

@@ -17,14 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sentiment_ray.config import DataConfig, load_config
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.train import data as train_data
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "llama31_8b_multilingual"  # the reference run: batch 2 x GA 4, 2048, packing
-# Tried in order when --data is not given; the first that exists is used.
-DATA_CANDIDATES = (
-    "../shared/data/sentiment_dev.csv",
-    "shared/data/sentiment_dev.csv",
-    "data/demo/sentiment_demo.csv",
-)
+DEFAULT_DATA = "data/demo/sentiment_demo.csv"  # the committed demo sample, when --data is not given
 
 
 class BenchError(RuntimeError):
@@ -55,12 +54,10 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def default_data_path() -> str:
-    for candidate in DATA_CANDIDATES:
-        for root in (Path.cwd(), REPO_ROOT):
-            p = (root / candidate).resolve()
-            if p.is_file():
-                return str(p)
-    raise BenchError(f"no benchmark data found (tried {list(DATA_CANDIDATES)}); pass --data")
+    path = REPO_ROOT / DEFAULT_DATA
+    if not path.is_file():
+        raise BenchError(f"no benchmark data at {path}; pass --data")
+    return str(path)
 
 
 def resolve_data_path(path: str | None) -> str:
@@ -77,12 +74,8 @@ def resolve_data_path(path: str | None) -> str:
 def load_table(path: str, max_rows: int | None, seed: int, data_cfg=None, labels=None):
     """Validated rows of a labelled CSV/Parquet/JSONL (`sentence`, `label`, ...), at most
     `max_rows` of them (a stratified, seeded sample: the same rows for every backend)."""
-    from sentiment_ray import data
-    from sentiment_ray.config import DataConfig
-    from sentiment_ray.labels import LabelSet
-
-    labelled = data.load_labelled(path, data_cfg or DataConfig(), labels or LabelSet(["Positive", "Negative"]))
-    return data.stratified_subsample(labelled.table, max_rows, seed)
+    labelled = train_data.load_labelled(path, data_cfg or DataConfig(), labels or LabelSet(["Positive", "Negative"]))
+    return train_data.stratified_subsample(labelled.table, max_rows, seed)
 
 
 # ----------------------------------------------------------------------------- config
@@ -90,8 +83,6 @@ def load_table(path: str, max_rows: int | None, seed: int, data_cfg=None, labels
 
 def base_config(config: str, overrides: Sequence[str]):
     """The preset (or YAML) the benchmark starts from, with dotted overrides applied."""
-    from sentiment_ray.config import load_config
-
     return load_config(config, list(overrides))
 
 

@@ -1,9 +1,9 @@
-"""Labelling throughput: label-token scoring vs batched generate vs the seed's per-row generate.
+"""Labelling throughput: label-token scoring vs batched generate vs per-row generate.
 
     python jobs/benchmark.py label --model llama8b-shape --out $OUT       # GPU: unsloth 4-bit
     python jobs/benchmark.py label --model <tiny dir> --smoke --out /tmp/b  # CPU smoke (hf)
 
-The model is loaded the way the labelling job's actors load it - `sentiment_ray.label.Labeler`
+The model is loaded the way the labelling job's actors load it - `label.labeler.Labeler`
 (backend `load_for_inference`: on the unsloth backend 4-bit + `for_inference`; the adapter
 attached when given) - in a child process per backend:
 
@@ -17,7 +17,7 @@ On `n` sentences drawn from the labelled CSV (a stratified, seeded sample) it me
    each batch size of the sweep; its time includes the tokenisation, whose share is given;
 3. batched generate, `LabelScorer.generate` (left-padded, greedy, `max_new_tokens`), on the
    first `generate_n` sentences, for each batch size;
-4. per-row generate, the seed's loop (`tokenizer(prompt)`, one `model.generate` per row,
+4. per-row generate, the naive loop (`tokenizer(prompt)`, one `model.generate` per row,
    decode, parse), on the first `per_row_n` sentences; batch size 1 by construction.
 
 Every phase is preceded by one untimed pass on a few batches (CUDA/cuBLAS set-up, Unsloth's
@@ -37,7 +37,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sentiment_ray import backends
 from sentiment_ray.bench import common, flops
+from sentiment_ray.config import validate
+from sentiment_ray.label.labeler import Labeler
+from sentiment_ray.scoring import micro_batches
 
 RESULT_FILE = "label_benchmark.json"
 SMOKE_OVERRIDES = ["model.max_seq_length=256"]
@@ -184,8 +188,6 @@ def format_label_table(result: dict[str, Any]) -> str:
 
 def padded_tokens(lengths: list[int], batch_size: int, max_batch_tokens: int = 0) -> int:
     """Tokens the model runs, padding included, when LabelScorer batches `lengths`."""
-    from sentiment_ray.scoring import micro_batches
-
     return sum(len(rows) * max(lengths[r] for r in rows) for rows in micro_batches(lengths, batch_size, max_batch_tokens))
 
 
@@ -199,16 +201,11 @@ def _phase(fn):
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    from sentiment_ray import backends
-
     cfg_dict = spec["config"]
     backend_name = backends.resolve_backend_name(cfg_dict["model"]["backend"])
     backends.early_import(backend_name)  # before transformers / peft
 
     import torch
-
-    from sentiment_ray.config import validate
-    from sentiment_ray.label import Labeler
 
     started = time.perf_counter()
     cfg = validate(cfg_dict, source="label benchmark spec")
@@ -350,7 +347,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     result["generate_batched"] = _phase(generate_batched)
 
-    # 4. the seed's per-row generate loop
+    # 4. the naive per-row generate loop
     row_sentences = sentences[: int(spec["per_row_n"])]
 
     def generate_per_row():

@@ -11,7 +11,7 @@ heads, intermediate 14336, vocab 128256, RoPE theta 500000 with Llama-3 scaling)
 `llama1b-shape` (Llama-3.2-1B: hidden 2048, 16 layers, 32/8 heads, intermediate 8192, tied
 embeddings) and `tiny-shape` (for CPU tests: vocab 128256 at hidden 64).
 
-Tokenizer. The real Llama-3 tokenizer cannot be downloaded here, so the folder gets the demo
+Tokenizer. Building needs no download, so the folder gets the demo
 model's tokenizer (SmolLM2, 49,152 tokens) or the one named by `tokenizer`. Its ids are all
 below 128,256, so they index the model's embedding directly (no remapping); the model keeps
 the full 128,256-row embedding and LM head, so the LM head costs what Llama-3's does. What
@@ -36,6 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from sentiment_ray.backends.base import ensure_pad_token
+from sentiment_ray.models import cache_dir, resolve_model_path
 
 SHAPE_MARKER = "bench_shape.json"
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
@@ -104,8 +107,6 @@ def is_shape(name: str) -> bool:
 def shape_cache_dir(name: str, tokenizer: str, cache_root: str | os.PathLike | None = None) -> Path:
     """`<cache>/bench-shapes/<name>-<hash of shape + tokenizer>`: a changed shape or tokenizer
     never reuses a stale folder."""
-    from sentiment_ray.models import cache_dir
-
     key = json.dumps({"shape": SHAPES[name], "tokenizer": tokenizer}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     root = Path(cache_root) if cache_root else cache_dir()
@@ -124,9 +125,6 @@ def build_shape(
     Atomic: the folder appears complete or not at all."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from sentiment_ray.backends.base import ensure_pad_token
-    from sentiment_ray.models import resolve_model_path
 
     if name not in SHAPES:
         raise ShapeError(f"unknown shape {name!r}; shapes: {', '.join(SHAPES)}")
@@ -191,8 +189,6 @@ def prepare_model(
         if not (target / SHAPE_MARKER).is_file():
             build_shape(name, target, tokenizer=tokenizer, device=device)
         return str(target)
-    from sentiment_ray.models import resolve_model_path
-
     return resolve_model_path(name)
 
 

@@ -9,7 +9,8 @@ other, so Unsloth's patches never reach the hf run and each run starts with an e
 
     python -m sentiment_ray.bench.train_bench --spec <spec.json> --result <result.json>
 
-Each child trains exactly as the training job's worker does (sentiment_ray.train:
+Each child trains exactly as the training job's worker does (sentiment_ray.train.data /
+trainer:
 `build_train_dataset`, `build_sft_config`, `sft_trainer_class` - TRL SFTTrainer, packing,
 batch x grad-accum from the config, adamw_8bit, linear LR, bf16, the backend's gradient
 checkpointing), with checkpoint saving switched off, for `warmup + steps` optimizer steps.
@@ -43,12 +44,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sentiment_ray import backends
+from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.bench import common, flops
+from sentiment_ray.config import validate
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.prompts import PromptTemplate
+from sentiment_ray.train import data as train_data
+from sentiment_ray.train import trainer as sft
 
 RESULT_FILE = "train_benchmark.json"
 DEFAULT_WARMUP = 3
 DEFAULT_STEPS = 8
-# Targets from the issue (8B shape, one H100), checked when the model is llama8b-shape.
+# Targets for the 8B shape on one H100-class GPU, checked when the model is llama8b-shape.
 TARGETS = {"unsloth_tokens_per_s": 7300.0, "speedup_vs_hf": 3.0, "memory_ratio_vs_hf": 0.45}
 SMOKE_OVERRIDES = [
     "model.max_seq_length=256",
@@ -413,19 +421,11 @@ def _bare_loop(trainer, model, counter, sync, device, total_steps: int, grad_acc
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Train per `spec` in this process and return the measurements (the child's work)."""
-    from sentiment_ray import backends
-    from sentiment_ray.backends.base import gradient_checkpointing_for
-
     cfg_dict = spec["config"]
     backend_name = backends.resolve_backend_name(cfg_dict["model"]["backend"])
     backends.early_import(backend_name)  # before transformers / trl / peft
 
     import torch
-
-    from sentiment_ray import train as train_mod
-    from sentiment_ray.config import validate
-    from sentiment_ray.labels import LabelSet
-    from sentiment_ray.prompts import PromptTemplate
 
     started = time.perf_counter()
     cfg = validate(cfg_dict, source="train benchmark spec")
@@ -442,19 +442,17 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     table = common.load_table(cfg.data.train_path, None, cfg.data.split_seed, cfg.data, labels)
     rows = int(spec.get("max_rows") or 0) or _estimate_rows(cfg, tokenizer, template, table, total_steps)
-    from sentiment_ray import data as data_mod
-
-    table = data_mod.stratified_subsample(table, rows, cfg.data.split_seed)
-    dataset = train_mod.build_train_dataset(cfg, table, tokenizer, template, labels)
+    table = train_data.stratified_subsample(table, rows, cfg.data.split_seed)
+    dataset = train_data.build_train_dataset(cfg, table, tokenizer, template, labels)
     scratch = tempfile.mkdtemp(prefix="sentiment-ray-bench-")
-    args = train_mod.build_sft_config(cfg, device, scratch, world_size=1)
+    args = sft.build_sft_config(cfg, device, scratch, world_size=1)
     from transformers.trainer_utils import SaveStrategy
 
     args.save_strategy = SaveStrategy.NO  # a benchmark keeps no checkpoints
     counter = _token_counter_class()()
     timer = _timer_callback_class()(counter, sync)
-    trainer_cls = _bench_trainer_class(train_mod.sft_trainer_class(), counter)
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    trainer_cls = _bench_trainer_class(sft.sft_trainer_class(), counter)
+    hf_trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
     prep_s = time.perf_counter() - t0
 
     if device.type == "cuda":
@@ -462,11 +460,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     if spec.get("loop", "trainer") == "bare":
-        steps, losses = _bare_loop(trainer, model, counter, sync, device, total_steps, cfg.train.gradient_accumulation_steps)
+        steps, losses = _bare_loop(hf_trainer, model, counter, sync, device, total_steps, cfg.train.gradient_accumulation_steps)
     else:
-        trainer.train()
+        hf_trainer.train()
         steps = timer.steps
-        losses = _losses_by_step(trainer.state.log_history, total_steps)
+        losses = _losses_by_step(hf_trainer.state.log_history, total_steps)
     train_s = time.perf_counter() - t0
     if len(steps) != total_steps:
         raise RuntimeError(f"expected {total_steps} optimizer steps, timed {len(steps)}")
@@ -504,7 +502,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "gradient_checkpointing": gradient_checkpointing_for(cfg, device),
             "seed": cfg.train.seed,
             "train_rows": table.num_rows,
-            "packed_sequences": _length(trainer.train_dataset),
+            "packed_sequences": _length(hf_trainer.train_dataset),
         },
         "warmup_steps": warmup,
         "timed_steps": timed,

@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.gpu_models]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CSV = REPO_ROOT / "data" / "demo" / "sentiment_demo.csv"
@@ -31,7 +31,7 @@ BENCH_SCRIPT = textwrap.dedent(
     """
     import csv, json, sys, time
     from sentiment_ray.config import load_config
-    from sentiment_ray.label import Labeler       # imports nothing heavy; Labeler imports unsloth first
+    from sentiment_ray.label.labeler import Labeler       # imports nothing heavy; Labeler imports unsloth first
 
     cfg = load_config("demo", ["label.batch_size=64"])
     with open(sys.argv[1], newline="", encoding="utf-8") as f:

@@ -1,0 +1,107 @@
+"""Getting a Ray cluster: connect to one that exists or start a local one; GPU detection; the
+environment every Ray worker of this project runs with.
+
+Light at import time: `ray` is imported inside the functions (job drivers import this module
+before they know whether Ray is needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Settings that switch NVLink multicast (NVLS) off in NCCL, torch symmetric memory and
+# NVSHMEM. It hangs or fails on some multi-GPU hosts; where it does, set these in the
+# environment (a local cluster's workers inherit it) or in cluster/runtime_env.yaml. Run
+# manifests record their values.
+NVLINK_MULTICAST_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+
+# What `ray job submit --working-dir .` must not upload (Ray also honours .gitignore). The
+# same list is in cluster/runtime_env.yaml; tests/unit/test_cluster_files.py keeps them equal.
+WORKING_DIR_EXCLUDES = [
+    ".venv/",
+    "venv/",
+    "runs/",
+    ".git/",
+    "*.whl",
+    ".cache/",
+    "__pycache__/",
+    ".pytest_cache/",
+    "*.egg-info/",
+    "unsloth_compiled_cache/",
+]
+
+
+class ClusterError(RuntimeError):
+    """The Ray address is unusable or the cluster cannot provide what the config asks."""
+
+
+def job_runtime_env(working_dir: str = ".") -> dict:
+    """The runtime environment for `ray job submit` / a KubeRay RayJob (what
+    cluster/runtime_env.yaml holds): the working dir without caches and venvs."""
+    return {"working_dir": working_dir, "excludes": list(WORKING_DIR_EXCLUDES)}
+
+
+def resolve_address(address: str = "") -> str:
+    """The address to connect to: the argument (`run.ray_address`), else RAY_ADDRESS, else
+    "" (start a local cluster). `auto` means the cluster `ray start` left on this machine."""
+    target = (address or os.environ.get("RAY_ADDRESS", "")).strip()
+    if target.startswith(("http://", "https://")):
+        # The dashboard / jobs API address: what `ray job submit` wants, not `ray.init`.
+        raise ClusterError(
+            f"Ray address {target!r} is a dashboard (jobs API) URL; ray.init needs the cluster "
+            "address (host:6379, 'auto', or ray://host:10001). To run on that cluster, submit "
+            "the job instead: ray job submit --working-dir . -- python jobs/train.py ..."
+        )
+    return target
+
+
+def connect(address: str = "", *, num_cpus: int | None = None) -> None:
+    """Connect this process to Ray, once.
+
+    With an address (argument, `run.ray_address`, or RAY_ADDRESS, which `ray job submit`
+    sets for the entrypoint) it joins that cluster; otherwise it starts a private local
+    cluster (never silently joining another `ray start` cluster on a shared machine: pass
+    `auto` for that). Token authentication needs nothing here: Ray reads the token from
+    RAY_AUTH_TOKEN / ~/.ray/auth_token, and local clusters create one.
+    """
+    import ray
+    from ray.job_config import JobConfig
+
+    if ray.is_initialized():
+        return
+    target = resolve_address(address)
+    common = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Inside `ray job submit`: workers import the package from the uploaded working dir.
+        ray.init(address=target or "auto", **common)
+        return
+    # A driver run from a checkout: workers on this node import the package from it.
+    job_config = JobConfig(code_search_path=[str(REPO_ROOT)])
+    if target:
+        ray.init(address=target, job_config=job_config, **common)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, job_config=job_config, **common)
+
+
+def cluster_gpu_count() -> int:
+    """GPUs the connected cluster has now (autoscaling clusters may add more later)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise ClusterError("cluster_gpu_count() needs a Ray connection: call connect() first")
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_use_gpu(setting: str) -> bool:
+    """`run.use_gpu`: "true"/"false" as given; "auto" = the cluster has a GPU now."""
+    if setting == "true":
+        return True
+    if setting == "false":
+        return False
+    if setting == "auto":
+        return cluster_gpu_count() > 0
+    raise ClusterError(f"run.use_gpu must be auto, true or false, got {setting!r}")

@@ -1,0 +1,94 @@
+"""Every use of a library's private internals, in one place, checked against the versions it
+was written for.
+
+The pinned libraries expose no public API for these; each accessor says what it reaches and
+why. `check()` verifies every one on the installed versions; tests/unit/test_compat.py runs
+it, so a version bump that moves one of these fails loudly there, not in a user's run.
+
+Pure at import time: each library is imported inside the accessor that needs it.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+# The versions these accessors were written and tested against.
+WRITTEN_FOR = {"transformers": "5.17.0", "trl": "1.15.0", "ray": "2.60.0"}
+
+
+class CompatError(RuntimeError):
+    """An installed library no longer has an internal this project relies on."""
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def tokens_seen_before_this_attempt(trainer: Any) -> int:
+    """The HF Trainer's token count restored from a checkpoint when training resumed
+    (`Trainer._initial_num_input_tokens_seen`): subtracted from `state.num_input_tokens_seen`
+    to get the tokens this attempt trained on, for a resumed run's tokens/s."""
+    return int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
+
+
+# ----------------------------------------------------------------------------- trl
+
+
+def trl_fused_loss_kernel() -> Any:
+    """TRL's fused LM-head + loss kernel (`trl.trainer.utils._ChunkedLogProbFunction`), or
+    None where TRL could not import it (no Triton: CPU builds of torch). SFTTrainer computes
+    its loss with it; where it is None the project's trainer uses the model's own loss."""
+    from trl.trainer import utils as trl_utils
+
+    return getattr(trl_utils, "_ChunkedLogProbFunction", None)
+
+
+# ----------------------------------------------------------------------------- ray tune
+
+
+def asha_rungs(scheduler: Any) -> list[list[tuple[float, dict]]]:
+    """ASHA's rungs per bracket (`AsyncHyperBandScheduler._brackets[i]._rungs`: a list of
+    (milestone, {trial id: reward})). Tune restores a scheduler empty after a restart; the
+    project saves these records and puts them back (tune/scheduler.py)."""
+    return [bracket._rungs for bracket in scheduler._brackets]
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def check() -> list[str]:
+    """Problems with the installed versions (empty when every internal is where it should be)."""
+    problems = []
+    for name, version in WRITTEN_FOR.items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{name} is not installed")
+            continue
+        if installed != version:
+            problems.append(f"{name} {installed} is installed; sentiment_ray/compat.py was written for {version}: re-check it")
+    try:
+        from transformers import Trainer
+        import inspect
+
+        if "_initial_num_input_tokens_seen" not in inspect.getsource(Trainer):
+            problems.append("transformers.Trainer no longer sets _initial_num_input_tokens_seen")
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"transformers.Trainer: {err}")
+    try:
+        from trl.trainer import utils as trl_utils
+
+        if not hasattr(trl_utils, "_ChunkedLogProbFunction"):  # None without Triton, but defined
+            problems.append("trl.trainer.utils._ChunkedLogProbFunction is gone")
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"trl: {err}")
+    try:
+        from ray.tune.schedulers import AsyncHyperBandScheduler
+
+        asha = AsyncHyperBandScheduler(time_attr="step", max_t=8, grace_period=1, metric="m", mode="max")
+        rungs = asha_rungs(asha)
+        if not rungs or not all(isinstance(m, (int, float)) and isinstance(r, dict) for b in rungs for m, r in b):
+            problems.append(f"AsyncHyperBandScheduler rungs have another shape: {rungs!r}")
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"ray.tune AsyncHyperBandScheduler._brackets/_rungs: {err}")
+    return problems

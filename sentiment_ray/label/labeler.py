@@ -1,0 +1,299 @@
+"""The labelling actor: holds one model for its whole life and labels work units.
+
+    Labeler(cfg).predict(sentences)                        # the scoring core, no Ray (benchmarks)
+    Labeler(cfg, output_dir=out).label_unit(unit)          # one unit's files
+    ray.data ... .map_batches(Labeler, ...)                # what label/recipe.py runs
+
+Per unit it streams the unit's rows through the one reader and the one validator (a reader
+thread validates and tokenises the next chunk while the model works), quarantines bad rows,
+scores (or generates) the good ones, and commits the unit's Parquet / CSV / quarantine
+shards, then its marker (label/layout.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from sentiment_ray import backends
+from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.io import quarantine
+from sentiment_ray.io.readers import read_chunks
+from sentiment_ray.io.rows import SOURCE_COLUMNS, CheckedRows, RowRules, RowValidator
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.io.uris import local_folder
+from sentiment_ray.io.values import DataError
+from sentiment_ray.label import layout
+from sentiment_ray.label.plan import LabelRunError, WorkUnit, adapter_identity
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.prompts import PromptTemplate
+from sentiment_ray.scoring import LabelScorer
+
+# Columns the labeller adds to every row besides SOURCE_COLUMNS and one `p_<label>` per
+# class; an input column with one of these names is an error.
+IDENTITY_COLUMNS = ("model_name", "adapter_id")
+PREDICTION_COLUMNS = ("pred_label", "confidence", "truncated", "parse_failed", "generated_text")
+# Rows handed to the scorer at once: it sorts them by length into micro-batches, so a wider
+# window means less padding.
+CHUNK_BATCHES = 16
+
+
+def output_columns(cfg: ExperimentConfig) -> set[str]:
+    """Columns the labeller adds to every row; an input column with one of these names is an error."""
+    return {*SOURCE_COLUMNS, *IDENTITY_COLUMNS, *PREDICTION_COLUMNS, *LabelSet(cfg.prompt.labels).probability_columns()}
+
+
+class Labeler:
+    """A Ray Data callable class: one batch = one work unit (a `unit` column of JSON)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig | dict[str, Any],
+        adapter_path: str | None = None,
+        output_dir: str | None = None,
+        identity: dict[str, Any] | None = None,
+        device: Any = None,
+    ):
+        cfg = cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig(**cfg)
+        # Unsloth must be imported before anything imports transformers/peft: first thing.
+        self.backend_name = backends.resolve_backend_name(cfg.model.backend)
+        backends.early_import(self.backend_name)
+
+        self.cfg = cfg
+        self.labels = LabelSet(cfg.prompt.labels)
+        self.mode = cfg.label.mode
+        started = time.perf_counter()
+        with local_folder(adapter_path) as local_adapter:  # an s3:// adapter: a local copy while loading
+            model, tokenizer = backends.get_backend(self.backend_name).load_for_inference(cfg, local_adapter, device)
+        # Generation needs room for the new tokens inside the model's context.
+        max_length = cfg.model.max_seq_length - (cfg.label.max_new_tokens if self.mode == "generate" else 0)
+        self.scorer = LabelScorer(
+            model, tokenizer, PromptTemplate.from_config(cfg.prompt), self.labels, max_length,
+            cfg.label.batch_size, cfg.label.max_batch_tokens,
+        )
+        self.load_seconds = time.perf_counter() - started
+        self.out = Storage(output_dir) if output_dir else None
+        identity = identity or {"model_name": cfg.model.name, "adapter_id": (adapter_identity(adapter_path) or {}).get("id")}
+        self.model_name, self.adapter_id = identity["model_name"], identity["adapter_id"]
+        self.validator = RowValidator(RowRules(text_column=cfg.data.text_column, id_column=cfg.data.id_column))
+        self.chunk_rows = cfg.label.batch_size * CHUNK_BATCHES
+
+    def __call__(self, batch):
+        """Ray Data entry: a batch of units (a `unit` column of JSON) -> one marker row each."""
+        import pyarrow as pa
+
+        markers = [self.label_unit(WorkUnit.from_dict(json.loads(u))) for u in batch.column("unit").to_pylist()]
+        return pa.table({"marker": [json.dumps(m) for m in markers]})
+
+    # -- predictions
+
+    def predict(self, sentences: Sequence[str], encoded=None) -> tuple[dict[str, Any], int]:
+        """(prediction columns as Arrow arrays, prompt tokens) for `sentences`, in order.
+        `encoded`: `scorer.encode(sentences)` when the caller already has it."""
+        import pyarrow as pa
+
+        if self.mode == "scoring":
+            result = self.scorer.score_ids(*(encoded or self.scorer.encode(sentences)))
+            columns = {"pred_label": pa.array(result.predicted(), type=pa.string())}
+            for j, name in enumerate(self.labels.probability_columns()):
+                columns[name] = pa.array(result.probs[:, j])
+            columns["confidence"] = pa.array(result.confidence().astype("float32"))
+            columns["truncated"] = pa.array(result.truncated, type=pa.bool_())
+            return columns, result.prompt_tokens
+        result = self.scorer.generate(sentences, self.cfg.label.max_new_tokens)
+        default = self.cfg.label.default_label_on_parse_failure
+        labels = [label if label is not None else default for label in result.labels]
+        columns = {
+            "pred_label": pa.array(labels, type=pa.string()),
+            "parse_failed": pa.array(result.parse_failed, type=pa.bool_()),
+            "generated_text": pa.array(result.texts, type=pa.string()),
+            "truncated": pa.array(result.truncated, type=pa.bool_()),
+        }
+        return columns, result.prompt_tokens
+
+    # -- units
+
+    def label_unit(self, unit: WorkUnit) -> dict[str, Any]:
+        """Label one unit and commit its files; returns the commit marker's content. A unit
+        already committed (a retry after the marker was written) is not redone. A failure
+        is recorded under `_failed/` (for the driver's error message) and re-raised."""
+        if self.out is None:
+            raise LabelRunError("Labeler.label_unit needs output_dir")
+        try:
+            return self._label_unit(unit)
+        except Exception as err:
+            self.out.write_json(
+                layout.unit_files(unit.unit_id).failed,
+                {"unit_id": unit.unit_id, "where": unit.describe(), "type": type(err).__name__, "message": str(err)},
+            )
+            raise
+
+    def _label_unit(self, unit: WorkUnit) -> dict[str, Any]:
+        import pyarrow as pa
+
+        files = layout.unit_files(unit.unit_id)
+        if self.out.is_file(files.done):
+            return self.out.read_json(files.done)
+        started, started_at = time.perf_counter(), time.time()
+        tables, quarantined = [], []
+        tokens, rows_read, predict_seconds = 0, 0, 0.0
+        for checked, encoded in _prefetched(self._checked_pieces(unit)):
+            rows_read += len(checked.good) + len(checked.quarantined)
+            quarantined.extend(checked.quarantined)
+            table = checked.table(self.cfg.data.id_column)
+            if table.num_rows:
+                t = time.perf_counter()
+                predictions, n_tokens = self.predict(checked.sentences, encoded)
+                predict_seconds += time.perf_counter() - t
+                tokens += n_tokens
+                clash = sorted(({*predictions, *IDENTITY_COLUMNS}) & set(table.column_names))
+                if clash:
+                    raise DataError(f"{unit.file}: input column(s) {clash} clash with columns the labeller adds; rename them")
+                for name, array in predictions.items():
+                    table = table.append_column(name, array)
+                table = table.append_column("model_name", pa.array([self.model_name] * table.num_rows, pa.string()))
+                table = table.append_column("adapter_id", pa.array([self.adapter_id] * table.num_rows, pa.string()))
+                tables.append(table)
+            elif not tables:
+                tables.append(table)  # keeps the schema of an all-bad unit
+        if rows_read != unit.num_rows:
+            raise DataError(
+                f"{unit.describe()} were planned but {rows_read} rows were read; "
+                "the file changed since the run was planned (rerun with --overwrite)"
+            )
+        table = _concat(tables, unit)
+        labelled = table.num_rows if "pred_label" in table.column_names else 0
+        self._write_parquet(files.predictions, table)
+        ids = table.column(self.cfg.data.id_column).to_pylist() if labelled else []
+        preds = table.column("pred_label").to_pylist() if labelled else []
+        self.out.write_bytes(files.csv, submission_csv(ids, preds))
+        if quarantined:
+            self.out.write_bytes(files.quarantine, quarantine.to_jsonl(quarantined))
+        marker = {
+            "unit_id": unit.unit_id,
+            "index": unit.index,
+            "file": unit.file,
+            "rows": unit.num_rows,
+            "labelled": labelled,
+            "bad_rows": len(quarantined),
+            "bad_by_kind": dict(Counter(e["kind"] for e in quarantined)),
+            "truncated": _count_true(table, "truncated"),
+            "parse_failed": _count_true(table, "parse_failed"),
+            "prompt_tokens": tokens,
+            "predict_seconds": round(predict_seconds, 4),
+            "seconds": round(time.perf_counter() - started, 4),
+            "started_at": round(started_at, 3),
+            "finished_at": round(time.time(), 3),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        self.out.write_json(files.done, marker)  # the commit: written last
+        return marker
+
+    def _checked_pieces(self, unit: WorkUnit):
+        """(validated rows, their encoded prompts) for the unit, chunk by chunk."""
+        chunks = read_chunks(
+            unit.file, start=unit.position, stop_row=unit.stop, row_groups=unit.row_groups or None, chunk_rows=self.chunk_rows
+        )
+        for index, chunk in enumerate(chunks):
+            checked = self.validator.validate(chunk, has_ids=unit.has_ids, generated_ids=None if unit.has_ids else unit.id_name)
+            # The model waits for a unit's first piece (nothing overlaps it), so that piece is
+            # one batch; the rest is tokenised while the model scores it.
+            pieces = _split_first(checked, self.cfg.label.batch_size) if index == 0 else [checked]
+            for piece in pieces:
+                # Tokenised here, in the reader thread (the Rust tokenizer releases the GIL),
+                # so the model never waits for it.
+                encoded = self.scorer.encode(piece.sentences) if self.mode == "scoring" and piece.sentences else None
+                yield piece, encoded
+
+    def _write_parquet(self, name: str, table) -> None:
+        import pyarrow.parquet as pq
+
+        with self.out.atomic_writer(name) as out:
+            pq.write_table(table, out, compression="zstd")
+
+
+def submission_csv(ids: Sequence[str], labels: Sequence[str | None], header: bool = True) -> bytes:
+    """`ID,label` rows in the submission format (a missing label is an empty field)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if header:
+        writer.writerow(["ID", "label"])
+    writer.writerows(zip(ids, ("" if x is None else x for x in labels)))
+    return buffer.getvalue().encode("utf-8")
+
+
+def _split_first(checked: CheckedRows, rows: int) -> list[CheckedRows]:
+    """[the first `rows` good rows (with all quarantine entries), the rest] of checked rows."""
+    if len(checked.sentences) <= rows:
+        return [checked]
+    head, tail = checked.good[:rows], checked.good[rows:]
+    return [
+        CheckedRows(checked.chunk, head, checked.sentences[:rows], checked.ids[:rows], None, checked.quarantined),
+        CheckedRows(checked.chunk, tail, checked.sentences[rows:], checked.ids[rows:], None, []),
+    ]
+
+
+def _prefetched(iterator, depth: int = 2):
+    """Run `iterator` in a thread, `depth` items ahead, so reading and validating the next
+    chunk overlaps the model's work on this one. Exceptions re-raise in the consumer; a
+    consumer that stops early stops the thread too."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(kind: str, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put((kind, item), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterator:
+                if not hand_over("item", item):
+                    return
+            hand_over("end", None)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            hand_over("error", err)
+
+    threading.Thread(target=produce, name="label-prefetch", daemon=True).start()
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _concat(tables, unit: WorkUnit):
+    import pyarrow as pa
+
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise DataError(f"{unit.describe()}: a column changes type between rows ({err}); make each column one type") from None
+
+
+def _count_true(table, column: str) -> int:
+    if column not in table.column_names or table.num_rows == 0:
+        return 0
+    import pyarrow.compute as pc
+
+    return int(pc.sum(table.column(column)).as_py() or 0)

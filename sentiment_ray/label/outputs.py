@@ -1,0 +1,159 @@
+"""What the driver makes of committed units: the markers' totals, the merged submission and
+quarantine files in input order, and the evaluation against the input's gold labels."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.label import layout
+from sentiment_ray.label.labeler import submission_csv
+from sentiment_ray.label.plan import LabelRunError, WorkUnit
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.metrics import evaluate_predictions
+from sentiment_ray.report import html, plots
+
+
+def done_unit_ids(out: Storage) -> set[str]:
+    """Units with a commit marker."""
+    return {u for u in map(layout.unit_id_of_marker, out.list_names(layout.DONE_DIR)) if u}
+
+
+def first_failure(out: Storage) -> dict[str, Any] | None:
+    names = out.list_names(layout.FAILED_DIR)
+    return out.read_json(f"{layout.FAILED_DIR}/{names[0]}") if names else None
+
+
+def read_markers(out: Storage, units: list[WorkUnit]) -> dict[str, dict[str, Any]]:
+    markers, missing = {}, []
+    for unit in units:
+        name = layout.unit_files(unit.unit_id).done
+        marker = out.read_json_or_none(name)
+        if marker is None:
+            missing.append(unit.unit_id)
+            continue
+        if marker["labelled"] + marker["bad_rows"] != unit.num_rows:
+            raise LabelRunError(f"{out.path(name)}: {marker['labelled']} + {marker['bad_rows']} rows, but the unit has {unit.num_rows}")
+        markers[unit.unit_id] = marker
+    if missing:
+        raise LabelRunError(f"{len(missing)} units have no commit marker after the run (first: {missing[:3]}); rerun the command")
+    return markers
+
+
+def totals(markers) -> dict[str, Any]:
+    markers = list(markers)
+    bad = Counter()
+    for m in markers:
+        bad.update(m["bad_by_kind"])
+    return {
+        "rows": sum(m["rows"] for m in markers),
+        "labelled": sum(m["labelled"] for m in markers),
+        "bad_rows": sum(m["bad_rows"] for m in markers),
+        "bad_by_kind": dict(bad),
+        "truncated": sum(m["truncated"] for m in markers),
+        "parse_failed": sum(m["parse_failed"] for m in markers),
+        "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
+        "predict_seconds": round(sum(m["predict_seconds"] for m in markers), 3),
+    }
+
+
+def labelling_window(markers: list[dict]) -> dict[str, Any]:
+    """Throughput between the first unit's start and the last unit's end (actor start-up
+    and model loading excluded): the rate a long run settles at."""
+    timed = [m for m in markers if "started_at" in m and "finished_at" in m]
+    if not timed:
+        return {}
+    window = max(m["finished_at"] for m in timed) - min(m["started_at"] for m in timed)
+    return {
+        "labelling_window_s": round(window, 3),
+        "actors_used": len({(m.get("host"), m.get("pid")) for m in timed}),
+        "prompt_tokens_per_s_in_window": round(sum(m["prompt_tokens"] for m in timed) / window, 1) if window > 0 else None,
+        "rows_per_s_in_window": round(sum(m["rows"] for m in timed) / window, 2) if window > 0 else None,
+    }
+
+
+def merge_submission(out: Storage, units: list[WorkUnit]) -> str:
+    """One `ID,label` file in input order (unit order, then row order), streamed."""
+    with out.atomic_writer(layout.SUBMISSION_FILE) as f:
+        f.write(submission_csv([], []))
+        for unit in units:
+            shard = out.read_bytes(layout.unit_files(unit.unit_id).csv)
+            f.write(shard.split(b"\n", 1)[1] if b"\n" in shard else b"")
+    return out.path(layout.SUBMISSION_FILE)
+
+
+def merge_quarantine(out: Storage, units: list[WorkUnit], markers: dict[str, dict]) -> str:
+    """All quarantined rows in input order (an empty file when there are none)."""
+    with out.atomic_writer(layout.QUARANTINE_FILE) as f:
+        for unit in units:
+            if markers[unit.unit_id]["bad_rows"]:
+                f.write(out.read_bytes(layout.unit_files(unit.unit_id).quarantine))
+    return out.path(layout.QUARANTINE_FILE)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def read_gold_and_predictions(out: Storage, units: list[WorkUnit], label_column: str, lang_column: str) -> dict[str, list]:
+    """The gold label, prediction, confidence and language of every labelled row, reading
+    only those columns of the shards (a unit whose rows were all quarantined has none)."""
+    import pyarrow.parquet as pq
+
+    data: dict[str, list] = {"gold": [], "predicted": [], "confidence": [], "langs": []}
+    for unit in units:
+        with out.open_input(layout.unit_files(unit.unit_id).predictions) as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            if "pred_label" not in names:
+                continue
+            table = parquet.read(columns=[c for c in (label_column, "pred_label", "confidence", lang_column) if c in names])
+        n = table.num_rows
+
+        def column(name: str) -> list:
+            return table.column(name).to_pylist() if name in table.column_names else [None] * n
+
+        data["gold"] += column(label_column)
+        data["predicted"] += column("pred_label")
+        data["confidence"] += column("confidence")
+        data["langs"] += column(lang_column)
+    return data
+
+
+def evaluate(out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "") -> dict[str, Any] | None:
+    """Metrics against the input's gold labels into metrics.json, report.png and report.html
+    (rows whose label is missing or unknown are counted, not scored); None when no row has
+    a usable gold label."""
+    data = read_gold_and_predictions(out, units, cfg.data.label_column, cfg.data.lang_column)
+    scoring = cfg.label.mode == "scoring"
+    report = evaluate_predictions(
+        data["gold"], data["predicted"], LabelSet(cfg.prompt.labels), label_map=cfg.data.label_map,
+        confidence=data["confidence"] if scoring else None, langs=data["langs"],
+    )
+    if report is None:
+        return None
+    out.write_json(layout.METRICS_FILE, report)
+    png = plots.render_report_png(
+        report["confusion_matrix"],
+        report.get("calibration_bins"),
+        title=f"{os.path.basename(cfg.model.name.rstrip('/'))} ({cfg.label.mode}, n={report['n']})",
+        ece=report.get("ece"),
+    )
+    out.write_bytes(layout.REPORT_PNG_FILE, png)
+    out.write_text(layout.REPORT_HTML_FILE, html.prediction_report_html(report, title=title, subtitle=subtitle))
+    return report
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The metrics for the one-line summary (the full report is in metrics.json)."""
+    return {
+        "n": report["n"],
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "ece": report.get("ece"),
+        "unparsed": report["unparsed"],
+        "rows_without_label": report["rows_without_label"],
+        "per_language": report.get("per_language"),
+    }

@@ -1,0 +1,326 @@
+"""The labelling plan: the input cut into work units, checked once, and recorded in the
+output folder's manifest, so a rerun reuses it and refuses inputs or settings that changed.
+
+A *work unit* is a row range of one input file. Parquet units are consecutive row groups,
+from the footer alone. CSV and JSON lines are read once (the only way to count CSV records,
+whose quoted fields may span lines) by the one reader, in unit-sized chunks of the ID
+column; each chunk's end is where the next unit starts (byte offset and line), so an actor
+seeks straight to its rows. The same pass feeds every ID to the duplicate check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sentiment_ray import provenance
+from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.io.files import describe_inputs, file_format, id_names
+from sentiment_ray.io.ids import IdIndex, duplicates_message
+from sentiment_ray.io.readers import Position, csv_header, parquet_file, read_chunks
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.io.uris import StorageError, local_folder
+from sentiment_ray.io.values import DataError, id_key
+from sentiment_ray.label import layout
+
+MANIFEST_VERSION = 2
+DEFAULT_ROWS_PER_UNIT = 50_000
+
+
+class LabelRunError(RuntimeError):
+    """The labelling run cannot proceed (changed inputs, a failed unit, ...)."""
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows [start, stop) (1-based data rows) of one input file."""
+
+    index: int
+    """Position in input order (files in `expand_paths` order, then rows)."""
+    file: str
+    fmt: str
+    start: int
+    stop: int
+    has_ids: bool
+    """The file has the ID column; otherwise IDs are generated as `<id_name>:<row>`."""
+    id_name: str
+    """The file's name for generated IDs: its path relative to the inputs' common folder."""
+    byte_offset: int = 0
+    """CSV/JSON lines: where row `start` begins (in the decompressed stream for .gz)."""
+    first_line: int = 0
+    """CSV/JSON lines: the line row `start` begins on (0: the file's start)."""
+    row_groups: tuple[int, ...] = ()
+    """Parquet: the row groups this unit covers."""
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def position(self) -> Position:
+        return Position(self.start, self.byte_offset, self.first_line)
+
+    @property
+    def unit_id(self) -> str:
+        """Stable name: input position (for humans and sorting) + hash of file and range."""
+        digest = hashlib.sha256(f"{self.file}\0{self.start}\0{self.stop}".encode()).hexdigest()[:10]
+        return f"part-{self.index:06d}-{digest}"
+
+    def describe(self) -> str:
+        return f"{self.file}: rows {self.start}-{self.stop - 1}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["row_groups"] = list(self.row_groups)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WorkUnit":
+        return cls(**{**d, "row_groups": tuple(d.get("row_groups") or ())})
+
+
+@dataclass
+class Plan:
+    units: list[WorkUnit]
+    total_rows: int
+    files_without_ids: list[str]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_units(
+    files: Sequence[str],
+    *,
+    text_column: str,
+    id_column: str,
+    generate_ids: bool,
+    rows_per_unit: int = DEFAULT_ROWS_PER_UNIT,
+    reserved_columns: Sequence[str] = (),
+) -> Plan:
+    """Split the input files into work units of about `rows_per_unit` rows, checking each
+    file has the text column and (unless `generate_ids`) the ID column, and that no ID
+    repeats anywhere in the input. An input column named like one in `reserved_columns`
+    (what the labeller adds) is an error (CSV header, Parquet schema; JSON lines are
+    checked row by row when labelled)."""
+    if rows_per_unit <= 0:
+        raise ValueError(f"rows_per_unit must be positive, got {rows_per_unit}")
+    names = id_names(files)
+    units: list[WorkUnit] = []
+    without_ids: list[str] = []
+    duplicates, duplicate_count = [], 0
+    total = 0
+    with IdIndex() as ids:
+
+        def check_ids(chunk) -> None:
+            nonlocal duplicate_count
+            found = ids.add(chunk.file, chunk.first_row, [id_key(v) for v in chunk.column_values(id_column)])
+            duplicate_count += len(found)
+            duplicates.extend(found[: max(0, 20 - len(duplicates))])
+
+        for path in files:
+            fmt = file_format(path)
+            if fmt == "parquet":
+                spans, has_ids, n, columns = _plan_parquet(path, text_column, id_column, rows_per_unit)
+                for chunk in read_chunks(path, columns=[id_column]) if has_ids else ():
+                    check_ids(chunk)
+            else:
+                spans, has_ids, n, columns = _plan_text(path, fmt, text_column, id_column, rows_per_unit, check_ids)
+            if n == 0:
+                raise DataError(f"{path}: no data rows")
+            clash = sorted(set(reserved_columns) & set(columns))
+            if clash:
+                raise DataError(f"{path}: input column(s) {clash} clash with columns the labeller adds; rename them")
+            if not has_ids:
+                without_ids.append(path)
+            for span in spans:
+                units.append(WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, **span))
+            total += n
+    if duplicates:
+        raise DataError(duplicates_message(duplicates, id_column, duplicate_count))
+    if without_ids and not generate_ids:
+        shown = ", ".join(without_ids[:5]) + (f" and {len(without_ids) - 5} more" if len(without_ids) > 5 else "")
+        raise DataError(
+            f"no {id_column!r} column in {shown}: every prediction needs the input's ID. "
+            f"Set data.id_column to the ID column, or label.generate_ids=true to number rows as <file>:<row>"
+        )
+    return Plan(units=units, total_rows=total, files_without_ids=without_ids)
+
+
+def _plan_parquet(path, text_column, id_column, rows_per_unit):
+    meta = parquet_file(path)
+    names = meta.schema_arrow.names
+    if text_column not in names:
+        raise DataError(f"{path}: no text column {text_column!r}; columns: {names} (set data.text_column)")
+    spans, groups, start, rows = [], [], 1, 0
+    for g in range(meta.num_row_groups):
+        n = meta.metadata.row_group(g).num_rows
+        if groups and rows + n > rows_per_unit:
+            spans.append(dict(start=start, stop=start + rows, row_groups=tuple(groups)))
+            start, groups, rows = start + rows, [], 0
+        groups.append(g)
+        rows += n
+    if rows:
+        spans.append(dict(start=start, stop=start + rows, row_groups=tuple(groups)))
+    return spans, id_column in names, meta.metadata.num_rows, names
+
+
+def _plan_text(path, fmt, text_column, id_column, rows_per_unit, check_ids):
+    columns: list[str] = []
+    if fmt == "csv":
+        columns = csv_header(path)
+        if text_column not in columns:
+            raise DataError(f"{path}: no text column {text_column!r}; header: {columns} (set data.text_column)")
+    spans, has_ids, total = [], id_column in columns, 0
+    position = Position()
+    for chunk in read_chunks(path, columns=[id_column], chunk_rows=rows_per_unit):
+        spans.append(dict(start=chunk.first_row, stop=chunk.first_row + len(chunk), byte_offset=position.byte_offset, first_line=position.line))
+        position = chunk.next or position
+        if id_column in chunk.columns:
+            has_ids = True  # JSON lines: any record with the key
+            check_ids(chunk)
+        total += len(chunk)
+    return spans, has_ids, total, columns
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def adapter_identity(adapter_path: str | None) -> dict[str, Any] | None:
+    """Path and sha256 of the adapter's files (adapter_config.json + weights), or None
+    for zero-shot. The hash, not the path, decides whether outputs are comparable."""
+    if not adapter_path:
+        return None
+    try:
+        with local_folder(adapter_path) as local:  # s3://, gs://: hash a local copy
+            path = os.path.abspath(os.path.expanduser(local))
+            if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise LabelRunError(f"--adapter {adapter_path}: no adapter_config.json there (not a saved LoRA adapter)")
+            digest = hashlib.sha256()
+            for name in sorted(n for n in os.listdir(path) if n.startswith("adapter_")):
+                digest.update(name.encode() + b"\0")
+                with open(os.path.join(path, name), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+    except StorageError as err:
+        raise LabelRunError(f"--adapter {err}") from None
+    sha = digest.hexdigest()
+    shown = adapter_path if "://" in adapter_path else os.path.abspath(os.path.expanduser(adapter_path))
+    return {"path": shown, "sha256": sha, "id": f"{shown.rstrip('/').rsplit('/', 1)[-1] or shown}@{sha[:12]}"}
+
+
+def prediction_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config fields that decide what the predictions are (not batch size or actor
+    count, which may change between a crash and its rerun)."""
+    return {
+        "model": cfg.model.model_dump(),
+        "prompt": cfg.prompt.model_dump(),
+        "label": cfg.label.model_dump(include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids"}),
+        "data": cfg.data.model_dump(include={"text_column", "id_column"}),
+    }
+
+
+def evaluation_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """How the predictions are judged against gold labels (read back by `eval`)."""
+    return {
+        "labels": list(cfg.prompt.labels),
+        "label_column": cfg.data.label_column,
+        "lang_column": cfg.data.lang_column,
+        "label_map": dict(cfg.data.label_map),
+    }
+
+
+def _fingerprint(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+def load_or_plan(
+    out: Storage,
+    cfg: ExperimentConfig,
+    input_path: str,
+    files: list[str],
+    adapter: dict | None,
+    rows_per_unit: int | None,
+    reserved_columns: Sequence[str],
+) -> dict[str, Any]:
+    """The existing manifest when it matches this run (a resume), else a fresh plan written
+    as the manifest. Refuses a folder holding a run of other inputs or settings."""
+    inputs = [f.identity() for f in describe_inputs(files)]
+    wanted = {
+        "inputs": inputs,
+        "config_fingerprint": _fingerprint(prediction_config(cfg)),
+        "adapter_sha256": adapter["sha256"] if adapter else None,
+    }
+    existing = out.read_json_or_none(layout.MANIFEST_FILE)
+    if existing is not None:
+        problems = manifest_differences(existing, wanted, cfg, rows_per_unit)
+        if problems:
+            raise LabelRunError(
+                f"{out.root} holds a labelling run of different inputs or settings:\n  "
+                + "\n  ".join(problems)
+                + "\nRerun with --overwrite to start over there, or choose another --output."
+            )
+        return existing
+    rows_per_unit = rows_per_unit or DEFAULT_ROWS_PER_UNIT
+    plan = plan_units(
+        files,
+        text_column=cfg.data.text_column,
+        id_column=cfg.data.id_column,
+        generate_ids=cfg.label.generate_ids,
+        rows_per_unit=rows_per_unit,
+        reserved_columns=reserved_columns,
+    )
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": input_path,
+        **wanted,
+        "adapter": adapter,
+        "prediction_config": prediction_config(cfg),
+        "evaluation": evaluation_config(cfg),
+        "rows_per_unit": rows_per_unit,
+        "total_rows": plan.total_rows,
+        "files_with_generated_ids": plan.files_without_ids,
+        "git_commit": provenance.git_commit(),
+        "packages": provenance.package_versions(),
+        "units": [u.to_dict() for u in plan.units],
+    }
+    out.write_json(layout.MANIFEST_FILE, manifest)
+    return manifest
+
+
+def manifest_differences(existing: dict, wanted: dict, cfg: ExperimentConfig, rows_per_unit: int | None) -> list[str]:
+    problems = []
+    if existing.get("version") != MANIFEST_VERSION:
+        problems.append(f"manifest version {existing.get('version')} (this code writes {MANIFEST_VERSION})")
+    before = {i["path"]: i for i in existing.get("inputs", [])}
+    now = {i["path"]: i for i in wanted["inputs"]}
+    for p in sorted(set(before) - set(now)):
+        problems.append(f"input file no longer given: {p}")
+    for p in sorted(set(now) - set(before)):
+        problems.append(f"new input file: {p}")
+    for p in sorted(set(now) & set(before)):
+        if (before[p]["size"], before[p]["mtime_ns"]) != (now[p]["size"], now[p]["mtime_ns"]):
+            problems.append(f"input file changed (size/mtime): {p}")
+    if existing.get("config_fingerprint") != wanted["config_fingerprint"]:
+        old, new = existing.get("prediction_config", {}), prediction_config(cfg)
+        changed = [
+            f"{section}.{key}"
+            for section in sorted(set(old) | set(new))
+            for key in sorted(set(old.get(section, {})) | set(new.get(section, {})))
+            if old.get(section, {}).get(key) != new.get(section, {}).get(key)
+        ]
+        problems.append(f"settings that decide the predictions changed: {', '.join(changed) or 'unknown'}")
+    if existing.get("adapter_sha256") != wanted["adapter_sha256"]:
+        problems.append(f"adapter differs (was {(existing.get('adapter') or {}).get('id')})")
+    if rows_per_unit and rows_per_unit != existing.get("rows_per_unit"):
+        problems.append(f"rows per unit {rows_per_unit} (the run was planned with {existing.get('rows_per_unit')})")
+    return problems

@@ -1,0 +1,168 @@
+"""Offline labelling on Ray Data: exactly once per input row, resumable, sharded outputs.
+
+    summary = label_dataset(cfg, "s3://bucket/unlabelled/*.parquet", "runs/label-x",
+                            adapter_path="runs/demo/adapter")
+
+The steps:
+
+1. Plan: expand the input (path, glob, directory or URI), cut it into work units in one
+   streaming pass that also checks IDs for duplicates, and write the manifest (label/plan.py).
+   A rerun into the same output reuses the plan, refusing changed inputs or settings unless
+   `overwrite`.
+2. Label the units without a commit marker on Ray Data: `from_items(units)` ->
+   `map_batches(Labeler, batch_size=1 unit, concurrency=N actors, num_gpus=1 each)`
+   (label/labeler.py). Ray Data restarts a killed actor and retries its units; a killed
+   driver is handled by rerunning the same command. Either way each unit's files are
+   replaced whole and its marker written last, so the output ends up exactly as after an
+   uninterrupted run.
+3. Merge `submission.csv` (when asked) and `quarantine.jsonl` in input order, evaluate
+   against the input's labels when it has them, and write the summary (label/outputs.py).
+
+Bad rows are always quarantined here (`data.on_bad_rows` governs training only: one bad row
+must not stop a million-row labelling run). The evaluation holds the labelled rows' gold and
+predicted labels in driver memory (fine for evaluation-sized sets, not for 100M rows).
+Outputs may live on a shared disk or an object store (`s3://...`); actors write them
+directly, so on a multi-node cluster a node-local path does not work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from sentiment_ray import cluster
+from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.io.files import expand_paths
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.io.values import DataError
+from sentiment_ray.label import layout, outputs
+from sentiment_ray.label.labeler import Labeler, output_columns
+from sentiment_ray.label.plan import LabelRunError, WorkUnit, adapter_identity, load_or_plan
+
+log = logging.getLogger(__name__)
+
+
+def label_dataset(
+    cfg: ExperimentConfig,
+    input_path: str,
+    output_dir: str,
+    adapter_path: str | None = None,
+    *,
+    overwrite: bool = False,
+    rows_per_unit: int | None = None,
+) -> dict[str, Any]:
+    """Label every row `input_path` names into `output_dir`; resumes a previous run into
+    the same folder. Returns the summary (what `jobs/label.py` prints)."""
+    started = time.perf_counter()
+    out = Storage(output_dir)
+    if "://" not in output_dir and os.path.isfile(out.root):
+        raise LabelRunError(f"--output {output_dir} is a file; give a folder")
+
+    # 1. Plan (or reuse the plan of an interrupted run).
+    files = expand_paths(input_path)
+    adapter = adapter_identity(adapter_path)
+    identity = {"model_name": cfg.model.name, "adapter_id": adapter["id"] if adapter else None}
+    if overwrite:
+        clear_outputs(out)
+    manifest = load_or_plan(out, cfg, input_path, files, adapter, rows_per_unit, sorted(output_columns(cfg)))
+    units = [WorkUnit.from_dict(d) for d in manifest["units"]]
+    stale = out.remove_stale_temporaries(("", *layout.UNIT_DIRS))
+    out.delete_dir(layout.FAILED_DIR)  # failures of an earlier attempt
+    done = outputs.done_unit_ids(out)
+    pending = [u for u in units if u.unit_id not in done]
+    log.info("%d units, %d done earlier, %d to label (%d stale temp files removed)", len(units), len(done), len(pending), stale)
+
+    # 2. Label the pending units.
+    label_seconds = 0.0
+    if pending:
+        cluster.connect(cfg.run.ray_address)
+        label_started = time.perf_counter()  # actor start-up (model load) counts, cluster start-up not
+        run_on_ray(cfg, pending, adapter_path, out, identity)
+        label_seconds = time.perf_counter() - label_started
+
+    # 3. Merge, evaluate, summarise.
+    markers = outputs.read_markers(out, units)
+    ran_now = [markers[u.unit_id] for u in pending]
+    totals = outputs.totals(markers.values())
+    rows_now = sum(m["rows"] for m in ran_now)
+    summary: dict[str, Any] = {
+        "output": out.root,
+        "predictions": out.path(layout.PREDICTIONS_DIR),
+        "csv": out.path(layout.CSV_DIR),
+        "input": input_path,
+        "files": len(files),
+        "model": cfg.model.name,
+        "adapter": adapter["id"] if adapter else None,
+        "mode": cfg.label.mode,
+        **totals,
+        "units": {"total": len(units), "labelled_now": len(pending), "done_before": len(units) - len(pending)},
+        "rows_labelled_now": rows_now,
+        "label_seconds": round(label_seconds, 3),
+        "rows_per_s": round(rows_now / label_seconds, 2) if ran_now and label_seconds else None,
+        "prompt_tokens_per_s": (
+            round(sum(m["prompt_tokens"] for m in ran_now) / label_seconds, 1) if ran_now and label_seconds else None
+        ),
+        "prompt_tokens_per_predict_s": (
+            round(totals["prompt_tokens"] / totals["predict_seconds"], 1) if totals["predict_seconds"] else None
+        ),
+        **outputs.labelling_window(ran_now),
+    }
+    summary["submission"] = outputs.merge_submission(out, units) if cfg.label.write_submission else None
+    summary["quarantine"] = outputs.merge_quarantine(out, units, markers)
+    report = outputs.evaluate(out, units, cfg, title=f"Labelling with {cfg.model.name}")
+    summary["metrics_path"] = out.path(layout.METRICS_FILE) if report else None
+    summary["report_png"] = out.path(layout.REPORT_PNG_FILE) if report else None
+    summary["metrics"] = outputs.headline(report) if report else None
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    out.write_json(layout.SUMMARY_FILE, summary)
+    return summary
+
+
+def clear_outputs(out: Storage) -> None:
+    """Remove what a previous run wrote (only the names this stage writes)."""
+    for sub in layout.UNIT_DIRS:
+        out.delete_dir(sub)
+    for name in layout.RUN_FILES:
+        out.delete(name, missing_ok=True)
+
+
+def run_on_ray(cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path: str | None, out: Storage, identity) -> None:
+    import ray
+
+    use_gpu = cluster.resolve_use_gpu(cfg.run.use_gpu)
+    actors = cfg.label.num_actors or (cluster.cluster_gpu_count() if use_gpu else 1)
+    if use_gpu and actors == 0:
+        raise LabelRunError(
+            "run.use_gpu=true but the cluster has no GPU now; set label.num_actors to the GPU actors an "
+            "autoscaler will provide, or run.use_gpu=auto for CPU actors"
+        )
+    actors = max(1, min(actors, len(pending)))
+    items = [{"unit": json.dumps(u.to_dict())} for u in pending]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        Labeler,
+        fn_constructor_kwargs={
+            "cfg": cfg.model_dump(),
+            "adapter_path": adapter_path if not adapter_path or "://" in adapter_path else os.path.abspath(adapter_path),
+            "output_dir": out.root,
+            "identity": identity,
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+    )
+    try:
+        for _ in dataset.iter_rows():
+            pass  # the markers are the record
+    except Exception as err:  # noqa: BLE001 - re-raised as the actor's own error
+        failure = outputs.first_failure(out)
+        if failure is None:
+            raise
+        # Ray hands over only the traceback text; the actor recorded type and message.
+        if failure["type"] == "DataError":
+            raise DataError(failure["message"]) from err
+        raise LabelRunError(f"{failure['where']}: {failure['type']}: {failure['message']}") from err

@@ -1,0 +1,1 @@
+"""Rendering only: self-contained HTML pages (html) and the figures in them (plots)."""

@@ -1,0 +1,180 @@
+"""One self-contained HTML page per run: metrics table, per-language table, confusion matrix
+and reliability diagram (matplotlib SVGs inlined as data URIs), and for a tune experiment the
+trial curves and the trials table. No external files, scripts or fonts: the page opens from
+disk, from an artifact store or attached to an email.
+
+Rendering only: `prediction_report_html` (the label job and `eval`), `tune_report_html`
+(a tune experiment and `eval --experiment`). Element ids are stable (the report test renders
+the page in headless Chromium and looks for them): `metrics`, `per-language`,
+`confusion-matrix`, `reliability-diagram`, `trial-curves`, `trials`.
+
+Pure module: matplotlib inside functions; no ray, no torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from typing import Any
+
+from sentiment_ray.report import plots
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
+       color: #1f2933; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #d9e2ec; }
+.sub { color: #627d98; margin-top: 0; }
+table { border-collapse: collapse; margin: .5rem 0 1rem; font-variant-numeric: tabular-nums; }
+th, td { padding: .3rem .8rem; border-bottom: 1px solid #e4e7eb; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f0f4f8; }
+tr.best td { font-weight: 600; background: #fffbea; }
+.figures { display: flex; flex-wrap: wrap; gap: 1.5rem; }
+figure { margin: 0; } figure img { max-width: 520px; width: 100%; border: 1px solid #e4e7eb; }
+figure.wide img { max-width: 900px; }
+figcaption { color: #627d98; font-size: .9rem; }
+.scroll { overflow-x: auto; }
+"""
+
+# Marks each image with the width it rendered at once the page has loaded (the headless
+# browser test reads these back: 0 would mean a broken image).
+_SCRIPT = """
+window.addEventListener("load", function () {
+  document.querySelectorAll("img").forEach(function (img) {
+    img.setAttribute("data-rendered-width", String(img.naturalWidth));
+  });
+});
+"""
+
+
+class ReportError(ValueError):
+    """The predictions or experiment folder cannot be read into a report."""
+
+
+# ============================================================================ html pieces
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–"
+        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.3g}"
+    return html.escape(str(value))
+
+
+def _image(element_id: str, alt: str, data: bytes, mime: str, caption: str, wide: bool = False) -> str:
+    src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    return (
+        f'<figure id="{element_id}"{" class=wide" if wide else ""}>'
+        f'<img id="{element_id}-img" alt="{html.escape(alt)}" src="{src}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _table(element_id: str, header: list[str], rows: list[tuple[dict[str, str], list[Any]]]) -> str:
+    """rows: (attributes of the <tr>, cells)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for attrs, cells in rows:
+        attr = "".join(f' {k}="{html.escape(str(v))}"' for k, v in attrs.items())
+        body.append(f"<tr{attr}>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
+    table = f'<table id="{element_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f"<div class=scroll>{table}</div>"
+
+
+def page(title: str, subtitle: str, sections: list[str]) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class=sub>{html.escape(subtitle)}</p>"
+        + "\n".join(sections)
+        + f"<script>{_SCRIPT}</script></body></html>\n"
+    )
+
+
+def metrics_sections(report: dict[str, Any]) -> list[str]:
+    """Metrics table, per-language table, confusion matrix and reliability diagram of a
+    `metrics.classification_report` (with `ece` / `calibration_bins` when scored)."""
+    rows = [("n", report.get("n")), ("accuracy", report.get("accuracy")), ("macro_f1", report.get("macro_f1"))]
+    if report.get("ece") is not None:
+        rows.append(("ece", report["ece"]))
+    rows += [(f"f1_{label}", value) for label, value in (report.get("f1") or {}).items()]
+    rows += [(k, report[k]) for k in ("unparsed", "rows_without_label") if report.get(k) is not None]
+    sections = ["<h2>Metrics</h2>", _table("metrics", ["metric", "value"], [({"data-metric": k}, [k, v]) for k, v in rows])]
+
+    per_language = report.get("per_language") or {}
+    sections.append("<h2>Per language</h2>")
+    if per_language:
+        lang_rows = [
+            ({"data-lang": lang}, [lang, v.get("n"), v.get("accuracy"), v.get("macro_f1")])
+            for lang, v in sorted(per_language.items(), key=lambda kv: -kv[1].get("n", 0))
+        ]
+        sections.append(_table("per-language", ["language", "n", "accuracy", "macro-F1"], lang_rows))
+    else:
+        sections.append('<p id="per-language">No language column in the data.</p>')
+
+    figures = []
+    confusion = report["confusion_matrix"]
+    figures.append(
+        _image(
+            "confusion-matrix",
+            f"Confusion matrix over {', '.join(confusion['labels'])} (rows true, columns predicted)",
+            plots.render_confusion(confusion, fmt="svg"),
+            "image/svg+xml",
+            "Confusion matrix: counts and share of each true label's row.",
+        )
+    )
+    if report.get("calibration_bins"):
+        figures.append(
+            _image(
+                "reliability-diagram",
+                f"Reliability diagram (ECE {report['ece']:.3f})",
+                plots.render_reliability(report["calibration_bins"], ece=report.get("ece"), fmt="svg"),
+                "image/svg+xml",
+                "Reliability: accuracy per confidence bin against the diagonal (bin row counts on the bars).",
+            )
+        )
+    sections += ["<h2>Errors and calibration</h2>", f'<div class=figures>{"".join(figures)}</div>']
+    return sections
+
+
+def prediction_report_html(report: dict[str, Any], *, title: str, subtitle: str = "") -> str:
+    """The page of one set of predictions (a label run, a training run's validation split)."""
+    return page(title, subtitle or f"{report.get('n')} labelled rows", metrics_sections(report))
+
+
+def tune_report_html(
+    records: list[dict],
+    rows: list[dict],
+    *,
+    metric: str,
+    mode: str,
+    best: dict | None,
+    title: str,
+    best_report: dict[str, Any] | None = None,
+) -> str:
+    """The page of a tune experiment: trial curves, the trials table, and (when given) the
+    best trial's validation metrics (`best_report`, its metrics.json `fine_tuned`)."""
+    best_id = best["trial_id"] if best else None
+    png = plots.render_metric_plot(records, metric, title=f"{metric} by step", best_id=best_id)
+    sections = [
+        "<h2>Trials</h2>",
+        _image("trial-curves", f"Trial curves: {metric} by training step, one line per trial", png, "image/png",
+               "Dashed lines: trials stopped by the scheduler, failed or unfinished; the best trial is drawn thicker.",
+               wide=True),
+    ]
+    skip = {"run_dir", "adapter", "error", "status"}
+    columns = [c for c in (rows[0] if rows else {}) if c not in skip]
+    table_rows = [
+        ({"data-trial": r["trial_id"], **({"class": "best"} if r["trial_id"] == best_id else {})}, [r.get(c) for c in columns])
+        for r in rows
+    ]
+    sections.append(_table("trials", columns, table_rows))
+    if best_report:
+        sections += [f"<h2>Best trial {html.escape(str(best_id))}: validation</h2>"] + metrics_sections(best_report)[1:]
+    subtitle = f"{len(rows)} trials, metric {metric} ({mode})" + (f", best trial {best_id}" if best_id else ", no trial completed")
+    return page(title, subtitle, sections)

@@ -1,0 +1,43 @@
+"""The files of a training run: the one place that names them.
+
+    <run.storage_path>/<run.name>/
+        adapter/                        LoRA adapter + tokenizer
+        metrics.json                    zero-shot and fine-tuned validation metrics, training stats
+        manifest.json                   config, package versions, data fingerprint, backend, device
+        validation_predictions.parquet  per-row label probabilities of the fine-tuned model
+        quarantine.jsonl                rows skipped by data.on_bad_rows=skip (training source)
+        quarantine-validation.jsonl     the same for a separate validation source
+        checkpoint_<step>/              Ray Train's checkpoints (each an HF Trainer checkpoint
+                                        plus sentiment_ray_state.json)
+"""
+
+from __future__ import annotations
+
+import os
+
+from sentiment_ray.io.uris import is_uri
+
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+MANIFEST_FILE = "manifest.json"
+PREDICTIONS_FILE = "validation_predictions.parquet"
+QUARANTINE_FILE = "quarantine.jsonl"
+VALIDATION_QUARANTINE_FILE = "quarantine-validation.jsonl"
+# Written into every checkpoint: what a resumed attempt needs besides the HF trainer state.
+RUN_STATE_FILE = "sentiment_ray_state.json"
+# The outputs rank 0 writes at the end; a tune experiment promotes them to best/.
+RESULT_FILES = (METRICS_FILE, MANIFEST_FILE, PREDICTIONS_FILE)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def absolute_storage_path(storage_path: str) -> str:
+    """Ray Train needs an absolute path or a URI; relative paths are taken from the cwd."""
+    return storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
+
+
+def run_dir(storage_path: str, name: str) -> str:
+    """`<storage_path>/<name>`: where Ray Train keeps the run and where the outputs go."""
+    return absolute_storage_path(storage_path).rstrip("/") + "/" + name

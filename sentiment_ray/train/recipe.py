@@ -1,0 +1,351 @@
+"""Fine-tuning on Ray Train: the driver (`run_training`, `build_trainer`) and the worker
+function (`train_worker`), each read top to bottom as its steps.
+
+    summary = run_training(load_config("demo"))      # connects to / starts Ray, trains, returns a summary
+
+A run lives in `<run.storage_path>/<run.name>/` (train/layout.py names its files).
+Rerunning with the same run name and storage path resumes from the run's latest checkpoint
+(Ray Train restores its checkpoint list from the run folder; the worker hands the checkpoint
+to the HF Trainer as `resume_from_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sentiment_ray import backends, cluster, compat, provenance, tracking
+from sentiment_ray.backends.base import gradient_checkpointing_for
+from sentiment_ray.config import ExperimentConfig, validate
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.prompts import PromptTemplate
+from sentiment_ray.scoring import LabelScorer
+from sentiment_ray.train import layout
+from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
+from sentiment_ray.train.evaluation import evaluate_split, predictions_table
+from sentiment_ray.train.trainer import (
+    FAIL_AT_STEP_ENV,
+    build_sft_config,
+    report_callback_class,
+    restore_checkpoint,
+    sft_trainer_class,
+)
+
+log = logging.getLogger(__name__)
+
+# Ray Train turns every print() in a worker into a log record, even prints that a library
+# captures by swapping sys.stdout (dill's bytecode dumps while `datasets` hashes TRL's map
+# functions would flood the log); plain stdout still reaches the driver.
+_TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def run_dir_of(cfg: ExperimentConfig) -> str:
+    return layout.run_dir(cfg.run.storage_path, cfg.run.name)
+
+
+# ============================================================================ driver
+
+
+def run_training(cfg: ExperimentConfig) -> dict:
+    """Train one run on Ray and return its summary: run dir, adapter path, backend, device,
+    zero-shot and fine-tuned validation accuracy / macro-F1, train loss, steps, wall time.
+    Raises ray.train.TrainingFailedError when the workers fail more than run.max_failures
+    times."""
+    start = time.time()
+    cluster.connect(cfg.run.ray_address)
+    trainer = build_trainer(cfg)
+    result = trainer.fit()
+    summary = run_summary(run_dir_of(cfg))
+    summary["driver_wall_time_s"] = round(time.time() - start, 1)
+    summary["latest_checkpoint"] = getattr(result.checkpoint, "path", None)
+    return summary
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    *,
+    run_name: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+):
+    """A Ray Train `TorchTrainer` for one training run (Ray must be connected: the GPU
+    count decides `use_gpu: auto`). Tune trials call this with their own run name /
+    storage path and pass `ray.tune.integration.ray_train.TuneReportCallback()` in
+    `callbacks`, so every worker report (train/trainer.py) reaches Tune."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = cfg.model_copy(deep=True)
+    if run_name is not None:
+        cfg.run.name = run_name
+    cfg.run.storage_path = layout.absolute_storage_path(storage_path or cfg.run.storage_path)
+    cfg = tracking.for_workers(cfg)  # the driver's MLFLOW_TRACKING_URI reaches every node
+    use_gpu = cluster.resolve_use_gpu(cfg.run.use_gpu)
+    if cfg.model.backend == "unsloth" and not use_gpu:
+        raise TrainingError(
+            "model.backend=unsloth needs GPU workers, but run.use_gpu resolved to false "
+            f"(run.use_gpu={cfg.run.use_gpu}, cluster GPUs: {cluster.cluster_gpu_count()})"
+        )
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    payload = {
+        "config": cfg.model_dump(mode="json"),
+        "git_commit": provenance.git_commit(),
+        "fail_at_step": int(os.environ[FAIL_AT_STEP_ENV]) if os.environ.get(FAIL_AT_STEP_ENV) else None,
+    }
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": dict(_TRAIN_WORKER_ENV)},
+            callbacks=callbacks,
+        ),
+    )
+
+
+def read_run_json(run_dir: str, name: str) -> dict:
+    data = Storage(run_dir).read_json_or_none(name)
+    if data is None:
+        raise TrainingError(f"{run_dir}/{name} is missing: the training worker did not finish writing its outputs")
+    return data
+
+
+def run_summary(run_dir: str) -> dict:
+    """The short view of a finished run's metrics.json (what jobs/train.py prints)."""
+    metrics = read_run_json(run_dir, layout.METRICS_FILE)
+
+    def brief(report: dict | None) -> dict | None:
+        if not report:
+            return None
+        return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "n": report["n"]}
+
+    train = metrics.get("train", {})
+    return {
+        "run_dir": run_dir,
+        "adapter": run_dir.rstrip("/") + "/" + layout.ADAPTER_DIR,
+        "backend": metrics.get("backend"),
+        "device": metrics.get("device"),
+        "zero_shot": brief(metrics.get("zero_shot")),
+        "fine_tuned": brief(metrics.get("fine_tuned")),
+        "train_loss": train.get("loss_last"),
+        "steps": train.get("global_step"),
+        "resumed_from_step": train.get("resumed_from_step"),
+        "train_tokens_per_s": train.get("tokens_per_second"),
+        "worker_wall_time_s": metrics.get("wall_time_s"),
+    }
+
+
+# ============================================================================ worker
+
+
+@dataclass
+class Attempt:
+    """One worker's view of one attempt at a run (Ray Train retries and reruns are new attempts)."""
+
+    cfg: ExperimentConfig
+    payload: dict
+    backend_name: str
+    device: Any
+    rank: int
+    world_size: int
+    started: float
+    scratch: str  # worker-local; removed at the end
+    resumed_from: int = 0
+    tracker: Any = None  # rank 0's MLflow run (sentiment_ray.tracking), or None
+
+    @property
+    def run_dir(self) -> str:
+        return run_dir_of(self.cfg)
+
+    def local(self, *parts: str) -> str:
+        return os.path.join(self.scratch, *parts)
+
+
+def train_worker(payload: dict) -> None:
+    """The Ray Train worker function. `payload`: {"config": cfg dict, "git_commit": str |
+    None, "fail_at_step": int | None}, as build_trainer makes it."""
+    cfg = validate(payload["config"], source="train_worker payload")
+    backend_name = backends.resolve_backend_name(cfg.model.backend)
+    backends.early_import(backend_name)  # before anything below imports transformers/trl/peft
+
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    attempt = Attempt(
+        cfg=cfg,
+        payload=payload,
+        backend_name=backend_name,
+        device=ray.train.torch.get_device(),
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        started=time.time(),
+        scratch=tempfile.mkdtemp(prefix=f"sentiment-ray-{cfg.run.name}-rank{context.get_world_rank()}-"),
+    )
+    try:
+        train_attempt(attempt)
+    except BaseException:
+        tracking.end_failed(attempt.tracker)
+        raise
+    finally:
+        shutil.rmtree(attempt.scratch, ignore_errors=True)
+
+
+def train_attempt(attempt: Attempt) -> None:
+    import ray.train
+    import torch
+
+    cfg, device = attempt.cfg, attempt.device
+    is_rank_zero = attempt.rank == 0
+    labels = LabelSet(cfg.prompt.labels)
+    template = PromptTemplate.from_config(cfg.prompt)
+
+    # 1. Data. Only rank 0 writes quarantine files where the config / run folder says;
+    #    other ranks (reading the same rows) keep theirs in their scratch folder.
+    splits = load_splits(cfg, labels, attempt.run_dir if is_rank_zero else attempt.scratch, is_rank_zero)
+
+    # 2. Model with fresh LoRA adapters.
+    if device.type == "cpu":
+        log.info("training on CPU with %d torch threads (run.cpus_per_worker sets them)", torch.get_num_threads())
+    backend = backends.get_backend(attempt.backend_name)
+    model, tokenizer = backend.load_for_training(cfg, device)
+
+    # 3. Resume: a checkpoint exists when this run resumes (same name and storage) or Ray retried it.
+    checkpoint = ray.train.get_checkpoint()
+    output_dir = attempt.local("hf")
+    resume_path, run_state = restore_checkpoint(checkpoint, output_dir) if checkpoint else (None, {})
+    attempt.resumed_from = run_state.get("global_step", 0)
+    attempt.tracker = tracking.start_training(cfg, attempt.run_dir) if is_rank_zero else None
+
+    # 4. Zero-shot validation (carried by the checkpoint on resume). The adapter is freshly
+    #    initialised (LoRA B = 0): the model still computes the base model.
+    scorer = None
+    if is_rank_zero and splits.validation.num_rows:
+        scorer = LabelScorer(model, tokenizer, template, labels, cfg.model.max_seq_length, cfg.train.eval_batch_size)
+    zero_shot = run_state.get("zero_shot")
+    if zero_shot is None and scorer is not None and cfg.train.zero_shot_eval and not resume_path:
+        zero_shot, _ = evaluate_split(scorer, splits.validation)
+
+    # 5. Train (the callback evaluates, checkpoints and reports to Ray Train).
+    reporter = report_callback_class()(
+        cfg,
+        scorer=scorer,
+        validation=splits.validation,
+        is_rank_zero=is_rank_zero,
+        run_state={"zero_shot": zero_shot},
+        fail_at_step=attempt.payload.get("fail_at_step") if not resume_path else None,
+    )
+    trainer = sft_trainer_class()(
+        model=model,
+        args=build_sft_config(cfg, device, output_dir, attempt.world_size),
+        train_dataset=build_train_dataset(cfg, splits.train, tokenizer, template, labels),
+        processing_class=tokenizer,
+        callbacks=[reporter, *tracking.training_callbacks(attempt.tracker, reporter)],
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_started = time.time()
+    train_output = trainer.train(resume_from_checkpoint=resume_path)
+    train_wall = time.time() - train_started
+    if not is_rank_zero:
+        return
+
+    # 6. Fine-tuned validation (the callback scored the last step unless this attempt
+    #    trained no step) and the run's outputs.
+    outputs = attempt.local("outputs")
+    os.makedirs(outputs)
+    fine_tuned = None
+    if scorer is not None:
+        if reporter.last_eval_step == trainer.state.global_step:
+            fine_tuned, scores = reporter.last_eval, reporter.last_scores
+        else:
+            fine_tuned, scores = evaluate_split(scorer, splits.validation)
+        import pyarrow.parquet as pq
+
+        pq.write_table(predictions_table(splits.validation, scores), os.path.join(outputs, layout.PREDICTIONS_FILE))
+    backend.save_adapter(model, tokenizer, os.path.join(outputs, layout.ADAPTER_DIR))
+    training = training_stats(attempt, trainer, train_output, train_wall, reporter.eval_seconds)
+    training["gradient_checkpointing"] = gradient_checkpointing_for(cfg, device)
+    write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training)
+    tracking.finish_training(attempt.tracker, outputs, zero_shot, fine_tuned, training)
+
+    # 7. Publish: the outputs into the run folder (local or URI).
+    Storage(attempt.run_dir).upload_dir(outputs)
+
+
+def training_stats(attempt: Attempt, trainer, train_output, train_wall: float, eval_seconds: float) -> dict:
+    """metrics.json's `train` section: steps, losses, throughput, the HF log history."""
+    state = trainer.state
+    tokens = state.num_input_tokens_seen - compat.tokens_seen_before_this_attempt(trainer)
+    step_wall = max(train_wall - eval_seconds, 1e-9)  # optimizer steps + checkpoints
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return {
+        "global_step": state.global_step,
+        "max_steps": attempt.cfg.train.max_steps,
+        "optimizer": getattr(trainer.args.optim, "value", trainer.args.optim),
+        "resumed_from_step": attempt.resumed_from,
+        "steps_this_attempt": state.global_step - attempt.resumed_from,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "train_runtime_s": round(train_wall, 2),
+        "eval_in_training_s": round(eval_seconds, 2),
+        "tokens_this_attempt": int(tokens),
+        # Non-padding tokens per second of training (validation scoring excluded).
+        "tokens_per_second": round(tokens / step_wall, 1) if tokens else None,
+        "hf_train_metrics": train_output.metrics,
+        "log_history": state.log_history,
+    }
+
+
+def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot, fine_tuned, training: dict) -> None:
+    """metrics.json and manifest.json into the attempt's outputs folder."""
+    import torch
+
+    cfg, device = attempt.cfg, attempt.device
+    cuda = device.type == "cuda"
+    metrics = {
+        "run_name": cfg.run.name,
+        "backend": attempt.backend_name,
+        "device": str(device),
+        "world_size": attempt.world_size,
+        "rows": {"train": splits.train.num_rows, "validation": splits.validation.num_rows, "bad_rows": splits.bad_rows},
+        "zero_shot": zero_shot,
+        "fine_tuned": fine_tuned,
+        "train": training,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
+        "wall_time_s": round(time.time() - attempt.started, 1),
+    }
+    outputs.write_json(layout.METRICS_FILE, metrics)
+    record = provenance.build_manifest(
+        cfg.model_dump(mode="json"),
+        data_fingerprint=splits.fingerprints,
+        backend=attempt.backend_name,
+        device=str(device),
+        code_version=attempt.payload.get("git_commit"),
+        extra={
+            "run_dir": attempt.run_dir,
+            "world_size": attempt.world_size,
+            "resumed_from_step": attempt.resumed_from,
+            "data_files": splits.files,
+            "torch_threads": None if cuda else torch.get_num_threads(),
+            "worker_env": {k: os.environ.get(k) for k in cluster.NVLINK_MULTICAST_VARS},
+        },
+    )
+    outputs.write_json(layout.MANIFEST_FILE, record)

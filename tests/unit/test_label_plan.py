@@ -1,0 +1,259 @@
+"""Labelling work units without a model or Ray: planning, seeking into files through the one
+reader, validation of bad rows by the one validator, duplicate IDs, atomic writes and resume
+bookkeeping."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sentiment_ray.io.readers import read_chunks
+from sentiment_ray.io.rows import RowRules, RowValidator
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.io.values import DataError
+from sentiment_ray.label import layout
+from sentiment_ray.label.labeler import _split_first, submission_csv
+from sentiment_ray.label.outputs import done_unit_ids
+from sentiment_ray.label.plan import WorkUnit, plan_units
+
+COLS = dict(text_column="sentence", id_column="ID")
+
+
+def plan(files, rows_per_unit, generate_ids=False, reserved=()):
+    return plan_units([str(f) for f in files], generate_ids=generate_ids, rows_per_unit=rows_per_unit, reserved_columns=reserved, **COLS)
+
+
+def read_all(units, chunk_rows=4):
+    """Every unit's validated rows and quarantine entries, unit by unit, read the way the
+    labeller reads them."""
+    validator = RowValidator(RowRules(**COLS))
+    tables, bad = [], []
+    for unit in units:
+        read = 0
+        for chunk in read_chunks(unit.file, start=unit.position, stop_row=unit.stop, row_groups=unit.row_groups or None, chunk_rows=chunk_rows):
+            checked = validator.validate(chunk, has_ids=unit.has_ids, generated_ids=None if unit.has_ids else unit.id_name)
+            tables.append(checked.table("ID"))
+            bad.extend(checked.quarantined)
+            read += len(chunk)
+        if read != unit.num_rows:
+            raise DataError(f"{unit.describe()}: planned {unit.num_rows} rows, read {read}: the file changed since the run was planned")
+    return pa.concat_tables(tables, promote_options="permissive"), bad
+
+
+def whole_file(path):
+    """One chunk with every row of a file, read from its start."""
+    [chunk] = list(read_chunks(str(path), chunk_rows=1_000_000))
+    return chunk
+
+
+def write_csv(path, body: bytes):
+    path.write_bytes(body)
+    return path
+
+
+# A CSV with the awkward cases: BOM, CRLF, a quoted field spanning lines, quotes, a comma.
+TRICKY_CSV = (
+    b"\xef\xbb\xbfID,sentence,label\r\n"
+    b"a1,plain text,Positive\r\n"
+    b'a2,"two\r\nlines",Negative\r\n'
+    b'a3,"has ""quotes"", and a comma",Positive\r\n'
+    b"a4,fourth,Negative\r\n"
+    b'a5,"three\nline\nfield",Positive\r\n'
+    b"a6,sixth,Negative\r\n"
+    b"a7,seventh,Positive\r\n"
+)
+
+
+@pytest.mark.parametrize("rows_per_unit", [1, 2, 3, 7, 100])
+def test_csv_units_seek_to_exactly_the_rows_a_full_parse_gives(tmp_path, rows_per_unit):
+    f = write_csv(tmp_path / "t.csv", TRICKY_CSV)
+    p = plan([f], rows_per_unit)
+    assert p.total_rows == 7
+    assert [(u.start, u.stop) for u in p.units] == [(s, min(s + rows_per_unit, 8)) for s in range(1, 8, rows_per_unit)]
+    table, bad = read_all(p.units, chunk_rows=2)
+    assert bad == []
+    reference = whole_file(f)
+    assert table.column("ID").to_pylist() == reference.values["ID"]
+    assert table.column("sentence").to_pylist() == reference.values["sentence"]
+    assert table.column("source_row").to_pylist() == list(range(1, 8))
+    # Each unit after the first starts at the line a whole-file read reports for its first row.
+    assert [u.first_line for u in p.units[1:]] == [reference.lines[u.start - 1] for u in p.units[1:]]
+
+
+def test_parquet_units_group_row_groups_and_ids_become_strings(tmp_path):
+    f = tmp_path / "p.parquet"
+    table = pa.table({"ID": list(range(100, 125)), "sentence": [f"s{i}" for i in range(25)], "score": [i / 2 for i in range(25)]})
+    pq.write_table(table, f, row_group_size=5)
+    p = plan([f], rows_per_unit=10)
+    assert [u.row_groups for u in p.units] == [(0, 1), (2, 3), (4,)]
+    assert [(u.start, u.stop) for u in p.units] == [(1, 11), (11, 21), (21, 26)]
+    out, bad = read_all(p.units)
+    assert bad == []
+    assert out.column("ID").to_pylist() == [str(i) for i in range(100, 125)]
+    assert out.column("score").to_pylist() == table.column("score").to_pylist()  # other columns keep their type
+    assert out.column("source_row").to_pylist() == list(range(1, 26))
+
+
+def test_gzipped_jsonl_units_with_bad_lines(tmp_path):
+    f = tmp_path / "j.jsonl.gz"
+    lines = [json.dumps({"ID": f"j{i}", "sentence": f"text {i}"}) for i in range(5)]
+    lines.insert(2, "{broken")
+    lines.insert(4, "")
+    with gzip.open(f, "wt") as out:
+        out.write("\n".join(lines) + "\n")
+    p = plan([f], rows_per_unit=3)
+    assert p.total_rows == 7
+    table, bad = read_all(p.units, chunk_rows=2)
+    assert table.column("ID").to_pylist() == [f"j{i}" for i in range(5)]
+    assert [(b["row"], b["line"], b["kind"]) for b in bad] == [(3, 3, "malformed row"), (5, 5, "malformed row")]
+
+
+def test_each_bad_row_kind_is_quarantined_with_its_reason(tmp_path):
+    csv_file = write_csv(
+        tmp_path / "bad.csv",
+        b"ID,sentence,lang\n"
+        b"ok1,fine,en\n"
+        b"e1,,en\n"
+        b'w1,"   ",en\n'
+        b"u1,caf\xe9,en\n"
+        b"s1,short\n"
+        b",no id,en\n"
+        b"l1,lang bytes,\xff\n",
+    )
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(
+        "\n".join(
+            [
+                json.dumps({"ID": "ok2", "sentence": "good"}),
+                json.dumps({"ID": "n1", "sentence": 5}),
+                json.dumps({"ID": "n2", "sentence": None}),
+                json.dumps({"ID": "n3"}),
+                json.dumps({"ID": "n4", "sentence": ["a", "list"]}),
+                json.dumps({"sentence": "no id key"}),
+                "[1, 2]",
+            ]
+        )
+        + "\n"
+    )
+    p = plan([csv_file, jsonl], rows_per_unit=3)
+    table, bad = read_all(p.units)
+    assert table.column("ID").to_pylist() == ["ok1", "ok2"]
+    got = [(b["file"].rsplit("/", 1)[-1], b["row"], b["kind"]) for b in bad]
+    assert got == [
+        ("bad.csv", 2, "empty text"),
+        ("bad.csv", 3, "empty text"),
+        ("bad.csv", 4, "undecodable bytes"),
+        ("bad.csv", 5, "malformed row"),
+        ("bad.csv", 6, "missing ID"),
+        ("bad.csv", 7, "undecodable bytes"),
+        ("bad.jsonl", 2, "text is not a string"),
+        ("bad.jsonl", 3, "missing text"),
+        ("bad.jsonl", 4, "missing text"),
+        ("bad.jsonl", 5, "text is not a string"),
+        ("bad.jsonl", 6, "missing ID"),
+        ("bad.jsonl", 7, "malformed row"),
+    ]
+    assert "whitespace only" in bad[1]["reason"] and "column 'lang'" in bad[5]["reason"]
+    # Quarantine entries are JSON-safe and keep the raw values for inspection.
+    assert json.loads(json.dumps(bad))[2]["values"]["sentence"] == "caf\\xe9"
+
+
+def test_duplicate_ids_are_found_across_files_and_named_with_their_rows(tmp_path):
+    a = write_csv(tmp_path / "a.csv", b"ID,sentence\nx1,a\nx2,b\nx3,c\n")
+    b = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"ID": ["y1", "x2", "x3", "x3"], "sentence": list("defg")}), b)
+    with pytest.raises(DataError) as err:
+        plan([a, b], rows_per_unit=2)
+    message = str(err.value)
+    assert message.startswith("3 duplicate IDs in column 'ID'")
+    assert f"'x2': {b}: row 2, first at {a}: row 2" in message
+    assert f"'x3': {b}: row 3, first at {a}: row 3" in message and f"'x3': {b}: row 4, first at {a}: row 3" in message
+
+
+def test_missing_id_column_is_an_error_unless_ids_are_generated(tmp_path):
+    f = write_csv(tmp_path / "noid.csv", b"sentence\nfirst\nsecond\n")
+    with pytest.raises(DataError, match="no 'ID' column.*label.generate_ids=true"):
+        plan([f], rows_per_unit=10)
+    p = plan([f], rows_per_unit=10, generate_ids=True)
+    table, _ = read_all(p.units)
+    assert table.column("ID").to_pylist() == ["noid.csv:1", "noid.csv:2"]
+
+
+def test_generated_ids_name_files_relative_to_their_common_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    a = write_csv(tmp_path / "x" / "part.csv", b"sentence\none\n")
+    b = write_csv(tmp_path / "y" / "part.csv", b"sentence\ntwo\n")
+    p = plan([a, b], rows_per_unit=10, generate_ids=True)
+    table, _ = read_all(p.units)
+    assert table.column("ID").to_pylist() == ["x/part.csv:1", "y/part.csv:1"]
+
+
+def test_missing_text_column_and_reserved_names_are_errors(tmp_path):
+    f = write_csv(tmp_path / "t.csv", b"ID,text\n1,a\n")
+    with pytest.raises(DataError, match="no text column 'sentence'"):
+        plan([f], rows_per_unit=10)
+    g = write_csv(tmp_path / "r.csv", b"ID,sentence,confidence\n1,a,0.5\n")
+    with pytest.raises(DataError, match=r"\['confidence'\] clash"):
+        plan([g], rows_per_unit=10, reserved=("confidence",))
+
+
+def test_a_file_changed_since_planning_is_an_error(tmp_path):
+    f = write_csv(tmp_path / "t.csv", b"ID,sentence\n1,a\n2,b\n3,c\n")
+    p = plan([f], rows_per_unit=10)
+    f.write_bytes(b"ID,sentence\n1,a\n")
+    with pytest.raises(DataError, match="file changed since the run was planned"):
+        read_all(p.units)
+
+
+def test_unit_ids_are_stable_and_distinct():
+    unit = WorkUnit(index=3, file="/d/a.csv", fmt="csv", start=1, stop=11, has_ids=True, id_name="a.csv")
+    again = WorkUnit.from_dict(json.loads(json.dumps(unit.to_dict())))
+    assert again == unit and again.unit_id == unit.unit_id
+    assert unit.unit_id.startswith("part-000003-")
+    other = WorkUnit(index=3, file="/d/a.csv", fmt="csv", start=11, stop=21, has_ids=True, id_name="a.csv")
+    assert other.unit_id != unit.unit_id
+
+
+def test_atomic_writes_leave_no_partial_file_and_stale_temporaries_are_removed(tmp_path):
+    storage = Storage(str(tmp_path / "out"))
+    files = layout.unit_files("part-000000-abc")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_writer(files.predictions) as out:
+            out.write(b"half a file")
+            raise RuntimeError("killed mid-write")
+    assert storage.list_names(layout.PREDICTIONS_DIR) == []
+    storage.write_json(files.done, {"rows": 1})
+    assert done_unit_ids(storage) == {"part-000000-abc"}
+    # What a SIGKILL mid-write leaves: a hidden temporary, never a final name.
+    (tmp_path / "out" / "predictions" / ".part-000001-x.parquet.tmp-123").write_bytes(b"junk")
+    assert storage.remove_stale_temporaries(layout.UNIT_DIRS) == 1
+    assert storage.list_names(layout.PREDICTIONS_DIR) == []
+
+
+def test_submission_csv_is_the_id_label_format():
+    body = submission_csv(["a", "b,c", "d"], ["Positive", None, "Negative"]).decode()
+    assert body == 'ID,label\na,Positive\n"b,c",\nd,Negative\n'
+
+
+def test_a_json_array_file_is_cut_into_units_like_any_other(tmp_path):
+    f = tmp_path / "arr.json"
+    f.write_text(json.dumps([{"ID": "r1", "sentence": "one"}, {"ID": "r2", "sentence": ""}, {"ID": "r3", "sentence": "three"}]))
+    p = plan([f], rows_per_unit=2)
+    assert [(u.start, u.stop) for u in p.units] == [(1, 3), (3, 4)]
+    table, bad = read_all(p.units, chunk_rows=2)
+    assert table.column("ID").to_pylist() == ["r1", "r3"] and [b["row"] for b in bad] == [2]
+
+
+def test_first_piece_split_keeps_rows_order_and_quarantine(tmp_path):
+    f = write_csv(tmp_path / "f.csv", b"ID,sentence\n0,s0\nx,\n1,s1\n2,s2\n3,s3\n4,s4\n")
+    checked = RowValidator(RowRules(**COLS)).validate(whole_file(f), has_ids=True)
+    first, rest = _split_first(checked, 2)
+    assert first.table("ID").column("ID").to_pylist() == ["0", "1"] and first.sentences == ["s0", "s1"]
+    assert rest.table("ID").column("ID").to_pylist() == ["2", "3", "4"] and rest.sentences == ["s2", "s3", "s4"]
+    assert [e["row"] for e in first.quarantined] == [2] and rest.quarantined == []
+    assert _split_first(checked, 5) == [checked]
