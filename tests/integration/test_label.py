@@ -358,3 +358,28 @@ def test_an_input_error_inside_the_actor_stops_the_run_naming_file_and_column(ra
         label_dataset(make_cfg(tiny_model_dir), str(tmp_path / "in.jsonl"), str(tmp_path / "out"))
     # Nothing of the failed unit looks committed.
     assert committed(tmp_path / "out") == 0 and not list((tmp_path / "out").glob("predictions/part-*"))
+
+
+def test_eval_of_a_label_output_reads_gold_labels_as_the_job_did(ray_address, tiny_model_dir, tmp_path):
+    """Labels 0/1 mapped by data.label_map: the job's metrics and `sentiment-ray eval` of its
+    output folder agree (both go through metrics.evaluate_predictions, the manifest tells eval
+    how the job read its gold labels)."""
+    from sentiment_ray.cli import main
+    from sentiment_ray.evaluate import METRICS_FILE
+    from sentiment_ray.label.recipe import label_dataset
+
+    rows = demo_rows(0, 30)
+    codes = [dict(r, label="1" if r["label"] == "Positive" else "0") for r in rows]
+    pacsv.write_csv(pa.Table.from_pylist(codes), tmp_path / "coded.csv")
+    cfg = make_cfg(tiny_model_dir)
+    cfg.data.label_map = {"0": "Negative", "1": "Positive"}
+    summary = label_dataset(cfg, str(tmp_path / "coded.csv"), str(tmp_path / "out"))
+    assert summary["metrics"]["n"] == 30 and summary["metrics"]["rows_without_label"] == 0
+
+    assert main(["eval", "--predictions", str(tmp_path / "out")]) == 0
+    job = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "out" / METRICS_FILE).read_text())
+    assert evaluated["n"] == job["n"] == 30
+    for key in ("accuracy", "macro_f1", "ece", "confusion_matrix", "per_language"):
+        assert evaluated[key] == job[key], key
+    assert (tmp_path / "out" / "report.html").exists()  # the job's own report, not replaced
