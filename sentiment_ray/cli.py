@@ -73,7 +73,7 @@ Label a large dataset with a fine-tuned (or zero-shot) model on Ray Data; print 
     RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- \\
         python jobs/label.py --config demo --input /shared/in.csv --output /shared/out
 
-The config decides model, label set, prompt, batch size, actors (label.num_actors; 0 = one
+The config decides model, label set, prompt, token budget per batch, actors (label.num_actors; 0 = one
 per GPU) and mode (label.mode=scoring|generate). Rerunning the same command after a crash
 finishes only the missing work units; --overwrite starts the output folder over.
 """
@@ -217,14 +217,14 @@ def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def label_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(LABEL_DESCRIPTION, "label.batch_size=128 label.mode=generate", prog)
+    parser = config_parser(LABEL_DESCRIPTION, "label.max_batch_tokens=65536 label.mode=generate", prog)
     parser.add_argument("--input", required=True, help="file, glob, directory or URI of CSV/Parquet/JSONL")
     parser.add_argument("--output", required=True, help="output folder (local, shared, or a URI)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (<run>/adapter); omit for zero-shot")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run's outputs in --output")
     parser.add_argument(
         "--rows-per-unit", type=int, default=None,
-        help="rows per work unit (the unit of resume and of output shards); default 50000",
+        help="rows per work unit (the unit of resume and of output shards); default: label.rows_per_unit, else about four units per actor",
     )
     return parser
 

@@ -227,11 +227,18 @@ class RunConfig(_Strict):
 
 class LabelConfig(_Strict):
     mode: Literal["scoring", "generate"] = "scoring"
-    batch_size: int = Field(64, gt=0)
-    """Most rows per forward pass."""
     max_batch_tokens: int = Field(32768, ge=0)
-    """Most padded tokens (rows x longest row) per forward pass; 0 = rows only. Short
-    prompts then share wide batches (a GPU stays busy) and long ones narrow batches."""
+    """Most padded tokens (rows x longest row) per forward pass: this decides the batches.
+    Short prompts then share wide batches (a GPU stays busy) and long ones narrow batches
+    (memory stays bounded). 0 = rows only (label.batch_size)."""
+    batch_size: int | None = Field(None, gt=0)
+    """Most rows per forward pass, on top of the token budget; unset = no row cap."""
+    reuse_prefix: bool = True
+    """Run the prompt's shared instruction once and score each batch from its key/value
+    cache (same probabilities, fewer tokens computed)."""
+    rows_per_unit: int | None = Field(None, gt=0)
+    """Rows per work unit (the unit of resume, retry and output shards). Unset: about a
+    quarter of each actor's share of the input, between 1,000 and 50,000 rows."""
     num_actors: int = Field(0, ge=0)
     """0 = one actor per GPU in the cluster (one CPU actor on a CPU-only cluster)."""
     max_new_tokens: int = Field(4, gt=0)
@@ -287,6 +294,8 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
+        if not self.label.batch_size and not self.label.max_batch_tokens:
+            raise ValueError("label.max_batch_tokens=0 needs label.batch_size: a batch needs a bound")
         default = self.label.default_label_on_parse_failure
         if default is not None and default not in self.prompt.labels:
             raise ValueError(

@@ -40,9 +40,12 @@ from sentiment_ray.scoring import LabelScorer
 # class; an input column with one of these names is an error.
 IDENTITY_COLUMNS = ("model_name", "adapter_id")
 PREDICTION_COLUMNS = ("pred_label", "confidence", "truncated", "parse_failed", "generated_text")
-# Rows handed to the scorer at once: it sorts them by length into micro-batches, so a wider
-# window means less padding.
-CHUNK_BATCHES = 16
+# Rows read, validated and tokenised together, then handed to the scorer, which sorts them
+# by length into token-budget batches: a wider window means less padding.
+CHUNK_ROWS = 4096
+# A unit's first piece: the model waits for it (nothing overlaps it), so it is small.
+FIRST_PIECE_ROWS = 512
+WARM_UP_SENTENCES = ["A short sentence to warm the kernels up."] * 8
 
 
 def output_columns(cfg: ExperimentConfig) -> set[str]:
@@ -60,6 +63,7 @@ class Labeler:
         output_dir: str | None = None,
         identity: dict[str, Any] | None = None,
         device: Any = None,
+        progress: Any = None,
     ):
         cfg = cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig(**cfg)
         # Unsloth must be imported before anything imports transformers/peft: first thing.
@@ -76,14 +80,19 @@ class Labeler:
         max_length = cfg.model.max_seq_length - (cfg.label.max_new_tokens if self.mode == "generate" else 0)
         self.scorer = LabelScorer(
             model, tokenizer, PromptTemplate.from_config(cfg.prompt), self.labels, max_length,
-            cfg.label.batch_size, cfg.label.max_batch_tokens,
+            cfg.label.batch_size, cfg.label.max_batch_tokens, reuse_prefix=cfg.label.reuse_prefix,
         )
+        if self.mode == "scoring":
+            # Kernel selection and allocator growth happen here rather than in the first unit.
+            self.scorer.score(WARM_UP_SENTENCES)
         self.load_seconds = time.perf_counter() - started
+        self.progress = progress
         self.out = Storage(output_dir) if output_dir else None
         identity = identity or {"model_name": cfg.model.name, "adapter_id": (adapter_identity(adapter_path) or {}).get("id")}
         self.model_name, self.adapter_id = identity["model_name"], identity["adapter_id"]
         self.validator = RowValidator(RowRules(text_column=cfg.data.text_column, id_column=cfg.data.id_column))
-        self.chunk_rows = cfg.label.batch_size * CHUNK_BATCHES
+        self.chunk_rows = CHUNK_ROWS
+        self.first_piece_rows = min(FIRST_PIECE_ROWS, cfg.label.batch_size or FIRST_PIECE_ROWS)
 
     def __call__(self, batch):
         """Ray Data entry: a batch of units (a `unit` column of JSON) -> one marker row each."""
@@ -140,7 +149,9 @@ class Labeler:
 
         files = layout.unit_files(unit.unit_id)
         if self.out.is_file(files.done):
-            return self.out.read_json(files.done)
+            marker = self.out.read_json(files.done)
+            self._report(unit, marker["rows"], marker["bad_rows"])
+            return marker
         started, started_at = time.perf_counter(), time.time()
         tables, quarantined = [], []
         tokens, rows_read, predict_seconds = 0, 0, 0.0
@@ -163,6 +174,7 @@ class Labeler:
                 tables.append(table)
             elif not tables:
                 tables.append(table)  # keeps the schema of an all-bad unit
+            self._report(unit, rows_read, len(quarantined))
         if rows_read != unit.num_rows:
             raise DataError(
                 f"{unit.describe()} were planned but {rows_read} rows were read; "
@@ -193,9 +205,14 @@ class Labeler:
             "finished_at": round(time.time(), 3),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "actor_load_s": round(self.load_seconds, 3),
         }
         self.out.write_json(files.done, marker)  # the commit: written last
         return marker
+
+    def _report(self, unit: WorkUnit, rows: int, bad: int) -> None:
+        if self.progress is not None:
+            self.progress.update.remote(unit.unit_id, rows, bad)  # fire and forget
 
     def _checked_pieces(self, unit: WorkUnit):
         """(validated rows, their encoded prompts) for the unit, chunk by chunk."""
@@ -206,7 +223,7 @@ class Labeler:
             checked = self.validator.validate(chunk, has_ids=unit.has_ids, generated_ids=None if unit.has_ids else unit.id_name)
             # The model waits for a unit's first piece (nothing overlaps it), so that piece is
             # one batch; the rest is tokenised while the model scores it.
-            pieces = _split_first(checked, self.cfg.label.batch_size) if index == 0 else [checked]
+            pieces = _split_first(checked, self.first_piece_rows) if index == 0 else [checked]
             for piece in pieces:
                 # Tokenised here, in the reader thread (the Rust tokenizer releases the GIL),
                 # so the model never waits for it.

@@ -75,6 +75,18 @@ def labelling_window(markers: list[dict]) -> dict[str, Any]:
     }
 
 
+def actor_startup(markers: list[dict]) -> dict[str, Any]:
+    """How long the actors took to start (import, model load, warm-up batch): the slowest
+    and the mean over the actors that labelled units now."""
+    loads = {(m.get("host"), m.get("pid")): m["actor_load_s"] for m in markers if "actor_load_s" in m}
+    if not loads:
+        return {}
+    return {
+        "actor_startup_s_max": round(max(loads.values()), 2),
+        "actor_startup_s_mean": round(sum(loads.values()) / len(loads), 2),
+    }
+
+
 def merge_submission(out: Storage, units: list[WorkUnit]) -> str:
     """One `ID,label` file in input order (unit order, then row order), streamed."""
     with out.atomic_writer(layout.SUBMISSION_FILE) as f:

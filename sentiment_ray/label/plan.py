@@ -3,18 +3,21 @@ output folder's manifest, so a rerun reuses it and refuses inputs or settings th
 
 A *work unit* is a row range of one input file. Parquet units are consecutive row groups,
 from the footer alone. CSV and JSON lines are read once (the only way to count CSV records,
-whose quoted fields may span lines) by the one reader, in unit-sized chunks of the ID
-column; each chunk's end is where the next unit starts (byte offset and line), so an actor
-seeks straight to its rows. The same pass feeds every ID to the duplicate check.
+whose quoted fields may span lines) by the one reader, in small chunks of the ID column;
+each chunk's end is where the next one starts (byte offset and line), so a unit made of
+consecutive chunks starts at a known position and an actor seeks straight to its rows. The
+same pass feeds every ID to the duplicate check. Units are sized once the input's length is
+known: about four per actor, so progress and resume move in small steps.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +33,8 @@ from sentiment_ray.label import layout
 
 MANIFEST_VERSION = 2
 DEFAULT_ROWS_PER_UNIT = 50_000
+MIN_AUTO_ROWS = 500
+UNITS_PER_ACTOR = 4
 
 
 class LabelRunError(RuntimeError):
@@ -89,9 +94,18 @@ class Plan:
     units: list[WorkUnit]
     total_rows: int
     files_without_ids: list[str]
+    rows_per_unit: int
 
 
 # ----------------------------------------------------------------------------- planning
+
+
+def auto_rows_per_unit(total_rows: int, actors: int) -> int:
+    """Units of about a quarter of each actor's share of the input, so progress, retries and
+    resumes move in small steps and the last units end close together; between
+    MIN_AUTO_ROWS and DEFAULT_ROWS_PER_UNIT rows."""
+    share = math.ceil(total_rows / (UNITS_PER_ACTOR * max(1, actors)))
+    return max(MIN_AUTO_ROWS, min(DEFAULT_ROWS_PER_UNIT, share))
 
 
 def plan_units(
@@ -100,18 +114,24 @@ def plan_units(
     text_column: str,
     id_column: str,
     generate_ids: bool,
-    rows_per_unit: int = DEFAULT_ROWS_PER_UNIT,
+    rows_per_unit: int | None = None,
+    actors: int = 1,
     reserved_columns: Sequence[str] = (),
 ) -> Plan:
-    """Split the input files into work units of about `rows_per_unit` rows, checking each
-    file has the text column and (unless `generate_ids`) the ID column, and that no ID
-    repeats anywhere in the input. An input column named like one in `reserved_columns`
-    (what the labeller adds) is an error (CSV header, Parquet schema; JSON lines are
-    checked row by row when labelled)."""
-    if rows_per_unit <= 0:
+    """Split the input files into work units of `rows_per_unit` rows (unset: sized by
+    `auto_rows_per_unit` for `actors` actors), checking each file has the text column and
+    (unless `generate_ids`) the ID column, and that no ID repeats anywhere in the input. An
+    input column named like one in `reserved_columns` (what the labeller adds) is an error
+    (CSV header, Parquet schema; JSON lines are checked row by row when labelled).
+
+    Files are read once, in granules of `rows_per_unit` rows (or MIN_AUTO_ROWS when it is
+    unset) whose start positions are recorded; units are consecutive granules of one file
+    (Parquet: consecutive row groups; a larger row group is one unit)."""
+    if rows_per_unit is not None and rows_per_unit <= 0:
         raise ValueError(f"rows_per_unit must be positive, got {rows_per_unit}")
+    granule = rows_per_unit or MIN_AUTO_ROWS
     names = id_names(files)
-    units: list[WorkUnit] = []
+    planned: list[tuple[str, str, bool, list[dict]]] = []
     without_ids: list[str] = []
     duplicates, duplicate_count = [], 0
     total = 0
@@ -126,11 +146,11 @@ def plan_units(
         for path in files:
             fmt = file_format(path)
             if fmt == "parquet":
-                spans, has_ids, n, columns = _plan_parquet(path, text_column, id_column, rows_per_unit)
+                spans, has_ids, n, columns = _plan_parquet(path, text_column, id_column)
                 for chunk in read_chunks(path, columns=[id_column]) if has_ids else ():
                     check_ids(chunk)
             else:
-                spans, has_ids, n, columns = _plan_text(path, fmt, text_column, id_column, rows_per_unit, check_ids)
+                spans, has_ids, n, columns = _plan_text(path, fmt, text_column, id_column, granule, check_ids)
             if n == 0:
                 raise DataError(f"{path}: no data rows")
             clash = sorted(set(reserved_columns) & set(columns))
@@ -138,8 +158,7 @@ def plan_units(
                 raise DataError(f"{path}: input column(s) {clash} clash with columns the labeller adds; rename them")
             if not has_ids:
                 without_ids.append(path)
-            for span in spans:
-                units.append(WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, **span))
+            planned.append((path, fmt, has_ids, spans))
             total += n
     if duplicates:
         raise DataError(duplicates_message(duplicates, id_column, duplicate_count))
@@ -149,28 +168,44 @@ def plan_units(
             f"no {id_column!r} column in {shown}: every prediction needs the input's ID. "
             f"Set data.id_column to the ID column, or label.generate_ids=true to number rows as <file>:<row>"
         )
-    return Plan(units=units, total_rows=total, files_without_ids=without_ids)
+    target = rows_per_unit or auto_rows_per_unit(total, actors)
+    units: list[WorkUnit] = []
+    for path, fmt, has_ids, spans in planned:
+        for span in _group(spans, target):
+            units.append(WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, **span))
+    return Plan(units=units, total_rows=total, files_without_ids=without_ids, rows_per_unit=target)
 
 
-def _plan_parquet(path, text_column, id_column, rows_per_unit):
+def _group(spans: list[dict], target: int) -> list[dict]:
+    """Consecutive spans of one file merged into units of at most `target` rows (a single
+    larger span stays one unit); a unit starts where its first span starts."""
+    units: list[dict] = []
+    for span in spans:
+        last = units[-1] if units else None
+        if last is not None and last["stop"] - last["start"] + span["stop"] - span["start"] <= target:
+            last["stop"] = span["stop"]
+            if "row_groups" in span:
+                last["row_groups"] = last["row_groups"] + span["row_groups"]
+        else:
+            units.append(dict(span))
+    return units
+
+
+def _plan_parquet(path, text_column, id_column):
     meta = parquet_file(path)
     names = meta.schema_arrow.names
     if text_column not in names:
         raise DataError(f"{path}: no text column {text_column!r}; columns: {names} (set data.text_column)")
-    spans, groups, start, rows = [], [], 1, 0
+    spans, start = [], 1
     for g in range(meta.num_row_groups):
         n = meta.metadata.row_group(g).num_rows
-        if groups and rows + n > rows_per_unit:
-            spans.append(dict(start=start, stop=start + rows, row_groups=tuple(groups)))
-            start, groups, rows = start + rows, [], 0
-        groups.append(g)
-        rows += n
-    if rows:
-        spans.append(dict(start=start, stop=start + rows, row_groups=tuple(groups)))
+        if n:
+            spans.append(dict(start=start, stop=start + n, row_groups=(g,)))
+            start += n
     return spans, id_column in names, meta.metadata.num_rows, names
 
 
-def _plan_text(path, fmt, text_column, id_column, rows_per_unit, check_ids):
+def _plan_text(path, fmt, text_column, id_column, granule, check_ids):
     columns: list[str] = []
     if fmt == "csv":
         columns = csv_header(path)
@@ -178,7 +213,7 @@ def _plan_text(path, fmt, text_column, id_column, rows_per_unit, check_ids):
             raise DataError(f"{path}: no text column {text_column!r}; header: {columns} (set data.text_column)")
     spans, has_ids, total = [], id_column in columns, 0
     position = Position()
-    for chunk in read_chunks(path, columns=[id_column], chunk_rows=rows_per_unit):
+    for chunk in read_chunks(path, columns=[id_column], chunk_rows=granule):
         spans.append(dict(start=chunk.first_row, stop=chunk.first_row + len(chunk), byte_offset=position.byte_offset, first_line=position.line))
         position = chunk.next or position
         if id_column in chunk.columns:
@@ -250,9 +285,11 @@ def load_or_plan(
     adapter: dict | None,
     rows_per_unit: int | None,
     reserved_columns: Sequence[str],
+    actors: Callable[[], int] = lambda: 1,
 ) -> dict[str, Any]:
     """The existing manifest when it matches this run (a resume), else a fresh plan written
-    as the manifest. Refuses a folder holding a run of other inputs or settings."""
+    as the manifest (units sized for `actors()` actors unless `rows_per_unit` is given).
+    Refuses a folder holding a run of other inputs or settings."""
     inputs = [f.identity() for f in describe_inputs(files)]
     wanted = {
         "inputs": inputs,
@@ -269,13 +306,13 @@ def load_or_plan(
                 + "\nRerun with --overwrite to start over there, or choose another --output."
             )
         return existing
-    rows_per_unit = rows_per_unit or DEFAULT_ROWS_PER_UNIT
     plan = plan_units(
         files,
         text_column=cfg.data.text_column,
         id_column=cfg.data.id_column,
         generate_ids=cfg.label.generate_ids,
         rows_per_unit=rows_per_unit,
+        actors=actors() if not rows_per_unit else 1,
         reserved_columns=reserved_columns,
     )
     manifest = {
@@ -286,7 +323,7 @@ def load_or_plan(
         "adapter": adapter,
         "prediction_config": prediction_config(cfg),
         "evaluation": evaluation_config(cfg),
-        "rows_per_unit": rows_per_unit,
+        "rows_per_unit": plan.rows_per_unit,
         "total_rows": plan.total_rows,
         "files_with_generated_ids": plan.files_without_ids,
         "git_commit": provenance.git_commit(),

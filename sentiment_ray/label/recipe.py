@@ -41,6 +41,7 @@ from sentiment_ray.io.values import DataError
 from sentiment_ray.label import layout, outputs
 from sentiment_ray.label.labeler import Labeler, output_columns
 from sentiment_ray.label.plan import LabelRunError, WorkUnit, adapter_identity, load_or_plan
+from sentiment_ray.label.progress import ProgressView, start_board
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ def label_dataset(
     identity = {"model_name": cfg.model.name, "adapter_id": adapter["id"] if adapter else None}
     if overwrite:
         clear_outputs(out)
-    manifest = load_or_plan(out, cfg, input_path, files, adapter, rows_per_unit, sorted(output_columns(cfg)))
+    rows_per_unit = rows_per_unit or cfg.label.rows_per_unit
+    manifest = load_or_plan(
+        out, cfg, input_path, files, adapter, rows_per_unit, sorted(output_columns(cfg)), actors=lambda: actor_count(cfg)
+    )
     units = [WorkUnit.from_dict(d) for d in manifest["units"]]
     stale = out.remove_stale_temporaries(("", *layout.UNIT_DIRS))
     out.delete_dir(layout.FAILED_DIR)  # failures of an earlier attempt
@@ -80,7 +84,8 @@ def label_dataset(
     if pending:
         cluster.connect(cfg.run.ray_address)
         label_started = time.perf_counter()  # actor start-up (model load) counts, cluster start-up not
-        run_on_ray(cfg, pending, adapter_path, out, identity)
+        done_rows = sum(u.num_rows for u in units if u.unit_id in done)
+        run_on_ray(cfg, pending, adapter_path, out, identity, total_rows=manifest["total_rows"], done_rows=done_rows)
         label_seconds = time.perf_counter() - label_started
 
     # 3. Merge, evaluate, summarise.
@@ -109,6 +114,7 @@ def label_dataset(
             round(totals["prompt_tokens"] / totals["predict_seconds"], 1) if totals["predict_seconds"] else None
         ),
         **outputs.labelling_window(ran_now),
+        **outputs.actor_startup(ran_now),
     }
     summary["submission"] = outputs.merge_submission(out, units) if cfg.label.write_submission else None
     summary["quarantine"] = outputs.merge_quarantine(out, units, markers)
@@ -129,9 +135,10 @@ def clear_outputs(out: Storage) -> None:
         out.delete(name, missing_ok=True)
 
 
-def run_on_ray(cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path: str | None, out: Storage, identity) -> None:
-    import ray
-
+def actor_count(cfg: ExperimentConfig) -> int:
+    """Labelling actors: label.num_actors, else one per GPU of the cluster (one CPU actor
+    on a CPU-only cluster). Connects to Ray."""
+    cluster.connect(cfg.run.ray_address)
     use_gpu = cluster.resolve_use_gpu(cfg.run.use_gpu)
     actors = cfg.label.num_actors or (cluster.cluster_gpu_count() if use_gpu else 1)
     if use_gpu and actors == 0:
@@ -139,7 +146,20 @@ def run_on_ray(cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path: str
             "run.use_gpu=true but the cluster has no GPU now; set label.num_actors to the GPU actors an "
             "autoscaler will provide, or run.use_gpu=auto for CPU actors"
         )
-    actors = max(1, min(actors, len(pending)))
+    return actors
+
+
+def run_on_ray(
+    cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path: str | None, out: Storage, identity,
+    *, total_rows: int, done_rows: int,
+) -> None:
+    import ray
+
+    use_gpu = cluster.resolve_use_gpu(cfg.run.use_gpu)
+    actors = max(1, min(actor_count(cfg), len(pending)))
+    # Ray Data's own bars count blocks (one per unit), not rows: ours count rows.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    board = start_board()
     items = [{"unit": json.dumps(u.to_dict())} for u in pending]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         Labeler,
@@ -148,6 +168,7 @@ def run_on_ray(cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path: str
             "adapter_path": adapter_path if not adapter_path or "://" in adapter_path else os.path.abspath(adapter_path),
             "output_dir": out.root,
             "identity": identity,
+            "progress": board,
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -156,8 +177,9 @@ def run_on_ray(cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path: str
         num_cpus=1,
     )
     try:
-        for _ in dataset.iter_rows():
-            pass  # the markers are the record
+        with ProgressView(board, total_rows, done_rows):
+            for _ in dataset.iter_rows():
+                pass  # the markers are the record
     except Exception as err:  # noqa: BLE001 - re-raised as the actor's own error
         failure = outputs.first_failure(out)
         if failure is None:

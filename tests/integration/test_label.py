@@ -383,3 +383,18 @@ def test_eval_of_a_label_output_reads_gold_labels_as_the_job_did(ray_address, ti
     for key in ("accuracy", "macro_f1", "ece", "confusion_matrix", "per_language"):
         assert evaluated[key] == job[key], key
     assert (tmp_path / "out" / "report.html").exists()  # the job's own report, not replaced
+
+
+def test_progress_shows_rows_of_the_total_and_reaches_it_once(ray_address, tiny_model_dir, tmp_path, capfd):
+    from sentiment_ray.label.recipe import label_dataset
+
+    pacsv.write_csv(pa.Table.from_pylist(demo_rows(0, 40)), tmp_path / "in.csv")
+    summary = label_dataset(make_cfg(tiny_model_dir), str(tmp_path / "in.csv"), str(tmp_path / "out"), rows_per_unit=10)
+    assert summary["units"]["total"] == 4
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("labelling ")]
+    assert lines and lines[-1].startswith("labelling 40 / 40 rows (100%)") and "bad rows 0" in lines[-1]
+    import re
+
+    assert not re.search(r"MapBatches\(Labeler\)\S*: \d+/\d+", err)  # Ray Data's block counter is off
+    assert summary["actor_startup_s_max"] > 0

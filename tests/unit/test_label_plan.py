@@ -257,3 +257,37 @@ def test_first_piece_split_keeps_rows_order_and_quarantine(tmp_path):
     assert rest.table("ID").column("ID").to_pylist() == ["2", "3", "4"] and rest.sentences == ["s2", "s3", "s4"]
     assert [e["row"] for e in first.quarantined] == [2] and rest.quarantined == []
     assert _split_first(checked, 5) == [checked]
+
+
+@pytest.mark.parametrize("actors, units", [(1, 4), (2, 8), (100, 8)])
+def test_a_small_input_is_cut_into_about_four_units_per_actor(tmp_path, actors, units):
+    rows = "".join(f"r{i},sentence {i}\n" for i in range(4000))
+    f = write_csv(tmp_path / "small.csv", b"ID,sentence\n" + rows.encode())
+    p = plan_units([str(f)], text_column="sentence", id_column="ID", generate_ids=False, actors=actors)
+    assert len(p.units) == units and p.total_rows == 4000
+    assert sum(u.num_rows for u in p.units) == 4000 and p.rows_per_unit == 4000 // units
+    table, bad = read_all(p.units, chunk_rows=333)
+    assert bad == [] and table.column("ID").to_pylist() == [f"r{i}" for i in range(4000)]
+
+
+def test_a_large_input_keeps_units_of_at_most_fifty_thousand_rows():
+    from sentiment_ray.label.plan import DEFAULT_ROWS_PER_UNIT, MIN_AUTO_ROWS, auto_rows_per_unit
+
+    assert auto_rows_per_unit(10_000_000, 8) == DEFAULT_ROWS_PER_UNIT
+    assert auto_rows_per_unit(100, 1) == MIN_AUTO_ROWS
+    assert auto_rows_per_unit(41_035, 1) == 10_259
+
+
+def test_progress_counts_each_row_once_when_a_unit_is_redone():
+    from sentiment_ray.label.progress import ProgressBoard, Snapshot
+
+    board = ProgressBoard()
+    board.update("u1", 100, 2)
+    board.update("u2", 50, 0)
+    board.update("u1", 40, 0)  # an actor died; the unit starts again on another one
+    assert board.totals() == (150, 2)
+    board.update("u1", 100, 2)
+    board.update("u1", 120, 3)  # the unit's last piece
+    assert board.totals() == (170, 3)
+    line = Snapshot(done=170, total=340, bad=3, rate=85.0, eta_s=2.0).line()
+    assert line == "labelling 170 / 340 rows (50%)  85 rows/s  ETA 00:02  bad rows 3"

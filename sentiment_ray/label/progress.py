@@ -1,0 +1,117 @@
+"""Progress of a labelling run that a person can follow: rows labelled of the total, rows/s,
+ETA and bad rows so far, updated while a unit is still being labelled.
+
+Each actor reports, per work unit, how many of its rows it has read (labelled or
+quarantined) to one small Ray actor (`ProgressBoard`) after every piece it scores. The board
+keeps the largest count per unit, so a unit redone after an actor died never counts twice:
+the total reaches the input's row count exactly once per row. The driver polls the board and
+prints a line: redrawn in place every couple of seconds on a terminal, once every ~30 s in a
+log.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+TTY_EVERY_S = 2.0
+LOG_EVERY_S = 30.0
+
+
+class ProgressBoard:
+    """Rows read per unit (the largest count reported), and bad rows among them."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, int] = {}
+        self._bad: dict[str, int] = {}
+
+    def update(self, unit_id: str, rows: int, bad: int) -> None:
+        if rows >= self._rows.get(unit_id, -1):
+            self._rows[unit_id] = rows
+            self._bad[unit_id] = bad
+
+    def totals(self) -> tuple[int, int]:
+        return sum(self._rows.values()), sum(self._bad.values())
+
+
+def start_board():
+    """The board as a Ray actor (no CPU reserved: it only adds numbers)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressBoard).remote()
+
+
+@dataclass
+class Snapshot:
+    done: int
+    total: int
+    bad: int
+    rate: float | None
+    eta_s: float | None
+
+    def line(self) -> str:
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        rate = f"{self.rate:,.0f} rows/s" if self.rate else "-- rows/s"
+        eta = _clock(self.eta_s) if self.eta_s is not None else "--:--"
+        return f"labelling {self.done:,} / {self.total:,} rows ({pct:.0f}%)  {rate}  ETA {eta}  bad rows {self.bad:,}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressView:
+    """Draws the board's totals for a person while the run goes on (a thread)."""
+
+    def __init__(self, board: Any, total_rows: int, done_before: int, stream: TextIO | None = None):
+        self.board = board
+        self.total = total_rows
+        self.done_before = done_before
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = TTY_EVERY_S if self.tty else LOG_EVERY_S
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="label-progress", daemon=True)
+        self._started = time.monotonic()
+        self.last: Snapshot | None = None
+
+    def snapshot(self) -> Snapshot:
+        import ray
+
+        rows, bad = ray.get(self.board.totals.remote(), timeout=10)
+        done = min(self.total, self.done_before + rows)
+        elapsed = time.monotonic() - self._started
+        rate = rows / elapsed if rows and elapsed > 0 else None
+        eta = (self.total - done) / rate if rate else None
+        return Snapshot(done, self.total, bad, rate, eta)
+
+    def _draw(self, final: bool = False) -> None:
+        try:
+            self.last = self.snapshot()
+        except Exception:  # noqa: BLE001 - progress must never stop a run
+            return
+        text = self.last.line()
+        if self.tty:
+            self.stream.write("\r" + text.ljust(100) + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._draw()
+
+    def __enter__(self) -> "ProgressView":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._draw(final=True)
