@@ -145,6 +145,10 @@ class DataConfig(_Strict):
     max_train_rows: int | None = Field(None, gt=0)
     max_validation_rows: int | None = Field(None, gt=0)
     split_seed: int = 42
+    balance: Literal["none", "label", "label_lang"] = "none"
+    """Resample the training rows (same count, seeded, with replacement inside each group) so
+    that every label (`label`) or every label in every language (`label_lang`) is drawn
+    equally often: a small language or class then weighs as much as a large one."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """`error`: the first bad row stops the job, naming file, row and reason.
     `skip`: bad rows go to a quarantine file with their reason and are counted."""
@@ -203,6 +207,14 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(32, gt=0)
     zero_shot_eval: bool = True
     """Score the validation split before training too."""
+    keep_best: bool = False
+    """Keep the adapter of the evaluation step (train.eval_steps) with the best validation
+    macro-F1 rather than the last one."""
+    early_stopping_patience: int = Field(0, ge=0)
+    """Stop after this many evaluations without a better validation macro-F1; 0 = never."""
+    calibrate: bool = True
+    """Fit a temperature on the validation split after training (the adapter's
+    calibration.json), so the probabilities labelling gives are calibrated."""
 
 
 class RunConfig(_Strict):
@@ -249,6 +261,8 @@ class LabelConfig(_Strict):
     """Allow inputs without an ID column: IDs become `<file>:<row>`."""
     write_submission: bool = False
     """Also write one merged `submission.csv` (ID,label) in input order."""
+    calibrate: bool = True
+    """Apply the adapter's fitted temperature (its calibration.json) to the probabilities."""
 
 
 class TuneConfig(_Strict):
@@ -294,6 +308,8 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
+        if (self.train.keep_best or self.train.early_stopping_patience) and not self.train.eval_steps:
+            raise ValueError("train.keep_best and train.early_stopping_patience need train.eval_steps > 0")
         if not self.label.batch_size and not self.label.max_batch_tokens:
             raise ValueError("label.max_batch_tokens=0 needs label.batch_size: a batch needs a bound")
         default = self.label.default_label_on_parse_failure

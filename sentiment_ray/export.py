@@ -3,9 +3,9 @@
     summary = export_merged(load_config("demo"), "runs/demo/adapter", "runs/demo/merged")
 
 The folder holds `config.json`, safetensors weights, the tokenizer (the one the adapter was
-trained with) and `sentiment_ray_export.json` (base model, adapter identity, dtype, and the
+trained with) and `sentiment_ray_export.json` (base model, adapter identity, dtype, the
 prompt + label set the model was fine-tuned on: the merged model classifies only with that
-prompt). `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it with no peft,
+prompt, and the temperature that calibrates its label probabilities). `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it with no peft,
 and label-token scoring gives the labels of base + adapter (tests/integration/test_export.py).
 
 Backends (the config's `model.backend`, `auto` resolved as in training):
@@ -31,6 +31,7 @@ from sentiment_ray import backends
 from sentiment_ray.backends.base import normalise_device
 from sentiment_ray.backends.hf import HFBackend
 from sentiment_ray.backends.unsloth import UnslothBackend
+from sentiment_ray.calibration import adapter_temperature
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.models import resolve_model_path
 
@@ -99,6 +100,8 @@ def export_merged(
         "dtype": saved_dtype,
         "prompt": cfg.prompt.model_dump(mode="json"),
         "max_seq_length": cfg.model.max_seq_length,
+        # Label probabilities are softmax(label-token logits / temperature).
+        "temperature": adapter_temperature(adapter),
     }
     with open(os.path.join(output, EXPORT_INFO_FILE), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)

@@ -5,10 +5,12 @@ Pure at import time: torch is imported inside the helpers, never at module level
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
 import warnings
+import zlib
 from typing import Any, Protocol, runtime_checkable
 
 from sentiment_ray.config import ExperimentConfig
@@ -71,6 +73,28 @@ def existing_target_modules(model: Any, requested: list[str], model_name: str) -
             f"its linear layers are named {sorted(linear_names)}"
         )
     return [m for m in requested if m in present]
+
+
+def reset_lora_weights(model: Any, seed: int) -> int:
+    """Initialise every LoRA weight from `seed` and the parameter's name alone: A as peft
+    does (kaiming-uniform, a=sqrt(5): uniform within +-1/sqrt(fan_in)), B zeros. Both
+    backends then start from the same adapter, whatever random numbers their loading drew
+    before. Returns how many tensors were set."""
+    import torch
+
+    count = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                generator = torch.Generator().manual_seed((zlib.crc32(name.encode()) + seed) % 2**63)
+                bound = 1.0 / math.sqrt(param.shape[1])
+                values = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+                param.copy_(values.to(param.device, param.dtype))
+                count += 1
+            elif ".lora_B." in name:
+                param.zero_()
+                count += 1
+    return count
 
 
 def missing_target_modules(requested: list[str], present: list[str]) -> list[str]:

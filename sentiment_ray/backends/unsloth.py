@@ -21,6 +21,7 @@ from sentiment_ray.backends.base import (
     gradient_checkpointing_for,
     missing_target_modules,
     normalise_device,
+    reset_lora_weights,
 )
 from sentiment_ray.backends.hf import save_peft_adapter
 from sentiment_ray.config import ExperimentConfig
@@ -97,6 +98,7 @@ class UnslothBackend:
             use_rslora=cfg.lora.use_rslora,
             max_seq_length=cfg.model.max_seq_length,
         )
+        reset_lora_weights(model, cfg.train.seed)  # the same start as the hf backend
         return model, tokenizer
 
     def load_for_inference(self, cfg: ExperimentConfig, adapter_path: str | None, device: Any) -> tuple[Any, Any]:

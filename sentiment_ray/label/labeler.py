@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sentiment_ray import backends
+from sentiment_ray.calibration import adapter_temperature
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io import quarantine
 from sentiment_ray.io.readers import read_chunks
@@ -76,11 +77,13 @@ class Labeler:
         started = time.perf_counter()
         with local_folder(adapter_path) as local_adapter:  # an s3:// adapter: a local copy while loading
             model, tokenizer = backends.get_backend(self.backend_name).load_for_inference(cfg, local_adapter, device)
+            self.temperature = adapter_temperature(local_adapter) if cfg.label.calibrate else 1.0
         # Generation needs room for the new tokens inside the model's context.
         max_length = cfg.model.max_seq_length - (cfg.label.max_new_tokens if self.mode == "generate" else 0)
         self.scorer = LabelScorer(
             model, tokenizer, PromptTemplate.from_config(cfg.prompt), self.labels, max_length,
             cfg.label.batch_size, cfg.label.max_batch_tokens, reuse_prefix=cfg.label.reuse_prefix,
+            temperature=self.temperature,
         )
         if self.mode == "scoring":
             # Kernel selection and allocator growth happen here rather than in the first unit.

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sentiment_ray import provenance
+from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.files import describe_inputs, file_format, id_names
 from sentiment_ray.io.ids import IdIndex, duplicates_message
@@ -237,7 +238,8 @@ def adapter_identity(adapter_path: str | None) -> dict[str, Any] | None:
             if not os.path.isfile(os.path.join(path, "adapter_config.json")):
                 raise LabelRunError(f"--adapter {adapter_path}: no adapter_config.json there (not a saved LoRA adapter)")
             digest = hashlib.sha256()
-            for name in sorted(n for n in os.listdir(path) if n.startswith("adapter_")):
+            # The weights, their config, and the temperature (it changes the probabilities).
+            for name in sorted(n for n in os.listdir(path) if n.startswith("adapter_") or n == CALIBRATION_FILE):
                 digest.update(name.encode() + b"\0")
                 with open(os.path.join(path, name), "rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
@@ -255,7 +257,7 @@ def prediction_config(cfg: ExperimentConfig) -> dict[str, Any]:
     return {
         "model": cfg.model.model_dump(),
         "prompt": cfg.prompt.model_dump(),
-        "label": cfg.label.model_dump(include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids"}),
+        "label": cfg.label.model_dump(include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids", "calibrate"}),
         "data": cfg.data.model_dump(include={"text_column", "id_column"}),
     }
 

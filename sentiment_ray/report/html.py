@@ -30,6 +30,7 @@ th, td { padding: .3rem .8rem; border-bottom: 1px solid #e4e7eb; text-align: rig
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f0f4f8; }
 tr.best td { font-weight: 600; background: #fffbea; }
+tr.worse td { color: #b42318; font-weight: 600; }
 .figures { display: flex; flex-wrap: wrap; gap: 1.5rem; }
 figure { margin: 0; } figure img { max-width: 520px; width: 100%; border: 1px solid #e4e7eb; }
 figure.wide img { max-width: 900px; }
@@ -178,3 +179,53 @@ def tune_report_html(
         sections += [f"<h2>Best trial {html.escape(str(best_id))}: validation</h2>"] + metrics_sections(best_report)[1:]
     subtitle = f"{len(rows)} trials, metric {metric} ({mode})" + (f", best trial {best_id}" if best_id else ", no trial completed")
     return page(title, subtitle, sections)
+
+
+def calibration_sections(calibration: dict[str, Any]) -> list[str]:
+    """The fitted temperature, ECE and NLL before and after, and both reliability diagrams."""
+    rows = [
+        ("temperature", calibration.get("temperature")),
+        ("validation rows", calibration.get("rows")),
+        ("ECE before", calibration.get("ece_before")),
+        ("ECE after (out-of-fold)", calibration.get("ece_after")),
+        ("NLL before", calibration.get("nll_before")),
+        ("NLL after (out-of-fold)", calibration.get("nll_after")),
+    ]
+    figures = [
+        _image(f"reliability-{when}", f"Reliability diagram {when} calibration (ECE {calibration[f'ece_{when}']:.3f})",
+               plots.render_reliability(calibration[f"bins_{when}"], ece=calibration[f"ece_{when}"], fmt="svg"),
+               "image/svg+xml", f"{when.capitalize()} temperature scaling.")
+        for when in ("before", "after") if calibration.get(f"bins_{when}")
+    ]
+    return [
+        "<h2>Calibration</h2>",
+        _table("calibration", ["", "value"], [({"data-metric": k}, [k, v]) for k, v in rows]),
+        f'<div class=figures>{"".join(figures)}</div>',
+    ]
+
+
+def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str = "") -> str:
+    """The page of a training run: zero-shot against fine-tuned overall and per language
+    (languages fine-tuning made worse marked), the calibration, then the fine-tuned model's
+    validation metrics, confusion matrix and reliability diagram."""
+    zero, tuned = metrics.get("zero_shot") or {}, metrics.get("fine_tuned") or {}
+    calibration = metrics.get("calibration") or {}
+    overall = [
+        ({"data-metric": key}, [key, zero.get(key), tuned.get(key)])
+        for key in ("n", "accuracy", "macro_f1", "ece")
+    ]
+    sections = ["<h2>Zero-shot and fine-tuned</h2>", _table("comparison", ["", "zero-shot", "fine-tuned"], overall)]
+    languages = metrics.get("languages") or []
+    if languages:
+        rows = [
+            ({"data-lang": c["lang"], **({"class": "worse"} if c["worse"] else {})},
+             [c["lang"], c["n"], c["zero_shot_macro_f1"], c["fine_tuned_macro_f1"], c["change"], "worse" if c["worse"] else ""])
+            for c in languages
+        ]
+        sections += ["<h2>Per language (macro-F1)</h2>",
+                     _table("languages", ["language", "n", "zero-shot", "fine-tuned", "change", ""], rows)]
+    if calibration:
+        sections += calibration_sections(calibration)
+    if tuned:
+        sections += metrics_sections(tuned)
+    return page(title, subtitle or f"{tuned.get('n', 0)} validation rows", sections)

@@ -215,6 +215,23 @@ def stratified_subsample(
     return table.filter(pa.array(keep))
 
 
+def balance_rows(table: pa.Table, by: Sequence[str], seed: int) -> pa.Table:
+    """As many rows as `table`, drawn so that every group of the `by` columns it has is
+    equally represented (with replacement inside a group, shuffled, seeded). The groups'
+    shares differ by at most one row."""
+    strata = list(_strata(table, by).values())
+    if len(strata) < 2:
+        return table
+    rng = np.random.default_rng(seed)
+    n, k = table.num_rows, len(strata)
+    counts = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    picked = [rng.choice(indices, size=count, replace=count > len(indices)) for indices, count in zip(strata, counts)]
+    return table.take(pa.array(rng.permutation(np.concatenate(picked))))
+
+
+BALANCE_COLUMNS = {"none": (), "label": ("label",), "label_lang": ("label", "lang")}
+
+
 def apply_row_limits(train: pa.Table, validation: pa.Table, data_cfg: DataConfig) -> tuple[pa.Table, pa.Table]:
     """Honour data.max_train_rows / data.max_validation_rows (stratified, seeded by split_seed)."""
     return (
@@ -264,6 +281,8 @@ def load_splits(cfg: ExperimentConfig, labels: LabelSet, quarantine_root: str, u
     else:
         train, validation = split_train_validation(train_data.table, d.validation_fraction, d.split_seed)
     train, validation = apply_row_limits(train, validation, d)
+    if d.balance != "none":
+        train = balance_rows(train, BALANCE_COLUMNS[d.balance], d.split_seed)
     if train.num_rows == 0:
         raise DataError(f"{train_data.files[0]}: no training rows left after the validation split and row limits")
     return Splits(train, validation, files, fingerprints, bad)

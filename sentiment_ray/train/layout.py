@@ -1,10 +1,11 @@
 """The files of a training run: the one place that names them.
 
     <run.storage_path>/<run.name>/
-        adapter/                        LoRA adapter + tokenizer
+        adapter/                        LoRA adapter + tokenizer + calibration.json (the temperature)
         metrics.json                    zero-shot and fine-tuned validation metrics, training stats
         manifest.json                   config, package versions, data fingerprint, backend, device
         validation_predictions.parquet  per-row label probabilities of the fine-tuned model
+        report.html                     zero-shot vs fine-tuned, per language, calibration
         quarantine.jsonl                rows skipped by data.on_bad_rows=skip (training source)
         quarantine-validation.jsonl     the same for a separate validation source
         checkpoint_<step>/              Ray Train's checkpoints (each an HF Trainer checkpoint
@@ -21,6 +22,7 @@ ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
 PREDICTIONS_FILE = "validation_predictions.parquet"
+REPORT_FILE = "report.html"
 QUARANTINE_FILE = "quarantine.jsonl"
 VALIDATION_QUARANTINE_FILE = "quarantine-validation.jsonl"
 # Written into every checkpoint: what a resumed attempt needs besides the HF trainer state.

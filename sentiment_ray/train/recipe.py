@@ -28,7 +28,9 @@ from sentiment_ray.prompts import PromptTemplate
 from sentiment_ray.scoring import LabelScorer
 from sentiment_ray.train import layout
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
-from sentiment_ray.train.evaluation import evaluate_split, predictions_table
+from sentiment_ray.calibration import CALIBRATION_FILE
+from sentiment_ray.report import html
+from sentiment_ray.train.evaluation import calibrate_scores, evaluate_split, language_changes, predictions_table, worse_languages_line
 from sentiment_ray.train.trainer import (
     FAIL_AT_STEP_ENV,
     build_sft_config,
@@ -66,6 +68,8 @@ def run_training(cfg: ExperimentConfig) -> dict:
     trainer = build_trainer(cfg)
     result = trainer.fit()
     summary = run_summary(run_dir_of(cfg))
+    if summary["languages_warning"]:
+        log.warning("%s", summary["languages_warning"])
     summary["driver_wall_time_s"] = round(time.time() - start, 1)
     summary["latest_checkpoint"] = getattr(result.checkpoint, "path", None)
     return summary
@@ -136,6 +140,7 @@ def run_summary(run_dir: str) -> dict:
         return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "n": report["n"]}
 
     train = metrics.get("train", {})
+    calibration = metrics.get("calibration") or {}
     return {
         "run_dir": run_dir,
         "adapter": run_dir.rstrip("/") + "/" + layout.ADAPTER_DIR,
@@ -148,6 +153,9 @@ def run_summary(run_dir: str) -> dict:
         "resumed_from_step": train.get("resumed_from_step"),
         "train_tokens_per_s": train.get("tokens_per_second"),
         "worker_wall_time_s": metrics.get("wall_time_s"),
+        "calibration": {k: calibration.get(k) for k in ("temperature", "ece_before", "ece_after")} if calibration else None,
+        "languages_made_worse": [c["lang"] for c in metrics.get("languages", []) if c["worse"]],
+        "languages_warning": worse_languages_line(metrics.get("languages", [])),
     }
 
 
@@ -266,31 +274,43 @@ def train_attempt(attempt: Attempt) -> None:
     if not is_rank_zero:
         return
 
-    # 6. Fine-tuned validation (the callback scored the last step unless this attempt
-    #    trained no step) and the run's outputs.
+    # 6. The adapter to keep (the best evaluation's with train.keep_best), its validation
+    #    scores (the callback scored the last step unless this attempt trained no step),
+    #    and the temperature that calibrates its probabilities.
     outputs = attempt.local("outputs")
     os.makedirs(outputs)
-    fine_tuned = None
+    fine_tuned = calibration = None
     if scorer is not None:
-        if reporter.last_eval_step == trainer.state.global_step:
+        if cfg.train.keep_best and reporter.restore_best(model):
+            fine_tuned, scores = evaluate_split(scorer, splits.validation)
+        elif reporter.last_eval_step == trainer.state.global_step:
             fine_tuned, scores = reporter.last_eval, reporter.last_scores
         else:
             fine_tuned, scores = evaluate_split(scorer, splits.validation)
+        if cfg.train.calibrate:
+            uncalibrated_ece = fine_tuned["ece"]
+            calibration, fine_tuned, scores = calibrate_scores(splits.validation, scores, labels)
+            log.info("calibration: temperature %.3f, validation ECE %.3f -> %.3f (out-of-fold)",
+                     calibration["temperature"], uncalibrated_ece, calibration["ece_after"])
         import pyarrow.parquet as pq
 
         pq.write_table(predictions_table(splits.validation, scores), os.path.join(outputs, layout.PREDICTIONS_FILE))
     backend.save_adapter(model, tokenizer, os.path.join(outputs, layout.ADAPTER_DIR))
-    training = training_stats(attempt, trainer, train_output, train_wall, reporter.eval_seconds)
+    if calibration is not None:
+        Storage(os.path.join(outputs, layout.ADAPTER_DIR)).write_json(CALIBRATION_FILE, calibration)
+    training = training_stats(attempt, trainer, train_output, train_wall, reporter)
     training["gradient_checkpointing"] = gradient_checkpointing_for(cfg, device)
-    write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training)
+    write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training, calibration)
     tracking.finish_training(attempt.tracker, outputs, zero_shot, fine_tuned, training)
 
     # 7. Publish: the outputs into the run folder (local or URI).
     Storage(attempt.run_dir).upload_dir(outputs)
 
 
-def training_stats(attempt: Attempt, trainer, train_output, train_wall: float, eval_seconds: float) -> dict:
-    """metrics.json's `train` section: steps, losses, throughput, the HF log history."""
+def training_stats(attempt: Attempt, trainer, train_output, train_wall: float, reporter) -> dict:
+    """metrics.json's `train` section: steps, losses, throughput, the best evaluation, the
+    HF log history."""
+    eval_seconds = reporter.eval_seconds
     state = trainer.state
     tokens = state.num_input_tokens_seen - compat.tokens_seen_before_this_attempt(trainer)
     step_wall = max(train_wall - eval_seconds, 1e-9)  # optimizer steps + checkpoints
@@ -309,13 +329,17 @@ def training_stats(attempt: Attempt, trainer, train_output, train_wall: float, e
         "tokens_this_attempt": int(tokens),
         # Non-padding tokens per second of training (validation scoring excluded).
         "tokens_per_second": round(tokens / step_wall, 1) if tokens else None,
+        "best_step": reporter.best_step,
+        "best_val_macro_f1": reporter.best_macro_f1,
+        "kept": "best" if attempt.cfg.train.keep_best and reporter.best_step is not None else "last",
+        "stopped_early_at_step": reporter.stopped_early_at,
         "hf_train_metrics": train_output.metrics,
         "log_history": state.log_history,
     }
 
 
-def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot, fine_tuned, training: dict) -> None:
-    """metrics.json and manifest.json into the attempt's outputs folder."""
+def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot, fine_tuned, training: dict, calibration) -> None:
+    """metrics.json, report.html and manifest.json into the attempt's outputs folder."""
     import torch
 
     cfg, device = attempt.cfg, attempt.device
@@ -328,11 +352,14 @@ def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot,
         "rows": {"train": splits.train.num_rows, "validation": splits.validation.num_rows, "bad_rows": splits.bad_rows},
         "zero_shot": zero_shot,
         "fine_tuned": fine_tuned,
+        "calibration": calibration,
+        "languages": language_changes(zero_shot, fine_tuned),
         "train": training,
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
         "wall_time_s": round(time.time() - attempt.started, 1),
     }
     outputs.write_json(layout.METRICS_FILE, metrics)
+    outputs.write_text(layout.REPORT_FILE, html.training_report_html(metrics, title=f"Training run {cfg.run.name}", subtitle=attempt.run_dir))
     record = provenance.build_manifest(
         cfg.model_dump(mode="json"),
         data_fingerprint=splits.fingerprints,

@@ -169,7 +169,10 @@ def _make_report_callback_class():
     class _RayReportCallback(TrainerCallback):
         """Reports to Ray Train at each checkpoint (with the checkpoint; only rank 0
         uploads it) and at each evaluation step; evaluates the validation split by
-        label-token scoring on rank 0 at train.eval_steps and at the last step."""
+        label-token scoring on rank 0 at train.eval_steps and at the last step; keeps the
+        best evaluation's LoRA weights (train.keep_best) and stops after
+        train.early_stopping_patience evaluations without a better macro-F1 (rank 0 decides,
+        every rank stops at the same step)."""
 
         def __init__(self, cfg, *, scorer, validation, is_rank_zero, run_state, fail_at_step=None):
             self.cfg = cfg
@@ -182,31 +185,86 @@ def _make_report_callback_class():
             self.last_scores = None
             self.last_eval_step = -1
             self.eval_seconds = 0.0  # spent scoring inside trainer.train(), kept out of tokens/s
+            self.best_macro_f1 = None
+            self.best_step = None
+            self.best_state = None  # the best evaluation's trainable (LoRA) weights, on the CPU
+            self.evals_without_improvement = 0
+            self.stopped_early_at = None
 
         def _eval_due(self, state) -> bool:
             every = self.cfg.train.eval_steps
             return state.global_step >= state.max_steps or bool(every and state.global_step % every == 0)
 
+        def _track_best(self, state, model) -> None:
+            f1 = self.last_eval["macro_f1"]
+            if self.best_macro_f1 is None or f1 > self.best_macro_f1:
+                self.best_macro_f1, self.best_step = f1, state.global_step
+                self.evals_without_improvement = 0
+                if self.cfg.train.keep_best and model is not None:
+                    self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+            else:
+                self.evals_without_improvement += 1
+
+        def restore_best(self, model) -> bool:
+            """Put the best evaluation's LoRA weights back; whether anything changed."""
+            if not self.best_state or self.best_step == self.last_eval_step:
+                return False
+            import torch
+
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in self.best_state:
+                        param.copy_(self.best_state[name].to(param.device))
+            return True
+
+        def _should_stop(self, state) -> bool:
+            patience = self.cfg.train.early_stopping_patience
+            if not patience:
+                return False
+            stop = self.scorer is not None and self.evals_without_improvement >= patience
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                import torch
+
+                flag = torch.tensor([1 if stop else 0], device="cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu")
+                dist.broadcast(flag, src=0)
+                stop = bool(flag.item())
+            return stop
+
         def _metrics(self, state) -> dict:
+            """The report of this step: step, epoch, the last logged loss, and the validation
+            metrics when this step was evaluated."""
             metrics = {"step": state.global_step, "epoch": state.epoch}
             for entry in reversed(state.log_history):
                 if "loss" in entry:
                     metrics["train_loss"] = entry["loss"]
                     metrics["learning_rate"] = entry.get("learning_rate")
                     break
-            if self._eval_due(state) and self.scorer is not None:
-                eval_started = time.time()
-                self.last_eval, self.last_scores = evaluate_split(self.scorer, self.validation)
-                self.eval_seconds += time.time() - eval_started
-                self.last_eval_step = state.global_step
+            if self.last_eval_step == state.global_step:
                 metrics.update(flat_validation_metrics(self.last_eval))
             return metrics
+
+        def _evaluate(self, state, model) -> None:
+            eval_started = time.time()
+            self.last_eval, self.last_scores = evaluate_split(self.scorer, self.validation)
+            self.eval_seconds += time.time() - eval_started
+            self.last_eval_step = state.global_step
+            self._track_best(state, model)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.fail_at_step is not None and state.global_step == self.fail_at_step:
                 raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: test-injected failure after step {state.global_step}")
+            if not self._eval_due(state):
+                return control
+            if self.scorer is not None:
+                self._evaluate(state, kwargs.get("model"))
+            if state.global_step < state.max_steps and self._should_stop(state):
+                self.stopped_early_at = state.global_step
+                control.should_training_stop = True
+                control.should_save = True  # a checkpoint where it stopped
             # Evaluation-only report, unless the checkpoint at this step reports it (on_save).
-            if self._eval_due(state) and not control.should_save:
+            if not control.should_save:
                 import ray.train
 
                 ray.train.report(self._metrics(state))
@@ -215,14 +273,13 @@ def _make_report_callback_class():
         def on_save(self, args, state, control, **kwargs):
             import ray.train
 
-            metrics = self._metrics(state)
             checkpoint = None
             if self.is_rank_zero:
                 folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
                 with open(os.path.join(folder, layout.RUN_STATE_FILE), "w", encoding="utf-8") as f:
                     json.dump(self.run_state, f)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=layout.checkpoint_dir_name(state.global_step))
+            ray.train.report(self._metrics(state), checkpoint=checkpoint, checkpoint_dir_name=layout.checkpoint_dir_name(state.global_step))
             return control
 
     return _RayReportCallback

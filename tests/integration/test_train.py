@@ -391,6 +391,17 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
     assert [e["step"] for e in train["log_history"] if "loss" in e] == [1, 2, 3, 4]
     assert train["optimizer"] == "adamw_torch" and train["gradient_checkpointing"] == "false" and train["tokens_this_attempt"] > 0 and train["tokens_per_second"] > 0
     assert metrics["peak_gpu_memory_gb"] is None  # CPU
+    # The temperature fitted on the validation split travels with the adapter; the report
+    # compares zero-shot and fine-tuned, per language, and shows calibration before and after.
+    calibration = json.loads((run_dir / "adapter" / "calibration.json").read_text())
+    assert calibration["temperature"] > 0 and calibration["rows"] == 32
+    assert metrics["calibration"]["temperature"] == calibration["temperature"]
+    assert metrics["calibration"]["ece_before"] >= 0 and metrics["calibration"]["ece_after"] >= 0
+    assert {c["lang"] for c in metrics["languages"]} == set(metrics["fine_tuned"]["per_language"])
+    assert summary["calibration"]["temperature"] == calibration["temperature"]
+    assert summary["languages_made_worse"] == [c["lang"] for c in metrics["languages"] if c["worse"]]
+    report = (run_dir / "report.html").read_text()
+    assert all(f'id="{i}"' in report for i in ("comparison", "languages", "calibration", "reliability-before", "reliability-after"))
 
     m = _read(summary["run_dir"], "manifest.json")
     assert m["config"]["model"]["name"] == cfg.model.name
@@ -428,8 +439,10 @@ def test_saved_adapter_reproduces_the_reported_validation_scores(baseline):
     predictions = pq.read_table(os.path.join(summary["run_dir"], "validation_predictions.parquet"))
     assert predictions.num_rows == 32
     model, tokenizer = get_backend("hf").load_for_inference(cfg, summary["adapter"], torch.device("cpu"))
+    # The reported probabilities are calibrated: the adapter's temperature applies.
+    temperature = json.loads(open(os.path.join(summary["adapter"], "calibration.json")).read())["temperature"]
     scorer = LabelScorer(model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels),
-                         max_length=cfg.model.max_seq_length, batch_size=cfg.train.eval_batch_size)
+                         max_length=cfg.model.max_seq_length, batch_size=cfg.train.eval_batch_size, temperature=temperature)
     sentences = predictions.column("sentence").to_pylist()
     probs = scorer.score(sentences).probs
     reported = np.stack([predictions.column(f"p_{label}").to_numpy() for label in cfg.prompt.labels], axis=1)
@@ -484,3 +497,22 @@ def test_interrupted_run_resumes_from_its_checkpoint(baseline, tiny_model_dir, r
         np.testing.assert_allclose(tensor.numpy(), base_adapter[name].numpy(), atol=1e-6, err_msg=name)
     # The zero-shot scores came with the checkpoint (not recomputed on the resumed model).
     assert summary["zero_shot"] == base_summary["zero_shot"]
+
+
+@pytest.mark.slow
+def test_keep_best_and_early_stopping_keep_the_best_evaluations_adapter(ray_local, tiny_model_dir, runs_root):
+    """Evaluated every step, stopped after two evaluations without a better macro-F1; the
+    saved adapter is the best evaluation's: its validation metrics are the best reported."""
+    from sentiment_ray.train.recipe import run_training
+
+    cfg = make_cfg(tiny_model_dir, runs_root, name="keep-best",
+                   train={"max_steps": 12, "eval_steps": 1, "save_steps": 0, "learning_rate": 5e-3, "keep_best": True,
+                          "early_stopping_patience": 2, "calibrate": False, "zero_shot_eval": False})
+    summary = run_training(cfg)
+    metrics = _read(summary["run_dir"], "metrics.json")
+    train = metrics["train"]
+    assert train["kept"] == "best" and train["best_step"] is not None
+    if train["stopped_early_at_step"] is not None:
+        assert train["global_step"] == train["stopped_early_at_step"] < 12
+        assert train["stopped_early_at_step"] - train["best_step"] >= 2
+    assert metrics["fine_tuned"]["macro_f1"] == pytest.approx(train["best_val_macro_f1"])

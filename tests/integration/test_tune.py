@@ -215,9 +215,10 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
     assert best_cfg.train.learning_rate == best["train.learning_rate"] and best_cfg.lora.r == best["lora.r"]
     model, tokenizer = get_backend("hf").load_for_inference(best_cfg, str(best_dir / "adapter"), torch.device("cpu"))
     predictions = pq.read_table(best_dir / "validation_predictions.parquet").to_pylist()
+    temperature = json.loads((best_dir / "adapter" / "calibration.json").read_text())["temperature"]
     scorer = LabelScorer(
         model, tokenizer, PromptTemplate.from_config(best_cfg.prompt), LabelSet(best_cfg.prompt.labels),
-        max_length=best_cfg.model.max_seq_length, batch_size=8,
+        max_length=best_cfg.model.max_seq_length, batch_size=8, temperature=temperature,
     )
     result = scorer.score([p["sentence"] for p in predictions])
     expected = np.array([[p[f"p_{label}"] for label in result.labels] for p in predictions])

@@ -1,0 +1,75 @@
+"""Temperature scaling (sentiment_ray/calibration.py), the per-language comparison and the
+balanced sampling of training rows: what makes the probabilities honest and the user told."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sentiment_ray.calibration import calibrate, fit_temperature, nll
+from sentiment_ray.scoring import softmax
+from sentiment_ray.train.data import balance_rows
+from sentiment_ray.train.evaluation import language_changes, worse_languages_line
+
+
+def overconfident(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Label logits of a classifier right 75% of the time that says ~99%."""
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 2, n)
+    right = rng.random(n) < 0.75
+    predicted = np.where(right, gold, 1 - gold)
+    logits = np.zeros((n, 2))
+    logits[np.arange(n), predicted] = 5.0 + rng.normal(0, 0.5, n)
+    return logits, gold
+
+
+def test_the_temperature_lowers_the_nll_of_an_overconfident_model_and_keeps_every_label():
+    logits, gold = overconfident()
+    t = fit_temperature(logits, gold)
+    assert t > 2.0  # an overconfident model is cooled down
+    assert nll(logits, gold, t) < nll(logits, gold) - 0.3
+    assert (softmax(logits / t).argmax(axis=1) == softmax(logits).argmax(axis=1)).all()
+    fit = calibrate(logits, gold)
+    assert fit["temperature"] == pytest.approx(t, rel=1e-3) and fit["rows"] == 2000
+    assert fit["ece_before"] > 0.2 and fit["ece_after"] < 0.03  # out-of-fold
+    assert fit["nll_after"] < fit["nll_before"]
+    assert sum(b["count"] for b in fit["bins_after"]) == 2000
+
+
+def test_a_calibrated_model_keeps_a_temperature_near_one():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (4000, 2))
+    gold = np.array([rng.random() < p for p in softmax(logits)[:, 1]], dtype=np.int64)  # drawn from its own probabilities
+    assert fit_temperature(logits, gold) == pytest.approx(1.0, abs=0.1)
+
+
+def test_a_language_fine_tuning_made_worse_is_flagged_in_one_line():
+    zero = {"per_language": {"de": {"n": 50, "macro_f1": 0.401}, "en": {"n": 90, "macro_f1": 0.30}, "fr": {"n": 40, "macro_f1": 0.5}}}
+    tuned = {"per_language": {"de": {"n": 50, "macro_f1": 0.284}, "en": {"n": 90, "macro_f1": 0.90}, "fr": {"n": 40, "macro_f1": 0.498}}}
+    changes = {c["lang"]: c for c in language_changes(zero, tuned)}
+    assert changes["de"]["worse"] and not changes["en"]["worse"]
+    assert not changes["fr"]["worse"]  # 0.002 lower: within noise
+    assert changes["de"]["change"] == pytest.approx(-0.117)
+    assert worse_languages_line(list(changes.values())) == (
+        "fine-tuning lowered the validation macro-F1 of 1 language(s): de 0.401 -> 0.284"
+    )
+    assert worse_languages_line(language_changes(zero, zero)) is None
+    assert language_changes(None, tuned) == []
+
+
+@pytest.mark.parametrize("by", [("label",), ("label", "lang")])
+def test_balanced_sampling_draws_each_group_equally_often(by):
+    labels = ["Positive"] * 700 + ["Negative"] * 300
+    langs = (["en"] * 600 + ["de"] * 100) + (["en"] * 250 + ["de"] * 50)
+    table = pa.table({"sentence": [f"s{i}" for i in range(1000)], "label": labels, "lang": langs})
+    balanced = balance_rows(table, by, seed=3)
+    assert balanced.num_rows == 1000
+    groups = {}
+    for row in balanced.to_pylist():
+        key = tuple(row[c] for c in by)
+        groups[key] = groups.get(key, 0) + 1
+    assert len(groups) == (2 if by == ("label",) else 4)
+    assert max(groups.values()) - min(groups.values()) <= 1
+    assert balance_rows(table, by, seed=3).equals(balanced)  # seeded
+    assert set(balanced.column("sentence").to_pylist()) <= set(table.column("sentence").to_pylist())
