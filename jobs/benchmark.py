@@ -3,6 +3,7 @@
     python jobs/benchmark.py train --model llama8b-shape --out $OUT      # GPU: unsloth then hf, 3 + 8 steps
     python jobs/benchmark.py train --model smollm2-135m-instruct --out $OUT
     python jobs/benchmark.py label --model llama8b-shape --out $OUT      # scoring / generate, batch sweep
+    python jobs/benchmark.py label --model llama8b-shape --adapter random --pipeline-rows 41035 --out $OUT
     python jobs/benchmark.py train --model tests-tiny-dir --smoke --out /tmp/bench   # CPU smoke (CI)
 
 `--model`: a random-weight shape (llama8b-shape, llama1b-shape, tiny-shape; built once into
@@ -54,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max-rows", type=int, default=0, help="training rows (0: enough for the steps)")
 
     label = sub.add_parser("label", parents=[shared], help="scoring / batched generate / per-row generate throughput")
-    label.add_argument("--adapter", default=None, help="LoRA adapter folder to attach")
+    label.add_argument("--adapter", default=None, help="LoRA adapter folder to attach, or `random` (the preset's LoRA shape, random weights)")
+    label.add_argument("--pipeline-rows", type=int, default=0, help="also run the whole labelling job (jobs/label.py) on this many rows (0: no)")
     label.add_argument("--n", type=int, default=None, help="sentences scored per batch size (default 2048; smoke 24)")
     label.add_argument("--batch-sizes", type=_csv_ints, default=None, help="sweep (default 16,32,64,128,256; smoke 4,8)")
     label.add_argument(
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = run_label_benchmark(
                 adapter=args.adapter,
+                pipeline_rows=args.pipeline_rows,
                 n=args.n or (24 if args.smoke else 2048),
                 batch_sizes=args.batch_sizes or ([4, 8] if args.smoke else [16, 32, 64, 128, 256]),
                 token_budgets=args.token_budgets or ([256] if args.smoke else None),

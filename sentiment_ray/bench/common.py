@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray.config import DataConfig, load_config
+from sentiment_ray.io.readers import read_chunks
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.train import data as train_data
 
@@ -266,3 +267,55 @@ def run_measurement(module: str, spec: dict, spec_path: Path, result_path: Path,
         result.setdefault("error", f"child exited with {run['returncode']}" + (" (timed out)" if run["timed_out"] else ""))
         echo(f"[bench] {name} FAILED: {result['error']}\n{log_tail(run['log'], 25)}")
     return result
+
+
+# ----------------------------------------------------------------------------- the whole job
+
+
+def write_rows(data_path: str, rows: int, out_path: str) -> int:
+    """`rows` rows of a labelled file as Parquet (repeated, with new unique IDs, when the file
+    has fewer): the input of a whole-job run. Returns the row count written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([chunk.table if chunk.table is not None else pa.table(chunk.values)
+                              for chunk in read_chunks(data_path, columns=["sentence", "label", "lang"])])
+    if table.num_rows == 0:
+        raise BenchError(f"{data_path}: no rows")
+    repeats = -(-rows // table.num_rows)
+    table = pa.concat_tables([table] * repeats).slice(0, rows)
+    table = table.append_column("ID", pa.array([f"bench-{i:08d}" for i in range(rows)], type=pa.string()))
+    pq.write_table(table, out_path)
+    return rows
+
+
+def run_script(args: Sequence[str], log_path: str | os.PathLike, timeout: float) -> dict[str, Any]:
+    """Run `python <args>` (a jobs/ script) with its output into `log_path`, as run_child does."""
+    log_path = Path(log_path)
+    started = time.perf_counter()
+    timed_out = False
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=child_env())
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            rc = proc.wait()
+    return {"returncode": rc, "seconds": round(time.perf_counter() - started, 1), "timed_out": timed_out, "log": str(log_path)}
+
+
+def last_json_line(log_path: str | os.PathLike) -> dict | None:
+    """The last line of a log that is a JSON object (what the jobs print last)."""
+    try:
+        lines = Path(log_path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None

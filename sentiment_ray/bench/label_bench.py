@@ -38,15 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray import backends
-from sentiment_ray.bench import common, flops
+from sentiment_ray.bench import common, flops, shapes
 from sentiment_ray.config import validate
 from sentiment_ray.label.labeler import Labeler
 from sentiment_ray.scoring import micro_batches
 
 RESULT_FILE = "label_benchmark.json"
 SMOKE_OVERRIDES = ["model.max_seq_length=256"]
-# Row cap of the token-budget settings: high enough that the budget decides.
-TOKEN_BUDGET_MAX_ROWS = 1024
 
 
 # ============================================================================ parent
@@ -67,6 +65,7 @@ def run_label_benchmark(
     generate_n: int = 512,
     per_row_n: int = 64,
     max_new_tokens: int | None = None,
+    pipeline_rows: int = 0,
     peak_tflops: float = flops.H100_SXM_BF16_DENSE_TFLOPS,
     tokenizer: str = "smollm2-135m-instruct",
     cache_dir: str | None = None,
@@ -74,7 +73,12 @@ def run_label_benchmark(
     smoke: bool = False,
     echo=print,
 ) -> dict[str, Any]:
-    """Run the label benchmark per backend; write `<out_dir>/label_benchmark.json`; print a table."""
+    """Run the label benchmark per backend; write `<out_dir>/label_benchmark.json`; print a table.
+
+    `adapter="random"` attaches a LoRA adapter of the preset's shape with random weights (what
+    labelling with a fine-tuned adapter costs, without a training run). `pipeline_rows` > 0
+    also runs the whole labelling job (`jobs/label.py`: Ray Data, one actor per GPU, the
+    preset's settings) on that many rows of the data (repeated with new IDs when it has fewer)."""
     started = time.perf_counter()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +92,9 @@ def run_label_benchmark(
     echo(f"[bench] model {model}: preparing")
     prepared = common.prepare_model(model, tokenizer, cache_dir, out, child_timeout)
     echo(f"[bench] model ready at {prepared['path']} ({prepared['seconds']} s); data {data_path}")
+    if adapter == "random":
+        adapter = shapes.write_random_adapter(prepared["path"], str(out / "random-adapter"), base_cfg.lora, seed=0)
+        echo(f"[bench] random LoRA adapter (r={base_cfg.lora.r}, {', '.join(base_cfg.lora.target_modules)}) at {adapter}")
 
     runs: dict[str, dict[str, Any]] = {}
     for backend in backends:
@@ -96,7 +103,6 @@ def run_label_benchmark(
         cfg.model.backend = backend
         cfg.label.mode = "scoring"
         cfg.label.max_new_tokens = max_new_tokens
-        cfg.label.batch_size = max(batch_sizes)
         spec = {
             "config": cfg.model_dump(mode="json"),
             "model_label": model,
@@ -116,6 +122,9 @@ def run_label_benchmark(
             out / f"label-{backend}.log", child_timeout, backend, f"label/{backend}", echo,
         )
         runs[backend] = result
+        if pipeline_rows:
+            echo(f"[bench] label/{backend}: the whole labelling job on {pipeline_rows} rows, in a child process")
+            result["pipeline"] = run_pipeline(cfg, adapter, data_path, pipeline_rows, out / f"pipeline-{backend}", child_timeout, echo)
 
     combined = {
         "mode": "label",
@@ -140,12 +149,12 @@ def run_label_benchmark(
 
 def format_label_table(result: dict[str, Any]) -> str:
     f = common.fmt
-    header = ["backend", "mode", "batch", "ex/s", "prompt tok/s", "MFU", "tokenise %", "pad %", "peak GiB"]
+    header = ["backend", "mode", "batch", "ex/s", "prompt tok/s", "computed tok/s", "MFU", "tokenise %", "pad %", "peak GiB"]
     rows: list[list[str]] = []
     notes: list[str] = []
     for backend, r in result["runs"].items():
         if "error" in r and "scoring" not in r:
-            rows.append([backend, "FAILED", "-", "-", "-", "-", "-", "-", "-"])
+            rows.append([backend, "FAILED"] + ["-"] * 8)
             continue
         tok = r.get("tokenisation") or {}
         notes.append(
@@ -155,7 +164,7 @@ def format_label_table(result: dict[str, Any]) -> str:
         for mode in ("scoring", "generate_batched"):
             phase = r.get(mode)
             if isinstance(phase, dict) and "error" in phase:
-                rows.append([backend, mode, "FAILED", "-", "-", "-", "-", "-", "-"])
+                rows.append([backend, mode, "FAILED"] + ["-"] * 7)
                 continue
             for p in phase or []:
                 rows.append([
@@ -164,6 +173,7 @@ def format_label_table(result: dict[str, Any]) -> str:
                     str(p["batch_size"]),
                     f(p["examples_per_s"], ".1f"),
                     f(p["prompt_tokens_per_s"], ".0f"),
+                    f(p.get("computed_tokens_per_s"), ".0f"),
                     f(p.get("mfu"), ".3f"),
                     f(None if p.get("tokenisation_share") is None else 100 * p["tokenisation_share"], ".1f"),
                     f(None if p.get("padding_fraction") is None else 100 * p["padding_fraction"], ".1f"),
@@ -171,9 +181,18 @@ def format_label_table(result: dict[str, Any]) -> str:
                 ])
         pr = r.get("generate_per_row")
         if isinstance(pr, dict) and "error" not in pr:
-            rows.append([backend, "per-row gen", "1", f(pr["examples_per_s"], ".2f"), f(pr["prompt_tokens_per_s"], ".0f"), "-", "-", "0.0", f(pr.get("peak_memory_allocated_gib"), ".2f")])
+            rows.append([backend, "per-row gen", "1", f(pr["examples_per_s"], ".2f"), f(pr["prompt_tokens_per_s"], ".0f"), "-", "-", "-", "0.0", f(pr.get("peak_memory_allocated_gib"), ".2f")])
         elif isinstance(pr, dict):
-            rows.append([backend, "per-row gen", "FAILED", "-", "-", "-", "-", "-", "-"])
+            rows.append([backend, "per-row gen", "FAILED"] + ["-"] * 7)
+        pipe = r.get("pipeline")
+        if isinstance(pipe, dict) and "error" not in pipe:
+            notes.append(
+                f"{backend} whole job (jobs/label.py): {pipe.get('rows')} rows, {f(pipe.get('prompt_tokens_per_s_in_window'), '.0f')} "
+                f"prompt tok/s in the labelling window, {f(pipe.get('prompt_tokens_per_s'), '.0f')} over the job "
+                f"({f(pipe.get('job_over_window'), '.2f')} of the window), actor start-up {f(pipe.get('actor_startup_s_max'), '.1f')} s"
+            )
+        elif isinstance(pipe, dict):
+            notes.append(f"{backend} whole job: FAILED ({pipe['error']})")
     lines = [
         f"== label benchmark: {result['model']}" + (f" + adapter {result['adapter']}" if result.get("adapter") else "")
         + f" | MFU (scoring) vs {result['peak_tflops']:g} TFLOP/s",
@@ -181,6 +200,35 @@ def format_label_table(result: dict[str, Any]) -> str:
         common.format_table(header, rows),
     ]
     return "\n".join(lines)
+
+
+def run_pipeline(cfg, adapter: str | None, data_path: str, rows: int, out: Path, timeout: float, echo) -> dict[str, Any]:
+    """The whole labelling job in a child process (`jobs/label.py`, Ray Data, the config's
+    settings) on `rows` rows of the data: its summary's throughput, start-up and counts."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    input_path = out / "input.parquet"
+    common.write_rows(data_path, rows, str(input_path))
+    job_cfg = cfg.model_copy(deep=True)
+    job_cfg.run.use_gpu = "auto"  # the GPUs there are, one actor each
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(job_cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    args = [str(common.REPO_ROOT / "jobs" / "label.py"), "--config", str(config_path), "--input", str(input_path),
+            "--output", str(out / "labels"), "--overwrite"]
+    if adapter:
+        args += ["--adapter", os.path.abspath(adapter)]
+    run = common.run_script(args, out / "label.log", timeout)
+    summary = common.last_json_line(run["log"])
+    if run["returncode"] != 0 or summary is None:
+        echo(f"[bench] pipeline FAILED (rc {run['returncode']}):\n{common.log_tail(run['log'], 25)}")
+        return {"error": f"jobs/label.py exited with {run['returncode']}", "child": run}
+    keep = ("rows", "labelled", "prompt_tokens", "label_seconds", "prompt_tokens_per_s", "prompt_tokens_per_s_in_window", "rows_per_s_in_window", "labelling_window_s", "actors_used",
+            "actor_startup_s_max", "actor_startup_s_mean", "units")
+    result = {k: summary.get(k) for k in keep}
+    result["job_over_window"] = common.ratio(summary.get("prompt_tokens_per_s"), summary.get("prompt_tokens_per_s_in_window"))
+    result["child"] = run
+    return result
 
 
 # ============================================================================ child
@@ -272,10 +320,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
     fl = flops.scoring_flops(shape, lengths, lora_params)
 
-    # 2. scoring, batch-size sweep
-    # Row-count batches (max_batch_tokens 0), then token-budget batches of up to
-    # TOKEN_BUDGET_MAX_ROWS rows: the labeller's default batching.
-    settings = [(bs, 0) for bs in batch_sizes] + [(TOKEN_BUDGET_MAX_ROWS, t) for t in spec.get("token_budgets") or []]
+    # 2. scoring: row-count batches (max_batch_tokens 0) of whole prompts; token-budget
+    # batches (no row cap: the labeller's default) of whole prompts, then with the shared
+    # prefix computed once.
+    shared_prefix = scorer.prefix_ids
+    settings = [(bs, 0, False) for bs in batch_sizes] + [(None, t, False) for t in spec.get("token_budgets") or []]
+    if shared_prefix:
+        settings += [(None, t, True) for t in spec.get("token_budgets") or []]
 
     def scoring():
         out = []
@@ -284,8 +335,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         for bs in (min(batch_sizes), max(batch_sizes)):
             scorer.batch_size = bs
             scorer.score(warm)
-        for bs, budget in settings:
+        for bs, budget, reuse in settings:
             scorer.batch_size, scorer.max_batch_tokens = bs, budget
+            scorer.prefix_ids = shared_prefix if reuse else []
             reset_peak()
             sync()
             t0 = time.perf_counter()
@@ -294,11 +346,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             padded = padded_tokens(lengths, bs, budget)
             out.append({
-                "batch_size": bs if not budget else f"<={budget} tok",
+                "batch_size": f"{bs} rows" if not budget else f"<={budget} tok" + (" +prefix" if reuse else ""),
                 "max_batch_tokens": budget,
+                "reuse_prefix": reuse,
                 "seconds": dt,
                 "examples_per_s": n / dt,
                 "prompt_tokens_per_s": res.prompt_tokens / dt,
+                "computed_tokens_per_s": res.computed_tokens / dt,
                 "padded_tokens": padded,
                 "padding_fraction": 1 - prompt_tokens / padded if padded else 0.0,
                 "tokenisation_share": tok_s / dt,
@@ -322,7 +376,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         out = []
         if not gen_sentences:
             return out
-        scorer.batch_size, scorer.max_batch_tokens = min(batch_sizes), 0
+        scorer.batch_size, scorer.max_batch_tokens, scorer.prefix_ids = min(batch_sizes), 0, []
         scorer.generate(gen_sentences[: min(len(gen_sentences), 2 * min(batch_sizes))], k)
         for bs in batch_sizes:
             scorer.batch_size = bs

@@ -192,6 +192,51 @@ def prepare_model(
     return resolve_model_path(name)
 
 
+# Where each LoRA target sits in a Llama-style decoder layer, and its (in, out) features.
+_LORA_SITES = {
+    "q_proj": ("self_attn", lambda c: (c["hidden_size"], c["num_attention_heads"] * c["head_dim"])),
+    "k_proj": ("self_attn", lambda c: (c["hidden_size"], c["num_key_value_heads"] * c["head_dim"])),
+    "v_proj": ("self_attn", lambda c: (c["hidden_size"], c["num_key_value_heads"] * c["head_dim"])),
+    "o_proj": ("self_attn", lambda c: (c["num_attention_heads"] * c["head_dim"], c["hidden_size"])),
+    "gate_proj": ("mlp", lambda c: (c["hidden_size"], c["intermediate_size"])),
+    "up_proj": ("mlp", lambda c: (c["hidden_size"], c["intermediate_size"])),
+    "down_proj": ("mlp", lambda c: (c["intermediate_size"], c["hidden_size"])),
+}
+
+
+def write_random_adapter(model_dir: str, out_dir: str, lora: Any, seed: int = 0) -> str:
+    """A LoRA adapter (peft's files) for a Llama-style model folder with random A and B, of the
+    config's rank and targets: what labelling with a trained adapter costs, measured without
+    training one. Built from config.json alone (numpy + safetensors, no model load)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for target in lora.target_modules:
+            block, features = _LORA_SITES[target]
+            fan_in, fan_out = features(config)
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
+            bound = 1.0 / np.sqrt(fan_in)
+            tensors[f"{prefix}.lora_A.weight"] = rng.uniform(-bound, bound, (lora.r, fan_in)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, 0.01, (fan_out, lora.r)).astype(np.float32)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout, "bias": lora.bias, "target_modules": list(lora.target_modules),
+        "use_rslora": lora.use_rslora, "fan_in_fan_out": False, "inference_mode": True,
+        "base_model_name_or_path": str(model_dir),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build (once) / resolve a benchmark model; print its folder as JSON.")
     parser.add_argument("--model", required=True, help=f"a shape ({', '.join(SHAPES)}), an alias or a folder")

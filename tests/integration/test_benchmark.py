@@ -210,7 +210,9 @@ def test_train_bare_loop_measures_in_process(tiny_model_dir):
 
 @pytest.mark.slow
 def test_label_smoke_writes_every_phase(tiny_model_dir, tmp_path):
-    proc = _run_job("label", "--model", tiny_model_dir, "--smoke", "--out", str(tmp_path))
+    """With a random adapter of the preset's LoRA shape and the whole labelling job on 30 rows."""
+    proc = _run_job("label", "--model", tiny_model_dir, "--smoke", "--out", str(tmp_path), "--adapter", "random",
+                    "--pipeline-rows", "30", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "label benchmark" in proc.stdout
     result = json.loads((tmp_path / "label_benchmark.json").read_text())
@@ -218,16 +220,23 @@ def test_label_smoke_writes_every_phase(tiny_model_dir, tmp_path):
     assert "error" not in run
     assert run["n_examples"] == 24 and run["prompt_tokens"] > 0
     assert run["tokenisation"]["examples_per_s"] > 0
-    assert [p["batch_size"] for p in run["scoring"]] == [4, 8, "<=256 tok"]
-    assert [p["max_batch_tokens"] for p in run["scoring"]] == [0, 0, 256]
+    assert [p["batch_size"] for p in run["scoring"]] == ["4 rows", "8 rows", "<=256 tok", "<=256 tok +prefix"]
+    assert [p["max_batch_tokens"] for p in run["scoring"]] == [0, 0, 256, 256]
     for p in run["scoring"]:
         assert p["examples_per_s"] > 0 and p["prompt_tokens_per_s"] > 0 and p["finite"]
+        assert p["computed_tokens_per_s"] <= p["prompt_tokens_per_s"] * 1.01
         assert 0 < p["tokenisation_share"] < 1 and p["mfu"] > 0 and 0 <= p["padding_fraction"] < 1
     assert [p["batch_size"] for p in run["generate_batched"]] == [4, 8]
     assert all(p["n"] == 8 and p["examples_per_s"] > 0 and 0 <= p["parse_failed"] <= 8 for p in run["generate_batched"])
     per_row = run["generate_per_row"]
     assert per_row["n"] == 4 and per_row["examples_per_s"] > 0 and 0 < per_row["new_tokens"] <= 4 * 2
     assert "per-row gen" in format_label_table(result)
+    assert run["lora_params"] > 0 and result["adapter"].endswith("random-adapter")
+    pipeline = run["pipeline"]
+    assert "error" not in pipeline, pipeline
+    assert pipeline["rows"] == pipeline["labelled"] == 30 and pipeline["prompt_tokens_per_s_in_window"] > 0
+    assert pipeline["actor_startup_s_max"] > 0 and 0 < pipeline["job_over_window"] <= 1.01
+    assert "whole job (jobs/label.py): 30 rows" in proc.stdout
 
 
 @pytest.mark.slow
