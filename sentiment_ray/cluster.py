@@ -96,6 +96,13 @@ def cluster_gpu_count() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def alive_node_count() -> int:
+    """Nodes of the connected cluster that are alive now."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def resolve_use_gpu(setting: str) -> bool:
     """`run.use_gpu`: "true"/"false" as given; "auto" = the cluster has a GPU now."""
     if setting == "true":

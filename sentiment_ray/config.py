@@ -67,6 +67,9 @@ class LoraConfig(_Strict):
     checkpointing on hf. `auto` = none on a GPU with >= 40 GiB (faster; the 8B model at batch
     2 x 2048 then needs about three times the memory), `unsloth` on smaller GPUs and CPUs."""
     use_rslora: bool = False
+    init: Literal["seeded", "library"] = "seeded"
+    """`seeded`: every LoRA weight drawn from train.seed and its parameter name alone, so the
+    unsloth and hf backends start from the same adapter; `library`: each library's own draw."""
 
 
 class PromptConfig(_Strict):
@@ -263,6 +266,10 @@ class LabelConfig(_Strict):
     """Also write one merged `submission.csv` (ID,label) in input order."""
     calibrate: bool = True
     """Apply the adapter's fitted temperature (its calibration.json) to the probabilities."""
+    output_is_shared: bool = False
+    """The --output path is a filesystem every node of the cluster mounts (NFS, ...). On a
+    cluster of several nodes a local --output path is refused unless this is set: actors on
+    other nodes would write their units where the driver never looks."""
 
 
 class TuneConfig(_Strict):

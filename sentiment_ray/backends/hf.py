@@ -65,6 +65,7 @@ class HFBackend:
         return ensure_pad_token(AutoTokenizer.from_pretrained(path))
 
     def load_for_training(self, cfg: ExperimentConfig, device: Any) -> tuple[Any, Any]:
+        import torch
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         model, quantised = self._load_base(cfg, device)
@@ -97,8 +98,10 @@ class HFBackend:
             use_rslora=cfg.lora.use_rslora,
             task_type="CAUSAL_LM",
         )
+        torch.manual_seed(cfg.train.seed)  # `library` init: peft's draw, reproducible per seed
         model = get_peft_model(model, lora)
-        reset_lora_weights(model, cfg.train.seed)  # the same start as the unsloth backend
+        if cfg.lora.init == "seeded":
+            reset_lora_weights(model, cfg.train.seed)  # the same start as the unsloth backend
         return model, tokenizer
 
     def load_for_inference(self, cfg: ExperimentConfig, adapter_path: str | None, device: Any) -> tuple[Any, Any]:

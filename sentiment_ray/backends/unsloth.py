@@ -98,7 +98,8 @@ class UnslothBackend:
             use_rslora=cfg.lora.use_rslora,
             max_seq_length=cfg.model.max_seq_length,
         )
-        reset_lora_weights(model, cfg.train.seed)  # the same start as the hf backend
+        if cfg.lora.init == "seeded":
+            reset_lora_weights(model, cfg.train.seed)  # the same start as the hf backend
         return model, tokenizer
 
     def load_for_inference(self, cfg: ExperimentConfig, adapter_path: str | None, device: Any) -> tuple[Any, Any]:

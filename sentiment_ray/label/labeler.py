@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -208,6 +209,7 @@ class Labeler:
             "finished_at": round(time.time(), 3),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "node_id": _ray_node_id(),
             "actor_load_s": round(self.load_seconds, 3),
         }
         self.out.write_json(files.done, marker)  # the commit: written last
@@ -238,6 +240,14 @@ class Labeler:
 
         with self.out.atomic_writer(name) as out:
             pq.write_table(table, out, compression="zstd")
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this actor runs on (None outside Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 def submission_csv(ids: Sequence[str], labels: Sequence[str | None], header: bool = True) -> bytes:

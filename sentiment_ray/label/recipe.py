@@ -61,6 +61,7 @@ def label_dataset(
     out = Storage(output_dir)
     if "://" not in output_dir and os.path.isfile(out.root):
         raise LabelRunError(f"--output {output_dir} is a file; give a folder")
+    check_every_node_reaches(cfg, output_dir)
 
     # 1. Plan (or reuse the plan of an interrupted run).
     files = expand_paths(input_path)
@@ -125,6 +126,21 @@ def label_dataset(
     summary["seconds"] = round(time.perf_counter() - started, 3)
     out.write_json(layout.SUMMARY_FILE, summary)
     return summary
+
+
+def check_every_node_reaches(cfg: ExperimentConfig, output_dir: str) -> None:
+    """A local --output path on a cluster of several nodes: refused (actors on the other
+    nodes would write where the driver never reads) unless label.output_is_shared says every
+    node mounts it."""
+    if "://" in output_dir or cfg.label.output_is_shared:
+        return
+    cluster.connect(cfg.run.ray_address)
+    nodes = cluster.alive_node_count()
+    if nodes > 1:
+        raise LabelRunError(
+            f"--output {output_dir} is a local path but the Ray cluster has {nodes} nodes: actors on the other nodes "
+            "cannot write there. Give an s3:// or gs:// URI, or set label.output_is_shared=true if every node mounts it"
+        )
 
 
 def clear_outputs(out: Storage) -> None:

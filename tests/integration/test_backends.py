@@ -133,6 +133,28 @@ def test_hf_training_model_has_trainable_lora_and_frozen_base(tiny_cfg):
     assert next(model.parameters()).dtype.is_floating_point and str(next(model.parameters()).dtype) == "torch.float32"
 
 
+def test_seeded_lora_init_depends_on_the_seed_and_names_only(tiny_cfg):
+    """Whatever random numbers loading drew, the LoRA start is the same for a seed: the
+    unsloth backend (same parameter names, same function) starts where hf does."""
+    import torch
+
+    from sentiment_ray.backends.base import reset_lora_weights
+
+    torch.manual_seed(1)
+    a, _ = get_backend("hf").load_for_training(tiny_cfg, "cpu")
+    torch.manual_seed(2)
+    torch.rand(1000)
+    b, _ = get_backend("hf").load_for_training(tiny_cfg, "cpu")
+    lora_a = {n: p for n, p in a.named_parameters() if ".lora_A." in n}
+    assert lora_a and all(float(p.abs().max()) > 0 for p in lora_a.values())
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if "lora_" in name:
+            assert torch.equal(p, q), name
+    assert all(float(p.abs().max()) == 0 for n, p in a.named_parameters() if ".lora_B." in n)
+    reset_lora_weights(b, seed=tiny_cfg.train.seed + 1)
+    assert not torch.equal(dict(b.named_parameters())[next(iter(lora_a))], next(iter(lora_a.values())))
+
+
 def test_hf_gradient_checkpointing_trains_only_lora(tiny_cfg):
     import torch
 
