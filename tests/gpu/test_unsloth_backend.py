@@ -46,8 +46,9 @@ UNSLOTH_SCRIPT = textwrap.dedent(
                  "El servicio fue excelente y la comida deliciosa, volveremos pronto"]
     template, labels = PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels)
 
-    def probs(model, tok, batch_size=4):
-        return LabelScorer(model, tok, template, labels, 256, batch_size).score(sentences).probs
+    def probs(model, tok, batch_size=4, reuse_prefix=True):
+        scorer = LabelScorer(model, tok, template, labels, 256, batch_size, reuse_prefix=reuse_prefix)
+        return scorer.score(sentences).probs
 
     backend = get_backend("unsloth")
     model, tok = backend.load_for_training(cfg, torch.device("cuda", 0))
@@ -76,6 +77,9 @@ UNSLOTH_SCRIPT = textwrap.dedent(
 
     loaded, ltok = backend.load_for_inference(cfg, adapter_dir, "cuda")
     out["loaded_probs"] = probs(loaded, ltok).tolist()
+    # The shared prefix run once and reused through Unsloth's forward: the same probabilities.
+    out["loaded_probs_whole_prompts"] = probs(loaded, ltok, reuse_prefix=False).tolist()
+    out["prefix_tokens"] = len(LabelScorer(loaded, ltok, template, labels, 256, 4).prefix_ids)
     result = LabelScorer(loaded, ltok, template, labels, 256, 4).generate(sentences, max_new_tokens=3)
     out["generate_consistent"] = result.parse_failed.tolist() == [x is None for x in result.labels]
     print("RESULT " + json.dumps(out))
@@ -110,6 +114,8 @@ def _check(out: dict) -> None:
     assert out["still_training_mode_after_scoring"], "the scorer must restore train mode"
     # Same 4-bit base + the saved adapter: the same scores.
     np.testing.assert_allclose(np.array(out["loaded_probs"]), trained, atol=2e-2)
+    assert out["prefix_tokens"] > 10
+    np.testing.assert_allclose(np.array(out["loaded_probs"]), np.array(out["loaded_probs_whole_prompts"]), atol=2e-2)
     assert out["generate_consistent"]
 
 
