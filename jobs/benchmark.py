@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     label = sub.add_parser("label", parents=[shared], help="scoring / batched generate / per-row generate throughput")
     label.add_argument("--adapter", default=None, help="LoRA adapter folder to attach, or `random` (the preset's LoRA shape, random weights)")
     label.add_argument("--pipeline-rows", type=int, default=0, help="also run the whole labelling job (jobs/label.py) on this many rows (0: no)")
+    label.add_argument("--max-lengths", type=_csv_ints, default=None, help="also score with prompts cut to these lengths (e.g. 192)")
     label.add_argument("--n", type=int, default=None, help="sentences scored per batch size (default 2048; smoke 24)")
     label.add_argument("--batch-sizes", type=_csv_ints, default=None, help="sweep (default 16,32,64,128,256; smoke 4,8)")
     label.add_argument(
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_label_benchmark(
                 adapter=args.adapter,
                 pipeline_rows=args.pipeline_rows,
+                max_lengths=args.max_lengths,
                 n=args.n or (24 if args.smoke else 2048),
                 batch_sizes=args.batch_sizes or ([4, 8] if args.smoke else [16, 32, 64, 128, 256]),
                 token_budgets=args.token_budgets or ([256] if args.smoke else None),

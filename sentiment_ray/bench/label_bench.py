@@ -66,6 +66,7 @@ def run_label_benchmark(
     per_row_n: int = 64,
     max_new_tokens: int | None = None,
     pipeline_rows: int = 0,
+    max_lengths: list[int] | None = None,
     peak_tflops: float = flops.H100_SXM_BF16_DENSE_TFLOPS,
     tokenizer: str = "smollm2-135m-instruct",
     cache_dir: str | None = None,
@@ -111,6 +112,7 @@ def run_label_benchmark(
             "n": n,
             "batch_sizes": batch_sizes,
             "token_budgets": token_budgets,
+            "max_lengths": max_lengths or [],
             "generate_n": generate_n,
             "per_row_n": per_row_n,
             "max_new_tokens": max_new_tokens,
@@ -324,9 +326,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     # batches (no row cap: the labeller's default) of whole prompts, then with the shared
     # prefix computed once.
     shared_prefix = scorer.prefix_ids
-    settings = [(bs, 0, False) for bs in batch_sizes] + [(None, t, False) for t in spec.get("token_budgets") or []]
+    budgets = spec.get("token_budgets") or []
+    settings = [(bs, 0, False, None) for bs in batch_sizes] + [(bs, t, False, None) for t in budgets for bs in (None, 64)]
     if shared_prefix:
-        settings += [(None, t, True) for t in spec.get("token_budgets") or []]
+        settings += [(None, t, True, None) for t in budgets]
+    # Prompts cut shorter (as a preset with a small model.max_seq_length does).
+    settings += [(None, budgets[0] if budgets else 0, bool(shared_prefix), cap) for cap in spec.get("max_lengths") or []]
 
     def scoring():
         out = []
@@ -335,18 +340,24 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         for bs in (min(batch_sizes), max(batch_sizes)):
             scorer.batch_size = bs
             scorer.score(warm)
-        for bs, budget, reuse in settings:
-            scorer.batch_size, scorer.max_batch_tokens = bs, budget
+        full_length = scorer.max_length
+        for bs, budget, reuse, cap in settings:
+            scorer.batch_size, scorer.max_batch_tokens = bs or (None if budget else max(batch_sizes)), budget
             scorer.prefix_ids = shared_prefix if reuse else []
+            scorer.max_length = cap or full_length
             reset_peak()
             sync()
             t0 = time.perf_counter()
             res = scorer.score(sentences)
             sync()
             dt = time.perf_counter() - t0
-            padded = padded_tokens(lengths, bs, budget)
+            run_lengths = lengths if not cap else [len(x) for x in scorer.encode(sentences)[0]]
+            padded = padded_tokens(run_lengths, scorer.batch_size, budget)
+            label = f"{bs} rows" if not budget else f"<={budget} tok" + (f", <={bs} rows" if bs else "")
+            label += (" +prefix" if reuse else "") + (f", cut at {cap}" if cap else "")
             out.append({
-                "batch_size": f"{bs} rows" if not budget else f"<={budget} tok" + (" +prefix" if reuse else ""),
+                "batch_size": label,
+                "max_length": cap or full_length,
                 "max_batch_tokens": budget,
                 "reuse_prefix": reuse,
                 "seconds": dt,
@@ -354,7 +365,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 "prompt_tokens_per_s": res.prompt_tokens / dt,
                 "computed_tokens_per_s": res.computed_tokens / dt,
                 "padded_tokens": padded,
-                "padding_fraction": 1 - prompt_tokens / padded if padded else 0.0,
+                "padding_fraction": 1 - sum(run_lengths) / padded if padded else 0.0,
                 "tokenisation_share": tok_s / dt,
                 "model_flops": fl["model_flops"],
                 "achieved_tflops": fl["model_flops"] / dt / 1e12,

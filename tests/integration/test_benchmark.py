@@ -220,8 +220,8 @@ def test_label_smoke_writes_every_phase(tiny_model_dir, tmp_path):
     assert "error" not in run
     assert run["n_examples"] == 24 and run["prompt_tokens"] > 0
     assert run["tokenisation"]["examples_per_s"] > 0
-    assert [p["batch_size"] for p in run["scoring"]] == ["4 rows", "8 rows", "<=256 tok", "<=256 tok +prefix"]
-    assert [p["max_batch_tokens"] for p in run["scoring"]] == [0, 0, 256, 256]
+    assert [p["batch_size"] for p in run["scoring"]] == ["4 rows", "8 rows", "<=256 tok", "<=256 tok, <=64 rows", "<=256 tok +prefix"]
+    assert [p["max_batch_tokens"] for p in run["scoring"]] == [0, 0, 256, 256, 256]
     for p in run["scoring"]:
         assert p["examples_per_s"] > 0 and p["prompt_tokens_per_s"] > 0 and p["finite"]
         assert p["computed_tokens_per_s"] <= p["prompt_tokens_per_s"] * 1.01
