@@ -328,8 +328,8 @@ class LabelScorer:
         _, ids, truncated = fit_prompts(self.tokenizer, self.template, sentences, self.max_length)
         return ids, truncated
 
-    def _micro_batches(self, ids: list[list[int]], offset: int = 0):
-        return micro_batches([len(x) - offset for x in ids], self.batch_size, self.max_batch_tokens)
+    def _micro_batches(self, ids: list[list[int]]):
+        return micro_batches([len(x) for x in ids], self.batch_size, self.max_batch_tokens)
 
     def _split_by_prefix(self, ids: list[list[int]]) -> tuple[list[int], list[int]]:
         """(rows that start with the shared prefix and have tokens after it, the others)."""
@@ -364,32 +364,31 @@ class LabelScorer:
         batches, outputs = [], []
         computed = 0
         with _EvalMode(self.model), torch.inference_mode(), _cpu_bf16_autocast(self.model, device):
-            if shared:
-                # Once per call: training scores between optimizer steps, when the weights changed.
-                prefix = torch.tensor([self.prefix_ids], device=device)
-                layers = _cache_tensors(self.model(input_ids=prefix, use_cache=True, **extra).past_key_values)
-                computed += p
-                sub = [ids[r] for r in shared]
-                for rows in self._micro_batches(sub, offset=p):
-                    input_ids, mask, positions = _left_pad([sub[r][p:] for r in rows], pad, device)
-                    mask = torch.cat([torch.ones((len(rows), p), dtype=mask.dtype, device=device), mask], dim=1)
+            for members, offset in ((shared, p), (whole, 0)):
+                if not members:
+                    continue
+                layers = None
+                if offset:
+                    # Once per call: training scores between optimizer steps, when the weights changed.
+                    prefix = torch.tensor([self.prefix_ids], device=device)
+                    layers = _cache_tensors(self.model(input_ids=prefix, use_cache=True, **extra).past_key_values)
+                    computed += offset
+                own = [ids[r][offset:] for r in members]
+                for rows in micro_batches([len(x) for x in own], self.batch_size, self.max_batch_tokens):
+                    input_ids, mask, positions = _left_pad([own[r] for r in rows], pad, device)
+                    cache = {}
+                    if layers is not None:
+                        mask = torch.cat([torch.ones((len(rows), offset), dtype=mask.dtype, device=device), mask], dim=1)
+                        cache = {"past_key_values": _expanded_cache(layers, len(rows)), "use_cache": True}
                     out = self.model(
-                        input_ids=input_ids, attention_mask=mask, position_ids=positions + p,
-                        past_key_values=_expanded_cache(layers, len(rows)), use_cache=True, **extra,
+                        input_ids=input_ids, attention_mask=mask, position_ids=positions + offset,
+                        **(cache or {"use_cache": False}), **extra,
                     )
-                    batches.append(np.asarray(shared)[rows])
+                    batches.append(np.asarray(members)[rows])
                     # Kept on the device: a copy to the host per batch would wait for the GPU
                     # each time and leave it idle while Python prepares the next batch.
                     outputs.append(out.logits[:, -1, :].index_select(-1, label_ids).float())
-                    computed += sum(len(sub[r]) - p for r in rows)
-            if whole:
-                sub = [ids[r] for r in whole]
-                for rows in self._micro_batches(sub):
-                    input_ids, mask, positions = _left_pad([sub[r] for r in rows], pad, device)
-                    out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
-                    batches.append(np.asarray(whole)[rows])
-                    outputs.append(out.logits[:, -1, :].index_select(-1, label_ids).float())
-                    computed += sum(len(sub[r]) for r in rows)
+                    computed += sum(len(own[r]) for r in rows)
             gathered = torch.cat(outputs).cpu().numpy()
         logits = np.zeros((len(ids), k), dtype=np.float32)
         logits[np.concatenate(batches)] = gathered
