@@ -288,10 +288,13 @@ def train_attempt(attempt: Attempt) -> None:
         else:
             fine_tuned, scores = evaluate_split(scorer, splits.validation)
         if cfg.train.calibrate:
-            uncalibrated_ece = fine_tuned["ece"]
             calibration, fine_tuned, scores = calibrate_scores(splits.validation, scores, labels)
-            log.info("calibration: temperature %.3f, validation ECE %.3f -> %.3f (out-of-fold)",
-                     calibration["temperature"], uncalibrated_ece, calibration["ece_after"])
+            if calibration["applied"]:
+                log.info("calibration: temperature %.3f, validation ECE %.3f -> %.3f (out-of-fold)",
+                         calibration["temperature"], calibration["ece_before"], calibration["ece_after"])
+            else:
+                log.info("calibration: no temperature lowers the out-of-fold NLL on %d rows; probabilities kept as they are",
+                         calibration["rows"])
         import pyarrow.parquet as pq
 
         pq.write_table(predictions_table(splits.validation, scores), os.path.join(outputs, layout.PREDICTIONS_FILE))
