@@ -185,6 +185,7 @@ def calibration_sections(calibration: dict[str, Any]) -> list[str]:
     """The fitted temperature, ECE and NLL before and after, and both reliability diagrams."""
     rows = [
         ("temperature", calibration.get("temperature")),
+        ("applied", "yes" if calibration.get("applied", True) else "no (no out-of-fold gain)"),
         ("validation rows", calibration.get("rows")),
         ("ECE before", calibration.get("ece_before")),
         ("ECE after (out-of-fold)", calibration.get("ece_after")),
