@@ -51,7 +51,7 @@ from sentiment_ray.label.plan import (
     changed_units,
     load_or_plan,
 )
-from sentiment_ray.weights import check_model_source
+from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ def label_dataset(
 
     files = expand_paths(input_path)
     adapter = adapter_identity(adapter_path, allow_unsafe=cfg.model.allow_unsafe_weights)
-    check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
+    try:
+        check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
+    except UnsafeWeightsError as err:
+        raise LabelRunError(f"model.name {err}") from None
     # Held from before planning to the summary: --overwrite never deletes another job's
     # units, and the manifest, markers and summary all come from this one job.
     with Lease(out, purpose="label") as lease:

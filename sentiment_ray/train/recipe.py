@@ -32,6 +32,7 @@ from sentiment_ray.scoring import LabelScorer
 from sentiment_ray.train import layout
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
 from sentiment_ray.train.fingerprint import RunChanged, check_or_record
+from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 from sentiment_ray.train.evaluation import evaluate_split, predictions_table
 from sentiment_ray.train.trainer import (
     FAIL_AT_STEP_ENV,
@@ -72,6 +73,10 @@ def run_training(cfg: ExperimentConfig, *, new_run: bool = False) -> dict:
     (RunDefinitionChanged). Raises ray.train.TrainingFailedError when the workers fail more
     than run.max_failures times."""
     start = time.time()
+    try:
+        check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
+    except UnsafeWeightsError as err:
+        raise TrainingError(f"model.name {err}") from None
     run = Storage(run_dir_of(cfg))
     with Lease(run, purpose="train") as lease:
         if new_run:
