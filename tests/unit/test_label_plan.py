@@ -386,34 +386,37 @@ def test_the_duplicate_id_index_leaves_no_file_in_the_temp_folder(tmp_path, monk
 
 
 def test_a_driver_killed_while_planning_leaves_no_temporary(tmp_path):
-    """SIGKILL mid-planning (the duplicate-ID index is being filled): nothing is left behind."""
+    """SIGKILL mid-planning (the duplicate-ID index holds the first chunk's IDs): nothing is
+    left in the temp folder."""
     import os
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
-    big = tmp_path / "big.csv"
-    with open(big, "w") as f:
-        f.write("ID,sentence\n")
-        for i in range(400_000):
-            f.write(f"id{i},sentence {i}\n")
+    source = tmp_path / "in.csv"
+    source.write_text("ID,sentence\n" + "".join(f"id{i},sentence {i}\n" for i in range(5000)))
     temp = tmp_path / "tmp"
     temp.mkdir()
     code = (
-        "import sys; sys.path.insert(0, sys.argv[2]); from sentiment_ray.label.plan import plan_units\n"
-        "print('planning', flush=True)\n"
+        "import sys, time; sys.path.insert(0, sys.argv[2])\n"
+        "from sentiment_ray.io import ids\n"
+        "from sentiment_ray.label.plan import plan_units\n"
+        "add = ids.IdIndex.add\n"
+        "def add_then_wait(self, *args):\n"
+        "    found = add(self, *args); print('indexing', flush=True); time.sleep(120); return found\n"
+        "ids.IdIndex.add = add_then_wait\n"
         "plan_units([sys.argv[1]], text_column='sentence', id_column='ID', generate_ids=False, rows_per_unit=1000)\n"
     )
     repo = str(Path(__file__).resolve().parents[2])
     child = subprocess.Popen(
-        [sys.executable, "-c", code, str(big), repo], env={**os.environ, "TMPDIR": str(temp)},
+        [sys.executable, "-c", code, str(source), repo], env={**os.environ, "TMPDIR": str(temp)},
         stdout=subprocess.PIPE, text=True,
     )
-    assert child.stdout.readline().strip() == "planning"
-    time.sleep(1.5)  # well inside the pass over 400,000 IDs
-    assert child.poll() is None, "planning finished before it could be killed"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    try:
+        assert child.stdout.readline().strip() == "indexing"  # the index is open and filled
+        assert list(temp.iterdir()) == []
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
     assert list(temp.iterdir()) == []
