@@ -83,7 +83,8 @@ The config decides model, label set, prompt, batch size, actors (label.num_actor
 per GPU) and mode (label.mode=scoring|generate). Rerunning the same command after a crash
 finishes only the missing work units; --overwrite starts the output folder over. One job at a
 time writes an output folder: a second one is refused, naming the first (its lock,
-<output>/_lock.json, expires a minute after that job is gone).
+<output>/_lock.json, is taken over once that job's process is gone, or a minute after its
+last heartbeat when it ran on another host).
 """
 
 EXPORT_DESCRIPTION = """\
@@ -225,6 +226,9 @@ def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (ConfigError, tune_recipe.TuneError) as err:
         print(err, file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a fault: one line, the trace in a log file
+        print(f"error: {faults.report(err, 'tune')}", file=sys.stderr)
+        return 1
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()  # stops worker log forwarding: the JSON line is the last line

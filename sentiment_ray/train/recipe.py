@@ -31,9 +31,8 @@ from sentiment_ray.prompts import PromptTemplate
 from sentiment_ray.scoring import LabelScorer
 from sentiment_ray.train import layout
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
-from sentiment_ray.train.fingerprint import RunChanged, check_or_record
-from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 from sentiment_ray.train.evaluation import evaluate_split, predictions_table
+from sentiment_ray.train.fingerprint import RunChanged, check_or_record
 from sentiment_ray.train.trainer import (
     FAIL_AT_STEP_ENV,
     build_sft_config,
@@ -41,6 +40,7 @@ from sentiment_ray.train.trainer import (
     restore_checkpoint,
     sft_trainer_class,
 )
+from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 
 log = logging.getLogger(__name__)
 
