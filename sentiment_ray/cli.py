@@ -23,12 +23,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sentiment_ray import evaluate, export
+from sentiment_ray import evaluate, export, faults
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
+from sentiment_ray.io.lease import LockHeld, LockLost
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label.plan import LabelRunError
 from sentiment_ray.label.recipe import label_dataset
-from sentiment_ray.train.recipe import run_training
+from sentiment_ray.train.recipe import TrainingError, run_training
 from sentiment_ray.tune import recipe as tune_recipe
 
 PROG = "sentiment-ray"
@@ -40,6 +41,11 @@ Fine-tune a model into a sentiment classifier on Ray Train; print one JSON line 
     sentiment-ray train --config llama31_8b_multilingual train.max_steps=100
     RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- \\
         python jobs/train.py --config demo run.storage_path=/shared/runs
+
+Rerunning with the same run.name resumes the run from its last checkpoint when what defines
+the run is unchanged (model, data content, LoRA shape, optimiser and schedule, labels,
+prompt; train.max_steps may grow); otherwise it is refused naming the changed fields, and
+--new-run starts the run over (docs/architecture.md lists what may change on resume).
 
 Under `ray job submit` give run.storage_path as an absolute path or a URI: a relative one
 lands in the job's temporary copy of the working dir. With Ray's token authentication on
@@ -75,7 +81,10 @@ Label a large dataset with a fine-tuned (or zero-shot) model on Ray Data; print 
 
 The config decides model, label set, prompt, token budget per batch, actors (label.num_actors; 0 = one
 per GPU) and mode (label.mode=scoring|generate). Rerunning the same command after a crash
-finishes only the missing work units; --overwrite starts the output folder over.
+finishes only the missing work units; --overwrite starts the output folder over. One job at a
+time writes an output folder: a second one is refused, naming the first (its lock,
+<output>/_lock.json, is taken over once that job's process is gone, or a minute after its
+last heartbeat when it ran on another host).
 """
 
 EXPORT_DESCRIPTION = """\
@@ -149,20 +158,31 @@ def warn_if_storage_is_job_local(cfg: ExperimentConfig, what: str = "results") -
 # ----------------------------------------------------------------------------- train
 
 
-def _print_summary(run, errors) -> int:
-    """Run a job; print its summary as the one JSON line the jobs end with (exit 0), or a
-    job error's message on stderr (exit 1)."""
+def _print_summary(run, errors, command: str = PROG) -> int:
+    """Run a job; print its summary as the one JSON line the jobs end with (exit 0), or on
+    stderr a job error's message, or for any other fault (permission, disk full, an object
+    store's error, in the driver or a worker) one line naming it with the full trace in a
+    log file (exit 1)."""
     try:
         summary = run()
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - a fault: one line, the trace in a log file
+        print(f"error: {faults.report(err, command)}", file=sys.stderr)
         return 1
     print(json.dumps(summary, ensure_ascii=False, default=str), flush=True)
     return 0
 
 
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    return config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog)
+    parser = config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog)
+    parser.add_argument(
+        "--new-run", action="store_true",
+        help="discard the checkpoints and outputs of an earlier run of the same run.name and start over "
+        "(a rerun otherwise resumes it, refusing changed settings: docs/architecture.md)",
+    )
+    return parser
 
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -171,9 +191,9 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if cfg is None:
         return 2
     warn_if_storage_is_job_local(cfg)
-    summary = run_training(cfg)
-    print(json.dumps(summary, sort_keys=False), flush=True)
-    return 0
+    return _print_summary(
+        lambda: run_training(cfg, new_run=args.new_run), (DataError, ConfigError, TrainingError, LockHeld, LockLost), "train"
+    )
 
 
 # ----------------------------------------------------------------------------- tune
@@ -206,6 +226,9 @@ def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (ConfigError, tune_recipe.TuneError) as err:
         print(err, file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a fault: one line, the trace in a log file
+        print(f"error: {faults.report(err, 'tune')}", file=sys.stderr)
+        return 1
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()  # stops worker log forwarding: the JSON line is the last line
@@ -239,7 +262,8 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         lambda: label_dataset(
             cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
         ),
-        (DataError, LabelRunError),
+        (DataError, LabelRunError, LockHeld, LockLost),
+        "label",
     )
 
 
@@ -268,6 +292,7 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return _print_summary(
         lambda: export.export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite),
         export.ExportError,
+        "export",
     )
 
 
@@ -320,6 +345,7 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             title=args.title,
         ),
         (evaluate.ReportError, DataError),
+        "eval",
     )
 
 

@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from sentiment_ray import compat
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Settings that switch NVLink multicast (NVLS) off in NCCL, torch symmetric memory and
@@ -65,8 +67,11 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     With an address (argument, `run.ray_address`, or RAY_ADDRESS, which `ray job submit`
     sets for the entrypoint) it joins that cluster; otherwise it starts a private local
     cluster (never silently joining another `ray start` cluster on a shared machine: pass
-    `auto` for that). Token authentication needs nothing here: Ray reads the token from
-    RAY_AUTH_TOKEN / ~/.ray/auth_token, and local clusters create one.
+    `auto` for that). Joining, token authentication needs nothing here: Ray reads the token
+    from RAY_AUTH_TOKEN / ~/.ray/auth_token.
+
+    A local cluster listens on the loopback interface only (`start_local`): nothing of it
+    is reachable from other machines.
     """
     import ray
     from ray.job_config import JobConfig
@@ -84,7 +89,40 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     if target:
         ray.init(address=target, job_config=job_config, **common)
     else:
-        ray.init(address="local", num_cpus=num_cpus, job_config=job_config, **common)
+        start_local(num_cpus=num_cpus, job_config=job_config, **common)
+
+
+# A local cluster's settings: every server on 127.0.0.1, token authentication on.
+LOCAL_HOST = "127.0.0.1"
+
+
+def start_local(num_cpus: int | None = None, **init_kwargs) -> None:
+    """Start a private single-node cluster bound to 127.0.0.1, with token authentication.
+
+    Ray binds its gRPC servers (GCS, raylet, object manager, every worker), the dashboard
+    agent and the metrics endpoints to all interfaces unless the node's address is the
+    loopback address, and it resolves "127.0.0.1" given as the node address to the host's
+    network address on Linux; what makes it keep 127.0.0.1 is the setting Ray uses for its
+    single-machine mode (compat.ray_single_machine_node_ip). The dashboard is bound to
+    127.0.0.1 too. Token authentication: Ray 2.60 turns it on for a new local cluster
+    (creating ~/.ray/auth_token if missing) unless RAY_AUTH_MODE says otherwise; an explicit
+    RAY_AUTH_MODE=disabled is respected, with a warning.
+    """
+    import ray
+
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        logging.getLogger(__name__).warning(
+            "RAY_AUTH_MODE=%s: the local Ray cluster starts without token authentication", mode
+        )
+    compat.ray_single_machine_node_ip()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        _node_ip_address=LOCAL_HOST,
+        dashboard_host=LOCAL_HOST,
+        **init_kwargs,
+    )
 
 
 def cluster_gpu_count() -> int:

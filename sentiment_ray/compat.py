@@ -10,6 +10,7 @@ Pure at import time: each library is imported inside the accessor that needs it.
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 from typing import Any
 
@@ -53,6 +54,25 @@ def asha_rungs(scheduler: Any) -> list[list[tuple[float, dict]]]:
     return [bracket._rungs for bracket in scheduler._brackets]
 
 
+# ----------------------------------------------------------------------------- ray core
+
+
+def ray_single_machine_node_ip() -> None:
+    """Make a local cluster this process starts use 127.0.0.1 as its node address.
+
+    Ray resolves a loopback node address to the host's network address
+    (`ray._private.services.resolve_ip_for_localhost`) unless
+    `ray._private.ray_constants.ENABLE_RAY_CLUSTER` is false, the single-machine mode Ray
+    uses on macOS and Windows (env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once at
+    import). With a loopback node address every Ray server binds 127.0.0.1 instead of all
+    interfaces. Set on the imported module (and in the environment, for the processes Ray
+    starts), so it holds whether or not ray was imported before."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 # ----------------------------------------------------------------------------- check
 
 
@@ -91,4 +111,15 @@ def check() -> list[str]:
             problems.append(f"AsyncHyperBandScheduler rungs have another shape: {rungs!r}")
     except Exception as err:  # noqa: BLE001
         problems.append(f"ray.tune AsyncHyperBandScheduler._brackets/_rungs: {err}")
+    try:
+        import inspect
+
+        from ray._private import ray_constants, services
+
+        if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER") or not hasattr(ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR"):
+            problems.append("ray._private.ray_constants.ENABLE_RAY_CLUSTER(S_ENV_VAR) is gone")
+        elif "ray_constants.ENABLE_RAY_CLUSTER" not in inspect.getsource(services.get_node_ip_address):
+            problems.append("ray._private.services.get_node_ip_address no longer reads ray_constants.ENABLE_RAY_CLUSTER")
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"ray._private.ray_constants: {err}")
     return problems

@@ -54,6 +54,11 @@ class ModelConfig(_Strict):
     """`auto`: bfloat16 where the GPU supports it, float16 on older GPUs, float32 on CPU."""
     max_seq_length: int = Field(2048, gt=0)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    allow_unsafe_weights: bool = False
+    """Also load pickle weight files (`.bin`, `.pt`, `.pth`, `.ckpt`) of models and LoRA
+    adapters; loading one can run code planted in it. Off (the default): safetensors only
+    (`from_pretrained(use_safetensors=True)`), and a model or adapter folder that has only
+    pickle weights is refused, naming the file."""
 
 
 class LoraConfig(_Strict):
@@ -270,6 +275,17 @@ class LabelConfig(_Strict):
     """The --output path is a filesystem every node of the cluster mounts (NFS, ...). On a
     cluster of several nodes a local --output path is refused unless this is set: actors on
     other nodes would write their units where the driver never looks."""
+    max_text_chars: int = Field(100_000, gt=0)
+    """Longest text, in characters, handed to the tokenizer: a longer one is cut to its first
+    `max_text_chars` characters before tokenising and counted as `truncated` (the model sees
+    at most model.max_seq_length tokens anyway), so one huge field cannot exhaust an actor's
+    memory. The output rows keep the full text."""
+    flag_prompt_markers: bool = True
+    """Flag rows whose text contains the prompt's own markers (the lines of
+    prompt.input_template and prompt.response_header, e.g. `### Response:`), compared
+    case-insensitively: such text can pass for the template and steer the answer. Adds a
+    `prompt_markers` column (true/false) and counts the rows in the summary; the rows are
+    labelled as they are."""
 
 
 class TuneConfig(_Strict):

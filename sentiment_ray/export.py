@@ -34,6 +34,7 @@ from sentiment_ray.backends.unsloth import UnslothBackend
 from sentiment_ray.calibration import adapter_temperature
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.models import resolve_model_path
+from sentiment_ray.weights import UnsafeWeightsError, check_adapter_weights
 
 EXPORT_INFO_FILE = "sentiment_ray_export.json"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -55,11 +56,15 @@ def _prepare_output(output: str, overwrite: bool) -> None:
     os.makedirs(output, exist_ok=True)
 
 
-def _check_adapter(adapter: str) -> None:
+def _check_adapter(adapter: str, allow_unsafe: bool = False) -> None:
     if "://" in adapter:
         raise ExportError(f"--adapter {adapter}: give a local folder (download the adapter first)")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise ExportError(f"--adapter {adapter} has no adapter_config.json: not a saved LoRA adapter")
+    try:
+        check_adapter_weights(adapter, allow_unsafe=allow_unsafe)
+    except UnsafeWeightsError as err:
+        raise ExportError(str(err)) from None
 
 
 def export_merged(
@@ -75,7 +80,7 @@ def export_merged(
     Returns a summary (output folder, backend, dtype, files, seconds)."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    _check_adapter(adapter)
+    _check_adapter(adapter, cfg.model.allow_unsafe_weights)
     started = time.perf_counter()
 
     requested = cfg.model.backend

@@ -32,6 +32,18 @@ class PromptTemplate:
         body = self.input_template.replace("{sentence}", sentence)
         return f"{self.instruction}{self.separator}{body}{self.separator}{self.response_header}"
 
+    def markers(self) -> list[str]:
+        """The template's own structural lines: each non-blank line of the input template
+        around `{sentence}` and of the response header (`### Input:`, `### Response:`). A
+        text holding one can pass for the template's structure (e.g. a fake answer)."""
+        found: list[str] = []
+        for part in [*self.input_template.split("{sentence}"), self.response_header]:
+            for line in part.splitlines():
+                line = line.strip()
+                if line and line not in found:
+                    found.append(line)
+        return found
+
     def completion(self, label: str, eos_token: str) -> str:
         return f"{label}{eos_token}"
 

@@ -14,6 +14,7 @@ import zlib
 from typing import Any, Protocol, runtime_checkable
 
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.weights import UnsafeWeightsError, check_adapter_weights
 
 
 class BackendError(RuntimeError):
@@ -118,9 +119,15 @@ def ensure_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def check_adapter_dir(adapter_path: str) -> None:
+def check_adapter_dir(adapter_path: str, allow_unsafe_weights: bool = False) -> None:
+    """A saved LoRA adapter whose weights may be loaded: adapter_config.json, and
+    safetensors weights unless `allow_unsafe_weights` (weights.py)."""
     if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
         raise BackendError(f"adapter folder {adapter_path!r} has no adapter_config.json (not a saved LoRA adapter)")
+    try:
+        check_adapter_weights(adapter_path, allow_unsafe=allow_unsafe_weights)
+    except UnsafeWeightsError as err:
+        raise BackendError(str(err)) from None
 
 
 def normalise_device(device: Any):

@@ -22,6 +22,7 @@ from sentiment_ray.backends.base import (
 )
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.models import resolve_model_path
+from sentiment_ray.weights import check_model_source, from_pretrained_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class HFBackend:
         attn = cfg.model.attn_implementation
         if attn == "flash_attention_2" and device.type != "cuda":
             raise BackendError("model.attn_implementation=flash_attention_2 needs CUDA; use sdpa or eager on CPU")
-        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+        allow_unsafe = cfg.model.allow_unsafe_weights
+        check_model_source(path, allow_unsafe=allow_unsafe)
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn, **from_pretrained_kwargs(allow_unsafe)}
         if quantise:
             from transformers import BitsAndBytesConfig
 
@@ -110,7 +113,7 @@ class HFBackend:
         if adapter_path:
             from peft import PeftModel
 
-            check_adapter_dir(adapter_path)
+            check_adapter_dir(adapter_path, cfg.model.allow_unsafe_weights)
             model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
             # save_adapter writes the tokenizer the adapter was trained with; prefer it.
             if os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json")):

@@ -26,6 +26,7 @@ from sentiment_ray.backends.base import (
 from sentiment_ray.backends.hf import save_peft_adapter
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.models import resolve_model_path
+from sentiment_ray.weights import check_model_source, from_pretrained_kwargs
 
 # lora.gradient_checkpointing (resolved) -> Unsloth's use_gradient_checkpointing
 _CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
@@ -61,6 +62,7 @@ class UnslothBackend:
         if device.type != "cuda":
             raise BackendError(f"the unsloth backend needs a CUDA device, got {device}; use model.backend=hf")
         FastLanguageModel = _require_unsloth()
+        check_model_source(path, allow_unsafe=cfg.model.allow_unsafe_weights)
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path,
             max_seq_length=cfg.model.max_seq_length,
@@ -71,6 +73,8 @@ class UnslothBackend:
             device_map={"": device},
             # A local folder is loaded as is; hub ids may map to Unsloth's pre-quantised repos.
             use_exact_model_name=os.path.isdir(path),
+            # Unsloth hands this on to transformers' from_pretrained (weights.py).
+            **from_pretrained_kwargs(cfg.model.allow_unsafe_weights),
         )
         return model, ensure_pad_token(tokenizer)
 
@@ -110,7 +114,7 @@ class UnslothBackend:
         if adapter_path:
             from peft import PeftModel
 
-            check_adapter_dir(adapter_path)
+            check_adapter_dir(adapter_path, cfg.model.allow_unsafe_weights)
             model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
             if os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json")):
                 from transformers import AutoTokenizer

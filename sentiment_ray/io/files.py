@@ -215,6 +215,79 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def span_digests(
+    path: str, spans: Sequence[tuple[int, int | None]], *, decompressed: bool = False, prefix: bytes = b""
+) -> list[str]:
+    """sha256 of `prefix` + the bytes [start, stop) of each span (stop None: to the end), in
+    one pass over the file. `decompressed`: offsets in the decompressed stream of a .gz
+    (as the planner records them); else in the bytes as stored. Spans may repeat; distinct
+    ones must not overlap. A file shorter than a span is a DataError (it changed)."""
+    distinct = sorted(set(spans), key=lambda s: (s[0], float("inf") if s[1] is None else s[1]))
+    for (a0, a1), (b0, _) in zip(distinct, distinct[1:]):
+        if a1 is None or a1 > b0:
+            raise ValueError(f"{path}: overlapping spans {(a0, a1)} and {b0}")
+    digests: dict[tuple[int, int | None], str] = {}
+    sequential = decompressed and path.lower().endswith(".gz")
+    try:
+        if sequential:
+            stream = open_stream(path)
+        else:
+            fs, inner = data_filesystem(path)
+            stream = fs.open_input_file(inner)
+        with stream:
+            position = 0
+            for start, stop in distinct:
+                if sequential:
+                    while position < start:  # a .gz stream is read through, not seeked
+                        skipped = len(stream.read(min(start - position, 1 << 24)))
+                        if not skipped:
+                            raise DataError(f"{path}: shorter than when it was planned (changed since?)")
+                        position += skipped
+                else:
+                    stream.seek(start)
+                    position = start
+                digest = hashlib.sha256(prefix)
+                while stop is None or position < stop:
+                    block = stream.read(1 << 20 if stop is None else min(1 << 20, stop - position))
+                    if not block:
+                        if stop is not None:
+                            raise DataError(f"{path}: shorter than when it was planned (changed since?)")
+                        break
+                    digest.update(block)
+                    position += len(block)
+                digests[(start, stop)] = digest.hexdigest()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied (cannot read it)") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err}") from None
+    return [digests[s] for s in spans]
+
+
+def parquet_footer(path: str) -> tuple[bytes, int]:
+    """(the footer bytes of a Parquet file: metadata, length and magic; the file's size)."""
+    fs, inner = data_filesystem(path)
+    try:
+        with fs.open_input_file(inner) as f:
+            size = f.size()
+            if size < 12:
+                raise DataError(f"{path}: too short for a Parquet file ({size} bytes)")
+            f.seek(size - 8)
+            tail = f.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] != b"PAR1" or length + 8 > size:
+                raise DataError(f"{path}: not a Parquet file (no footer)")
+            f.seek(size - 8 - length)
+            return f.read(length + 8), size
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied (cannot read it)") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err}") from None
+
+
 def fingerprint(paths: str | Sequence[str]) -> str:
     """sha256 over each file's base name, size and bytes, in the given order (a str is
     expanded with expand_paths, which sorts): the same data under another directory gives

@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sentiment_ray.io.uris import StorageIOError, io_error
+
 
 @dataclass(frozen=True)
 class Duplicate:
@@ -34,16 +36,30 @@ class Duplicate:
         return f"duplicate ID ({self.id!r}, first at {where})"
 
 
+def _index_full(err: sqlite3.Error) -> StorageIOError:
+    return StorageIOError(
+        f"{tempfile.gettempdir()}: the duplicate-ID index cannot grow in the temp folder: {err}; "
+        "set TMPDIR to a folder with room (it needs about 100 bytes per input row)"
+    )
+
+
 class IdIndex:
     def __init__(self) -> None:
-        handle, path = tempfile.mkstemp(prefix="sentiment-ray-ids-", suffix=".sqlite")
+        try:
+            handle, path = tempfile.mkstemp(prefix="sentiment-ray-ids-", suffix=".sqlite")
+        except OSError as err:
+            raise io_error(tempfile.gettempdir(), err, "create the duplicate-ID index there") from err
         os.close(handle)
-        self.db = sqlite3.connect(path)
-        self.db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;"
-            "CREATE TABLE ids (id TEXT PRIMARY KEY, file INTEGER NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID;"
-        )
-        os.unlink(path)  # the open connection keeps the data; no file outlives the process
+        try:
+            self.db = sqlite3.connect(path)
+            self.db.executescript(
+                "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;"
+                "CREATE TABLE ids (id TEXT PRIMARY KEY, file INTEGER NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID;"
+            )
+        except sqlite3.Error as err:
+            raise _index_full(err) from err
+        finally:
+            os.unlink(path)  # the open connection keeps the data; no file outlives the process
         self._files: list[str] = []
         self._file_index: dict[str, int] = {}
         self.count = 0
@@ -65,7 +81,10 @@ class IdIndex:
             return []
         f = self._file_id(file)
         before = self.db.total_changes
-        self.db.executemany("INSERT OR IGNORE INTO ids VALUES (?, ?, ?)", ((value, f, row) for row, value in rows))
+        try:
+            self.db.executemany("INSERT OR IGNORE INTO ids VALUES (?, ?, ?)", ((value, f, row) for row, value in rows))
+        except sqlite3.OperationalError as err:  # "database or disk is full"
+            raise _index_full(err) from err
         inserted = self.db.total_changes - before
         self.count += inserted
         if inserted == len(rows):

@@ -162,6 +162,13 @@ def csv_header(path: str) -> list[str]:
     return header
 
 
+def csv_header_size(path: str) -> int:
+    """Bytes of a CSV file's header record (BOM included): what every row's meaning depends on."""
+    with open_stream(path) as stream:
+        _, lines, _ = _open_csv(path, stream)
+    return lines.offset
+
+
 def _open_csv(path: str, stream):
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     lines = _Lines(stream, 0, strip_bom=True)

@@ -35,6 +35,10 @@ class RowRules:
     labels: LabelSet | None = None
     """When set, every row's label must resolve to this set (through `label_map`)."""
     label_map: dict[str, str] = field(default_factory=dict)
+    max_text_chars: int | None = None
+    """When set, `CheckedRows.sentences` holds at most this many characters of each text
+    (what is tokenised), and `CheckedRows.cut` says which were cut; the table keeps the
+    full text."""
 
 
 @dataclass
@@ -48,6 +52,9 @@ class CheckedRows:
     ids: list[str | None]
     labels: list[str] | None
     quarantined: list[dict[str, Any]]
+    cut: list[bool] = field(default_factory=list)
+    """Per good row: its text was longer than `RowRules.max_text_chars` and was cut in
+    `sentences` (empty when no bound is set)."""
 
     def table(self, id_column: str):
         """The good rows as an Arrow table: every column read (Parquet types kept), the ID
@@ -132,13 +139,21 @@ class RowValidator:
             for i in range(n)
             if problems[i] is not None
         ]
+        sentences = [as_text(texts[i]) for i in good]
+        cut: list[bool] = []
+        if r.max_text_chars is not None:
+            limit = r.max_text_chars
+            cut = [len(s) > limit for s in sentences]
+            if any(cut):
+                sentences = [s[:limit] if c else s for s, c in zip(sentences, cut)]
         return CheckedRows(
             chunk=chunk,
             good=good,
-            sentences=[as_text(texts[i]) for i in good],
+            sentences=sentences,
             ids=[ids[i] for i in good],
             labels=[labels[i] for i in good] if raw_labels is not None else None,
             quarantined=bad,
+            cut=cut,
         )
 
 

@@ -12,6 +12,10 @@ moved into place: a rename on local disks (atomic), a copy on object stores (whe
 appears whole or not at all). A crash leaves at most a temporary file, which
 `remove_stale_temporaries` deletes on the next run. JSON written here is redacted: a secret
 never reaches a manifest or a summary.
+
+A failed read or write (permission, a missing folder, a full disk, an object store's error)
+raises `StorageIOError`: one line naming the file (never its temporary name) and the cause.
+A missing file on reading stays FileNotFoundError, which callers expect.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sentiment_ray.io.uris import filesystem, is_uri, move_dir, redact
+from sentiment_ray.io.uris import StorageError, filesystem, io_error, is_uri, move_dir, redact
 
 TMP_MARK = ".tmp-"
+# Temporary names of `put` (the lease file's renewals): not TMP_MARK, so that
+# remove_stale_temporaries never removes one a live writer is about to move into place.
+PUT_MARK = ".put-"
 
 
 class Storage:
@@ -52,10 +59,38 @@ class Storage:
     def child(self, name: str) -> "Storage":
         return Storage(self.path(name))
 
+    @property
+    def is_local(self) -> bool:
+        """A local (or locally mounted) folder, where files can be created exclusively."""
+        from pyarrow import fs as pafs
+
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def local_path(self, name: str = "") -> str:
+        """The operating-system path of `name` (local folders only)."""
+        if not self.is_local:
+            raise ValueError(f"{self.root} is not a local folder")
+        return self._inner(name)
+
+    @contextlib.contextmanager
+    def _faults(self, name: str, action: str, *, missing_passes: bool = False) -> Iterator[None]:
+        """OSError -> StorageIOError naming `name` (FileNotFoundError passes when asked)."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except FileNotFoundError as err:
+            if missing_passes:
+                raise
+            raise io_error(self.path(name), err, action) from err
+        except OSError as err:
+            raise io_error(self.path(name), err, action) from err
+
     # -- queries
 
     def _type(self, name: str):
-        return self.fs.get_file_info(self._inner(name)).type
+        with self._faults(name, "look it up"):
+            return self.fs.get_file_info(self._inner(name)).type
 
     def exists(self, name: str = "") -> bool:
         from pyarrow import fs as pafs
@@ -76,13 +111,23 @@ class Storage:
         """File names directly in `folder` (empty if it does not exist), sorted."""
         from pyarrow import fs as pafs
 
-        infos = self.fs.get_file_info(pafs.FileSelector(self._inner(folder), allow_not_found=True))
+        with self._faults(folder, "list it"):
+            infos = self.fs.get_file_info(pafs.FileSelector(self._inner(folder), allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def list_dirs(self, folder: str = "") -> list[str]:
+        """Folder names directly in `folder` (empty if it does not exist), sorted."""
+        from pyarrow import fs as pafs
+
+        with self._faults(folder, "list it"):
+            infos = self.fs.get_file_info(pafs.FileSelector(self._inner(folder), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
     # -- writing
 
     def makedirs(self, name: str = "") -> None:
-        self.fs.create_dir(self._inner(name), recursive=True)
+        with self._faults(name, "create the folder"):
+            self.fs.create_dir(self._inner(name), recursive=True)
 
     @contextlib.contextmanager
     def atomic_writer(self, name: str) -> Iterator[Any]:
@@ -92,12 +137,17 @@ class Storage:
         tmp = f"{folder}/.{base}{TMP_MARK}{uuid.uuid4().hex[:12]}" if folder else f".{base}{TMP_MARK}{uuid.uuid4().hex[:12]}"
         self.makedirs(folder)
         try:
-            with self.fs.open_output_stream(self._inner(tmp)) as out:
-                yield out
-            self.fs.move(self._inner(tmp), self._inner(name))
+            try:
+                with self.fs.open_output_stream(self._inner(tmp)) as out:
+                    yield out
+                self.fs.move(self._inner(tmp), self._inner(name))
+            except (StorageError, FileNotFoundError):
+                raise  # a read inside the block (already named), or a missing input
+            except OSError as err:
+                raise io_error(self.path(name), err, "write") from err
         except BaseException:
-            with contextlib.suppress(OSError):
-                self.delete(tmp, missing_ok=True)
+            with contextlib.suppress(Exception):
+                self.fs.delete_file(self._inner(tmp))
             raise
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -106,6 +156,26 @@ class Storage:
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))
+
+    def put(self, name: str, data: bytes) -> None:
+        """Replace `name` with `data` in one step: an object store's single PUT, or on local
+        disks a temporary file renamed over it. Unlike `atomic_writer`'s temporaries, this
+        one is not removed by `remove_stale_temporaries` while its writer runs."""
+        folder, _, base = name.strip("/").rpartition("/")
+        with self._faults(name, "write"):
+            if not self.is_local:
+                with self.fs.open_output_stream(self._inner(name)) as out:
+                    out.write(data)
+                return
+            tmp = f"{folder + '/' if folder else ''}.{base}{PUT_MARK}{uuid.uuid4().hex[:12]}"
+            try:
+                with self.fs.open_output_stream(self._inner(tmp)) as out:
+                    out.write(data)
+                os.replace(self._inner(tmp), self._inner(name))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._inner(tmp))
+                raise
 
     def write_json(self, name: str, payload: Any) -> None:
         """Indented JSON, atomically, credentials masked in every string."""
@@ -117,26 +187,30 @@ class Storage:
         from pyarrow import fs as pafs
 
         self.makedirs(name)
-        pafs.copy_files(local_dir, self._inner(name), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        with self._faults(name, f"copy {local_dir} into it"):
+            pafs.copy_files(local_dir, self._inner(name), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
     def copy_dir(self, source: str, destination: str) -> None:
         """Copy a folder inside the root (created; existing files replaced)."""
         from pyarrow import fs as pafs
 
         self.makedirs(destination)
-        pafs.copy_files(self._inner(source), self._inner(destination), source_filesystem=self.fs, destination_filesystem=self.fs)
+        with self._faults(destination, f"copy {self.path(source)} into it"):
+            pafs.copy_files(self._inner(source), self._inner(destination), source_filesystem=self.fs, destination_filesystem=self.fs)
 
     def copy_file(self, source: str, destination: str) -> None:
-        self.fs.copy_file(self._inner(source), self._inner(destination))
+        with self._faults(destination, f"copy {self.path(source)} to it"):
+            self.fs.copy_file(self._inner(source), self._inner(destination))
 
     def move_dir(self, source: str, destination: str) -> None:
         """Move a folder inside the root (a rename on local disks, copy + delete on object stores)."""
-        move_dir(self.fs, self._inner(source), self._inner(destination))
+        with self._faults(destination, f"move {self.path(source)} to it"):
+            move_dir(self.fs, self._inner(source), self._inner(destination))
 
     # -- reading
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self._inner(name)) as f:
+        with self._faults(name, "read", missing_passes=True), self.fs.open_input_stream(self._inner(name)) as f:
             return f.read()
 
     def read_text(self, name: str) -> str:
@@ -154,20 +228,23 @@ class Storage:
 
     def open_input(self, name: str):
         """A random-access input file (what pyarrow.parquet.ParquetFile takes)."""
-        return self.fs.open_input_file(self._inner(name))
+        with self._faults(name, "read", missing_passes=True):
+            return self.fs.open_input_file(self._inner(name))
 
     # -- deleting
 
     def delete(self, name: str, *, missing_ok: bool = False) -> None:
         try:
-            self.fs.delete_file(self._inner(name))
+            with self._faults(name, "delete", missing_passes=True):
+                self.fs.delete_file(self._inner(name))
         except FileNotFoundError:
             if not missing_ok:
                 raise
 
     def delete_dir(self, name: str) -> None:
         if self.is_dir(name):
-            self.fs.delete_dir(self._inner(name))
+            with self._faults(name, "delete"):
+                self.fs.delete_dir(self._inner(name))
 
     def remove_stale_temporaries(self, folders: Sequence[str] = ("",)) -> int:
         """Delete temporary files a crashed writer left in `folders`; returns how many."""
@@ -178,3 +255,4 @@ class Storage:
                     self.delete(f"{folder}/{base}" if folder else base, missing_ok=True)
                     removed += 1
         return removed
+

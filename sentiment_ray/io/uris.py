@@ -24,6 +24,7 @@ Pure at import time: the standard library only (pyarrow is imported inside funct
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -56,6 +57,49 @@ class StorageError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(redact(message))
+
+
+class StorageIOError(StorageError):
+    """Reading or writing a file failed (permission, a missing folder, a full disk, an object
+    store's error): one line naming the path and the cause. `errno` is the OS error number
+    when there was one."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
+
+
+# errno -> what an operator reads (the OS's own text for the rest).
+_CAUSES = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a parent of it is not a folder",
+    errno.EISDIR: "it is a folder",
+    errno.EIO: "input/output error",
+    errno.EMFILE: "too many open files",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def error_cause(err: BaseException) -> str:
+    """The cause of an I/O error in a few words: from its errno where it has one (pyarrow
+    sets it for local files), else the first line of its message (an object store's error
+    code and text), credentials masked."""
+    code = getattr(err, "errno", None)
+    if code in _CAUSES:
+        return _CAUSES[code]
+    text = str(getattr(err, "strerror", None) or err or type(err).__name__).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return redact(first[:300])
+
+
+def io_error(path: str, err: BaseException, action: str) -> StorageIOError:
+    """`<path>: cannot <action>: <cause>` as a StorageIOError (chain it with `from err`)."""
+    return StorageIOError(f"{path}: cannot {action}: {error_cause(err)}", getattr(err, "errno", None))
 
 
 # ----------------------------------------------------------------------------- redaction
@@ -155,7 +199,8 @@ def filesystem(path: str):
 def local_folder(path: str | None, *, prefix: str = "sentiment-ray-") -> Iterator[str | None]:
     """A local folder with the content of `path`, for libraries that need one (PEFT loading
     an adapter): a local path (or None) as given, a `file://` URI as its path, any other URI
-    as a temporary copy made by pyarrow.fs.copy_files and removed when the block ends.
+    as a temporary copy made by pyarrow.fs.copy_files and removed when the block ends (a
+    copy that a killed process left is removed by the next one: its name holds the pid).
     StorageError when there is no folder at a URI."""
     from pyarrow import fs as pafs
 
@@ -173,7 +218,8 @@ def local_folder(path: str | None, *, prefix: str = "sentiment-ray-") -> Iterato
         raise StorageError(f"{path}: cannot reach it: {err}") from None
     if info.type != pafs.FileType.Directory:
         raise StorageError(f"{path}: no such folder")
-    local = tempfile.mkdtemp(prefix=prefix)
+    remove_orphaned_copies(f"{prefix}copy-")
+    local = tempfile.mkdtemp(prefix=f"{prefix}copy-{os.getpid()}-")
     try:
         try:
             pafs.copy_files(inner, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
@@ -182,6 +228,31 @@ def local_folder(path: str | None, *, prefix: str = "sentiment-ray-") -> Iterato
         yield local
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def remove_orphaned_copies(prefix: str) -> int:
+    """Delete the local copies (`<prefix><pid>-...` in the temp folder) that processes
+    killed before their cleanup left behind; returns how many."""
+    removed = 0
+    folder = tempfile.gettempdir()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        pid_text = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def move_dir(fs, source: str, destination: str) -> None:

@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -30,10 +31,10 @@ from sentiment_ray.io import quarantine
 from sentiment_ray.io.readers import read_chunks
 from sentiment_ray.io.rows import SOURCE_COLUMNS, CheckedRows, RowRules, RowValidator
 from sentiment_ray.io.storage import Storage
-from sentiment_ray.io.uris import local_folder
+from sentiment_ray.io.uris import StorageIOError, local_folder
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label import layout
-from sentiment_ray.label.plan import LabelRunError, WorkUnit, adapter_identity
+from sentiment_ray.label.plan import LabelRunError, WorkUnit, adapter_identity, check_unit_content
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
 from sentiment_ray.scoring import LabelScorer
@@ -41,7 +42,7 @@ from sentiment_ray.scoring import LabelScorer
 # Columns the labeller adds to every row besides SOURCE_COLUMNS and one `p_<label>` per
 # class; an input column with one of these names is an error.
 IDENTITY_COLUMNS = ("model_name", "adapter_id")
-PREDICTION_COLUMNS = ("pred_label", "confidence", "truncated", "parse_failed", "generated_text")
+PREDICTION_COLUMNS = ("pred_label", "confidence", "truncated", "parse_failed", "generated_text", "prompt_markers")
 # Rows read, validated and tokenised together, then handed to the scorer, which sorts them
 # by length into token-budget batches: a wider window means less padding.
 CHUNK_ROWS = 4096
@@ -94,16 +95,30 @@ class Labeler:
         self.out = Storage(output_dir) if output_dir else None
         identity = identity or {"model_name": cfg.model.name, "adapter_id": (adapter_identity(adapter_path) or {}).get("id")}
         self.model_name, self.adapter_id = identity["model_name"], identity["adapter_id"]
-        self.validator = RowValidator(RowRules(text_column=cfg.data.text_column, id_column=cfg.data.id_column))
+        self.plan_id = identity.get("plan_id")
+        self.validator = RowValidator(
+            RowRules(text_column=cfg.data.text_column, id_column=cfg.data.id_column, max_text_chars=cfg.label.max_text_chars)
+        )
+        self.markers = PromptTemplate.from_config(cfg.prompt).markers() if cfg.label.flag_prompt_markers else []
         self.chunk_rows = CHUNK_ROWS
         self.first_piece_rows = min(FIRST_PIECE_ROWS, cfg.label.batch_size or FIRST_PIECE_ROWS)
 
     def __call__(self, batch):
-        """Ray Data entry: a batch of units (a `unit` column of JSON) -> one marker row each."""
+        """Ray Data entry: a batch of units (a `unit` column of JSON) -> one row each: the
+        commit marker, or the error record of a unit that failed (Ray hands the driver only
+        an exception's text; this way it gets the kind, the message and the traceback)."""
         import pyarrow as pa
 
-        markers = [self.label_unit(WorkUnit.from_dict(json.loads(u))) for u in batch.column("unit").to_pylist()]
-        return pa.table({"marker": [json.dumps(m) for m in markers]})
+        markers, errors = [], []
+        for u in batch.column("unit").to_pylist():
+            unit = WorkUnit.from_dict(json.loads(u))
+            try:
+                markers.append(json.dumps(self.label_unit(unit)))
+                errors.append("")
+            except Exception as err:  # noqa: BLE001 - handed to the driver, which stops the run
+                markers.append("")
+                errors.append(json.dumps(self.failure_record(unit, err)))
+        return pa.table({"marker": markers, "error": errors})
 
     # -- predictions
 
@@ -142,11 +157,27 @@ class Labeler:
         try:
             return self._label_unit(unit)
         except Exception as err:
-            self.out.write_json(
-                layout.unit_files(unit.unit_id).failed,
-                {"unit_id": unit.unit_id, "where": unit.describe(), "type": type(err).__name__, "message": str(err)},
-            )
+            # Best effort: the output folder may be what failed (full, not writable).
+            try:
+                self.out.write_json(layout.unit_files(unit.unit_id).failed, self.failure_record(unit, err))
+            except Exception:  # noqa: BLE001
+                pass
             raise
+
+    @staticmethod
+    def failure_record(unit: WorkUnit, err: BaseException) -> dict[str, Any]:
+        """Why `unit` failed: kind, one-line message, errno, the traceback, where."""
+        return {
+            "unit_id": unit.unit_id,
+            "where": unit.describe(),
+            "type": type(err).__name__,
+            "message": str(err),
+            "storage": isinstance(err, StorageIOError),
+            "errno": getattr(err, "errno", None),
+            "traceback": "".join(traceback.format_exception(err))[-20000:],
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
 
     def _label_unit(self, unit: WorkUnit) -> dict[str, Any]:
         import pyarrow as pa
@@ -154,13 +185,17 @@ class Labeler:
         files = layout.unit_files(unit.unit_id)
         if self.out.is_file(files.done):
             marker = self.out.read_json(files.done)
-            self._report(unit, marker["rows"], marker["bad_rows"])
-            return marker
+            if marker.get("plan_id") == self.plan_id:
+                self._report(unit, marker["rows"], marker["bad_rows"])
+                return marker
+        check_unit_content(unit)  # the bytes planned, not an edit since
         started, started_at = time.perf_counter(), time.time()
         tables, quarantined = [], []
         tokens, rows_read, predict_seconds = 0, 0, 0.0
+        text_cut = 0
         for checked, encoded in _prefetched(self._checked_pieces(unit)):
             rows_read += len(checked.good) + len(checked.quarantined)
+            text_cut += sum(checked.cut)
             quarantined.extend(checked.quarantined)
             table = checked.table(self.cfg.data.id_column)
             if table.num_rows:
@@ -168,6 +203,7 @@ class Labeler:
                 predictions, n_tokens = self.predict(checked.sentences, encoded)
                 predict_seconds += time.perf_counter() - t
                 tokens += n_tokens
+                predictions = self._flag_rows(predictions, checked)
                 clash = sorted(({*predictions, *IDENTITY_COLUMNS}) & set(table.column_names))
                 if clash:
                     raise DataError(f"{unit.file}: input column(s) {clash} clash with columns the labeller adds; rename them")
@@ -202,6 +238,8 @@ class Labeler:
             "bad_by_kind": dict(Counter(e["kind"] for e in quarantined)),
             "truncated": _count_true(table, "truncated"),
             "parse_failed": _count_true(table, "parse_failed"),
+            "text_cut": text_cut,
+            "prompt_markers": _count_true(table, "prompt_markers"),
             "prompt_tokens": tokens,
             "predict_seconds": round(predict_seconds, 4),
             "seconds": round(time.perf_counter() - started, 4),
@@ -211,6 +249,8 @@ class Labeler:
             "pid": os.getpid(),
             "node_id": _ray_node_id(),
             "actor_load_s": round(self.load_seconds, 3),
+            "peak_rss_mb": _peak_rss_mb(),
+            "plan_id": self.plan_id,
         }
         self.out.write_json(files.done, marker)  # the commit: written last
         return marker
@@ -234,6 +274,18 @@ class Labeler:
                 # so the model never waits for it.
                 encoded = self.scorer.encode(piece.sentences) if self.mode == "scoring" and piece.sentences else None
                 yield piece, encoded
+
+    def _flag_rows(self, predictions: dict[str, Any], checked: CheckedRows) -> dict[str, Any]:
+        """Rows whose text was cut to label.max_text_chars count as truncated; rows whose
+        text holds the prompt's markers get `prompt_markers` (label.flag_prompt_markers)."""
+        import pyarrow as pa
+
+        if any(checked.cut):
+            before = predictions["truncated"].to_pylist()
+            predictions["truncated"] = pa.array([a or b for a, b in zip(before, checked.cut)], type=pa.bool_())
+        if self.markers:
+            predictions["prompt_markers"] = pa.array(prompt_marker_flags(checked.sentences, self.markers), type=pa.bool_())
+        return predictions
 
     def _write_parquet(self, name: str, table) -> None:
         import pyarrow.parquet as pq
@@ -263,14 +315,33 @@ def submission_csv(ids: Sequence[str], labels: Sequence[str | None], header: boo
     return buffer.getvalue().encode("utf-8")
 
 
+def prompt_marker_flags(sentences: Sequence[str], markers: Sequence[str]) -> list[bool]:
+    """Per text: it contains one of the prompt's markers (case-insensitively)."""
+    folded = [m.casefold() for m in markers]
+    return [any(m in s.casefold() for m in folded) for s in sentences]
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MiB (Linux/macOS), for the marker."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
 def _split_first(checked: CheckedRows, rows: int) -> list[CheckedRows]:
     """[the first `rows` good rows (with all quarantine entries), the rest] of checked rows."""
     if len(checked.sentences) <= rows:
         return [checked]
     head, tail = checked.good[:rows], checked.good[rows:]
+    cut = checked.cut or [False] * len(checked.good)
     return [
-        CheckedRows(checked.chunk, head, checked.sentences[:rows], checked.ids[:rows], None, checked.quarantined),
-        CheckedRows(checked.chunk, tail, checked.sentences[rows:], checked.ids[rows:], None, []),
+        CheckedRows(checked.chunk, head, checked.sentences[:rows], checked.ids[:rows], None, checked.quarantined, cut[:rows]),
+        CheckedRows(checked.chunk, tail, checked.sentences[rows:], checked.ids[rows:], None, [], cut[rows:]),
     ]
 
 

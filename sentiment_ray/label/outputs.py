@@ -17,9 +17,18 @@ from sentiment_ray.metrics import evaluate_predictions
 from sentiment_ray.report import html, plots
 
 
-def done_unit_ids(out: Storage) -> set[str]:
-    """Units with a commit marker."""
-    return {u for u in map(layout.unit_id_of_marker, out.list_names(layout.DONE_DIR)) if u}
+def done_unit_ids(out: Storage, plan_id: str | None = None) -> set[str]:
+    """Units with a commit marker (of plan `plan_id`, when given: a marker another plan of
+    this folder left is not this plan's commit)."""
+    units = {u for u in map(layout.unit_id_of_marker, out.list_names(layout.DONE_DIR)) if u}
+    if plan_id is None:
+        return units
+    done = set()
+    for unit_id in units:
+        marker = out.read_json_or_none(layout.unit_files(unit_id).done)
+        if marker is not None and marker.get("plan_id") == plan_id:
+            done.add(unit_id)
+    return done
 
 
 def first_failure(out: Storage) -> dict[str, Any] | None:
@@ -27,7 +36,8 @@ def first_failure(out: Storage) -> dict[str, Any] | None:
     return out.read_json(f"{layout.FAILED_DIR}/{names[0]}") if names else None
 
 
-def read_markers(out: Storage, units: list[WorkUnit]) -> dict[str, dict[str, Any]]:
+def read_markers(out: Storage, units: list[WorkUnit], plan_id: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every unit's commit marker; LabelRunError when one is missing or belongs to another plan."""
     markers, missing = {}, []
     for unit in units:
         name = layout.unit_files(unit.unit_id).done
@@ -35,6 +45,11 @@ def read_markers(out: Storage, units: list[WorkUnit]) -> dict[str, dict[str, Any
         if marker is None:
             missing.append(unit.unit_id)
             continue
+        if plan_id is not None and marker.get("plan_id") != plan_id:
+            raise LabelRunError(
+                f"{out.path(name)} was written for another plan of this folder ({marker.get('plan_id')}, this one "
+                f"is {plan_id}): another job wrote here; rerun with --overwrite"
+            )
         if marker["labelled"] + marker["bad_rows"] != unit.num_rows:
             raise LabelRunError(f"{out.path(name)}: {marker['labelled']} + {marker['bad_rows']} rows, but the unit has {unit.num_rows}")
         markers[unit.unit_id] = marker
@@ -55,6 +70,8 @@ def totals(markers) -> dict[str, Any]:
         "bad_by_kind": dict(bad),
         "truncated": sum(m["truncated"] for m in markers),
         "parse_failed": sum(m["parse_failed"] for m in markers),
+        "text_cut": sum(m.get("text_cut", 0) for m in markers),
+        "prompt_markers": sum(m.get("prompt_markers", 0) for m in markers),
         "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
         "predict_seconds": round(sum(m["predict_seconds"] for m in markers), 3),
     }

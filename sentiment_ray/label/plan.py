@@ -8,6 +8,11 @@ each chunk's end is where the next one starts (byte offset and line), so a unit 
 consecutive chunks starts at a known position and an actor seeks straight to its rows. The
 same pass feeds every ID to the duplicate check. Units are sized once the input's length is
 known: about four per actor, so progress and resume move in small steps.
+
+Each unit also records the sha256 of the bytes it covers (`span`; with the CSV header or the
+Parquet footer its rows depend on): an actor checks it before labelling the unit, and a
+rerun checks it for every unit done earlier, so an input edited in place (same size, even
+the same modification time) is refused instead of mixing old and new predictions.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,15 +30,16 @@ from typing import Any
 from sentiment_ray import provenance
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig
-from sentiment_ray.io.files import describe_inputs, file_format, id_names
+from sentiment_ray.io.files import describe_inputs, file_format, id_names, is_json_array_file, parquet_footer, span_digests
 from sentiment_ray.io.ids import IdIndex, duplicates_message
-from sentiment_ray.io.readers import Position, csv_header, parquet_file, read_chunks
+from sentiment_ray.io.readers import Position, csv_header, csv_header_size, parquet_file, read_chunks
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.uris import StorageError, local_folder
 from sentiment_ray.io.values import DataError, id_key
 from sentiment_ray.label import layout
+from sentiment_ray.weights import UnsafeWeightsError, check_adapter_weights
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 DEFAULT_ROWS_PER_UNIT = 50_000
 MIN_AUTO_ROWS = 500
 UNITS_PER_ACTOR = 4
@@ -62,6 +69,12 @@ class WorkUnit:
     """CSV/JSON lines: the line row `start` begins on (0: the file's start)."""
     row_groups: tuple[int, ...] = ()
     """Parquet: the row groups this unit covers."""
+    span: tuple[int, int | None] = (0, None)
+    """The bytes [start, stop) the unit's rows are in (stop None: to the end of the file);
+    CSV / JSON lines in the decompressed stream, Parquet in the file as stored."""
+    sha256: str = ""
+    """sha256 of those bytes after the file's header (CSV) or footer (Parquet): see
+    `content_digest`."""
 
     @property
     def num_rows(self) -> int:
@@ -83,11 +96,12 @@ class WorkUnit:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["row_groups"] = list(self.row_groups)
+        d["span"] = list(self.span)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WorkUnit":
-        return cls(**{**d, "row_groups": tuple(d.get("row_groups") or ())})
+        return cls(**{**d, "row_groups": tuple(d.get("row_groups") or ()), "span": tuple(d.get("span") or (0, None))})
 
 
 @dataclass
@@ -172,8 +186,10 @@ def plan_units(
     target = rows_per_unit or auto_rows_per_unit(total, actors)
     units: list[WorkUnit] = []
     for path, fmt, has_ids, spans in planned:
-        for span in _group(spans, target):
-            units.append(WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, **span))
+        grouped = _group(spans, target)
+        digests = content_digests(path, fmt, [span["span"] for span in grouped])
+        for span, digest in zip(grouped, digests):
+            units.append(WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, sha256=digest, **span))
     return Plan(units=units, total_rows=total, files_without_ids=without_ids, rows_per_unit=target)
 
 
@@ -185,8 +201,11 @@ def _group(spans: list[dict], target: int) -> list[dict]:
         last = units[-1] if units else None
         if last is not None and last["stop"] - last["start"] + span["stop"] - span["start"] <= target:
             last["stop"] = span["stop"]
-            if "row_groups" in span:
+            if "row_groups" in span:  # Parquet: the union of the row groups' byte ranges
                 last["row_groups"] = last["row_groups"] + span["row_groups"]
+                last["span"] = (min(last["span"][0], span["span"][0]), max(last["span"][1], span["span"][1]))
+            else:  # text: from the first span's start to the last one's end
+                last["span"] = (last["span"][0], span["span"][1])
         else:
             units.append(dict(span))
     return units
@@ -199,11 +218,22 @@ def _plan_parquet(path, text_column, id_column):
         raise DataError(f"{path}: no text column {text_column!r}; columns: {names} (set data.text_column)")
     spans, start = [], 1
     for g in range(meta.num_row_groups):
-        n = meta.metadata.row_group(g).num_rows
-        if n:
-            spans.append(dict(start=start, stop=start + n, row_groups=(g,)))
-            start += n
+        row_group = meta.metadata.row_group(g)
+        if row_group.num_rows:
+            spans.append(dict(start=start, stop=start + row_group.num_rows, row_groups=(g,), span=_row_group_bytes(row_group)))
+            start += row_group.num_rows
     return spans, id_column in names, meta.metadata.num_rows, names
+
+
+def _row_group_bytes(row_group) -> tuple[int, int]:
+    """[first, last) byte of a Parquet row group's column chunks (dictionary pages included)."""
+    starts, ends = [], []
+    for c in range(row_group.num_columns):
+        column = row_group.column(c)
+        first = column.dictionary_page_offset if column.has_dictionary_page and column.dictionary_page_offset else column.data_page_offset
+        starts.append(first)
+        ends.append(first + column.total_compressed_size)
+    return min(starts), max(ends)
 
 
 def _plan_text(path, fmt, text_column, id_column, granule, check_ids):
@@ -213,23 +243,81 @@ def _plan_text(path, fmt, text_column, id_column, granule, check_ids):
         if text_column not in columns:
             raise DataError(f"{path}: no text column {text_column!r}; header: {columns} (set data.text_column)")
     spans, has_ids, total = [], id_column in columns, 0
+    whole_file = fmt == "jsonl" and is_json_array_file(path)  # read whole by every unit
     position = Position()
     for chunk in read_chunks(path, columns=[id_column], chunk_rows=granule):
-        spans.append(dict(start=chunk.first_row, stop=chunk.first_row + len(chunk), byte_offset=position.byte_offset, first_line=position.line))
+        end = None if whole_file or chunk.next is None else chunk.next.byte_offset
+        spans.append(dict(
+            start=chunk.first_row, stop=chunk.first_row + len(chunk), byte_offset=position.byte_offset,
+            first_line=position.line, span=(0 if whole_file else position.byte_offset, end),
+        ))
         position = chunk.next or position
         if id_column in chunk.columns:
             has_ids = True  # JSON lines: any record with the key
             check_ids(chunk)
         total += len(chunk)
+    if spans and not whole_file:
+        spans[-1]["span"] = (spans[-1]["span"][0], None)  # the last unit runs to the end of the file
     return spans, has_ids, total, columns
+
+
+# ----------------------------------------------------------------------------- content
+
+
+def _content_prefix(path: str, fmt: str) -> bytes:
+    """What every unit's rows depend on besides their own bytes: a CSV file's header record,
+    a Parquet file's footer (schema and row-group metadata)."""
+    if fmt == "csv":
+        size = csv_header_size(path)
+        return span_digests(path, [(0, size)], decompressed=True)[0].encode()
+    if fmt == "parquet":
+        return hashlib.sha256(parquet_footer(path)[0]).hexdigest().encode()
+    return b""
+
+
+def content_digests(path: str, fmt: str, spans) -> list[str]:
+    """The sha256 of each span of `path` (see WorkUnit.sha256), in one pass over the file."""
+    return span_digests(path, [tuple(s) for s in spans], decompressed=fmt != "parquet", prefix=_content_prefix(path, fmt))
+
+
+def changed_units(units: Sequence[WorkUnit]) -> list[WorkUnit]:
+    """The units whose bytes differ from when they were planned (one pass per file)."""
+    by_file: dict[str, list[WorkUnit]] = {}
+    for unit in units:
+        by_file.setdefault(unit.file, []).append(unit)
+    changed = []
+    for path, group in by_file.items():
+        try:
+            now = content_digests(path, group[0].fmt, [u.span for u in group])
+        except DataError:
+            changed.extend(group)  # shorter, unreadable as planned: changed
+            continue
+        changed.extend(u for u, digest in zip(group, now) if digest != u.sha256)
+    return changed
+
+
+def check_unit_content(unit: WorkUnit) -> None:
+    """DataError when the bytes of `unit` changed since it was planned (an actor checks
+    before labelling)."""
+    if unit.sha256 and changed_units([unit]):
+        raise DataError(changed_message([unit]))
+
+
+def changed_message(units: Sequence[WorkUnit]) -> str:
+    shown = "; ".join(u.describe() for u in units[:5]) + (f"; and {len(units) - 5} more units" if len(units) > 5 else "")
+    return (
+        f"input changed since the run was planned (content differs, whatever its size and modification "
+        f"time): {shown}; rerun with --overwrite to label the new content, or restore the file"
+    )
 
 
 # ----------------------------------------------------------------------------- identity
 
 
-def adapter_identity(adapter_path: str | None) -> dict[str, Any] | None:
+def adapter_identity(adapter_path: str | None, *, allow_unsafe: bool = False) -> dict[str, Any] | None:
     """Path and sha256 of the adapter's files (adapter_config.json + weights), or None
-    for zero-shot. The hash, not the path, decides whether outputs are comparable."""
+    for zero-shot. The hash, not the path, decides whether outputs are comparable. Pickle
+    weights are refused unless `allow_unsafe` (weights.py), before any actor starts."""
     if not adapter_path:
         return None
     try:
@@ -237,6 +325,10 @@ def adapter_identity(adapter_path: str | None) -> dict[str, Any] | None:
             path = os.path.abspath(os.path.expanduser(local))
             if not os.path.isfile(os.path.join(path, "adapter_config.json")):
                 raise LabelRunError(f"--adapter {adapter_path}: no adapter_config.json there (not a saved LoRA adapter)")
+            try:
+                check_adapter_weights(path, allow_unsafe=allow_unsafe)
+            except UnsafeWeightsError as err:
+                raise LabelRunError(f"--adapter {err}") from None
             digest = hashlib.sha256()
             # The weights, their config, and the temperature (it changes the probabilities).
             for name in sorted(n for n in os.listdir(path) if n.startswith("adapter_") or n == CALIBRATION_FILE):
@@ -255,9 +347,12 @@ def prediction_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """The config fields that decide what the predictions are (not batch size or actor
     count, which may change between a crash and its rerun)."""
     return {
-        "model": cfg.model.model_dump(),
+        "model": cfg.model.model_dump(exclude={"allow_unsafe_weights"}),
         "prompt": cfg.prompt.model_dump(),
-        "label": cfg.label.model_dump(include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids", "calibrate"}),
+        "label": cfg.label.model_dump(
+            include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids", "calibrate", "max_text_chars",
+                     "flag_prompt_markers"}
+        ),
         "data": cfg.data.model_dump(include={"text_column", "id_column"}),
     }
 
@@ -319,6 +414,7 @@ def load_or_plan(
     )
     manifest = {
         "version": MANIFEST_VERSION,
+        "plan_id": uuid.uuid4().hex,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": input_path,
         **wanted,
@@ -347,8 +443,10 @@ def manifest_differences(existing: dict, wanted: dict, cfg: ExperimentConfig, ro
     for p in sorted(set(now) - set(before)):
         problems.append(f"new input file: {p}")
     for p in sorted(set(now) & set(before)):
-        if (before[p]["size"], before[p]["mtime_ns"]) != (now[p]["size"], now[p]["mtime_ns"]):
-            problems.append(f"input file changed (size/mtime): {p}")
+        # A size change is a change; the content of equal-sized files is checked unit by
+        # unit (the modification time alone proves nothing either way).
+        if before[p]["size"] != now[p]["size"]:
+            problems.append(f"input file changed (size {before[p]['size']} -> {now[p]['size']} bytes): {p}")
     if existing.get("config_fingerprint") != wanted["config_fingerprint"]:
         old, new = existing.get("prediction_config", {}), prediction_config(cfg)
         changed = [

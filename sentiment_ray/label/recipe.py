@@ -3,12 +3,13 @@
     summary = label_dataset(cfg, "s3://bucket/unlabelled/*.parquet", "runs/label-x",
                             adapter_path="runs/demo/adapter")
 
-The steps:
+The steps, all under the output folder's lock (io/lease.py: one job per output folder; a
+second one is refused naming the first, a dead one's lock is taken over):
 
 1. Plan: expand the input (path, glob, directory or URI), cut it into work units in one
    streaming pass that also checks IDs for duplicates, and write the manifest (label/plan.py).
    A rerun into the same output reuses the plan, refusing changed inputs or settings unless
-   `overwrite`.
+   `overwrite`, and checks the content of every unit done earlier (label/plan.py).
 2. Label the units without a commit marker on Ray Data: `from_items(units)` ->
    `map_batches(Labeler, batch_size=1 unit, concurrency=N actors, num_gpus=1 each)`
    (label/labeler.py). Ray Data restarts a killed actor and retries its units; a killed
@@ -36,12 +37,22 @@ from typing import Any
 from sentiment_ray import cluster
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.files import expand_paths
+from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
+from sentiment_ray.io.uris import StorageIOError
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label import layout, outputs
 from sentiment_ray.label.labeler import Labeler, output_columns
-from sentiment_ray.label.plan import LabelRunError, WorkUnit, adapter_identity, load_or_plan
+from sentiment_ray.label.plan import (
+    LabelRunError,
+    WorkUnit,
+    adapter_identity,
+    changed_message,
+    changed_units,
+    load_or_plan,
+)
 from sentiment_ray.label.progress import ProgressView, start_board
+from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +74,37 @@ def label_dataset(
         raise LabelRunError(f"--output {output_dir} is a file; give a folder")
     check_every_node_reaches(cfg, output_dir)
 
-    # 1. Plan (or reuse the plan of an interrupted run).
     files = expand_paths(input_path)
-    adapter = adapter_identity(adapter_path)
-    identity = {"model_name": cfg.model.name, "adapter_id": adapter["id"] if adapter else None}
+    adapter = adapter_identity(adapter_path, allow_unsafe=cfg.model.allow_unsafe_weights)
+    try:
+        check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
+    except UnsafeWeightsError as err:
+        raise LabelRunError(f"model.name {err}") from None
+    # Held from before planning to the summary: --overwrite never deletes another job's
+    # units, and the manifest, markers and summary all come from this one job.
+    with Lease(out, purpose="label") as lease:
+        return _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit)
+
+
+def _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit):
+    # 1. Plan (or reuse the plan of an interrupted run).
     if overwrite:
         clear_outputs(out)
     rows_per_unit = rows_per_unit or cfg.label.rows_per_unit
     manifest = load_or_plan(
         out, cfg, input_path, files, adapter, rows_per_unit, sorted(output_columns(cfg)), actors=lambda: actor_count(cfg)
     )
+    plan_id = manifest["plan_id"]
+    identity = {"model_name": cfg.model.name, "adapter_id": adapter["id"] if adapter else None, "plan_id": plan_id}
     units = [WorkUnit.from_dict(d) for d in manifest["units"]]
     stale = out.remove_stale_temporaries(("", *layout.UNIT_DIRS))
     out.delete_dir(layout.FAILED_DIR)  # failures of an earlier attempt
-    done = outputs.done_unit_ids(out)
+    done = outputs.done_unit_ids(out, plan_id)
+    # Units done earlier must still describe the input (an in-place edit keeps size and
+    # may keep the modification time); pending ones are checked by the actor labelling them.
+    changed = changed_units([u for u in units if u.unit_id in done])
+    if changed:
+        raise LabelRunError(f"{out.root}: {changed_message(changed)}")
     pending = [u for u in units if u.unit_id not in done]
     log.info("%d units, %d done earlier, %d to label (%d stale temp files removed)", len(units), len(done), len(pending), stale)
 
@@ -90,7 +118,8 @@ def label_dataset(
         label_seconds = time.perf_counter() - label_started
 
     # 3. Merge, evaluate, summarise.
-    markers = outputs.read_markers(out, units)
+    lease.check()
+    markers = outputs.read_markers(out, units, plan_id)
     ran_now = [markers[u.unit_id] for u in pending]
     totals = outputs.totals(markers.values())
     rows_now = sum(m["rows"] for m in ran_now)
@@ -98,7 +127,8 @@ def label_dataset(
         "output": out.root,
         "predictions": out.path(layout.PREDICTIONS_DIR),
         "csv": out.path(layout.CSV_DIR),
-        "input": input_path,
+        "input": manifest["input"],
+        "plan_id": plan_id,
         "files": len(files),
         "model": cfg.model.name,
         "adapter": adapter["id"] if adapter else None,
@@ -124,6 +154,7 @@ def label_dataset(
     summary["report_png"] = out.path(layout.REPORT_PNG_FILE) if report else None
     summary["metrics"] = outputs.headline(report) if report else None
     summary["seconds"] = round(time.perf_counter() - started, 3)
+    lease.check()
     out.write_json(layout.SUMMARY_FILE, summary)
     return summary
 
@@ -194,13 +225,29 @@ def run_on_ray(
     )
     try:
         with ProgressView(board, total_rows, done_rows):
-            for _ in dataset.iter_rows():
-                pass  # the markers are the record
-    except Exception as err:  # noqa: BLE001 - re-raised as the actor's own error
+            for row in dataset.iter_rows():
+                if row.get("error"):
+                    raise unit_error(json.loads(row["error"]))
+    except (DataError, LabelRunError, StorageIOError):
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised as the actor's own error where it left one
         failure = outputs.first_failure(out)
         if failure is None:
             raise
         # Ray hands over only the traceback text; the actor recorded type and message.
-        if failure["type"] == "DataError":
-            raise DataError(failure["message"]) from err
-        raise LabelRunError(f"{failure['where']}: {failure['type']}: {failure['message']}") from err
+        raise unit_error(failure) from err
+
+
+def unit_error(failure: dict) -> Exception:
+    """The driver's exception for a unit an actor could not label (its error record): the
+    same kind and message, the actor's traceback attached as a note (it reaches the log)."""
+    message = failure["message"]
+    if failure["type"] == "DataError":
+        err: Exception = DataError(message)
+    elif failure.get("storage"):
+        err = StorageIOError(message, failure.get("errno"))
+    else:
+        err = LabelRunError(f"{failure['where']}: {failure['type']}: {message}")
+    if failure.get("traceback"):
+        err.add_note(f"in the actor labelling {failure['where']} ({failure.get('host')}, pid {failure.get('pid')}):\n{failure['traceback']}")
+    return err

@@ -10,6 +10,8 @@
         quarantine-validation.jsonl     the same for a separate validation source
         checkpoint_<step>/              Ray Train's checkpoints (each an HF Trainer checkpoint
                                         plus sentiment_ray_state.json)
+        run_definition.json             what defines the run (train/fingerprint.py), checked on resume
+        _lock.json                      the lock of the job writing the folder (io/lease.py)
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ QUARANTINE_FILE = "quarantine.jsonl"
 VALIDATION_QUARANTINE_FILE = "quarantine-validation.jsonl"
 # Written into every checkpoint: what a resumed attempt needs besides the HF trainer state.
 RUN_STATE_FILE = "sentiment_ray_state.json"
+DEFINITION_FILE = "run_definition.json"
+LOCK_FILE = "_lock.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+# Kept by --new-run: the lock of the job starting over, and the MLflow history of earlier runs.
+KEPT_BY_NEW_RUN = (LOCK_FILE, "mlflow")
 # The outputs rank 0 writes at the end; a tune experiment promotes them to best/.
 RESULT_FILES = (METRICS_FILE, MANIFEST_FILE, PREDICTIONS_FILE)
 
 
 def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint-{step:06d}"
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
 def absolute_storage_path(storage_path: str) -> str:

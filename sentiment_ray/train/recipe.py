@@ -6,7 +6,9 @@ function (`train_worker`), each read top to bottom as its steps.
 A run lives in `<run.storage_path>/<run.name>/` (train/layout.py names its files).
 Rerunning with the same run name and storage path resumes from the run's latest checkpoint
 (Ray Train restores its checkpoint list from the run folder; the worker hands the checkpoint
-to the HF Trainer as `resume_from_checkpoint`).
+to the HF Trainer as `resume_from_checkpoint`), if what defines the run did not change
+(train/fingerprint.py); `new_run` starts over. One job at a time writes a run folder
+(io/lease.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from sentiment_ray import backends, cluster, compat, provenance, tracking
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.config import ExperimentConfig, validate
+from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
@@ -31,6 +34,7 @@ from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.report import html
 from sentiment_ray.train.evaluation import calibrate_scores, evaluate_split, language_changes, predictions_table, worse_languages_line
+from sentiment_ray.train.fingerprint import RunChanged, check_or_record
 from sentiment_ray.train.trainer import (
     FAIL_AT_STEP_ENV,
     build_sft_config,
@@ -38,6 +42,7 @@ from sentiment_ray.train.trainer import (
     restore_checkpoint,
     sft_trainer_class,
 )
+from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,10 @@ class TrainingError(RuntimeError):
     pass
 
 
+class RunDefinitionChanged(TrainingError, RunChanged):
+    """A rerun would resume a run trained with other settings (train/fingerprint.py)."""
+
+
 def run_dir_of(cfg: ExperimentConfig) -> str:
     return layout.run_dir(cfg.run.storage_path, cfg.run.name)
 
@@ -58,21 +67,47 @@ def run_dir_of(cfg: ExperimentConfig) -> str:
 # ============================================================================ driver
 
 
-def run_training(cfg: ExperimentConfig) -> dict:
+def run_training(cfg: ExperimentConfig, *, new_run: bool = False) -> dict:
     """Train one run on Ray and return its summary: run dir, adapter path, backend, device,
     zero-shot and fine-tuned validation accuracy / macro-F1, train loss, steps, wall time.
-    Raises ray.train.TrainingFailedError when the workers fail more than run.max_failures
-    times."""
+    Resumes the run's latest checkpoint unless `new_run` (which discards the run folder's
+    checkpoints and outputs first); refuses a resume whose settings changed
+    (RunDefinitionChanged). Raises ray.train.TrainingFailedError when the workers fail more
+    than run.max_failures times."""
     start = time.time()
-    cluster.connect(cfg.run.ray_address)
-    trainer = build_trainer(cfg)
-    result = trainer.fit()
+    try:
+        check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
+    except UnsafeWeightsError as err:
+        raise TrainingError(f"model.name {err}") from None
+    run = Storage(run_dir_of(cfg))
+    with Lease(run, purpose="train") as lease:
+        if new_run:
+            start_over(run)
+        try:
+            check_or_record(cfg, run)
+        except RunChanged as err:
+            raise RunDefinitionChanged(str(err)) from None
+        cluster.connect(cfg.run.ray_address)
+        trainer = build_trainer(cfg)
+        result = trainer.fit()
+        lease.check()
     summary = run_summary(run_dir_of(cfg))
     if summary["languages_warning"]:
         log.warning("%s", summary["languages_warning"])
     summary["driver_wall_time_s"] = round(time.time() - start, 1)
     summary["latest_checkpoint"] = getattr(result.checkpoint, "path", None)
     return summary
+
+
+def start_over(run: Storage) -> None:
+    """Remove what earlier attempts left in the run folder (checkpoints, Ray Train's state,
+    the outputs, the recorded definition); the lock and MLflow's history stay."""
+    for name in run.list_dirs():
+        if name not in layout.KEPT_BY_NEW_RUN:
+            run.delete_dir(name)
+    for name in run.list_names():
+        if name not in layout.KEPT_BY_NEW_RUN:
+            run.delete(name, missing_ok=True)
 
 
 def build_trainer(

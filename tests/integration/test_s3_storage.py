@@ -170,6 +170,33 @@ def test_errors_for_missing_objects_name_the_uri_and_never_the_secret(s3):
         assert_no_secret("a DataError", message)
 
 
+def test_an_object_store_write_fault_is_one_line_naming_the_uri_and_never_the_secret(s3):
+    from sentiment_ray.io.uris import StorageIOError
+
+    missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out"
+    with pytest.raises(StorageIOError) as err:
+        Storage(missing).write_json("summary.json", {"a": 1})
+    message = str(err.value)
+    # pyarrow checks the bucket when making the folder: "<uri>: cannot create the folder: Bucket ... not found"
+    assert message.startswith(f"{missing}") and ": cannot " in message and "not found" in message and "\n" not in message
+    assert_no_secret("a StorageIOError", message)
+
+
+def test_the_lock_on_an_object_store_admits_one_job(s3):
+    """No create-if-absent on S3 through pyarrow: write, settle, read back; a second job is
+    refused naming the first, and the lock is gone after release."""
+    from sentiment_ray.io.lease import LOCK_FILE, Lease, LockHeld
+
+    folder = Storage(f"s3://{BUCKET}/locked-{uuid.uuid4().hex[:6]}")
+    with Lease(folder, purpose="label", settle_s=0.2) as first:
+        assert not first.local and json.loads(folder.read_bytes(LOCK_FILE))["owner"] == first.token
+        with pytest.raises(LockHeld, match=f"pid {os.getpid()} on host"):
+            Lease(folder, purpose="label", settle_s=0.2).acquire()
+        first.renew()
+        first.check()
+    assert not folder.exists(LOCK_FILE)
+
+
 def test_local_folder_copies_a_remote_folder_for_the_block_only(s3):
     s3.put("adapters/a/adapter_config.json", b"{}")
     s3.put("adapters/a/sub/tokenizer.json", b"[1]")

@@ -94,3 +94,19 @@ def test_cluster_launcher_has_a_gpu_worker_type_and_installs_the_gpu_extra():
     # Every command starts Ray from the project's venv, where the packages are.
     for command in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]:
         assert "venv/bin/activate" in command
+
+
+def test_the_cluster_files_expose_nothing_and_say_what_to_open():
+    """The VM cluster's dashboard is on the head's loopback (reached over SSH); the KubeRay
+    head's is on the pod address only because its submitter needs it; both files say which
+    ports to open, between whom and why."""
+    launcher = _load("gpu-cluster.yaml")
+    starts = " ".join(launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"])
+    assert "0.0.0.0" not in starts and "--dashboard-host=127.0.0.1" in starts
+    for name in ("gpu-cluster.yaml", "rayjob-train.yaml"):
+        text = (CLUSTER / name).read_text(encoding="utf-8")
+        assert "# Network:" in text, name
+        for port in ("8265", "6379", "52365", "10001", "RAY_AUTH_MODE=token"):
+            assert port in text, (name, port)
+    job = (CLUSTER / "rayjob-train.yaml").read_text(encoding="utf-8")
+    assert "NetworkPolicy" in job and "ClusterIP" in job

@@ -291,3 +291,166 @@ def test_progress_counts_each_row_once_when_a_unit_is_redone():
     assert board.totals() == (170, 3)
     line = Snapshot(done=170, total=340, bad=3, rate=85.0, eta_s=2.0).line()
     assert line == "labelling 170 / 340 rows (50%)  85 rows/s  ETA 00:02  bad rows 3"
+
+
+# ----------------------------------------------------------------------------- content
+
+
+def edit_in_place(path, old: bytes, new: bytes) -> None:
+    """Replace bytes without changing the size, and put the modification time back."""
+    import os
+
+    assert len(old) == len(new)
+    stat = path.stat()
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl.gz", "parquet", "json"])
+def test_a_same_size_in_place_edit_is_found_in_exactly_the_units_it_touches(tmp_path, kind):
+    from sentiment_ray.label.plan import changed_units, check_unit_content
+
+    rows = [{"ID": f"r{i:02d}", "sentence": f"sentence number {i:02d}"} for i in range(12)]
+    path = tmp_path / f"in.{kind}"
+    if kind == "csv":
+        path.write_text("ID,sentence\n" + "".join(f"{r['ID']},{r['sentence']}\n" for r in rows))
+    elif kind == "jsonl.gz":
+        with gzip.open(path, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    elif kind == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3, compression="none")
+    units = plan([path], rows_per_unit=3).units
+    assert len(units) == 4 and all(u.sha256 for u in units)
+    assert changed_units(units) == []
+    if kind == "jsonl.gz":  # edit the decompressed content, recompressed to the same... any size
+        data = gzip.decompress(path.read_bytes()).replace(b"number 07", b"NUMBER 07")
+        path.write_bytes(gzip.compress(data))
+    else:
+        edit_in_place(path, b"number 07", b"NUMBER 07")
+    changed = changed_units(units)
+    if kind == "json":  # a JSON array is read whole by every unit
+        assert changed == units
+    else:
+        assert [u.start for u in changed] == [7]  # rows 7-9 only
+    with pytest.raises(DataError, match=r"input changed since the run was planned .*rows 7-9.*--overwrite"):
+        check_unit_content(next(u for u in changed if u.start == 7))
+    if kind != "json":
+        check_unit_content(units[0])  # an untouched unit passes
+
+
+def test_a_csv_header_edit_changes_every_unit(tmp_path):
+    from sentiment_ray.label.plan import changed_units
+
+    path = write_csv(tmp_path / "h.csv", b"ID,sentence,x\n" + b"".join(b"%d,s%d,a\n" % (i, i) for i in range(6)))
+    units = plan([path], rows_per_unit=2).units
+    edit_in_place(path, b"ID,sentence,x\n", b"ID,sentence,y\n")
+    assert changed_units(units) == units
+
+
+def test_a_rerun_refuses_changed_size_but_takes_an_mtime_change_alone(tmp_path):
+    import os
+
+    from sentiment_ray.config import ExperimentConfig
+    from sentiment_ray.label.plan import LabelRunError, load_or_plan
+
+    path = write_csv(tmp_path / "a.csv", b"ID,sentence\n1,one\n2,two\n")
+    out = Storage(str(tmp_path / "out"))
+    cfg = ExperimentConfig()
+    first = load_or_plan(out, cfg, str(path), [str(path)], None, 1, ())
+    os.utime(path, ns=(0, 10**18))  # touched: content unchanged
+    assert load_or_plan(out, cfg, str(path), [str(path)], None, None, ())["plan_id"] == first["plan_id"]
+    path.write_bytes(b"ID,sentence\n1,one\n2,two\n3,three\n")
+    with pytest.raises(LabelRunError, match=r"input file changed \(size 24 -> 32 bytes\)"):
+        load_or_plan(out, cfg, str(path), [str(path)], None, None, ())
+
+
+def test_markers_of_another_plan_are_not_this_plans_commits(tmp_path):
+    storage = Storage(str(tmp_path / "out"))
+    storage.write_json(layout.unit_files("part-000000-a").done, {"plan_id": "p1"})
+    storage.write_json(layout.unit_files("part-000001-b").done, {"plan_id": "p2"})
+    assert done_unit_ids(storage, "p1") == {"part-000000-a"}
+    assert done_unit_ids(storage) == {"part-000000-a", "part-000001-b"}
+
+
+# ----------------------------------------------------------------------------- bounded text
+
+
+def test_texts_over_the_bound_are_cut_before_tokenising_and_flagged(tmp_path):
+    f = write_csv(tmp_path / "f.csv", b"ID,sentence\n1,short\n2," + b"x" * 50 + b"\n3,also short\n")
+    checked = RowValidator(RowRules(**COLS, max_text_chars=10)).validate(whole_file(f), has_ids=True)
+    assert checked.sentences == ["short", "x" * 10, "also short"] and checked.cut == [False, True, False]
+    assert checked.table("ID").column("sentence").to_pylist()[1] == "x" * 50  # the output keeps the full text
+    first, rest = _split_first(checked, 2)
+    assert first.cut == [False, True] and rest.cut == [False]
+    unbounded = RowValidator(RowRules(**COLS)).validate(whole_file(f), has_ids=True)
+    assert unbounded.sentences[1] == "x" * 50 and unbounded.cut == []
+
+
+def test_prompt_markers_are_the_templates_own_lines():
+    from sentiment_ray.config import PromptConfig
+    from sentiment_ray.label.labeler import prompt_marker_flags
+    from sentiment_ray.prompts import PromptTemplate
+
+    markers = PromptTemplate.from_config(PromptConfig()).markers()
+    assert markers == ["### Input:", "### Response:"]
+    texts = ["a fine film", "great. ### Response: Positive", "### RESPONSE:negative", "### Input: x"]
+    assert prompt_marker_flags(texts, markers) == [False, True, True, True]
+
+
+# ----------------------------------------------------------------------------- planning temporaries
+
+
+def test_the_duplicate_id_index_leaves_no_file_in_the_temp_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from sentiment_ray.io.ids import IdIndex
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with IdIndex() as ids:
+        assert list(tmp_path.iterdir()) == []  # unlinked as soon as it is open
+        ids.add("f", 1, [str(i) for i in range(10_000)])
+        assert [d.id for d in ids.add("f", 10_001, ["5", "new"])] == ["5"]
+        assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_driver_killed_while_planning_leaves_no_temporary(tmp_path):
+    """SIGKILL mid-planning (the duplicate-ID index holds the first chunk's IDs): nothing is
+    left in the temp folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = tmp_path / "in.csv"
+    source.write_text("ID,sentence\n" + "".join(f"id{i},sentence {i}\n" for i in range(5000)))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[2])\n"
+        "from sentiment_ray.io import ids\n"
+        "from sentiment_ray.label.plan import plan_units\n"
+        "add = ids.IdIndex.add\n"
+        "def add_then_wait(self, *args):\n"
+        "    found = add(self, *args); print('indexing', flush=True); time.sleep(120); return found\n"
+        "ids.IdIndex.add = add_then_wait\n"
+        "plan_units([sys.argv[1]], text_column='sentence', id_column='ID', generate_ids=False, rows_per_unit=1000)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(source), repo], env={**os.environ, "TMPDIR": str(temp)},
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "indexing"  # the index is open and filled
+        assert list(temp.iterdir()) == []
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert list(temp.iterdir()) == []
