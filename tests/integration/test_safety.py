@@ -166,8 +166,8 @@ def test_a_local_run_listens_on_loopback_only_and_flags_prompt_markers(ray_addre
 
 
 def test_two_jobs_on_one_output_one_is_refused_and_the_others_output_is_exact(ray_address, tiny_model_dir, tmp_path):
-    a_ids = write_csv(tmp_path / "a" / "in.csv", demo_rows(0, 600))
-    write_csv(tmp_path / "b" / "in.csv", demo_rows(1000, 1600))
+    a_ids = write_csv(tmp_path / "a" / "in.csv", demo_rows(0, 1200))  # 200 units: long enough to race
+    write_csv(tmp_path / "b" / "in.csv", demo_rows(2000, 3200))
     out = tmp_path / "out"
     cfg = config_file(tmp_path, make_cfg(tiny_model_dir))
     env = job_env(ray_address)
@@ -200,9 +200,9 @@ def test_two_jobs_on_one_output_one_is_refused_and_the_others_output_is_exact(ra
     summary = json.loads(stdout.strip().splitlines()[-1])
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["input"] == summary["input"] == str(tmp_path / "a")
-    assert sorted(predicted_ids(out)) == sorted(a_ids) and len(predicted_ids(out)) == 600
+    assert sorted(predicted_ids(out)) == sorted(a_ids) and len(predicted_ids(out)) == 1200
     assert {m["plan_id"] for m in markers(out)} == {manifest["plan_id"]} == {summary["plan_id"]}
-    assert summary["rows"] == 600 and not (out / LOCK_FILE).exists()
+    assert summary["rows"] == 1200 and not (out / LOCK_FILE).exists()
 
 
 def test_a_killed_jobs_lock_is_taken_over_by_the_rerun(ray_address, tiny_model_dir, tmp_path, caplog):
