@@ -79,6 +79,13 @@ class Storage:
         infos = self.fs.get_file_info(pafs.FileSelector(self._inner(folder), allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
+    def list_dirs(self, folder: str = "") -> list[str]:
+        """Folder names directly in `folder` (empty if it does not exist), sorted."""
+        from pyarrow import fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self._inner(folder), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
     # -- writing
 
     def makedirs(self, name: str = "") -> None:
