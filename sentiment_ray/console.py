@@ -190,7 +190,8 @@ class Display:
                 self._bar = tqdm(
                     total=self._progress["total"], initial=self._progress["initial"], file=self.stream, unit=unit,
                     dynamic_ncols=True, leave=True,
-                    bar_format="  {unit} {n_fmt}/{total_fmt} |{bar}| {postfix} [{elapsed}<{remaining}, {rate_inv_fmt}]",
+                    # tqdm puts ", " before a postfix: `[00:45<02:15, 3.00s/step, loss 0.6120, checkpoint 15]`
+                    bar_format="  {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
                 )
                 self._bar.unit = unit
 
@@ -300,6 +301,13 @@ class _Buffer(logging.Handler):
             self.records.append(record)
 
 
+class _LevelPrefix(logging.Formatter):
+    """`warning: message`, `error: message`: the form of the job's other terminal lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 class _TerminalFilter(logging.Filter):
     """Quiet mode on the terminal: only this package's warnings (and worse)."""
 
@@ -360,7 +368,7 @@ class RunLog:
             self._terminal_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             self._terminal_handler.addFilter(lambda r: r.name.startswith(PACKAGE_LOGGER))
         else:
-            self._terminal_handler.setFormatter(logging.Formatter("warning: %(message)s"))
+            self._terminal_handler.setFormatter(_LevelPrefix())
             self._terminal_handler.addFilter(_TerminalFilter())
         package.addHandler(self._terminal_handler)
         self.silence_ray_terminal()

@@ -9,6 +9,8 @@
         quarantine-validation.jsonl     the same for a separate validation source
         checkpoint_<step>/              Ray Train's checkpoints (each an HF Trainer checkpoint
                                         plus sentiment_ray_state.json)
+        logs/train-<date>.log           one per `jobs/train.py` run: everything Ray and the
+                                        workers printed (the terminal shows a summary)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ MANIFEST_FILE = "manifest.json"
 PREDICTIONS_FILE = "validation_predictions.parquet"
 QUARANTINE_FILE = "quarantine.jsonl"
 VALIDATION_QUARANTINE_FILE = "quarantine-validation.jsonl"
+LOGS_DIR = "logs"
 # Written into every checkpoint: what a resumed attempt needs besides the HF trainer state.
 RUN_STATE_FILE = "sentiment_ray_state.json"
 # The outputs rank 0 writes at the end; a tune experiment promotes them to best/.

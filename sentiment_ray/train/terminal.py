@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sentiment_ray import cluster, compat
@@ -123,7 +124,7 @@ class TrainTerminal(Silent):
         self.cfg: ExperimentConfig | None = None
         self.run_dir: str | None = None
         self.started = time.time()
-        self.resume_step: int | None = None
+        self.remote_log: str | None = None  # the log's place in an object-store run folder
 
     @property
     def log_path(self) -> str | None:
@@ -135,7 +136,6 @@ class TrainTerminal(Silent):
         self.cfg, self.run_dir = cfg, run_dir
         saved = last_checkpoint(run_dir)
         if saved:
-            self.resume_step = saved[0]
             self.display.phase(f"run {cfg.run.name}: {short_path(run_dir)} (resuming from its checkpoint at step {saved[0]})")
         else:
             self.display.phase(f"run {cfg.run.name}: {short_path(run_dir)}")
@@ -162,14 +162,14 @@ class TrainTerminal(Silent):
         if is_uri(run_dir):
             local = str(cache_dir() / "logs" / f"{self.cfg.run.name if self.cfg else 'run'}-{name}")
             target = Storage(run_dir)
-            self.log.open(local, upload=lambda p: target.write_bytes(f"logs/{name}", open(p, "rb").read()))
-            self.remote_log = target.path("logs", name)
+            self.log.open(local, upload=lambda p: target.write_bytes(f"{layout.LOGS_DIR}/{name}", Path(p).read_bytes()))
+            self.remote_log = target.path(layout.LOGS_DIR, name)
         else:
-            self.log.open(os.path.join(run_dir, "logs", name))
+            self.log.open(os.path.join(run_dir, layout.LOGS_DIR, name))
         self.log.write_text(f"command: {self.command.text()}\ncwd: {os.getcwd()}\n")
 
     def shown_log_path(self) -> str | None:
-        return getattr(self, "remote_log", None) or (short_path(self.log.path) if self.log.path else None)
+        return self.remote_log or (short_path(self.log.path) if self.log.path else None)
 
     # -- the end
 
