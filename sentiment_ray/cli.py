@@ -23,33 +23,41 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sentiment_ray import evaluate, export, faults
+from sentiment_ray import cluster, console, evaluate, export, faults
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
 from sentiment_ray.io.lease import LockHeld, LockLost
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label.plan import LabelRunError
 from sentiment_ray.label.recipe import label_dataset
 from sentiment_ray.train.recipe import TrainingError, run_training
+from sentiment_ray.train.terminal import CommandLine, TrainTerminal
 from sentiment_ray.tune import recipe as tune_recipe
 
 PROG = "sentiment-ray"
 
 TRAIN_DESCRIPTION = """\
-Fine-tune a model into a sentiment classifier on Ray Train; print one JSON line at the end.
+Fine-tune a model into a sentiment classifier on Ray Train. The terminal shows the phases,
+a progress bar for the steps and a closing table (zero-shot against fine-tuned validation
+metrics, where the run lives, the next command); the last line on stdout is the run's
+summary as JSON. Everything Ray and the workers print goes to <run>/logs/ (--verbose also
+prints it).
 
     python jobs/train.py                                    # the demo preset, local Ray cluster
-    sentiment-ray train --config llama31_8b_multilingual train.max_steps=100
-    RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- \\
-        python jobs/train.py --config demo run.storage_path=/shared/runs
+    python jobs/train.py data.train_path=my.csv run.name=mine
+    sentiment-ray train --config llama31_8b_multilingual data.train_path=s3://bucket/train.parquet
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/train.py --config demo
 
-Rerunning with the same run.name resumes the run from its last checkpoint when what defines
-the run is unchanged (model, data content, LoRA shape, optimiser and schedule, labels,
-prompt; train.max_steps may grow); otherwise it is refused naming the changed fields, and
---new-run starts the run over (docs/architecture.md lists what may change on resume).
+The model and the data are checked before Ray starts: a mistake is one line and exit code 1.
+Rerunning the same command resumes the run (<run.storage_path>/<run.name>) from its last
+checkpoint (every train.save_steps) when what defines the run is unchanged (model, data
+content, LoRA shape, optimiser and schedule, labels, prompt; train.max_steps may grow);
+otherwise it is refused naming the changed fields, and --new-run starts the run over
+(docs/architecture.md lists what may change on resume).
 
-Under `ray job submit` give run.storage_path as an absolute path or a URI: a relative one
-lands in the job's temporary copy of the working dir. With Ray's token authentication on
-(Ray 2.60 turns it on when ~/.ray/auth_token exists), the `ray job` CLI sends the token only
+Under `ray job submit` a relative run.storage_path is taken under ~/sentiment-ray on the
+driver's machine (the job's working dir is a temporary copy); on several nodes give a URI or
+a shared path. With Ray's token authentication on (Ray 2.60 turns it on when ~/.ray/auth_token exists), the `ray job` CLI sends the token only
 with RAY_AUTH_MODE=token in its environment (token from RAY_AUTH_TOKEN or ~/.ray/auth_token).
 MLflow: tracking.mlflow=auto|true|false, tracking.mlflow_tracking_uri (README, MLflow tracking).
 """
@@ -144,15 +152,21 @@ def load_config_or_none(args: argparse.Namespace) -> ExperimentConfig | None:
         return None
 
 
-def warn_if_storage_is_job_local(cfg: ExperimentConfig, what: str = "results") -> None:
-    """Inside `ray job submit` the working dir is a temporary copy: relative storage vanishes."""
-    path = cfg.run.storage_path
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and "://" not in path and not os.path.isabs(path):
-        print(
-            f"warning: run.storage_path={path!r} is relative inside a Ray job: {what} go to "
-            f"{os.path.abspath(path)}, the job's temporary working dir",
-            file=sys.stderr,
-        )
+def keep_storage_durable(cfg: ExperimentConfig) -> None:
+    """Inside `ray job submit` the working dir is a temporary copy that Ray deletes: a
+    relative run.storage_path is taken under ~/sentiment-ray instead (cluster.durable_path)."""
+    cfg.run.storage_path = cluster.durable_path(cfg.run.storage_path)
+
+
+def launcher(prog: str | None, script: str) -> str:
+    """How this job was started, as a person would type it again."""
+    if prog:
+        return prog
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else script
+    if argv0.endswith(".py"):
+        shown = os.path.relpath(argv0) if not os.path.relpath(argv0).startswith("..") else argv0
+        return f"python {shown}"
+    return f"{PROG} {script}"
 
 
 # ----------------------------------------------------------------------------- train
@@ -182,18 +196,34 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="discard the checkpoints and outputs of an earlier run of the same run.name and start over "
         "(a rerun otherwise resumes it, refusing changed settings: docs/architecture.md)",
     )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help=f"print everything Ray, the libraries and the workers print (also {console.LOG_ENV}=debug); "
+        "the run's log file (<run>/logs/) has it either way",
+    )
     return parser
 
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = train_parser(prog).parse_args(argv)
     cfg = load_config_or_none(args)
     if cfg is None:
         return 2
-    warn_if_storage_is_job_local(cfg)
-    return _print_summary(
-        lambda: run_training(cfg, new_run=args.new_run), (DataError, ConfigError, TrainingError, LockHeld, LockLost), "train"
-    )
+    keep_storage_durable(cfg)
+    command = CommandLine(launcher(prog, "train"), argv, args.config, list(args.overrides))
+    terminal = TrainTerminal(command, verbose=console.verbose_requested(args.verbose))
+    try:
+        summary = run_training(cfg, terminal=terminal, new_run=args.new_run)
+    except BaseException as err:  # noqa: BLE001 - explained on the terminal, or re-raised
+        try:
+            return terminal.failed(err, user_errors=(TrainingError, LockHeld, LockLost))
+        except Exception as fault:  # noqa: BLE001 - a fault: one line, the trace in a log file
+            print(f"error: {faults.report(fault, 'train')}", file=sys.stderr)
+            return 1
+    terminal.finish(summary)
+    print(json.dumps(summary, sort_keys=False, ensure_ascii=False, default=str), flush=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------- tune
@@ -215,7 +245,7 @@ def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     cfg = load_config_or_none(args)
     if cfg is None:
         return 2
-    warn_if_storage_is_job_local(cfg, "the experiment's files")
+    keep_storage_durable(cfg)
 
     try:
         if args.report_only:
@@ -257,6 +287,7 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     cfg = load_config_or_none(args)
     if cfg is None:
         return 2
+    args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
 
     return _print_summary(
         lambda: label_dataset(
@@ -288,6 +319,7 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     cfg = load_config_or_none(args)
     if cfg is None:
         return 2
+    args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
 
     return _print_summary(
         lambda: export.export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite),

@@ -37,8 +37,48 @@ WORKING_DIR_EXCLUDES = [
 ]
 
 
+# Inside `ray job submit` the working dir is a temporary copy: relative output paths are
+# taken under this folder of the driver's machine instead (SENTIMENT_RAY_HOME overrides it).
+JOB_HOME_ENV = "SENTIMENT_RAY_HOME"
+JOB_HOME_DEFAULT = "~/sentiment-ray"
+_RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 class ClusterError(RuntimeError):
     """The Ray address is unusable or the cluster cannot provide what the config asks."""
+
+
+def in_ray_job() -> bool:
+    """This process is the entrypoint of a `ray job submit` (Ray sets this variable)."""
+    return _RAY_JOB_ENV in os.environ
+
+
+def job_home() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get(JOB_HOME_ENV) or JOB_HOME_DEFAULT))
+
+
+def durable_path(path: str) -> str:
+    """Where an output path given relative lands. Inside a Ray job, under `job_home()`
+    (`runs` -> `~/sentiment-ray/runs`), because the job's working dir is a temporary copy
+    that Ray deletes; elsewhere the path as given. URIs and absolute paths are unchanged."""
+    if not path or "://" in path or os.path.isabs(os.path.expanduser(path)) or not in_ray_job():
+        return path
+    return os.path.join(job_home(), path)
+
+
+def durable_input_path(path: str | None) -> str | None:
+    """An earlier job's output named relative (`--adapter runs/demo/adapter`): inside a Ray
+    job, the copy under `job_home()` when the working dir has none."""
+    if not path or "://" in path or os.path.exists(path) or not in_ray_job():
+        return path
+    candidate = durable_path(path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def joins_existing_cluster(address: str = "") -> bool:
+    """Whether `connect(address)` joins a cluster (an address, RAY_ADDRESS, a Ray job)
+    rather than starting a private local one."""
+    return in_ray_job() or bool(resolve_address(address))
 
 
 def job_runtime_env(working_dir: str = ".") -> dict:
@@ -80,7 +120,7 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
         return
     target = resolve_address(address)
     common = dict(logging_level=logging.WARNING, log_to_driver=True)
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+    if in_ray_job():
         # Inside `ray job submit`: workers import the package from the uploaded working dir.
         ray.init(address=target or "auto", **common)
         return

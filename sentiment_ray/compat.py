@@ -73,6 +73,53 @@ def ray_single_machine_node_ip() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+# ----------------------------------------------------------------------------- ray: worker output
+
+
+_WORKER_OUTPUT_HANDLER = "sentiment_ray_worker_output"
+
+
+def replace_worker_output_printer(handler: Any) -> Any:
+    """Route the worker output Ray forwards to a driver through `handler(batch, ray_printer)`
+    instead of Ray's printer. Ray (`ray._private.worker.connect`, log_to_driver=True)
+    registers its printer as the handler "ray_print_logs" of
+    `ray._private.ray_logging.global_worker_stdstream_dispatcher`; each batch is a dict with
+    `lines`, `pid`, `ip`, `is_err`, `actor_name`, `task_name`. `ray_printer(batch)` prints a
+    batch as Ray would (None when Ray had no printer). Returns a function that puts Ray's
+    printer back."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    original = next((fn for name, fn in dispatcher.handlers if name == "ray_print_logs"), None)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler(_WORKER_OUTPUT_HANDLER)
+    dispatcher.add_handler(_WORKER_OUTPUT_HANDLER, lambda batch: handler(batch, original))
+
+    def restore() -> None:
+        dispatcher.remove_handler(_WORKER_OUTPUT_HANDLER)
+        if original is not None and not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+            dispatcher.add_handler("ray_print_logs", original)
+
+    return restore
+
+
+# ----------------------------------------------------------------------------- ray train
+
+
+# The file Ray Train keeps in a run folder listing the checkpoints it registered (the one a
+# resumed run restores from); ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME.
+RAY_TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def latest_registered_checkpoint(snapshot: dict) -> str | None:
+    """The folder name of the checkpoint a rerun resumes from, from Ray Train's snapshot
+    (`_CheckpointManagerState.latest_checkpoint_result.checkpoint_dir_name`): a checkpoint
+    folder whose upload had not been registered when a run died is not in it. Read without
+    importing ray (the driver reads it before deciding to start Ray)."""
+    latest = snapshot.get("latest_checkpoint_result") if isinstance(snapshot, dict) else None
+    name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
 # ----------------------------------------------------------------------------- check
 
 
@@ -122,4 +169,27 @@ def check() -> list[str]:
             problems.append("ray._private.services.get_node_ip_address no longer reads ray_constants.ENABLE_RAY_CLUSTER")
     except Exception as err:  # noqa: BLE001
         problems.append(f"ray._private.ray_constants: {err}")
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        if not all(hasattr(dispatcher, a) for a in ("handlers", "add_handler", "remove_handler")):
+            problems.append("ray's global_worker_stdstream_dispatcher lost handlers/add_handler/remove_handler")
+        import inspect
+
+        from ray._private import worker as ray_worker
+
+        if '"ray_print_logs"' not in inspect.getsource(ray_worker.connect):
+            problems.append("ray._private.worker.connect no longer registers the printer 'ray_print_logs'")
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"ray worker output dispatcher: {err}")
+    try:
+        from ray.train.v2._internal import constants as train_constants
+        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+        if train_constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME != RAY_TRAIN_SNAPSHOT_FILE:
+            problems.append(f"Ray Train's snapshot file is now {train_constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")
+        if "latest_checkpoint_result" not in _CheckpointManagerState.model_fields:
+            problems.append("Ray Train's checkpoint snapshot has no latest_checkpoint_result")
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"ray.train checkpoint snapshot: {err}")
     return problems

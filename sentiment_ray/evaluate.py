@@ -81,7 +81,10 @@ def evaluate_to_report(
         )
     else:
         name = predictions.rstrip("/").rsplit("/", 1)[-1]
-        page = html.prediction_report_html(report, title=title or f"Evaluation of {name}", subtitle=f"{report['n']} labelled rows from {predictions}")
+        page = html.prediction_report_html(
+            report, title=title or f"Evaluation of {name}", subtitle=f"{report['n']} labelled rows from {predictions}",
+            details=report_details(predictions),
+        )
     out.write_text(REPORT_FILE, page)
     summary: dict[str, Any] = {"report": out.path(REPORT_FILE)}
     if report is not None:
@@ -89,6 +92,25 @@ def evaluate_to_report(
         summary["metrics"] = out.path(METRICS_FILE)
         summary.update({k: report.get(k) for k in ("n", "accuracy", "macro_f1", "ece")})
     return summary
+
+
+def report_details(source: str) -> dict[str, Any]:
+    """Model, adapter, input and date for the report of `source`: from a label job's
+    manifest, a training run's manifest.json, or just the file's name."""
+    folder = Storage(source) if "*" not in source else None
+    is_dir = folder is not None and folder.is_dir()
+    label_manifest = folder.read_json_or_none(label_layout.MANIFEST_FILE) if is_dir else None
+    if label_manifest is not None:
+        return label_outputs.report_details(label_manifest, predictions=source)
+    run_manifest = folder.read_json_or_none(train_layout.MANIFEST_FILE) if is_dir else None
+    if run_manifest is not None:
+        config = run_manifest.get("config") or {}
+        files = (run_manifest.get("data_files") or {}).get("validation") or (run_manifest.get("data_files") or {}).get("train")
+        return label_outputs.report_details(
+            None, model=(config.get("model") or {}).get("name"), adapter=folder.path(train_layout.ADAPTER_DIR),
+            input=", ".join(files) if files else None, predictions=folder.path(train_layout.PREDICTIONS_FILE),
+        )
+    return label_outputs.report_details(None, predictions=source)
 
 
 def _default_output(source: str) -> str:

@@ -110,6 +110,7 @@ def export_merged(
     }
     with open(os.path.join(output, EXPORT_INFO_FILE), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)
+    _usual_permissions(output)
     return {
         "output": os.path.abspath(output),
         "base_model": cfg.model.name,
@@ -120,6 +121,17 @@ def export_merged(
         "files": sorted(os.listdir(output)),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _usual_permissions(folder: str) -> None:
+    """Every file as readable as a file this process creates (0644 under the usual umask):
+    the weights are written through a private temporary file (mode 0600), the rest is not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for root, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(root, name), mode)
 
 
 def _read_json(path: str) -> dict:

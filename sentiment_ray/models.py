@@ -8,9 +8,14 @@ like any other checkpoint (Unsloth quantises it to 4-bit with bitsandbytes on th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,11 +56,19 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    log.info("converting %s into a Hugging Face folder at %s (once)", gguf_path.name, out_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16
-        )
+        # transformers draws a progress bar per GGUF load (tqdm on stderr, not switchable):
+        # kept out of the terminal, in the debug log.
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16
+                )
+        finally:
+            log.debug("GGUF conversion output:\n%s", captured.getvalue())
         # The loaded model still carries the GGUF quantizer marker, and save_pretrained
         # refuses to serialise a "quantized" model; the weights are already dense bf16.
         model.hf_quantizer = None
@@ -80,6 +93,28 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _local_folder(name: str) -> Path | None:
+    """The folder a local-looking model name points at (ModelNotFoundError when it is not a
+    model folder), or None for a hub id."""
+    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
+    if not looks_local:
+        return None
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"model folder {name!r} does not exist or has no config.json")
+    return path.resolve()
+
+
+def check_model_available(name: str) -> str:
+    """Where `name` will be loaded from, without loading or converting anything: the
+    built-in alias's package, a local folder with a config.json, or a hub id (not checked:
+    that needs the network). ModelNotFoundError when it cannot be found on this machine."""
+    if name == SMOLLM2_ALIAS:
+        return str(smollm2_gguf_path())
+    folder = _local_folder(name)
+    return str(folder) if folder is not None else f"hub:{name}"
+
+
 def resolve_model_path(name: str) -> str:
     """A local folder or hub id to hand to `from_pretrained`.
 
@@ -91,10 +126,5 @@ def resolve_model_path(name: str) -> str:
         if not (target / "config.json").is_file():
             convert_gguf_to_hf(smollm2_gguf_path(), target)
         return str(target)
-    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
-    if looks_local:
-        path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"model folder {name!r} does not exist or has no config.json")
-        return str(path.resolve())
-    return name
+    folder = _local_folder(name)
+    return str(folder) if folder is not None else name

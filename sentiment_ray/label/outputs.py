@@ -4,6 +4,7 @@ quarantine files in input order, and the evaluation against the input's gold lab
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -151,6 +152,24 @@ def read_gold_and_predictions(out: Storage, units: list[WorkUnit], label_column:
     return data
 
 
+def report_details(manifest: dict[str, Any] | None, **known: Any) -> dict[str, Any]:
+    """The report's "what is this" rows from a label run's manifest: model, adapter, input,
+    and the date the report was written (UTC). `known` fills or overrides them."""
+    manifest = manifest or {}
+    adapter = manifest.get("adapter") or {}
+    model = (manifest.get("prediction_config") or {}).get("model", {}).get("name")
+    details = {
+        "model": model,
+        "adapter": f"{adapter['path']} (sha256 {adapter['sha256'][:12]})" if adapter.get("path") else ("none (zero-shot)" if manifest else None),
+        "input": manifest.get("input"),
+        "rows": manifest.get("total_rows"),
+        "labelled": manifest.get("created_utc"),
+    }
+    details.update(known)
+    details["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return {k: v for k, v in details.items() if v is not None}
+
+
 def evaluate(out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "") -> dict[str, Any] | None:
     """Metrics against the input's gold labels into metrics.json, report.png and report.html
     (rows whose label is missing or unknown are counted, not scored); None when no row has
@@ -171,7 +190,8 @@ def evaluate(out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, titl
         ece=report.get("ece"),
     )
     out.write_bytes(layout.REPORT_PNG_FILE, png)
-    out.write_text(layout.REPORT_HTML_FILE, html.prediction_report_html(report, title=title, subtitle=subtitle))
+    details = report_details(out.read_json_or_none(layout.MANIFEST_FILE), mode=cfg.label.mode)
+    out.write_text(layout.REPORT_HTML_FILE, html.prediction_report_html(report, title=title, subtitle=subtitle, details=details))
     return report
 
 

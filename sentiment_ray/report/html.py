@@ -5,7 +5,7 @@ disk, from an artifact store or attached to an email.
 
 Rendering only: `prediction_report_html` (the label job and `eval`), `tune_report_html`
 (a tune experiment and `eval --experiment`). Element ids are stable (the report test renders
-the page in headless Chromium and looks for them): `metrics`, `per-language`,
+the page in headless Chromium and looks for them): `run-details`, `metrics`, `per-language`,
 `confusion-matrix`, `reliability-diagram`, `trial-curves`, `trials`.
 
 Pure module: matplotlib inside functions; no ray, no torch.
@@ -28,6 +28,8 @@ h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-t
 table { border-collapse: collapse; margin: .5rem 0 1rem; font-variant-numeric: tabular-nums; }
 th, td { padding: .3rem .8rem; border-bottom: 1px solid #e4e7eb; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
+#run-details th, #run-details td { text-align: left; border: 0; padding: .1rem .8rem .1rem 0; }
+#run-details th { color: #627d98; font-weight: normal; }
 thead th { background: #f0f4f8; }
 tr.best td { font-weight: 600; background: #fffbea; }
 tr.worse td { color: #b42318; font-weight: 600; }
@@ -143,9 +145,22 @@ def metrics_sections(report: dict[str, Any]) -> list[str]:
     return sections
 
 
-def prediction_report_html(report: dict[str, Any], *, title: str, subtitle: str = "") -> str:
-    """The page of one set of predictions (a label run, a training run's validation split)."""
-    return page(title, subtitle or f"{report.get('n')} labelled rows", metrics_sections(report))
+def details_section(details: dict[str, Any]) -> str:
+    """What the page is about (model, adapter, input, date): one row per item."""
+    body = "".join(
+        f'<tr data-detail="{html.escape(str(key))}"><th>{html.escape(str(key))}</th><td>{_fmt(value)}</td></tr>'
+        for key, value in details.items()
+    )
+    return f'<div class=scroll><table id="run-details"><tbody>{body}</tbody></table></div>'
+
+
+def prediction_report_html(
+    report: dict[str, Any], *, title: str, subtitle: str = "", details: dict[str, Any] | None = None
+) -> str:
+    """The page of one set of predictions (a label run, a training run's validation split).
+    `details`: what it is about (model, adapter, input, date), shown first."""
+    sections = ([details_section(details)] if details else []) + metrics_sections(report)
+    return page(title, subtitle or f"{report.get('n')} labelled rows", sections)
 
 
 def tune_report_html(

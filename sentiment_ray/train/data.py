@@ -65,10 +65,16 @@ class LabelledData:
 
 
 def load_labelled(
-    path: str | HFDatasetConfig, data_cfg: DataConfig, labels: LabelSet, *, quarantine_path: str | None = None
+    path: str | HFDatasetConfig,
+    data_cfg: DataConfig,
+    labels: LabelSet,
+    *,
+    quarantine_path: str | None = None,
+    max_rows_per_file: int | None = None,
 ) -> LabelledData:
     """Read every file `path` names (or the Hugging Face dataset split it describes),
-    validate each row and normalise labels.
+    validate each row and normalise labels. `max_rows_per_file`: only the first rows of
+    each file (the driver's check of a large input: header and a sample).
 
     `on_bad_rows=error` raises DataError at the first bad row; `skip` quarantines bad rows
     to `quarantine_path` (or `data_cfg.quarantine_path`) and counts them. An empty file,
@@ -94,7 +100,12 @@ def load_labelled(
     total = 0
     try:
         for file in files:
-            chunks = read_dataset_chunks(dataset, columns=wanted) if dataset is not None else read_chunks(file, columns=wanted)
+            if dataset is not None:
+                chunks = read_dataset_chunks(dataset, columns=wanted)
+            elif max_rows_per_file:
+                chunks = read_chunks(file, columns=wanted, chunk_rows=max_rows_per_file, stop_row=max_rows_per_file + 1)
+            else:
+                chunks = read_chunks(file, columns=wanted)
             first = True
             for chunk in chunks:
                 if first:  # the header, schema, or (JSON lines) the keys of the first chunk
@@ -118,6 +129,8 @@ def load_labelled(
                 out["lang"] += [as_key(langs[i]) for i in checked.good] if langs is not None else [None] * len(checked.good)
                 out["source_file"] += [file] * len(checked.good)
                 out["source_row"] += [chunk.first_row + i for i in checked.good]
+                if max_rows_per_file and total >= max_rows_per_file:
+                    break  # a sample: this file's first rows
             if first:
                 raise DataError(f"{file}: no data rows")
     finally:

@@ -12,6 +12,8 @@
                                         plus sentiment_ray_state.json)
         run_definition.json             what defines the run (train/fingerprint.py), checked on resume
         _lock.json                      the lock of the job writing the folder (io/lease.py)
+        logs/train-<date>.log           one per `jobs/train.py` run: everything Ray and the
+                                        workers printed (the terminal shows a summary)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ PREDICTIONS_FILE = "validation_predictions.parquet"
 REPORT_FILE = "report.html"
 QUARANTINE_FILE = "quarantine.jsonl"
 VALIDATION_QUARANTINE_FILE = "quarantine-validation.jsonl"
+LOGS_DIR = "logs"
 # Written into every checkpoint: what a resumed attempt needs besides the HF trainer state.
 RUN_STATE_FILE = "sentiment_ray_state.json"
 DEFINITION_FILE = "run_definition.json"

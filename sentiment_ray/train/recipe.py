@@ -18,10 +18,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sentiment_ray import backends, cluster, compat, provenance, tracking
+from sentiment_ray.console import WorkerEvents
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.config import ExperimentConfig, validate
 from sentiment_ray.io.lease import Lease
@@ -29,15 +30,18 @@ from sentiment_ray.io.storage import Storage
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
 from sentiment_ray.scoring import LabelScorer
-from sentiment_ray.train import layout
+from sentiment_ray.train import layout, preflight
+from sentiment_ray.train import terminal as train_terminal
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.report import html
 from sentiment_ray.train.evaluation import calibrate_scores, evaluate_split, language_changes, predictions_table, worse_languages_line
 from sentiment_ray.train.fingerprint import RunChanged, check_or_record
+from sentiment_ray.train.progress import progress_callback
 from sentiment_ray.train.trainer import (
     FAIL_AT_STEP_ENV,
     build_sft_config,
+    checkpoint_every,
     report_callback_class,
     restore_checkpoint,
     sft_trainer_class,
@@ -67,18 +71,23 @@ def run_dir_of(cfg: ExperimentConfig) -> str:
 # ============================================================================ driver
 
 
-def run_training(cfg: ExperimentConfig, *, new_run: bool = False) -> dict:
+def run_training(cfg: ExperimentConfig, *, terminal: train_terminal.Silent | None = None, new_run: bool = False) -> dict:
     """Train one run on Ray and return its summary: run dir, adapter path, backend, device,
     zero-shot and fine-tuned validation accuracy / macro-F1, train loss, steps, wall time.
-    Resumes the run's latest checkpoint unless `new_run` (which discards the run folder's
-    checkpoints and outputs first); refuses a resume whose settings changed
+
+    The model and data are checked before anything is written or started (DataError /
+    ModelNotFoundError / TrainingError). The run folder is locked while this job trains it.
+    The run's latest checkpoint is resumed unless `new_run` (which discards the folder's
+    checkpoints and outputs first); a resume whose settings changed is refused
     (RunDefinitionChanged). Raises ray.train.TrainingFailedError when the workers fail more
-    than run.max_failures times."""
+    than run.max_failures times. `terminal` (train/terminal.py) shows the run to a person."""
     start = time.time()
+    shown = terminal or _SILENT
     try:
         check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
     except UnsafeWeightsError as err:
         raise TrainingError(f"model.name {err}") from None
+    checked = preflight.check_run(cfg)
     run = Storage(run_dir_of(cfg))
     with Lease(run, purpose="train") as lease:
         if new_run:
@@ -87,8 +96,13 @@ def run_training(cfg: ExperimentConfig, *, new_run: bool = False) -> dict:
             check_or_record(cfg, run)
         except RunChanged as err:
             raise RunDefinitionChanged(str(err)) from None
+        shown.opening(cfg, run_dir_of(cfg))
+        shown.checked(checked)
+        shown.connecting(cfg)
         cluster.connect(cfg.run.ray_address)
-        trainer = build_trainer(cfg)
+        shown.connected()
+        trainer = build_trainer(cfg, progress_events=shown.wants_events)
+        shown.fitting(run_dir_of(cfg))
         result = trainer.fit()
         lease.check()
     summary = run_summary(run_dir_of(cfg))
@@ -116,11 +130,13 @@ def build_trainer(
     run_name: str | None = None,
     storage_path: str | None = None,
     callbacks: list | None = None,
+    progress_events: bool = False,
 ):
     """A Ray Train `TorchTrainer` for one training run (Ray must be connected: the GPU
     count decides `use_gpu: auto`). Tune trials call this with their own run name /
     storage path and pass `ray.tune.integration.ray_train.TuneReportCallback()` in
-    `callbacks`, so every worker report (train/trainer.py) reaches Tune."""
+    `callbacks`, so every worker report (train/trainer.py) reaches Tune. With
+    `progress_events` rank 0 prints phase and step events for the driver's terminal."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -142,6 +158,7 @@ def build_trainer(
         "config": cfg.model_dump(mode="json"),
         "git_commit": provenance.git_commit(),
         "fail_at_step": int(os.environ[FAIL_AT_STEP_ENV]) if os.environ.get(FAIL_AT_STEP_ENV) else None,
+        "progress_events": progress_events,
     }
     return TorchTrainer(
         train_worker,
@@ -156,6 +173,9 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+_SILENT = train_terminal.Silent()
 
 
 def read_run_json(run_dir: str, name: str) -> dict:
@@ -211,6 +231,7 @@ class Attempt:
     scratch: str  # worker-local; removed at the end
     resumed_from: int = 0
     tracker: Any = None  # rank 0's MLflow run (sentiment_ray.tracking), or None
+    events: WorkerEvents = field(default_factory=lambda: WorkerEvents(False))  # phases and steps for the driver's terminal (rank 0)
 
     @property
     def run_dir(self) -> str:
@@ -222,7 +243,7 @@ class Attempt:
 
 def train_worker(payload: dict) -> None:
     """The Ray Train worker function. `payload`: {"config": cfg dict, "git_commit": str |
-    None, "fail_at_step": int | None}, as build_trainer makes it."""
+    None, "fail_at_step": int | None, "progress_events": bool}, as build_trainer makes it."""
     cfg = validate(payload["config"], source="train_worker payload")
     backend_name = backends.resolve_backend_name(cfg.model.backend)
     backends.early_import(backend_name)  # before anything below imports transformers/trl/peft
@@ -240,7 +261,9 @@ def train_worker(payload: dict) -> None:
         world_size=context.get_world_size(),
         started=time.time(),
         scratch=tempfile.mkdtemp(prefix=f"sentiment-ray-{cfg.run.name}-rank{context.get_world_rank()}-"),
+        events=WorkerEvents(bool(payload.get("progress_events")) and context.get_world_rank() == 0),
     )
+    attempt.events.forward_warnings()
     try:
         train_attempt(attempt)
     except BaseException:
@@ -266,6 +289,7 @@ def train_attempt(attempt: Attempt) -> None:
     # 2. Model with fresh LoRA adapters.
     if device.type == "cpu":
         log.info("training on CPU with %d torch threads (run.cpus_per_worker sets them)", torch.get_num_threads())
+    attempt.events.phase(f"loading {cfg.model.name} ({attempt.backend_name} backend, {device})")
     backend = backends.get_backend(attempt.backend_name)
     model, tokenizer = backend.load_for_training(cfg, device)
 
@@ -283,6 +307,7 @@ def train_attempt(attempt: Attempt) -> None:
         scorer = LabelScorer(model, tokenizer, template, labels, cfg.model.max_seq_length, cfg.train.eval_batch_size)
     zero_shot = run_state.get("zero_shot")
     if zero_shot is None and scorer is not None and cfg.train.zero_shot_eval and not resume_path:
+        attempt.events.phase(f"zero-shot scoring {splits.validation.num_rows} validation rows")
         zero_shot, _ = evaluate_split(scorer, splits.validation)
 
     # 5. Train (the callback evaluates, checkpoints and reports to Ray Train).
@@ -299,7 +324,13 @@ def train_attempt(attempt: Attempt) -> None:
         args=build_sft_config(cfg, device, output_dir, attempt.world_size),
         train_dataset=build_train_dataset(cfg, splits.train, tokenizer, template, labels),
         processing_class=tokenizer,
-        callbacks=[reporter, *tracking.training_callbacks(attempt.tracker, reporter)],
+        callbacks=[
+            # First: at the last step it announces the scoring the reporter then does.
+            progress_callback(attempt.events, checkpoint_every=checkpoint_every(cfg),
+                              validation_rows=splits.validation.num_rows if scorer else 0, eval_steps=cfg.train.eval_steps),
+            reporter,
+            *tracking.training_callbacks(attempt.tracker, reporter),
+        ],
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -321,6 +352,7 @@ def train_attempt(attempt: Attempt) -> None:
         elif reporter.last_eval_step == trainer.state.global_step:
             fine_tuned, scores = reporter.last_eval, reporter.last_scores
         else:
+            attempt.events.phase(f"fine-tuned scoring {splits.validation.num_rows} validation rows")
             fine_tuned, scores = evaluate_split(scorer, splits.validation)
         if cfg.train.calibrate:
             calibration, fine_tuned, scores = calibrate_scores(splits.validation, scores, labels)
@@ -333,6 +365,7 @@ def train_attempt(attempt: Attempt) -> None:
         import pyarrow.parquet as pq
 
         pq.write_table(predictions_table(splits.validation, scores), os.path.join(outputs, layout.PREDICTIONS_FILE))
+    attempt.events.phase("saving the adapter, metrics and predictions")
     backend.save_adapter(model, tokenizer, os.path.join(outputs, layout.ADAPTER_DIR))
     if calibration is not None:
         Storage(os.path.join(outputs, layout.ADAPTER_DIR)).write_json(CALIBRATION_FILE, calibration)

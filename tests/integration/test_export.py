@@ -97,6 +97,11 @@ def test_export_bfloat16_by_default_within_tolerance(reference, adapter_dir, tmp
     cfg, with_adapter, _ = reference
     summary = export_merged(cfg, adapter_dir, str(tmp_path / "bf16"), device="cpu")
     assert summary["dtype"] == "bfloat16" and summary["backend"] == "hf"
+    # Every exported file is as readable as the others (the weights are not left private).
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: (tmp_path / "bf16" / name).stat().st_mode & 0o777 for name in os.listdir(tmp_path / "bf16")}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
     from safetensors import safe_open

@@ -383,6 +383,11 @@ def test_eval_of_a_label_output_reads_gold_labels_as_the_job_did(ray_address, ti
     for key in ("accuracy", "macro_f1", "ece", "confusion_matrix", "per_language"):
         assert evaluated[key] == job[key], key
     assert (tmp_path / "out" / "report.html").exists()  # the job's own report, not replaced
+    # Both pages name the model, the adapter (none: zero-shot), the input and the date.
+    for name in ("report.html", "eval-report.html"):
+        page = (tmp_path / "out" / name).read_text()
+        assert 'id="run-details"' in page and cfg.model.name in page and "coded.csv" in page, name
+        assert "none (zero-shot)" in page and " UTC" in page, name
 
 
 def test_progress_shows_rows_of_the_total_and_reaches_it_once(ray_address, tiny_model_dir, tmp_path, capfd):

@@ -136,6 +136,9 @@ def test_label_output_report_renders_metrics_languages_confusion_and_reliability
     _assert_rendered_image(dom, "reliability-diagram", "reliability")
     saved = json.loads((folder / evaluate.METRICS_FILE).read_text())
     assert saved["n"] == len(data["ID"]) and saved["rows_without_label"] == 0
+    # The page says what it is about: the predictions it read and when it was written.
+    details = {attrs["data-detail"]: cells[-1] for attrs, cells in dom.rows["run-details"]}
+    assert details["predictions"] == str(folder) and details["date"].endswith("UTC")
 
 
 def test_csv_predictions_without_probabilities_or_languages(tmp_path):

@@ -57,7 +57,7 @@ def test_every_option_has_help_and_appears_in_help_output(command):
             assert expected in "".join(text.split()), f"{command} --help lacks the help of {names[0]}"
 
 
-@pytest.mark.parametrize("command", ["train", "tune", "label", "export"])
+@pytest.mark.parametrize("command", ["train", "tune", "label", "export", "eval"])
 def test_job_scripts_use_the_same_parser_and_main(command):
     import importlib.util
 

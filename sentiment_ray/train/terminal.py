@@ -1,0 +1,383 @@
+"""The training job as a person sees it: the opening lines (where the run lives, whether it
+resumes, what was checked), the phases and the step bar (console.py, fed by the worker's
+events), the closing table, and what a failure means.
+
+    terminal = TrainTerminal(CommandLine.from_args("python jobs/train.py", argv, "demo", overrides))
+    summary = run_training(cfg, terminal=terminal)     # the recipe calls the hooks below
+    terminal.finish(summary)                           # the table, where things are, the next command
+
+`Silent` is the same interface doing nothing: what `run_training` uses when called from
+Python (tests, notebooks, Tune) without a terminal.
+
+Failures (`explain`): a mistake in the input is one line, `error: <message>`; an exception
+raised in the training worker is one line with its type and where its traceback is; a
+worker or the cluster dying is one paragraph: what died, the last checkpoint, and that the
+same command resumes from it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sentiment_ray import cluster, compat
+from sentiment_ray.config import ConfigError, ExperimentConfig
+from sentiment_ray.console import Display, RunLog, format_duration
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.io.uris import StorageError, is_uri
+from sentiment_ray.io.values import DataError
+from sentiment_ray.models import ModelNotFoundError, cache_dir
+from sentiment_ray.train import layout
+
+# Overrides that the label job needs to load and prompt the same model the run trained.
+_CARRIED_PREFIXES = ("model.", "prompt.", "data.text_column=", "data.label_column=", "data.id_column=",
+                     "data.lang_column=", "data.label_map=", "run.use_gpu=", "run.ray_address=")
+_CHECKPOINT = re.compile(r"^checkpoint[-_](\d+)$")
+# Mistakes in what the user gave: their message is the whole story.
+USER_ERRORS: tuple[type[BaseException], ...] = (DataError, ModelNotFoundError, ConfigError, StorageError, cluster.ClusterError)
+
+
+@dataclass
+class CommandLine:
+    """How the job was started, to print "rerun the same command" and the next command."""
+
+    launcher: str  # "python jobs/train.py" or "sentiment-ray train"
+    args: list[str] = field(default_factory=list)
+    config: str = "demo"
+    overrides: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return " ".join([self.launcher, *(shlex.quote(a) for a in self.args)])
+
+    def sibling(self, command: str) -> str:
+        """The launcher of another job the same way (`python jobs/label.py`, `sentiment-ray label`)."""
+        if self.launcher.startswith("sentiment-ray"):
+            return f"sentiment-ray {command}"
+        parts = self.launcher.rsplit("train.py", 1)
+        return f"{command}.py".join(parts) if len(parts) == 2 else f"python jobs/{command}.py"
+
+
+def short_path(path: str) -> str:
+    """`path` relative to the working directory when it lies below it (commands to copy)."""
+    if not path or is_uri(path) or not os.path.isabs(path):
+        return path
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path
+
+
+def last_checkpoint(run_dir: str) -> tuple[int, str] | None:
+    """(step, path) of the checkpoint a rerun of this run resumes from, or None: the one
+    Ray Train registered last (its snapshot file), else the newest complete folder."""
+    storage = Storage(run_dir)
+    try:
+        if not storage.is_dir():
+            return None
+        snapshot = storage.read_json_or_none(compat.RAY_TRAIN_SNAPSHOT_FILE)
+        folders = set(storage.list_dirs())
+    except (OSError, ValueError):
+        return None
+    if snapshot is not None:
+        name = compat.latest_registered_checkpoint(snapshot)
+        match = _CHECKPOINT.match(name or "")
+        return (int(match.group(1)), storage.path(name)) if match and name in folders else None
+    found = sorted((int(m.group(1)), n) for n in folders if (m := _CHECKPOINT.match(n)) and storage.exists(f"{n}/trainer_state.json"))
+    return (found[-1][0], storage.path(found[-1][1])) if found else None
+
+
+# ============================================================================ the hooks
+
+
+class Silent:
+    """The hooks `run_training` calls, doing nothing (no terminal)."""
+
+    wants_events = False
+    log_path: str | None = None
+
+    def opening(self, cfg: ExperimentConfig, run_dir: str) -> None: ...
+    def checked(self, checked) -> None: ...
+    def connecting(self, cfg: ExperimentConfig) -> None: ...
+    def connected(self) -> None: ...
+    def fitting(self, run_dir: str) -> None: ...
+
+
+class TrainTerminal(Silent):
+    """The training job's terminal: hooks for `run_training`, then `finish` or `failed`."""
+
+    wants_events = True
+
+    def __init__(self, command: CommandLine, *, verbose: bool = False, display: Display | None = None):
+        self.command = command
+        self.verbose = verbose
+        self.display = display or Display()
+        self.log = RunLog(verbose=verbose, display=self.display)
+        self.log.start()
+        self.cfg: ExperimentConfig | None = None
+        self.run_dir: str | None = None
+        self.started = time.time()
+        self.remote_log: str | None = None  # the log's place in an object-store run folder
+
+    @property
+    def log_path(self) -> str | None:
+        return self.log.path
+
+    # -- hooks
+
+    def opening(self, cfg: ExperimentConfig, run_dir: str) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        saved = last_checkpoint(run_dir)
+        if saved:
+            self.display.phase(f"run {cfg.run.name}: {short_path(run_dir)} (resuming from its checkpoint at step {saved[0]})")
+        else:
+            self.display.phase(f"run {cfg.run.name}: {short_path(run_dir)}")
+
+    def checked(self, checked) -> None:
+        for warning in checked.warnings:
+            self.display.warning(warning)
+        self.display.phase(checked.describe())
+
+    def connecting(self, cfg: ExperimentConfig) -> None:
+        self.log.before_ray_init()
+        if cluster.in_ray_job():
+            self.display.phase("joining the job's Ray cluster")
+        elif cluster.resolve_address(cfg.run.ray_address):
+            self.display.phase(f"joining the Ray cluster at {cluster.resolve_address(cfg.run.ray_address)}")
+        else:
+            self.display.phase("starting a local Ray cluster")
+
+    def connected(self) -> None:
+        self.log.capture_worker_output()
+
+    def fitting(self, run_dir: str) -> None:
+        name = time.strftime("train-%Y%m%d-%H%M%S.log", time.gmtime())
+        if is_uri(run_dir):
+            local = str(cache_dir() / "logs" / f"{self.cfg.run.name if self.cfg else 'run'}-{name}")
+            target = Storage(run_dir)
+            self.log.open(local, upload=lambda p: target.write_bytes(f"{layout.LOGS_DIR}/{name}", Path(p).read_bytes()))
+            self.remote_log = target.path(layout.LOGS_DIR, name)
+        else:
+            self.log.open(os.path.join(run_dir, layout.LOGS_DIR, name))
+        self.log.write_text(f"command: {self.command.text()}\ncwd: {os.getcwd()}\n")
+
+    def shown_log_path(self) -> str | None:
+        return self.remote_log or (short_path(self.log.path) if self.log.path else None)
+
+    # -- the end
+
+    def _stop_ray(self) -> None:
+        """Stop forwarding (and a local cluster) so nothing Ray prints follows the summary."""
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+
+    def finish(self, summary: dict) -> None:
+        """The closing table, where the run lives and the next command; then the JSON line
+        (stdout, last)."""
+        self._stop_ray()
+        self.log.release_worker_output()
+        metrics = Storage(summary["run_dir"]).read_json_or_none(layout.METRICS_FILE) or {}
+        lines = ["", *summary_table(metrics), ""]
+        lines += where_lines(summary, self.shown_log_path(), time.time() - self.started)
+        lines.append(f"next     {self.next_command(summary)}")
+        self.log.write_text("\n".join(lines))
+        self.log.close()
+        for line in lines:
+            self.display.info(line)
+
+    def next_command(self, summary: dict) -> str:
+        """Label with this adapter: the same config and model overrides, the run's data,
+        a submission file."""
+        cfg = self.cfg
+        parts = [self.command.sibling("label")]
+        if self.command.config and self.command.config != "demo":
+            parts += ["--config", self.command.config]
+        data = (cfg.data.validation_path or cfg.data.train_path) if cfg else ""
+        run_dir = short_path(summary["run_dir"])
+        parts += ["--input", short_path(data) if data else "YOUR_DATA.csv", "--output", f"{run_dir}-labels",
+                  "--adapter", short_path(summary["adapter"])]
+        parts += [o for o in self.command.overrides if o.startswith(_CARRIED_PREFIXES)]
+        parts.append("label.write_submission=true")
+        return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
+
+    def failed(self, err: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+        """Explain `err` on the terminal (and in the log); the exit code. `user_errors`:
+        more exception types whose message is the whole story. Re-raises what is not a
+        known kind of failure (a bug: its traceback is the useful output)."""
+        explained = explain(err, run_dir=self.run_dir, command=self.command, log_path=self.shown_log_path(),
+                            save_every=_save_every(self.cfg), at_step=self.display.last_step,
+                            user_errors=USER_ERRORS + tuple(user_errors))
+        if explained is None:
+            self.log.write_text("".join(traceback.format_exception(err)))
+            self.log.close()
+            raise err
+        code, text, details = explained
+        if details:
+            self.log.write_text(details)
+        self.log.write_text(text)
+        self._stop_ray()
+        self.log.release_worker_output()
+        self.log.close()
+        self.display.error(text)
+        return code
+
+
+def _save_every(cfg: ExperimentConfig | None) -> int | None:
+    if cfg is None:
+        return None
+    return cfg.train.save_steps or cfg.train.eval_steps or None
+
+
+# ============================================================================ the table
+
+
+def _num(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def summary_table(metrics: dict) -> list[str]:
+    """Zero-shot against fine-tuned: accuracy and macro-F1 overall and per language, ECE
+    (and the calibrated ECE when metrics.json has a `calibration` section)."""
+    zs, ft = metrics.get("zero_shot") or {}, metrics.get("fine_tuned") or {}
+    if not zs and not ft:
+        return ["no validation rows: nothing was scored"]
+    rows: list[tuple[str, Any, Any, Any, Any, Any]] = [("all", (ft or zs).get("n"), zs.get("accuracy"), zs.get("macro_f1"),
+                                                        ft.get("accuracy"), ft.get("macro_f1"))]
+    langs = sorted(set(zs.get("per_language") or {}) | set(ft.get("per_language") or {}),
+                   key=lambda lang: -((ft.get("per_language") or zs.get("per_language") or {}).get(lang, {}).get("n") or 0))
+    for lang in langs:
+        z, f = (zs.get("per_language") or {}).get(lang, {}), (ft.get("per_language") or {}).get(lang, {})
+        rows.append((f"  {lang}", (f or z).get("n"), z.get("accuracy"), z.get("macro_f1"), f.get("accuracy"), f.get("macro_f1")))
+    width = max(12, *(len(r[0]) for r in rows))
+    out = [
+        f"{'validation':<{width}} {'rows':>5}  {'zero-shot':^19}  {'fine-tuned':^19}",
+        f"{'':<{width}} {'':>5}  {'accuracy':>9} {'macro-F1':>9}  {'accuracy':>9} {'macro-F1':>9}",
+    ]
+    for name, n, za, zf, fa, ff in rows:
+        out.append(f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}")
+    if zs.get("ece") is not None or ft.get("ece") is not None:
+        out.append(f"{'ECE':<{width}} {'':>5}  {_num(zs.get('ece')):>9} {'':>9}  {_num(ft.get('ece')):>9}")
+    calibration = metrics.get("calibration") or {}
+    if calibration.get("ece_after") is not None:
+        before = calibration.get("ece_before")
+        note = f" (from {_num(before)})" if before is not None else ""
+        out.append(f"{'ECE calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {_num(calibration['ece_after']):>9}{note}")
+    return out
+
+
+def where_lines(summary: dict, log_path: str | None, seconds: float) -> list[str]:
+    steps = summary.get("steps")
+    resumed = summary.get("resumed_from_step")
+    how = f"{steps} steps" if steps is not None else "trained"
+    if resumed:
+        how += f", resumed at step {resumed}"
+    lines = [f"run      {short_path(summary['run_dir'])}  ({how}, {format_duration(seconds)})",
+             f"adapter  {short_path(summary['adapter'])}"]
+    if log_path:
+        lines.append(f"log      {log_path}")
+    return lines
+
+
+# ============================================================================ failures
+
+
+def _one_line(text: Any) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return "; ".join(lines) if len(lines) <= 3 else lines[0]
+
+
+def _resume_hint(run_dir: str | None, save_every: int | None) -> tuple[str, int | None]:
+    saved = last_checkpoint(run_dir) if run_dir else None
+    if saved:
+        step, path = saved
+        return f"the last checkpoint is step {step} ({short_path(path)}); rerunning the same command resumes from it", step
+    every = f" (one is saved every {save_every} steps)" if save_every else ""
+    return f"no checkpoint was saved yet{every}: rerunning the same command starts over", None
+
+
+def explain(err: BaseException, *, run_dir: str | None, command: CommandLine, log_path: str | None,
+            save_every: int | None = None, at_step: tuple[int, int] | None = None,
+            user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> tuple[int, str, str | None] | None:
+    """(exit code, what to print, details for the log) for a failure; None for one that is
+    not understood (a bug)."""
+    if isinstance(err, user_errors):
+        return 1, f"error: {_one_line(err)}", None
+    if isinstance(err, KeyboardInterrupt):
+        hint, _ = _resume_hint(run_dir, save_every)
+        return 130, f"interrupted; {hint}:\n    {command.text()}", None
+    cause, trace = _worker_exception(err)
+    where = f" (traceback: {log_path})" if log_path else ""
+    if cause is not None:
+        if isinstance(cause, user_errors):
+            return 1, f"error: {_one_line(cause)}{where}", trace
+        hint, step = _resume_hint(run_dir, save_every) if run_dir else ("", None)
+        resume = f"; {hint}" if step is not None else ""
+        return 1, f"error: the training worker raised {type(cause).__name__}: {_one_line(cause)}{where}{resume}", trace
+    if not _is_ray_failure(err):
+        return None
+    hint, _ = _resume_hint(run_dir, save_every)
+    at = f" at step {at_step[0]} of {at_step[1]}" if at_step else ""
+    lines = [
+        f"Training stopped{at}: {_what_died(err)}.",
+        f"{hint[0].upper()}{hint[1:]}:",
+        f"    {command.text()}",
+    ]
+    if log_path:
+        lines.append(f"Everything Ray and the workers printed is in {log_path}")
+    return 1, "\n".join(lines), "".join(traceback.format_exception(err))
+
+
+def _worker_exception(err: BaseException) -> tuple[BaseException | None, str | None]:
+    """The exception the training function raised on a worker (rank 0 first), if that is
+    what failed the run: `ray.train.WorkerGroupError.worker_failures` holds it as raised
+    (its traceback is in the worker's output, hence the log), or one of Ray's own errors
+    for a worker that died."""
+    failures = getattr(err, "worker_failures", None)
+    if not isinstance(failures, dict):
+        return None, None
+    for rank in sorted(failures):
+        failure = failures[rank]
+        if isinstance(failure, BaseException) and type(failure).__module__.split(".")[0] != "ray":
+            return failure, str(err)
+    return None, None
+
+
+def _is_ray_failure(err: BaseException) -> bool:
+    try:
+        import ray.exceptions
+        import ray.train
+    except ImportError:
+        return False
+    return isinstance(err, (ray.train.TrainingFailedError, ray.exceptions.RayError, ConnectionError))
+
+
+def _reason(text: str) -> str:
+    """The first sentence of a Ray error, without actor / node ids."""
+    first = _one_line(text).split(". ")[0]
+    first = re.sub(r"\b[0-9a-f]{16,}\b\s*", "", first).replace("  ", " ").strip()
+    return first if len(first) <= 120 else first[:117].rsplit(" ", 1)[0] + "..."
+
+
+def _what_died(err: BaseException) -> str:
+    import ray.exceptions as ray_errors
+
+    failures = getattr(err, "worker_failures", None)
+    inner = next(iter(failures.values())) if isinstance(failures, dict) and failures else None
+    inner = inner or getattr(err, "controller_failure", None) or err
+    text = str(inner)
+    low = text.lower()
+    if "placement group" in low and "removed" in low:
+        return "the Ray cluster's processes for this run were ended (its placement group was removed)"
+    if isinstance(failures, dict) and failures:
+        return f"a training worker process died ({_reason(text)})"
+    if isinstance(inner, (ray_errors.ActorDiedError, ray_errors.ActorUnavailableError, ray_errors.RayActorError)):
+        return f"the Ray cluster's processes were ended or crashed ({_reason(text)})"
+    return f"the Ray cluster failed or the connection to it was lost ({_reason(text)})"

@@ -1,0 +1,208 @@
+"""What a person sees when running `python jobs/train.py`: the terminal is asserted, not just
+the files. A mistake in the input is the last line of stderr, before Ray starts, with no
+traceback and no run folder; a run announces its phases, shows its steps and ends with the
+table of metrics.json, with no line at ERROR level; an exception in the worker is one line
+naming the log; a cluster that dies mid-run is one paragraph, and the same command resumes.
+
+Each test runs the job as a subprocess on the demo preset with the tiny model (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CSV = REPO_ROOT / "data" / "demo" / "sentiment_demo.csv"
+
+# Lines a quiet run must not show: log records at ERROR level (Python's or Ray's C++
+# `[date E pid tid] file.cc:` form), tracebacks, Ray's forwarded worker output.
+ERROR_LINE = re.compile(r"\bERROR\b|^\S*\[[\d\- :,]+ E \d+ \d+\]|Traceback|\(\w+ pid=\d+")
+
+
+def tiny_overrides(model_dir: str, storage: Path, name: str, **extra: object) -> list[str]:
+    values = {
+        "model.name": model_dir, "model.dtype": "float32", "model.max_seq_length": 128, "lora.r": 4, "lora.alpha": 8,
+        "data.max_train_rows": 64, "data.max_validation_rows": 32, "train.max_steps": 6, "train.save_steps": 2,
+        "train.per_device_train_batch_size": 4, "train.eval_batch_size": 16, "run.cpus_per_worker": 1,
+        "run.storage_path": str(storage), "run.name": name, "tracking.mlflow": "false", **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def train(args: list[str], timeout: float = 420, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    return subprocess.run([sys.executable, "jobs/train.py", *args], cwd=REPO_ROOT, env={**full_env, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ============================================================================ mistakes
+
+
+@pytest.mark.parametrize("case", ["no sentence column", "bad label", "missing model"])
+def test_a_mistake_is_the_last_line_before_ray_starts_and_leaves_no_run_folder(case, tmp_path):
+    data = tmp_path / "train.csv"
+    if case == "no sentence column":
+        data.write_text("text,label\nI loved it,Positive\nawful,Negative\n", encoding="utf-8")
+        expected = (f"error: {data}: missing column(s) ['sentence']; columns found: ['text', 'label'] "
+                    "(set data.text_column / data.label_column)")
+        args = [f"data.train_path={data}"]
+    elif case == "bad label":
+        data.write_text("sentence,label\nI loved it,Positive\nawful,Negative\nmeh,Neutral\n", encoding="utf-8")
+        expected = re.compile(rf"error: {re.escape(str(data))}: row 3 \(line 4\): unknown label \('Neutral'.*on_bad_rows=skip.*")
+        args = [f"data.train_path={data}"]
+    else:
+        expected = "error: model folder '/nonexistent/model' does not exist or has no config.json"
+        args = ["model.name=/nonexistent/model"]
+    started = time.time()
+    out = train([*args, f"run.storage_path={tmp_path / 'runs'}", "run.name=mistake"], timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1, out.stderr
+    assert expected.fullmatch(lines[-1]) if isinstance(expected, re.Pattern) else lines[-1] == expected, lines[-1]
+    assert "Traceback" not in out.stderr and "starting a local Ray cluster" not in out.stderr
+    assert len(lines) <= 3, lines  # the run's name, maybe what was checked, the error
+    assert out.stdout == ""
+    assert not (tmp_path / "runs").exists()
+    assert time.time() - started < 60  # no cluster start (seconds, on a busy 2-core machine)
+
+
+# ============================================================================ a run
+
+
+def _table_rows(stderr: str) -> dict[str, list[str]]:
+    lines = stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("validation "))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        parts = line.split()
+        name = " ".join(parts[:2]) if parts[:2] == ["ECE", "calibrated"] else parts[0]
+        rows[name] = parts[len(name.split()):]
+    return rows
+
+
+@pytest.mark.slow
+def test_a_run_shows_phases_steps_and_the_table_of_metrics_json_without_error_lines(tiny_model_dir, tmp_path):
+    out = train(tiny_overrides(tiny_model_dir, tmp_path / "runs", "shown"))
+    assert out.returncode == 0, out.stderr[-4000:]
+    err = out.stderr
+    bad = [line for line in err.splitlines() if ERROR_LINE.search(line)]
+    assert bad == [], bad
+    for phase in ("run shown: ", "data: 64 training rows, 32 validation rows", "starting a local Ray cluster",
+                  "zero-shot scoring 32 validation rows", "training 6 steps, a checkpoint every 2",
+                  "fine-tuned scoring 32 validation rows", "saving the adapter"):
+        assert phase in err, phase
+    assert re.search(r"^  step 6/6  loss \d+\.\d{4}  .*took", err, re.M), err
+
+    run_dir = tmp_path / "runs" / "shown"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = _table_rows(err)
+    zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
+    assert rows["all"] == [str(ft["n"]), *(f"{x:.3f}" for x in (zs["accuracy"], zs["macro_f1"], ft["accuracy"], ft["macro_f1"]))]
+    for lang, row in ft["per_language"].items():
+        z = zs["per_language"][lang]
+        assert rows[lang] == [str(row["n"]), *(f"{x:.3f}" for x in (z["accuracy"], z["macro_f1"], row["accuracy"], row["macro_f1"]))]
+    assert rows["ECE"] == [f"{zs['ece']:.3f}", f"{ft['ece']:.3f}"]
+    if metrics.get("calibration", {}).get("ece_after") is not None:
+        assert rows["ECE calibrated"][0] == f"{metrics['calibration']['ece_after']:.3f}"
+
+    where = {line.split()[0]: line.split(None, 1)[1] for line in err.splitlines() if re.match(r"^(run|adapter|log|next) {2,}", line)}
+    assert where["run"].startswith(str(run_dir)) and where["adapter"] == str(run_dir / "adapter")
+    log = Path(where["log"])
+    assert log.parent == run_dir / "logs" and log.is_file()
+    logged = log.read_text()
+    assert "(RayTrainWorker pid=" in logged and "Setting up process group" in logged  # complete in the file
+    # The JSON line is the last line on stdout and the only thing there.
+    assert out.stdout.count("\n") == 1 and json.loads(out.stdout)["run_dir"] == str(run_dir)
+
+    # The next command works as printed.
+    labelled = subprocess.run(where["next"], shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=420,
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+    summary = json.loads(labelled.stdout.strip().splitlines()[-1])
+    assert summary["adapter"].startswith("adapter@") and summary["submission"].endswith("submission.csv")
+    assert Path(summary["submission"]).read_text().count("\n") == summary["labelled"] + 1
+
+
+@pytest.mark.slow
+def test_a_worker_exception_is_one_line_naming_the_log_and_verbose_shows_everything(tiny_model_dir, tmp_path):
+    out = train(tiny_overrides(tiny_model_dir, tmp_path / "runs", "raises"), SENTIMENT_RAY_TEST_FAIL_AT_STEP="3",
+                SENTIMENT_RAY_LOG="debug")
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"error: the training worker raised RuntimeError: SENTIMENT_RAY_TEST_FAIL_AT_STEP=3: "
+                         r"test-injected failure after step 3 \(traceback: (\S+)\); the last checkpoint is step 2 "
+                         r"\(\S+checkpoint-000002\); rerunning the same command resumes from it", last)
+    assert match, last
+    log = Path(match.group(1))
+    assert log.parent == tmp_path / "runs" / "raises" / "logs"
+    assert "Traceback" in log.read_text() and "test-injected failure" in log.read_text()
+    # SENTIMENT_RAY_LOG=debug: Ray's forwarded worker output is on the terminal too.
+    assert "(RayTrainWorker pid=" in out.stderr
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _registered_checkpoint(run_dir: Path) -> int:
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].rsplit("-", 1)[1])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+@pytest.mark.slow
+def test_a_dead_cluster_is_one_paragraph_and_the_same_command_resumes(tiny_model_dir, tmp_path):
+    args = tiny_overrides(tiny_model_dir, tmp_path / "runs", "crash", **{"train.max_steps": 300, "train.save_steps": 5})
+    run_dir = tmp_path / "runs" / "crash"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    driver = subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=REPO_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and driver.poll() is None and _registered_checkpoint(run_dir) < 10:
+            time.sleep(0.2)
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        # The local cluster's processes end from outside (this test started them: the
+        # driver's descendants), the driver itself lives on.
+        for process in _descendants(driver.pid):
+            try:
+                process.send_signal(signal.SIGKILL)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        _, err = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 1
+    paragraph = err.strip().splitlines()[-4:]
+    assert re.fullmatch(r"Training stopped at step \d+ of 300: .+\.", paragraph[0]), paragraph
+    step = _registered_checkpoint(run_dir)
+    assert paragraph[1] == (f"The last checkpoint is step {step} ({run_dir / f'checkpoint-{step:06d}'}); "
+                            "rerunning the same command resumes from it:"), paragraph
+    assert shlex.split(paragraph[2]) == ["python", "jobs/train.py", *args]
+    assert paragraph[3].startswith("Everything Ray and the workers printed is in ")
+    assert "Traceback" not in err
+
+    rerun = train(args, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"run crash: {run_dir} (resuming from its checkpoint at step {step})" in rerun.stderr
+    assert f"training steps {step + 1}-300 (resuming from the checkpoint at step {step}" in rerun.stderr
+    assert json.loads(rerun.stdout)["resumed_from_step"] == step
