@@ -12,16 +12,18 @@ The definition: model (name, backend, dtype, 4-bit, sequence length, attention),
 fingerprint of the training and validation files; for a Hugging Face dataset its name,
 config, split and revision; columns, label map, split fraction and seed, row limits,
 bad-row policy), the optimiser and schedule (learning rate, scheduler, warmup, weight
-decay, optimiser, batch size, gradient accumulation, seed, packing, padding, loss), and the
-number of workers (it sets the global batch and the data shards).
+decay, optimiser, gradient accumulation, seed, packing, padding, loss) and the global batch:
+run.num_workers x train.per_device_train_batch_size x gradient accumulation. Workers and
+per-device batch may trade places on resume (2 workers of 4 rows resume as 1 of 8): each
+optimizer step then sees the same rows, which is what the run's maths depends on.
 
 What may change on resume (RESUMABLE): train.max_steps upward (the run trains on to the new
 last step; a linear or cosine schedule then decays over the new length from where it is),
 train.eval_steps, train.save_steps, train.logging_steps, train.eval_batch_size,
 train.zero_shot_eval, lora.gradient_checkpointing (memory, not the maths),
 data.train_path / data.validation_path (the content fingerprint decides, not the path),
-data.quarantine_path, model.allow_unsafe_weights, run.* but run.num_workers (placement and
-bookkeeping), and the label, tune and tracking sections.
+data.quarantine_path, model.allow_unsafe_weights, run.* (placement and bookkeeping; the
+number of workers through the global batch), and the label, tune and tracking sections.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ RESUMABLE = {
     "model": {"allow_unsafe_weights"},
     "lora": {"gradient_checkpointing"},
     "data": {"train_path", "validation_path", "quarantine_path"},
-    "train": {"max_steps", "eval_steps", "save_steps", "logging_steps", "eval_batch_size", "zero_shot_eval"},
-    "run": {"name", "storage_path", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep", "ray_address"},
+    "train": {"max_steps", "eval_steps", "save_steps", "logging_steps", "eval_batch_size", "zero_shot_eval",
+              "per_device_train_batch_size"},
+    "run": {"name", "storage_path", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep", "ray_address",
+            "num_workers"},
 }
+GLOBAL_BATCH = "train.global_batch_size"  # run.num_workers x per_device_train_batch_size x gradient_accumulation_steps
 
 
 class RunChanged(RuntimeError):
@@ -71,9 +76,15 @@ def run_definition(cfg: ExperimentConfig, data: dict[str, Any] | None = None) ->
         for key, value in dump[section].items()
         if key not in RESUMABLE.get(section, set())
     }
+    flat[GLOBAL_BATCH] = global_batch_size(cfg)
     for kind, value in (data if data is not None else data_fingerprints(cfg)).items():
         flat[f"data.{kind}_fingerprint"] = value
     return flat
+
+
+def global_batch_size(cfg: ExperimentConfig) -> int:
+    """Rows (or packed sequences) per optimizer step, over all workers."""
+    return cfg.run.num_workers * cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
 
 
 def has_checkpoints(run: Storage) -> bool:
@@ -96,7 +107,7 @@ def check_or_record(cfg: ExperimentConfig, run: Storage) -> dict[str, Any]:
             )
         before = recorded.get("definition", {})
         changed = sorted(k for k in set(before) | set(definition) if before.get(k) != definition.get(k))
-        problems = [f"{k} ({_show(before.get(k))} -> {_show(definition.get(k))})" for k in changed]
+        problems = [f"{_name(k)} ({_show(before.get(k))} -> {_show(definition.get(k))})" for k in changed]
         if max_steps < int(recorded.get("max_steps", 0)):
             problems.append(f"train.max_steps ({recorded['max_steps']} -> {max_steps}: it may only grow on resume)")
         if problems:
@@ -110,6 +121,12 @@ def check_or_record(cfg: ExperimentConfig, run: Storage) -> dict[str, Any]:
         record = {"version": DEFINITION_VERSION, "created_utc": _now(), "max_steps": max_steps, "definition": definition}
     run.write_json(layout.DEFINITION_FILE, record)
     return record
+
+
+def _name(key: str) -> str:
+    if key == GLOBAL_BATCH:
+        return f"{key} (run.num_workers x train.per_device_train_batch_size x train.gradient_accumulation_steps)"
+    return key
 
 
 def _show(value: Any) -> str:
