@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sentiment_ray import backends, cluster, compat, provenance, tracking
-from sentiment_ray.console import WorkerEvents
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.config import ExperimentConfig, validate
+from sentiment_ray.console import WorkerEvents
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
@@ -185,7 +185,7 @@ class Attempt:
     scratch: str  # worker-local; removed at the end
     resumed_from: int = 0
     tracker: Any = None  # rank 0's MLflow run (sentiment_ray.tracking), or None
-    events: WorkerEvents = field(default_factory=lambda: WorkerEvents(False))  # phases and steps for the driver's terminal (rank 0)
+    events: WorkerEvents = field(default_factory=lambda: WorkerEvents(False))  # for the driver's terminal (rank 0)
 
     @property
     def run_dir(self) -> str:
