@@ -203,6 +203,7 @@ class Display:
             if total:
                 p["total"] = int(total)
             previous, p["step"] = p["step"], int(step)
+            p.setdefault("first", (time.monotonic(), p["step"]))  # the rate counts from the first step seen
             self.last_step = (p["step"], p["total"])
             if loss is not None:
                 p["loss"] = loss
@@ -236,9 +237,11 @@ class Display:
     def progress_line(self) -> str:
         """`  step 15/60  loss 0.6120  2.9 s/step  ETA 2m10s` (the line mode's line)."""
         p = self._progress or {}
-        done = p.get("step", 0) - p.get("initial", 0)
-        elapsed = time.monotonic() - p.get("started", time.monotonic())
-        per = elapsed / done if done > 0 else None
+        now = time.monotonic()
+        elapsed = now - p.get("started", now)
+        first_at, first_step = p.get("first", (now, p.get("step", 0)))
+        done = p.get("step", 0) - first_step
+        per = (now - first_at) / done if done > 0 else None
         remaining = per * (p.get("total", 0) - p.get("step", 0)) if per is not None else None
         parts = [f"  {p.get('unit', 'step')} {p.get('step', 0)}/{p.get('total', 0)}"]
         if p.get("loss") is not None:
@@ -351,7 +354,8 @@ class RunLog:
     def start(self) -> None:
         logging.captureWarnings(True)
         root = logging.getLogger()
-        for name in ("", "ray", "py.warnings"):
+        # The root logger, and Ray's, which does not propagate to it.
+        for name in ("", "ray"):
             logger = logging.getLogger(name)
             self._handlers.append((logger, self._buffer))
             logger.addHandler(self._buffer)

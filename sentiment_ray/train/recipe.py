@@ -22,19 +22,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sentiment_ray import backends, cluster, compat, provenance, tracking
-from sentiment_ray.console import WorkerEvents
 from sentiment_ray.backends.base import gradient_checkpointing_for
+from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
+from sentiment_ray.console import WorkerEvents
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
+from sentiment_ray.report import html
 from sentiment_ray.scoring import LabelScorer
 from sentiment_ray.train import layout, preflight
 from sentiment_ray.train import terminal as train_terminal
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
-from sentiment_ray.calibration import CALIBRATION_FILE
-from sentiment_ray.report import html
 from sentiment_ray.train.evaluation import calibrate_scores, evaluate_split, language_changes, predictions_table, worse_languages_line
 from sentiment_ray.train.fingerprint import RunChanged, check_or_record
 from sentiment_ray.train.progress import progress_callback
@@ -231,7 +231,7 @@ class Attempt:
     scratch: str  # worker-local; removed at the end
     resumed_from: int = 0
     tracker: Any = None  # rank 0's MLflow run (sentiment_ray.tracking), or None
-    events: WorkerEvents = field(default_factory=lambda: WorkerEvents(False))  # phases and steps for the driver's terminal (rank 0)
+    events: WorkerEvents = field(default_factory=lambda: WorkerEvents(False))  # for the driver's terminal (rank 0)
 
     @property
     def run_dir(self) -> str:

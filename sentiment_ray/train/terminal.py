@@ -270,7 +270,7 @@ def summary_table(metrics: dict) -> list[str]:
         before = calibration.get("ece_before")
         note = f" (from {_num(before)})" if before is not None else ""
         out.append(f"{'ECE calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {_num(calibration['ece_after']):>9}{note}")
-    return out
+    return [line.rstrip() for line in out]
 
 
 def where_lines(summary: dict, log_path: str | None, seconds: float) -> list[str]:

@@ -93,7 +93,7 @@ def _bash(script: str, cwd: Path, env: dict, timeout: float) -> subprocess.Compl
 
 def test_walkthrough_runs_as_written(checkout, tmp_path):
     block = _block("jobs/export.py")
-    (checkout / ".venv").symlink_to(Path(sys.executable).resolve().parent.parent)  # `. .venv/bin/activate`
+    (checkout / ".venv").symlink_to(sys.prefix)  # `. .venv/bin/activate`: this environment
     out = _bash(block, checkout, _env(checkout, tmp_path / "home"), timeout=1500)
 
     run = checkout / "runs" / "mine"

@@ -26,7 +26,7 @@ DEMO_CSV = REPO_ROOT / "data" / "demo" / "sentiment_demo.csv"
 
 # Lines a quiet run must not show: log records at ERROR level (Python's or Ray's C++
 # `[date E pid tid] file.cc:` form), tracebacks, Ray's forwarded worker output.
-ERROR_LINE = re.compile(r"\bERROR\b|^\S*\[[\d\- :,]+ E \d+ \d+\]|Traceback|\(\w+ pid=\d+")
+ERROR_LINE = re.compile(r"\bERROR\b|^\S*\[[\d\- :,]+ E \d+ \d+\]|Traceback|\((?:\w+ )?pid=\d+")
 
 
 def tiny_overrides(model_dir: str, storage: Path, name: str, **extra: object) -> list[str]:
@@ -125,9 +125,10 @@ def test_a_run_shows_phases_steps_and_the_table_of_metrics_json_without_error_li
     # The JSON line is the last line on stdout and the only thing there.
     assert out.stdout.count("\n") == 1 and json.loads(out.stdout)["run_dir"] == str(run_dir)
 
-    # The next command works as printed.
-    labelled = subprocess.run(where["next"], shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=420,
-                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    # The next command works as printed (`python` being this environment's, as after `. .venv/bin/activate`).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    labelled = subprocess.run(where["next"], shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=420, env=env)
     assert labelled.returncode == 0, labelled.stderr[-3000:]
     summary = json.loads(labelled.stdout.strip().splitlines()[-1])
     assert summary["adapter"].startswith("adapter@") and summary["submission"].endswith("submission.csv")
