@@ -235,7 +235,8 @@ def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str =
     if languages:
         rows = [
             ({"data-lang": c["lang"], **({"class": "worse"} if c["worse"] else {})},
-             [c["lang"], c["n"], c["zero_shot_macro_f1"], c["fine_tuned_macro_f1"], c["change"], "worse" if c["worse"] else ""])
+             [c["lang"], c["n"], c["zero_shot_macro_f1"], c["fine_tuned_macro_f1"], c["change"],
+              c.get("verdict", "worse" if c["worse"] else "")])
             for c in languages
         ]
         sections += ["<h2>Per language (macro-F1)</h2>",

@@ -1,6 +1,7 @@
 """Validation during and after training: label-token scoring of the validation split, judged by
 the one evaluation (`metrics.evaluate_predictions`), the temperature that calibrates the
-fine-tuned model's probabilities, and the languages fine-tuning made worse."""
+fine-tuned model's probabilities, and the languages fine-tuning made worse (a drop the
+validation rows support, told apart from one they cannot)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import numpy as np
 
 from sentiment_ray.calibration import calibrate
 from sentiment_ray.labels import LabelSet
-from sentiment_ray.metrics import evaluate_predictions
+from sentiment_ray.metrics import evaluate_predictions, macro_f1_drop_likelihood
 from sentiment_ray.scoring import LabelScorer, ScoreResult, softmax
 
-# A language counts as made worse when fine-tuning lowered its macro-F1 by more than this
-# (a handful of rows moving in a small validation split is noise, not a regression).
+# A language counts as made worse when fine-tuning lowered its macro-F1 by more than this and
+# the drop holds in at least SURE_DROP of paired bootstrap resamples of its validation rows: a
+# handful of rows moving in a small validation split is noise, not a regression.
 WORSE_BY_MORE_THAN = 0.005
+SURE_DROP = 0.95
 
 
 def evaluate_scores(table, scores: ScoreResult, labels: LabelSet) -> dict:
@@ -62,28 +65,61 @@ def predictions_table(table, scores: ScoreResult):
     return pa.table(columns)
 
 
-def language_changes(zero_shot: dict | None, fine_tuned: dict | None) -> list[dict[str, Any]]:
-    """Per language: zero-shot and fine-tuned macro-F1, the change, and whether fine-tuning
-    made it worse. Empty without both reports or without languages."""
+def language_drop_likelihoods(table, before: list, after: list, labels: LabelSet) -> dict[str, float]:
+    """Per language of a validation table: how sure the drop in macro-F1 from the `before`
+    predictions (zero-shot) to the `after` ones (fine-tuned) is
+    (`metrics.macro_f1_drop_likelihood`); empty without a lang column."""
+    if "lang" not in table.column_names or len(before) != table.num_rows:
+        return {}
+    by_lang: dict[str, list[int]] = {}
+    for i, lang in enumerate(table.column("lang").to_pylist()):
+        if lang is not None:
+            by_lang.setdefault(str(lang), []).append(i)
+    gold = [labels.resolve(g)[0] for g in table.column("label").to_pylist()]
+    out = {}
+    for lang, rows in by_lang.items():
+        rows = [i for i in rows if gold[i] is not None]
+        out[lang] = macro_f1_drop_likelihood([gold[i] for i in rows], [before[i] for i in rows], [after[i] for i in rows], list(labels))
+    return out
+
+
+def language_changes(zero_shot: dict | None, fine_tuned: dict | None, drop_likelihood: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Per language: zero-shot and fine-tuned macro-F1, the change, how sure a drop is
+    (`drop_likelihood`, when the zero-shot predictions were kept), and the verdict: `worse`
+    (lower, and the rows support it), `lower, within noise`, or `not worse`. Empty without both
+    reports or without languages."""
     before = (zero_shot or {}).get("per_language") or {}
     after = (fine_tuned or {}).get("per_language") or {}
     rows = []
     for lang in sorted(set(before) & set(after)):
         z, f = before[lang]["macro_f1"], after[lang]["macro_f1"]
+        sure = (drop_likelihood or {}).get(lang)
+        lower = f < z - WORSE_BY_MORE_THAN
+        worse = lower and (sure is None or sure >= SURE_DROP)
         rows.append({
             "lang": lang, "n": after[lang]["n"], "zero_shot_macro_f1": z, "fine_tuned_macro_f1": f,
-            "change": round(f - z, 6), "worse": f < z - WORSE_BY_MORE_THAN,
+            "change": round(f - z, 6), "drop_likelihood": None if sure is None else round(sure, 3), "worse": worse,
+            "verdict": "worse" if worse else "lower, within noise" if lower else "not worse",
         })
     return rows
 
 
 def worse_languages_line(changes: list[dict[str, Any]]) -> str | None:
-    """One line naming the languages fine-tuning made worse, or None."""
+    """One line naming the languages fine-tuning made worse, and those lower by an amount
+    their validation rows cannot tell from noise; None when there are neither."""
+    def shown(c: dict) -> str:
+        sure = f", lower in {c['drop_likelihood']:.0%} of resamples" if c.get("drop_likelihood") is not None else ""
+        return f"{c['lang']} {c['zero_shot_macro_f1']:.3f} -> {c['fine_tuned_macro_f1']:.3f} ({c['n']} rows{sure})"
+
     worse = [c for c in changes if c["worse"]]
-    if not worse:
-        return None
-    shown = ", ".join(f"{c['lang']} {c['zero_shot_macro_f1']:.3f} -> {c['fine_tuned_macro_f1']:.3f}" for c in worse)
-    return f"fine-tuning lowered the validation macro-F1 of {len(worse)} language(s): {shown}"
+    unsure = [c for c in changes if c.get("verdict") == "lower, within noise"]
+    parts = []
+    if worse:
+        parts.append(f"fine-tuning lowered the validation macro-F1 of {len(worse)} language(s): {', '.join(map(shown, worse))}")
+    if unsure:
+        parts.append(f"lower, but within what the validation rows can tell: {', '.join(map(shown, unsure))}; "
+                     "hold out more rows of it (data.validation_fraction, data.max_validation_rows) to know")
+    return "; ".join(parts) or None
 
 
 def flat_validation_metrics(report: dict | None) -> dict[str, Any]:

@@ -35,7 +35,14 @@ from sentiment_ray.scoring import LabelScorer
 from sentiment_ray.train import layout, preflight
 from sentiment_ray.train import terminal as train_terminal
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
-from sentiment_ray.train.evaluation import calibrate_scores, evaluate_split, language_changes, predictions_table, worse_languages_line
+from sentiment_ray.train.evaluation import (
+    calibrate_scores,
+    evaluate_split,
+    language_changes,
+    language_drop_likelihoods,
+    predictions_table,
+    worse_languages_line,
+)
 from sentiment_ray.train.fingerprint import RunChanged, check_or_record
 from sentiment_ray.train.progress import progress_callback
 from sentiment_ray.train.trainer import (
@@ -305,10 +312,11 @@ def train_attempt(attempt: Attempt) -> None:
     scorer = None
     if is_rank_zero and splits.validation.num_rows:
         scorer = LabelScorer(model, tokenizer, template, labels, cfg.model.max_seq_length, cfg.train.eval_batch_size)
-    zero_shot = run_state.get("zero_shot")
+    zero_shot, zero_shot_predicted = run_state.get("zero_shot"), run_state.get("zero_shot_predicted")
     if zero_shot is None and scorer is not None and cfg.train.zero_shot_eval and not resume_path:
         attempt.events.phase(f"zero-shot scoring {splits.validation.num_rows} validation rows")
-        zero_shot, _ = evaluate_split(scorer, splits.validation)
+        zero_shot, zero_shot_scores = evaluate_split(scorer, splits.validation)
+        zero_shot_predicted = zero_shot_scores.predicted()  # for the per-language comparison at the end
 
     # 5. Train (the callback evaluates, checkpoints and reports to Ray Train).
     reporter = report_callback_class()(
@@ -316,7 +324,7 @@ def train_attempt(attempt: Attempt) -> None:
         scorer=scorer,
         validation=splits.validation,
         is_rank_zero=is_rank_zero,
-        run_state={"zero_shot": zero_shot},
+        run_state={"zero_shot": zero_shot, "zero_shot_predicted": zero_shot_predicted},
         fail_at_step=attempt.payload.get("fail_at_step") if not resume_path else None,
     )
     trainer = sft_trainer_class()(
@@ -346,6 +354,7 @@ def train_attempt(attempt: Attempt) -> None:
     outputs = attempt.local("outputs")
     os.makedirs(outputs)
     fine_tuned = calibration = None
+    drop_likelihood: dict[str, float] = {}
     if scorer is not None:
         if cfg.train.keep_best and reporter.restore_best(model):
             fine_tuned, scores = evaluate_split(scorer, splits.validation)
@@ -362,6 +371,8 @@ def train_attempt(attempt: Attempt) -> None:
             else:
                 log.info("calibration: no temperature lowers the out-of-fold NLL on %d rows; probabilities kept as they are",
                          calibration["rows"])
+        if zero_shot_predicted:
+            drop_likelihood = language_drop_likelihoods(splits.validation, zero_shot_predicted, scores.predicted(), labels)
         import pyarrow.parquet as pq
 
         pq.write_table(predictions_table(splits.validation, scores), os.path.join(outputs, layout.PREDICTIONS_FILE))
@@ -371,7 +382,7 @@ def train_attempt(attempt: Attempt) -> None:
         Storage(os.path.join(outputs, layout.ADAPTER_DIR)).write_json(CALIBRATION_FILE, calibration)
     training = training_stats(attempt, trainer, train_output, train_wall, reporter)
     training["gradient_checkpointing"] = gradient_checkpointing_for(cfg, device)
-    write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training, calibration)
+    write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training, calibration, drop_likelihood)
     tracking.finish_training(attempt.tracker, outputs, zero_shot, fine_tuned, training)
 
     # 7. Publish: the outputs into the run folder (local or URI).
@@ -409,7 +420,8 @@ def training_stats(attempt: Attempt, trainer, train_output, train_wall: float, r
     }
 
 
-def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot, fine_tuned, training: dict, calibration) -> None:
+def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot, fine_tuned, training: dict, calibration,
+                  drop_likelihood: dict[str, float]) -> None:
     """metrics.json, report.html and manifest.json into the attempt's outputs folder."""
     import torch
 
@@ -424,7 +436,7 @@ def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot,
         "zero_shot": zero_shot,
         "fine_tuned": fine_tuned,
         "calibration": calibration,
-        "languages": language_changes(zero_shot, fine_tuned),
+        "languages": language_changes(zero_shot, fine_tuned, drop_likelihood),
         "train": training,
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
         "wall_time_s": round(time.time() - attempt.started, 1),

@@ -261,8 +261,10 @@ def summary_table(metrics: dict) -> list[str]:
         f"{'validation':<{width}} {'rows':>5}  {'zero-shot':^19}  {'fine-tuned':^19}",
         f"{'':<{width}} {'':>5}  {'accuracy':>9} {'macro-F1':>9}  {'accuracy':>9} {'macro-F1':>9}",
     ]
+    verdicts = {f"  {c['lang']}": c.get("verdict") for c in metrics.get("languages") or []}
     for name, n, za, zf, fa, ff in rows:
-        out.append(f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}")
+        mark = verdicts.get(name) if verdicts.get(name) in ("worse", "lower, within noise") else ""
+        out.append(f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}  {mark}")
     if zs.get("ece") is not None or ft.get("ece") is not None:
         out.append(f"{'ECE':<{width}} {'':>5}  {_num(zs.get('ece')):>9} {'':>9}  {_num(ft.get('ece')):>9}")
     calibration = metrics.get("calibration") or {}

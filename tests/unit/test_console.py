@@ -95,6 +95,15 @@ def test_summary_table_sets_zero_shot_against_fine_tuned_per_language_with_ece()
     assert terminal.summary_table({"zero_shot": None, "fine_tuned": None}) == ["no validation rows: nothing was scored"]
 
 
+def test_summary_table_marks_a_language_made_worse_and_one_lower_within_noise():
+    languages = [{"lang": "en", "verdict": "not worse"}, {"lang": "de", "verdict": "worse"}]
+    table = terminal.summary_table({**METRICS, "languages": languages})
+    marks = {line.split()[0]: line.split()[6:] for line in table[3:5]}
+    assert marks == {"en": [], "de": ["worse"]}
+    noisy = terminal.summary_table({**METRICS, "languages": [{"lang": "de", "verdict": "lower, within noise"}]})
+    assert noisy[4].endswith("0.630  lower, within noise")
+
+
 class _FakeWorkerGroupError(Exception):
     def __init__(self, failures):
         super().__init__("Training failed due to worker errors")

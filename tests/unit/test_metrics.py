@@ -45,3 +45,18 @@ def test_ece_of_perfect_calibration_is_zero_and_bins_count_everything():
 def test_ece_overconfident():
     e = expected_calibration_error([1.0, 1.0], [True, False], n_bins=5)
     assert e["ece"] == pytest.approx(0.5)
+
+
+def test_a_drop_in_macro_f1_is_sure_only_when_the_rows_support_it():
+    from sentiment_ray.metrics import macro_f1_drop_likelihood
+
+    labels = ["Negative", "Positive"]
+    gold = ["Positive", "Negative"] * 100
+    right = list(gold)
+    assert macro_f1_drop_likelihood(gold, right, right, labels) == 0.5  # the same predictions: no drop
+    flipped = ["Negative" if i % 4 == 0 else g for i, g in enumerate(gold)]  # 50 of 200 rows now wrong
+    assert macro_f1_drop_likelihood(gold, right, flipped, labels) > 0.99
+    assert macro_f1_drop_likelihood(gold, flipped, right, labels) < 0.01
+    few, one_wrong = gold[:4], ["Negative"] + gold[1:4]  # 4 rows, one flipped: cannot tell
+    assert 0.05 < macro_f1_drop_likelihood(few, few, one_wrong, labels) < 0.95 + 1e-9
+    assert macro_f1_drop_likelihood(gold, right, [None] * 200, labels) > 0.99  # unparsed answers are wrong
