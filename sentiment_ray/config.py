@@ -258,7 +258,7 @@ class LabelConfig(_Strict):
     cache (same probabilities, fewer tokens computed)."""
     rows_per_unit: int | None = Field(None, gt=0)
     """Rows per work unit (the unit of resume, retry and output shards). Unset: about a
-    quarter of each actor's share of the input, between 1,000 and 50,000 rows."""
+    quarter of each actor's share of the input, between 500 and 50,000 rows."""
     num_actors: int = Field(0, ge=0)
     """0 = one actor per GPU in the cluster (one CPU actor on a CPU-only cluster)."""
     max_new_tokens: int = Field(4, gt=0)

@@ -4,7 +4,6 @@ quarantine files in input order, and the evaluation against the input's gold lab
 from __future__ import annotations
 
 import os
-import time
 from collections import Counter
 from typing import Any
 
@@ -166,8 +165,7 @@ def report_details(manifest: dict[str, Any] | None, **known: Any) -> dict[str, A
         "labelled": manifest.get("created_utc"),
     }
     details.update(known)
-    details["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return {k: v for k, v in details.items() if v is not None}
+    return html.dated(details)
 
 
 def evaluate(out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "") -> dict[str, Any] | None:

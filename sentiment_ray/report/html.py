@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import time
 from typing import Any
 
 from sentiment_ray.report import plots
@@ -145,6 +146,11 @@ def metrics_sections(report: dict[str, Any]) -> list[str]:
     return sections
 
 
+def dated(details: dict[str, Any]) -> dict[str, Any]:
+    """A report's "what is this" rows without the unknown ones, and the date it was written (UTC)."""
+    return {**{k: v for k, v in details.items() if v is not None}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
 def details_section(details: dict[str, Any]) -> str:
     """What the page is about (model, adapter, input, date): one row per item."""
     body = "".join(
@@ -220,17 +226,19 @@ def calibration_sections(calibration: dict[str, Any]) -> list[str]:
     ]
 
 
-def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str = "") -> str:
-    """The page of a training run: zero-shot against fine-tuned overall and per language
-    (languages fine-tuning made worse marked), the calibration, then the fine-tuned model's
-    validation metrics, confusion matrix and reliability diagram."""
+def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str = "", details: dict[str, Any] | None = None) -> str:
+    """The page of a training run: what it is (`details`: model, data, adapter, date), zero-shot
+    against fine-tuned overall and per language (languages fine-tuning made worse marked), the
+    calibration, then the fine-tuned model's validation metrics, confusion matrix and
+    reliability diagram."""
     zero, tuned = metrics.get("zero_shot") or {}, metrics.get("fine_tuned") or {}
     calibration = metrics.get("calibration") or {}
     overall = [
         ({"data-metric": key}, [key, zero.get(key), tuned.get(key)])
         for key in ("n", "accuracy", "macro_f1", "ece")
     ]
-    sections = ["<h2>Zero-shot and fine-tuned</h2>", _table("comparison", ["", "zero-shot", "fine-tuned"], overall)]
+    sections = [details_section(details)] if details else []
+    sections += ["<h2>Zero-shot and fine-tuned</h2>", _table("comparison", ["", "zero-shot", "fine-tuned"], overall)]
     languages = metrics.get("languages") or []
     if languages:
         rows = [

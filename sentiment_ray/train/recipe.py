@@ -442,7 +442,15 @@ def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot,
         "wall_time_s": round(time.time() - attempt.started, 1),
     }
     outputs.write_json(layout.METRICS_FILE, metrics)
-    outputs.write_text(layout.REPORT_FILE, html.training_report_html(metrics, title=f"Training run {cfg.run.name}", subtitle=attempt.run_dir))
+    d = cfg.data
+    details = html.dated({
+        "model": f"{cfg.model.name} ({attempt.backend_name} backend, {device})",
+        "training data": d.train_path or (d.train_dataset and d.train_dataset.name),
+        "adapter": os.path.join(attempt.run_dir, layout.ADAPTER_DIR),
+        "steps": training.get("global_step"),
+    })
+    outputs.write_text(layout.REPORT_FILE, html.training_report_html(
+        metrics, title=f"Training run {cfg.run.name}", subtitle=attempt.run_dir, details=details))
     record = provenance.build_manifest(
         cfg.model_dump(mode="json"),
         data_fingerprint=splits.fingerprints,

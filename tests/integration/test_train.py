@@ -402,6 +402,9 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
     assert summary["languages_made_worse"] == [c["lang"] for c in metrics["languages"] if c["worse"]]
     report = (run_dir / "report.html").read_text()
     assert all(f'id="{i}"' in report for i in ("comparison", "languages", "calibration", "reliability-before", "reliability-after"))
+    assert 'id="run-details"' in report and cfg.model.name in report and " UTC" in report  # what the page is about
+    assert all(c["verdict"] in ("worse", "lower, within noise", "not worse") and 0 <= c["drop_likelihood"] <= 1
+               for c in metrics["languages"])  # the zero-shot predictions were kept for the comparison
 
     m = _read(summary["run_dir"], "manifest.json")
     assert m["config"]["model"]["name"] == cfg.model.name
