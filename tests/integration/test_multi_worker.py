@@ -131,7 +131,7 @@ def test_two_nodes_label_every_id_once_into_object_storage(tiny_model_dir, tmp_p
             run={"use_gpu": "false", "ray_address": cluster.address},
             label={"num_actors": 2, "rows_per_unit": 10, "write_submission": True},
         )
-        with pytest.raises(LabelRunError, match="2 nodes.*local path"):
+        with pytest.raises(LabelRunError, match="is a local path but the Ray cluster has 2 nodes"):
             label_dataset(cfg, str(tmp_path / "part-*.csv"), str(tmp_path / "local-out"))
         assert not (tmp_path / "local-out" / "_manifest.json").exists()
 

@@ -71,7 +71,7 @@ def checkout(tmp_path, tiny_model_dir) -> Path:
     demo["data"].update(max_train_rows=64, max_validation_rows=32)
     demo["train"].update(max_steps=4, save_steps=2, per_device_train_batch_size=4, eval_batch_size=16)
     demo["run"].update(cpus_per_worker=1)
-    demo["label"].update(batch_size=32)
+    demo.setdefault("label", {}).update(batch_size=32)
     demo["tracking"] = {"mlflow": "false"}
     preset.write_text(yaml.safe_dump(demo), encoding="utf-8")
     return dest
