@@ -137,7 +137,8 @@ def test_two_nodes_label_every_id_once_into_object_storage(tiny_model_dir, tmp_p
 
         summary = label_dataset(cfg, str(tmp_path / "part-*.csv"), "s3://two-nodes/labels")
         assert summary["rows"] == summary["labelled"] == 60 and summary["units"]["total"] == 6
-        keys = [o["Key"] for o in s3_bucket.list_objects_v2(Bucket="two-nodes", Prefix="labels/_done/")["Contents"]]
+        listed = s3_bucket.list_objects_v2(Bucket="two-nodes", Prefix="labels/_done/")["Contents"]
+        keys = [o["Key"] for o in listed if o["Key"].endswith(".json")]  # not the folder's own marker object
         markers = [json.loads(s3_bucket.get_object(Bucket="two-nodes", Key=k)["Body"].read()) for k in keys]
         assert len({m["node_id"] for m in markers}) == 2  # actors on both nodes labelled units
         submission = s3_bucket.get_object(Bucket="two-nodes", Key="labels/submission.csv")["Body"].read().decode()
