@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 
@@ -137,12 +135,3 @@ def test_max_value():
     assert ss.max_value({}, "train.max_steps", base) == 70
     assert ss.max_value({"train.max_steps": {"type": "randint", "lower": 10, "upper": 21}}, "train.max_steps", base) == 20
     assert ss.max_value(REFERENCE_SPACE, "lora.alpha", base) == 64
-
-
-def test_module_is_pure():
-    code = (
-        "import sys; import sentiment_ray.search_space, sentiment_ray.tune_report, sentiment_ray.tune; "
-        "print(','.join(m for m in ('torch', 'transformers', 'unsloth', 'ray', 'peft', 'trl') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
