@@ -345,15 +345,47 @@ def _timer_callback_class():
     return StepTimer
 
 
+FINGERPRINTED_BATCHES = 3  # the first micro-batches, hashed: both backends must see the same ones
+
+
 def _bench_trainer_class(base, counter):
     class BenchSFTTrainer(base):
-        """The training job's SFTTrainer, counting each micro-batch's tokens."""
+        """The training job's SFTTrainer, counting each micro-batch's tokens and hashing the
+        first few (input ids and label mask) so two runs can show they trained on the same."""
 
         def training_step(self, model, inputs, *args, **kwargs):
             counter.count(inputs)
+            fingerprints = self.__dict__.setdefault("batch_fingerprints", [])
+            if len(fingerprints) < FINGERPRINTED_BATCHES:
+                fingerprints.append(_batch_fingerprint(inputs))
             return super().training_step(model, inputs, *args, **kwargs)
 
     return BenchSFTTrainer
+
+
+def _batch_fingerprint(inputs: dict[str, Any]) -> str:
+    """A hash of the micro-batch's real tokens and label tokens, in order: the same rows give
+    the same hash whether they come padded or padding-free."""
+    import hashlib
+
+    ids, labels, mask = inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask")
+    real = ids[mask.bool()] if mask is not None else ids.reshape(-1)
+    digest = hashlib.sha1(real.detach().to("cpu").numpy().tobytes())
+    if labels is not None:
+        digest.update(labels[labels != -100].detach().to("cpu").numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _numerics(model, tokenizer) -> dict[str, Any]:
+    """What can make two backends compute differently: the dtypes of the trained and of
+    the frozen floating-point weights, and the tokenizer's padding side."""
+    from collections import Counter
+
+    trained, frozen = Counter(), Counter()
+    for param in model.parameters():
+        if param.dtype.is_floating_point:
+            (trained if param.requires_grad else frozen)[str(param.dtype).removeprefix("torch.")] += param.numel()
+    return {"trained_dtypes": dict(trained), "frozen_dtypes": dict(frozen), "padding_side": tokenizer.padding_side}
 
 
 def _estimate_rows(cfg, tokenizer, template, table, total_steps: int) -> int:
@@ -368,12 +400,13 @@ def _estimate_rows(cfg, tokenizer, template, table, total_steps: int) -> int:
     return max(per_step * total_steps, int(math.ceil(tokens / mean_len * 1.15)) + 16)
 
 
-def _losses_by_step(log_history: list[dict], total_steps: int) -> list[float | None]:
-    losses: list[float | None] = [None] * total_steps
+def _losses_by_step(log_history: list[dict], total_steps: int, key: str = "loss") -> list[float | None]:
+    """`key` (loss, grad_norm, learning_rate) of each optimizer step from the trainer's log."""
+    values: list[float | None] = [None] * total_steps
     for entry in log_history:
-        if "loss" in entry and "step" in entry and 1 <= entry["step"] <= total_steps:
-            losses[entry["step"] - 1] = float(entry["loss"])
-    return losses
+        if key in entry and "step" in entry and 1 <= entry["step"] <= total_steps:
+            values[entry["step"] - 1] = float(entry[key])
+    return values
 
 
 def _bare_loop(trainer, model, counter, sync, device, total_steps: int, grad_accum: int) -> tuple[list[dict], list[float]]:
@@ -459,12 +492,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    grad_norms = learning_rates = None
     if spec.get("loop", "trainer") == "bare":
         steps, losses = _bare_loop(hf_trainer, model, counter, sync, device, total_steps, cfg.train.gradient_accumulation_steps)
     else:
         hf_trainer.train()
         steps = timer.steps
-        losses = _losses_by_step(hf_trainer.state.log_history, total_steps)
+        log = hf_trainer.state.log_history
+        losses = _losses_by_step(log, total_steps)
+        grad_norms = _losses_by_step(log, total_steps, "grad_norm")
+        learning_rates = _losses_by_step(log, total_steps, "learning_rate")
     train_s = time.perf_counter() - t0
     if len(steps) != total_steps:
         raise RuntimeError(f"expected {total_steps} optimizer steps, timed {len(steps)}")
@@ -515,6 +552,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "warmup_time_s": sum(s["seconds"] for s in steps[:warmup]),
         "steps": steps,
         "losses": losses,
+        "grad_norms": grad_norms,
+        "learning_rates": learning_rates,
+        "batch_fingerprints": hf_trainer.__dict__.get("batch_fingerprints", []),
+        "numerics": _numerics(model, tokenizer),
         "loss_last": finite_losses[-1] if finite_losses else None,
         "loss_finite": bool(finite_losses) and all(math.isfinite(x) for x in finite_losses),
         "peak_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

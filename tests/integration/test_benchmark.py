@@ -191,6 +191,13 @@ def test_train_smoke_writes_the_fields_with_a_finite_loss(tiny_model_dir, tmp_pa
     # The LoRA params the FLOPs count are the model's actual trainable ones.
     assert run["parameters"]["trainable"] == flops.ModelShape(**run["shape"]).lora_params(16, ALL_PROJECTIONS)
     assert result["comparisons"] == {}  # one backend: nothing to compare
+    # What a comparison of two backends needs: per-step gradient norms and learning rates,
+    # fingerprints of the first batches, the dtypes trained and frozen.
+    assert len(run["grad_norms"]) == 3 and all(math.isfinite(x) for x in run["grad_norms"])
+    assert max(run["learning_rates"]) > 0
+    assert len(run["batch_fingerprints"]) == 3 and len(set(run["batch_fingerprints"])) == 3
+    assert run["numerics"]["trained_dtypes"] == {"float32": run["parameters"]["trainable"]}
+    assert run["numerics"]["padding_side"] in ("left", "right")
 
 
 @pytest.mark.slow
