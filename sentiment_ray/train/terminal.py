@@ -265,13 +265,19 @@ def summary_table(metrics: dict) -> list[str]:
     for name, n, za, zf, fa, ff in rows:
         mark = verdicts.get(name) if verdicts.get(name) in ("worse", "lower, within noise") else ""
         out.append(f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}  {mark}")
-    if zs.get("ece") is not None or ft.get("ece") is not None:
-        out.append(f"{'ECE':<{width}} {'':>5}  {_num(zs.get('ece')):>9} {'':>9}  {_num(ft.get('ece')):>9}")
+    # With a calibration, the fine-tuned ECE shown is the model's own and the calibrated one is
+    # out-of-fold: fine_tuned.ece is measured on the rows the temperature was fitted to.
     calibration = metrics.get("calibration") or {}
+    fine_tuned_ece = calibration.get("ece_before", ft.get("ece")) if calibration else ft.get("ece")
+    if zs.get("ece") is not None or fine_tuned_ece is not None:
+        out.append(f"{'ECE':<{width}} {'':>5}  {_num(zs.get('ece')):>9} {'':>9}  {_num(fine_tuned_ece):>9}")
     if calibration.get("ece_after") is not None:
-        before = calibration.get("ece_before")
-        note = f" (from {_num(before)})" if before is not None else ""
-        out.append(f"{'ECE calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {_num(calibration['ece_after']):>9}{note}")
+        if calibration.get("applied", True):
+            temperature = calibration.get("temperature")
+            note = f"temperature {temperature:.2f}, out of fold" if temperature is not None else "out of fold"
+            out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {_num(calibration['ece_after']):>9}  {note}")
+        else:
+            out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {'–':>9}  not applied: no temperature lowers the out-of-fold NLL")
     return [line.rstrip() for line in out]
 
 
