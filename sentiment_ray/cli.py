@@ -16,17 +16,24 @@ Light at import time: the recipes import torch, transformers and ray inside thei
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sentiment_ray import cluster, console, evaluate, export, faults
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
+from sentiment_ray.models import cache_dir
 from sentiment_ray.io.lease import LockHeld, LockLost
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.io.uris import is_uri
 from sentiment_ray.io.values import DataError
+from sentiment_ray.label import layout as label_layout
 from sentiment_ray.label.plan import LabelRunError
 from sentiment_ray.label.recipe import label_dataset
 from sentiment_ray.train.recipe import TrainingError, run_training
@@ -189,6 +196,14 @@ def _print_summary(run, errors, command: str = PROG) -> int:
     return 0
 
 
+def verbose_flag(parser: argparse.ArgumentParser, log_place: str) -> None:
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help=f"print everything Ray, the libraries and the workers print (also {console.LOG_ENV}=debug); "
+        f"the job's log file ({log_place}) has it either way",
+    )
+
+
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog)
     parser.add_argument(
@@ -196,11 +211,7 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="discard the checkpoints and outputs of an earlier run of the same run.name and start over "
         "(a rerun otherwise resumes it, refusing changed settings: docs/architecture.md)",
     )
-    parser.add_argument(
-        "--verbose", action="store_true",
-        help=f"print everything Ray, the libraries and the workers print (also {console.LOG_ENV}=debug); "
-        "the run's log file (<run>/logs/) has it either way",
-    )
+    verbose_flag(parser, "<run>/logs/")
     return parser
 
 
@@ -279,7 +290,35 @@ def label_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--rows-per-unit", type=int, default=None,
         help="rows per work unit (the unit of resume and of output shards); default: label.rows_per_unit, else about four units per actor",
     )
+    verbose_flag(parser, "<output>/logs/")
     return parser
+
+
+@contextlib.contextmanager
+def label_log(output: str, verbose: bool):
+    """The labelling job's terminal shows its progress line, warnings and summary; what Ray,
+    the libraries and the actors print goes to <output>/logs/label-<date>.log (and, verbose,
+    to the terminal too)."""
+    import ray.data  # noqa: F401 - configures its loggers on import: before the log takes them over
+
+    log = console.RunLog(verbose=verbose)
+    log.start()
+    name = time.strftime("label-%Y%m%d-%H%M%S.log", time.gmtime())
+    if is_uri(output):
+        target = Storage(output)
+        log.open(str(cache_dir() / "logs" / name), upload=lambda p: target.write_bytes(f"{label_layout.LOGS_DIR}/{name}", Path(p).read_bytes()))
+    else:
+        log.open(os.path.join(output, label_layout.LOGS_DIR, name))
+    log.before_ray_init()
+    cluster.after_connect(log.capture_worker_output)
+    try:
+        yield log
+    finally:
+        cluster.after_connect(None)
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # while Ray's output still goes to the log
+        log.close()
 
 
 def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -289,13 +328,14 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
 
-    return _print_summary(
-        lambda: label_dataset(
-            cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
-        ),
-        (DataError, LabelRunError, LockHeld, LockLost),
-        "label",
-    )
+    with label_log(args.output, console.verbose_requested(args.verbose)):
+        return _print_summary(
+            lambda: label_dataset(
+                cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
+            ),
+            (DataError, LabelRunError, LockHeld, LockLost),
+            "label",
+        )
 
 
 # ----------------------------------------------------------------------------- export

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from sentiment_ray import compat
@@ -101,6 +102,18 @@ def resolve_address(address: str = "") -> str:
     return target
 
 
+_after_connect: list[Callable[[], None]] = []
+
+
+def after_connect(callback: Callable[[], None] | None) -> None:
+    """Call `callback` once `connect` has initialised Ray (a job's log takes over the
+    workers' output then); None forgets the callbacks."""
+    if callback is None:
+        _after_connect.clear()
+    else:
+        _after_connect.append(callback)
+
+
 def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     """Connect this process to Ray, once.
 
@@ -123,13 +136,13 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     if in_ray_job():
         # Inside `ray job submit`: workers import the package from the uploaded working dir.
         ray.init(address=target or "auto", **common)
-        return
-    # A driver run from a checkout: workers on this node import the package from it.
-    job_config = JobConfig(code_search_path=[str(REPO_ROOT)])
-    if target:
-        ray.init(address=target, job_config=job_config, **common)
+    elif target:
+        # A driver run from a checkout: workers on this node import the package from it.
+        ray.init(address=target, job_config=JobConfig(code_search_path=[str(REPO_ROOT)]), **common)
     else:
-        start_local(num_cpus=num_cpus, job_config=job_config, **common)
+        start_local(num_cpus=num_cpus, job_config=JobConfig(code_search_path=[str(REPO_ROOT)]), **common)
+    for callback in list(_after_connect):
+        callback()
 
 
 # A local cluster's settings: every server on 127.0.0.1, token authentication on.

@@ -250,7 +250,8 @@ class LabelConfig(_Strict):
     max_batch_tokens: int = Field(32768, ge=0)
     """Most padded tokens (rows x longest row) per forward pass: this decides the batches.
     Short prompts then share wide batches (a GPU stays busy) and long ones narrow batches
-    (memory stays bounded). 0 = rows only (label.batch_size)."""
+    (memory stays bounded). 0 = rows only (label.batch_size). On a CPU at most 2,048 unless
+    label.batch_size is set: a CPU scores small batches faster per row."""
     batch_size: int | None = Field(None, gt=0)
     """Most rows per forward pass, on top of the token budget; unset = no row cap."""
     reuse_prefix: bool = True

@@ -285,6 +285,8 @@ class Display:
 
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Loggers with handlers of their own: the root, Ray's and Ray Data's (neither propagates).
+_RAY_LOGGERS = ("", "ray", "ray.data")
 
 
 class _Redacting(logging.Formatter):
@@ -354,8 +356,8 @@ class RunLog:
     def start(self) -> None:
         logging.captureWarnings(True)
         root = logging.getLogger()
-        # The root logger, and Ray's, which does not propagate to it.
-        for name in ("", "ray"):
+        # The root logger, and Ray's and Ray Data's, which do not propagate to it.
+        for name in _RAY_LOGGERS:
             logger = logging.getLogger(name)
             self._handlers.append((logger, self._buffer))
             logger.addHandler(self._buffer)
@@ -390,7 +392,7 @@ class RunLog:
         their records still reach the log file. Call again after ray.init (it adds handlers)."""
         if self.verbose:
             return
-        for name in ("ray", ""):
+        for name in _RAY_LOGGERS:
             for handler in logging.getLogger(name).handlers:
                 if handler in (self._buffer, self._terminal_handler) or isinstance(handler, logging.FileHandler):
                     continue

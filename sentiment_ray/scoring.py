@@ -27,7 +27,7 @@ torch is imported lazily (inside functions), so importing this module stays chea
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +187,7 @@ def _left_pad(batch_ids: list[list[int]], pad_id: int, device: Any):
     return to(ids), to(mask), to(positions)
 
 
-def _model_device(model: Any):
+def model_device(model: Any):
     device = getattr(model, "device", None)
     if device is not None:
         return device
@@ -346,16 +346,17 @@ class LabelScorer:
     def score(self, sentences: Sequence[str]) -> ScoreResult:
         return self.score_ids(*self.encode(sentences))
 
-    def score_ids(self, ids: list[list[int]], truncated: np.ndarray) -> ScoreResult:
+    def score_ids(self, ids: list[list[int]], truncated: np.ndarray, on_batch: Callable[[int], None] | None = None) -> ScoreResult:
         """`score` for prompts already encoded by `encode` (the labeller encodes the next
-        chunk in a reader thread while the model scores this one)."""
+        chunk in a reader thread while the model scores this one). `on_batch(rows)` is
+        called after each micro-batch is handed to the model (progress; no device sync)."""
         import torch
 
         k = len(self.labels)
         if not ids:
             empty = np.zeros((0, k), dtype=np.float32)
             return ScoreResult(empty, truncated, 0, self.labels.labels, empty, 0)
-        device = _model_device(self.model)
+        device = model_device(self.model)
         label_ids = torch.tensor(self.label_token_ids, device=device)
         extra = {self._keep_arg: 1} if self._keep_arg else {}
         pad = self.tokenizer.pad_token_id
@@ -389,6 +390,8 @@ class LabelScorer:
                     # each time and leave it idle while Python prepares the next batch.
                     outputs.append(out.logits[:, -1, :].index_select(-1, label_ids).float())
                     computed += sum(len(own[r]) for r in rows)
+                    if on_batch is not None:
+                        on_batch(len(rows))
             gathered = torch.cat(outputs).cpu().numpy()
         logits = np.zeros((len(ids), k), dtype=np.float32)
         logits[np.concatenate(batches)] = gathered
@@ -401,12 +404,12 @@ class LabelScorer:
 
     # -- generate-and-parse (for comparison with scoring)
 
-    def generate(self, sentences: Sequence[str], max_new_tokens: int) -> GenerateResult:
+    def generate(self, sentences: Sequence[str], max_new_tokens: int, on_batch: Callable[[int], None] | None = None) -> GenerateResult:
         import torch
 
         ids, truncated = self.encode(sentences)
         texts: list[str] = [""] * len(ids)
-        device = _model_device(self.model)
+        device = model_device(self.model)
         tok = self.tokenizer
         with _EvalMode(self.model), torch.inference_mode():
             for rows in self._micro_batches(ids):
@@ -422,6 +425,8 @@ class LabelScorer:
                 new = out[:, input_ids.shape[1] :].cpu().tolist()
                 for r, text in zip(rows, tok.batch_decode(new, skip_special_tokens=True)):
                     texts[r] = text
+                if on_batch is not None:
+                    on_batch(len(rows))
         parsed = [self.labels.parse_generated(t) for t in texts]
         return GenerateResult(
             texts=texts,

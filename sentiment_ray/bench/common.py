@@ -19,6 +19,7 @@ from typing import Any
 
 from sentiment_ray.config import DataConfig, load_config
 from sentiment_ray.io.readers import read_chunks
+from sentiment_ray.label.plan import MIN_AUTO_ROWS
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.train import data as train_data
 
@@ -274,7 +275,8 @@ def run_measurement(module: str, spec: dict, spec_path: Path, result_path: Path,
 
 def write_rows(data_path: str, rows: int, out_path: str) -> int:
     """`rows` rows of a labelled file as Parquet (repeated, with new unique IDs, when the file
-    has fewer): the input of a whole-job run. Returns the row count written."""
+    has fewer): the input of a whole-job run, in row groups small enough for the job to plan
+    the work units it would for a user's file. Returns the row count written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -285,7 +287,7 @@ def write_rows(data_path: str, rows: int, out_path: str) -> int:
     repeats = -(-rows // table.num_rows)
     table = pa.concat_tables([table] * repeats).slice(0, rows)
     table = table.append_column("ID", pa.array([f"bench-{i:08d}" for i in range(rows)], type=pa.string()))
-    pq.write_table(table, out_path)
+    pq.write_table(table, out_path, row_group_size=MIN_AUTO_ROWS)
     return rows
 
 

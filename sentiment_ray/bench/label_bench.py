@@ -182,9 +182,9 @@ def format_label_table(result: dict[str, Any]) -> str:
                     f(p.get("peak_memory_allocated_gib"), ".2f"),
                 ])
         pr = r.get("generate_per_row")
-        if isinstance(pr, dict) and "error" not in pr:
+        if isinstance(pr, dict) and "examples_per_s" in pr:
             rows.append([backend, "per-row gen", "1", f(pr["examples_per_s"], ".2f"), f(pr["prompt_tokens_per_s"], ".0f"), "-", "-", "-", "0.0", f(pr.get("peak_memory_allocated_gib"), ".2f")])
-        elif isinstance(pr, dict):
+        elif isinstance(pr, dict) and "error" in pr:
             rows.append([backend, "per-row gen", "FAILED"] + ["-"] * 7)
         pipe = r.get("pipeline")
         if isinstance(pipe, dict) and "error" not in pipe:

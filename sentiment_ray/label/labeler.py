@@ -37,7 +37,7 @@ from sentiment_ray.label import layout
 from sentiment_ray.label.plan import LabelRunError, WorkUnit, adapter_identity, check_unit_content
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
-from sentiment_ray.scoring import LabelScorer
+from sentiment_ray.scoring import LabelScorer, model_device
 
 # Columns the labeller adds to every row besides SOURCE_COLUMNS and one `p_<label>` per
 # class; an input column with one of these names is an error.
@@ -49,6 +49,20 @@ CHUNK_ROWS = 4096
 # A unit's first piece: the model waits for it (nothing overlaps it), so it is small.
 FIRST_PIECE_ROWS = 512
 WARM_UP_SENTENCES = ["A short sentence to warm the kernels up."] * 8
+# A CPU scores small padded batches faster per row (memory-bound); label.max_batch_tokens is
+# sized for a GPU, so on a CPU the budget is at most this unless label.batch_size is set.
+CPU_MAX_BATCH_TOKENS = 2048
+# Inside a piece, rows scored so far reach the driver's progress at most this often.
+PROGRESS_EVERY_S = 2.0
+
+
+def batch_token_budget(cfg: ExperimentConfig, device: Any) -> int:
+    """label.max_batch_tokens, bounded by CPU_MAX_BATCH_TOKENS on a CPU unless the user
+    bounds batches by rows (label.batch_size)."""
+    budget = cfg.label.max_batch_tokens
+    if getattr(device, "type", None) == "cpu" and cfg.label.batch_size is None:
+        return min(budget, CPU_MAX_BATCH_TOKENS) if budget else CPU_MAX_BATCH_TOKENS
+    return budget
 
 
 def output_columns(cfg: ExperimentConfig) -> set[str]:
@@ -84,7 +98,7 @@ class Labeler:
         max_length = cfg.model.max_seq_length - (cfg.label.max_new_tokens if self.mode == "generate" else 0)
         self.scorer = LabelScorer(
             model, tokenizer, PromptTemplate.from_config(cfg.prompt), self.labels, max_length,
-            cfg.label.batch_size, cfg.label.max_batch_tokens, reuse_prefix=cfg.label.reuse_prefix,
+            cfg.label.batch_size, batch_token_budget(cfg, model_device(model)), reuse_prefix=cfg.label.reuse_prefix,
             temperature=self.temperature,
         )
         if self.mode == "scoring":
@@ -122,20 +136,21 @@ class Labeler:
 
     # -- predictions
 
-    def predict(self, sentences: Sequence[str], encoded=None) -> tuple[dict[str, Any], int]:
+    def predict(self, sentences: Sequence[str], encoded=None, on_batch=None) -> tuple[dict[str, Any], int]:
         """(prediction columns as Arrow arrays, prompt tokens) for `sentences`, in order.
-        `encoded`: `scorer.encode(sentences)` when the caller already has it."""
+        `encoded`: `scorer.encode(sentences)` when the caller already has it; `on_batch(rows)`
+        after each micro-batch (progress)."""
         import pyarrow as pa
 
         if self.mode == "scoring":
-            result = self.scorer.score_ids(*(encoded or self.scorer.encode(sentences)))
+            result = self.scorer.score_ids(*(encoded or self.scorer.encode(sentences)), on_batch=on_batch)
             columns = {"pred_label": pa.array(result.predicted(), type=pa.string())}
             for j, name in enumerate(self.labels.probability_columns()):
                 columns[name] = pa.array(result.probs[:, j])
             columns["confidence"] = pa.array(result.confidence().astype("float32"))
             columns["truncated"] = pa.array(result.truncated, type=pa.bool_())
             return columns, result.prompt_tokens
-        result = self.scorer.generate(sentences, self.cfg.label.max_new_tokens)
+        result = self.scorer.generate(sentences, self.cfg.label.max_new_tokens, on_batch=on_batch)
         default = self.cfg.label.default_label_on_parse_failure
         labels = [label if label is not None else default for label in result.labels]
         columns = {
@@ -194,13 +209,15 @@ class Labeler:
         tokens, rows_read, predict_seconds = 0, 0, 0.0
         text_cut = 0
         for checked, encoded in _prefetched(self._checked_pieces(unit)):
+            rows_before = rows_read
             rows_read += len(checked.good) + len(checked.quarantined)
             text_cut += sum(checked.cut)
             quarantined.extend(checked.quarantined)
             table = checked.table(self.cfg.data.id_column)
             if table.num_rows:
                 t = time.perf_counter()
-                predictions, n_tokens = self.predict(checked.sentences, encoded)
+                on_batch = self._progress_within(unit, rows_before, len(quarantined))
+                predictions, n_tokens = self.predict(checked.sentences, encoded, on_batch)
                 predict_seconds += time.perf_counter() - t
                 tokens += n_tokens
                 predictions = self._flag_rows(predictions, checked)
@@ -258,6 +275,22 @@ class Labeler:
     def _report(self, unit: WorkUnit, rows: int, bad: int) -> None:
         if self.progress is not None:
             self.progress.update.remote(unit.unit_id, rows, bad)  # fire and forget
+
+    def _progress_within(self, unit: WorkUnit, rows_before: int, bad: int):
+        """A callback for the scorer: the rows of this piece scored so far, reported at most
+        every PROGRESS_EVERY_S (the piece's full count is reported when it is done)."""
+        if self.progress is None:
+            return None
+        done, last = 0, time.monotonic()
+
+        def on_batch(rows: int) -> None:
+            nonlocal done, last
+            done += rows
+            if time.monotonic() - last >= PROGRESS_EVERY_S:
+                last = time.monotonic()
+                self._report(unit, rows_before + done, bad)
+
+        return on_batch
 
     def _checked_pieces(self, unit: WorkUnit):
         """(validated rows, their encoded prompts) for the unit, chunk by chunk."""

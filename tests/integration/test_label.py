@@ -165,6 +165,43 @@ def test_labeler_without_ray_scores_in_input_order(tiny_model_dir):
     assert tokens > 0
 
 
+def test_progress_inside_a_unit_follows_the_scored_batches(tiny_model_dir, tmp_path, monkeypatch):
+    """A person watching one large unit sees its rows counted as batches are scored, not only
+    when the unit is done; the count only grows and ends at the unit's rows."""
+    from sentiment_ray.label import labeler as labeler_module
+    from sentiment_ray.label.plan import plan_units
+
+    monkeypatch.setattr(labeler_module, "PROGRESS_EVERY_S", 0.0)
+    pacsv.write_csv(pa.Table.from_pylist(demo_rows(0, 40)), tmp_path / "in.csv")
+    plan = plan_units([str(tmp_path / "in.csv")], text_column="sentence", id_column="ID", generate_ids=False, rows_per_unit=40)
+
+    class Board:  # the progress actor's interface: board.update.remote(unit_id, rows, bad)
+        def __init__(self):
+            self.update, self.rows = self, []
+
+        def remote(self, unit_id, rows, bad):
+            self.rows.append(rows)
+
+    board = Board()
+    labeler = labeler_module.Labeler(make_cfg(tiny_model_dir, batch_size=8), output_dir=str(tmp_path / "out"), progress=board)
+    assert labeler.label_unit(plan.units[0])["rows"] == 40
+    assert board.rows == sorted(board.rows) and board.rows[-1] == 40
+    assert {8, 16, 24, 32} <= set(board.rows)  # batches of 8 rows, each seen
+
+
+def test_a_cpu_labels_in_small_batches_unless_rows_are_capped(tiny_model_dir):
+    import torch
+
+    from sentiment_ray.label.labeler import CPU_MAX_BATCH_TOKENS, batch_token_budget
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    default = make_cfg(tiny_model_dir, batch_size=None)
+    assert batch_token_budget(default, gpu) == default.label.max_batch_tokens == 32768
+    assert batch_token_budget(default, cpu) == CPU_MAX_BATCH_TOKENS
+    assert batch_token_budget(make_cfg(tiny_model_dir, batch_size=None, max_batch_tokens=1000), cpu) == 1000
+    assert batch_token_budget(make_cfg(tiny_model_dir, batch_size=8), cpu) == 32768  # rows capped by the user: theirs
+
+
 # ----------------------------------------------------------------------------- Ray runs
 
 
