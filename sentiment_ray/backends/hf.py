@@ -105,6 +105,11 @@ class HFBackend:
         model = get_peft_model(model, lora)
         if cfg.lora.init == "seeded":
             reset_lora_weights(model, cfg.train.seed)  # the same start as the unsloth backend
+        # peft gives a 4-bit layer's LoRA weights the base's compute dtype (bfloat16), where
+        # small optimizer updates round away; train them in float32, as Unsloth does.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         return model, tokenizer
 
     def load_for_inference(self, cfg: ExperimentConfig, adapter_path: str | None, device: Any) -> tuple[Any, Any]:
