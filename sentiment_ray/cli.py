@@ -24,18 +24,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from sentiment_ray import cluster, console, evaluate, export, faults
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
-from sentiment_ray.models import cache_dir
 from sentiment_ray.io.lease import LockHeld, LockLost
-from sentiment_ray.io.storage import Storage
-from sentiment_ray.io.uris import is_uri
 from sentiment_ray.io.values import DataError
-from sentiment_ray.label import layout as label_layout
 from sentiment_ray.label.plan import LabelRunError
 from sentiment_ray.label.recipe import label_dataset
+from sentiment_ray.models import cache_dir
 from sentiment_ray.train.recipe import TrainingError, run_training
 from sentiment_ray.train.terminal import CommandLine, TrainTerminal
 from sentiment_ray.tune import recipe as tune_recipe
@@ -290,27 +286,31 @@ def label_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--rows-per-unit", type=int, default=None,
         help="rows per work unit (the unit of resume and of output shards); default: label.rows_per_unit, else about four units per actor",
     )
-    verbose_flag(parser, "<output>/logs/")
+    verbose_flag(parser, "named in the summary")
     return parser
 
 
 @contextlib.contextmanager
-def label_log(output: str, verbose: bool):
+def label_log(verbose: bool):
     """The labelling job's terminal shows its progress line, warnings and summary; what Ray,
-    the libraries and the actors print goes to <output>/logs/label-<date>.log (and, verbose,
-    to the terminal too)."""
+    the libraries and the actors print goes to <cache>/logs/label-<date>.log (and, verbose,
+    to the terminal too), named in the summary. The file is opened when the job starts Ray,
+    and never in the output folder: a job that stops early leaves nothing there."""
     import ray.data  # noqa: F401 - configures its loggers on import: before the log takes them over
 
     log = console.RunLog(verbose=verbose)
     log.start()
-    name = time.strftime("label-%Y%m%d-%H%M%S.log", time.gmtime())
-    if is_uri(output):
-        target = Storage(output)
-        log.open(str(cache_dir() / "logs" / name), upload=lambda p: target.write_bytes(f"{label_layout.LOGS_DIR}/{name}", Path(p).read_bytes()))
-    else:
-        log.open(os.path.join(output, label_layout.LOGS_DIR, name))
+    path = str(cache_dir() / "logs" / time.strftime("label-%Y%m%d-%H%M%S.log", time.gmtime()))
+
+    def open_file() -> None:
+        try:
+            log.open(path)
+        except OSError as err:  # the log is a convenience, never the reason a job fails
+            console.Display().warning(f"could not open the log {path}: {err}")
+        log.capture_worker_output()
+
     log.before_ray_init()
-    cluster.after_connect(log.capture_worker_output)
+    cluster.after_connect(open_file)
     try:
         yield log
     finally:
@@ -328,11 +328,12 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
 
-    with label_log(args.output, console.verbose_requested(args.verbose)):
+    with label_log(console.verbose_requested(args.verbose)) as log:
         return _print_summary(
-            lambda: label_dataset(
-                cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
-            ),
+            lambda: {
+                **label_dataset(cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit),
+                "log": log.path,
+            },
             (DataError, LabelRunError, LockHeld, LockLost),
             "label",
         )

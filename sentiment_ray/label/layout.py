@@ -11,7 +11,6 @@
         quarantine.jsonl                            all bad rows in input order
         metrics.json, report.png, report.html       when the input has gold labels
         summary.json                                what the job printed
-        logs/label-20261201-174552.log              what Ray, the libraries and the actors printed
 
 A unit is done exactly when its marker exists, so a rerun after any crash labels only the
 units without one, and a half-written file never sits under a final name (io.storage).
@@ -34,7 +33,6 @@ CSV_DIR = "csv"
 QUARANTINE_DIR = "quarantine"
 DONE_DIR = "_done"
 FAILED_DIR = "_failed"
-LOGS_DIR = "logs"
 UNIT_DIRS = (PREDICTIONS_DIR, CSV_DIR, QUARANTINE_DIR, DONE_DIR, FAILED_DIR)
 RUN_FILES = (MANIFEST_FILE, SUMMARY_FILE, METRICS_FILE, REPORT_PNG_FILE, REPORT_HTML_FILE, SUBMISSION_FILE, QUARANTINE_FILE)
 

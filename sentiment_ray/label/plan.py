@@ -130,11 +130,12 @@ def plan_units(
     id_column: str,
     generate_ids: bool,
     rows_per_unit: int | None = None,
-    actors: int = 1,
+    actors: int | Callable[[], int] = 1,
     reserved_columns: Sequence[str] = (),
 ) -> Plan:
     """Split the input files into work units of `rows_per_unit` rows (unset: sized by
-    `auto_rows_per_unit` for `actors` actors), checking each file has the text column and
+    `auto_rows_per_unit` for `actors` actors; a callable is asked only once every file has
+    passed its checks, so a bad input fails before it can start a cluster), checking each file has the text column and
     (unless `generate_ids`) the ID column, and that no ID repeats anywhere in the input. An
     input column named like one in `reserved_columns` (what the labeller adds) is an error
     (CSV header, Parquet schema; JSON lines are checked row by row when labelled).
@@ -183,7 +184,7 @@ def plan_units(
             f"no {id_column!r} column in {shown}: every prediction needs the input's ID. "
             f"Set data.id_column to the ID column, or label.generate_ids=true to number rows as <file>:<row>"
         )
-    target = rows_per_unit or auto_rows_per_unit(total, actors)
+    target = rows_per_unit or auto_rows_per_unit(total, actors() if callable(actors) else actors)
     units: list[WorkUnit] = []
     for path, fmt, has_ids, spans in planned:
         grouped = _group(spans, target)
@@ -409,7 +410,7 @@ def load_or_plan(
         id_column=cfg.data.id_column,
         generate_ids=cfg.label.generate_ids,
         rows_per_unit=rows_per_unit,
-        actors=actors() if not rows_per_unit else 1,
+        actors=actors if not rows_per_unit else 1,
         reserved_columns=reserved_columns,
     )
     manifest = {

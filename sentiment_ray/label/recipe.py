@@ -163,8 +163,8 @@ def check_every_node_reaches(cfg: ExperimentConfig, output_dir: str) -> None:
     """A local --output path on a cluster of several nodes: refused (actors on the other
     nodes would write where the driver never reads) unless label.output_is_shared says every
     node mounts it."""
-    if "://" in output_dir or cfg.label.output_is_shared:
-        return
+    if "://" in output_dir or cfg.label.output_is_shared or not cluster.joins_existing_cluster(cfg.run.ray_address):
+        return  # a URI, a declared shared mount, or the private one-node cluster this job starts
     cluster.connect(cfg.run.ray_address)
     nodes = cluster.alive_node_count()
     if nodes > 1:

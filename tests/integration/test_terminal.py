@@ -206,3 +206,35 @@ def test_a_dead_cluster_is_one_paragraph_and_the_same_command_resumes(tiny_model
     assert f"run crash: {run_dir} (resuming from its checkpoint at step {step})" in rerun.stderr
     assert f"training steps {step + 1}-300 (resuming from the checkpoint at step {step}" in rerun.stderr
     assert json.loads(rerun.stdout)["resumed_from_step"] == step
+
+
+# ============================================================================ labelling
+
+
+def label(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    return subprocess.run([sys.executable, "jobs/label.py", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_the_label_job_shows_its_progress_and_keeps_rays_output_in_its_log(tiny_model_dir, tmp_path):
+    rows = DEMO_CSV.read_text(encoding="utf-8").splitlines()[:41]
+    (tmp_path / "in.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    overrides = [f"model.name={tiny_model_dir}", "model.dtype=float32", "model.max_seq_length=96", "label.num_actors=1"]
+    out = label(["--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out"), *overrides])
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["labelled"] == 40
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("labelling 40 / 40 rows (100%)"), lines
+    # Nothing but the progress, and Ray Data's one notice about actor constructor arguments.
+    others = [line for line in lines if not line.startswith("labelling ") and "constructor arguments" not in line]
+    assert others == [], others
+    assert "pid=" in Path(summary["log"]).read_text(encoding="utf-8")  # the actors' output is there instead
+
+    # A mistake stops before Ray starts, in one line.
+    (tmp_path / "bad.csv").write_text("ID,text\n1,hello\n", encoding="utf-8")
+    bad = label(["--input", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "bad-out"), *overrides], timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
+    assert "Traceback" not in bad.stderr and "pid=" not in bad.stderr
