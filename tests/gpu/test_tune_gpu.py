@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.gpu_ray]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.gpu_tune]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
