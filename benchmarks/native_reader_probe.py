@@ -209,7 +209,7 @@ def child(args, job: str, input_glob: str, output: Path, *, kill_actor=False, ki
 
 
 def end_session(sid: int) -> None:
-    """SIGKILL the processes left in session `sid` (a killed driver's raylet, workers, ...)."""
+    """SIGKILL the processes that share the killed driver's `sid` (its raylet, workers, ...)."""
     for line in subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.splitlines():
         pid, s = map(int, line.split())
         with contextlib.suppress(ProcessLookupError):

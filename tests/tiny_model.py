@@ -16,6 +16,15 @@ DEMO_CSV = REPO_ROOT / "data" / "demo" / "sentiment_demo.csv"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
 
+def demo_rows(start: int, stop: int) -> list[dict]:
+    """Rows [start, stop) of the demo sample as dicts (IDs as strings): test inputs."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(DEMO_CSV, convert_options=pacsv.ConvertOptions(column_types={"ID": pa.string()}))
+    return table.slice(start, stop - start).to_pylist()
+
+
 def _training_texts(demo_csv: Path) -> list[str]:
     from sentiment_ray.config import PromptConfig
     from sentiment_ray.prompts import PromptTemplate

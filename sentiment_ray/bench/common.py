@@ -107,22 +107,7 @@ def child_env() -> dict[str, str]:
 def run_child(module: str, args: Sequence[str], log_path: str | os.PathLike, timeout: float) -> dict[str, Any]:
     """Run `python -m module args...` with stdout+stderr into `log_path`. Returns
     {"returncode", "seconds", "timed_out", "log"}; never raises for a failed child."""
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", module, *args]
-    started = time.perf_counter()
-    timed_out = False
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=child_env())
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            rc = proc.wait()
-    return {"returncode": rc, "seconds": round(time.perf_counter() - started, 1), "timed_out": timed_out, "log": str(log_path)}
+    return run_script(["-m", module, *args], log_path, timeout)
 
 
 def log_tail(path: str | os.PathLike, lines: int = 40) -> str:
@@ -292,12 +277,18 @@ def write_rows(data_path: str, rows: int, out_path: str) -> int:
 
 
 def run_script(args: Sequence[str], log_path: str | os.PathLike, timeout: float) -> dict[str, Any]:
-    """Run `python <args>` (a jobs/ script) with its output into `log_path`, as run_child does."""
+    """Run `python <args>` (a jobs/ script, or `-m module ...`) with stdout+stderr into
+    `log_path`, the command line first; killed after `timeout` s. Returns {"returncode",
+    "seconds", "timed_out", "log"}; never raises for a failed child."""
     log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, *args]
     started = time.perf_counter()
     timed_out = False
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=child_env())
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=child_env())
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

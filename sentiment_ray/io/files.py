@@ -9,6 +9,7 @@ one JSON array also works), each text format optionally .gz-compressed.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import hashlib
@@ -140,11 +141,27 @@ def _files_in(fs, directory: str, outward) -> list[str]:
     return sorted(found)
 
 
+@contextlib.contextmanager
+def reading(path: str, action: str | None = None):
+    """Reading `path` inside the block: a missing file, a refused permission and (with an
+    `action`) any other OSError become one-line DataErrors naming the file."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied (cannot read it)") from None
+    except OSError as err:
+        if action is None:
+            raise
+        raise DataError(f"{path}: cannot {action}: {err}") from None
+
+
 def open_stream(path: str, offset: int = 0) -> io.BufferedReader:
     """A buffered binary stream over the (decompressed, for .gz) bytes of `path`,
     positioned at `offset`: a plain file seeks, a .gz stream is read through to it."""
     fs, inner = data_filesystem(path)
-    try:
+    with reading(path, "open"):
         if path.lower().endswith(".gz"):
             stream = io.BufferedReader(fs.open_input_stream(inner, compression="gzip"), 1 << 20)
             remaining = offset
@@ -157,12 +174,6 @@ def open_stream(path: str, offset: int = 0) -> io.BufferedReader:
         stream = io.BufferedReader(fs.open_input_file(inner), 1 << 20)
         stream.seek(offset)
         return stream
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied (cannot read it)") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot open: {err}") from None
 
 
 def is_json_array_file(path: str) -> bool:
@@ -204,14 +215,10 @@ def file_sha256(path: str) -> str:
     """sha256 of a file's bytes (as stored, not decompressed), streamed."""
     fs, inner = data_filesystem(path)
     digest = hashlib.sha256()
-    try:
+    with reading(path):
         with fs.open_input_stream(inner, compression=None) as stream:
             while chunk := stream.read(1 << 20):
                 digest.update(chunk)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied (cannot read it)") from None
     return digest.hexdigest()
 
 
@@ -228,7 +235,7 @@ def span_digests(
             raise ValueError(f"{path}: overlapping spans {(a0, a1)} and {b0}")
     digests: dict[tuple[int, int | None], str] = {}
     sequential = decompressed and path.lower().endswith(".gz")
-    try:
+    with reading(path, "read"):
         if sequential:
             stream = open_stream(path)
         else:
@@ -256,19 +263,13 @@ def span_digests(
                     digest.update(block)
                     position += len(block)
                 digests[(start, stop)] = digest.hexdigest()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied (cannot read it)") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
     return [digests[s] for s in spans]
 
 
 def parquet_footer(path: str) -> tuple[bytes, int]:
     """(the footer bytes of a Parquet file: metadata, length and magic; the file's size)."""
     fs, inner = data_filesystem(path)
-    try:
+    with reading(path, "read"):
         with fs.open_input_file(inner) as f:
             size = f.size()
             if size < 12:
@@ -280,12 +281,6 @@ def parquet_footer(path: str) -> tuple[bytes, int]:
                 raise DataError(f"{path}: not a Parquet file (no footer)")
             f.seek(size - 8 - length)
             return f.read(length + 8), size
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied (cannot read it)") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
 
 
 def fingerprint(paths: str | Sequence[str]) -> str:

@@ -25,7 +25,7 @@ import yaml
 
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.values import DataError
-from tiny_model import DEMO_CSV
+from tiny_model import demo_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROWS_PER_UNIT = 6
@@ -39,11 +39,6 @@ def make_cfg(model_dir: str, **label) -> ExperimentConfig:
         run={"use_gpu": "false"},
         label={"batch_size": 8, "num_actors": 1, "write_submission": True, **label},
     )
-
-
-def demo_rows(start: int, stop: int) -> list[dict]:
-    table = pacsv.read_csv(DEMO_CSV, convert_options=pacsv.ConvertOptions(column_types={"ID": pa.string()}))
-    return table.slice(start, stop - start).to_pylist()
 
 
 def write_inputs(folder: Path) -> list[str]:
@@ -88,20 +83,6 @@ def committed(out: Path) -> int:
 
 def markers(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "_done").glob("*.json"))]
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    """One local Ray cluster (2 CPUs) for the module; its address lets subprocess drivers join."""
-    import ray
-
-    from sentiment_ray.cluster import connect
-
-    if ray.is_initialized():
-        ray.shutdown()
-    connect("", num_cpus=2)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.lease import LOCK_FILE
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label.plan import LabelRunError
-from tiny_model import DEMO_CSV
+from tiny_model import DEMO_CSV, demo_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_JOB = str(REPO_ROOT / "jobs" / "label.py")
@@ -44,11 +44,6 @@ def make_cfg(model_dir: str, **label) -> ExperimentConfig:
         run={"use_gpu": "false"},
         label={"batch_size": 8, "num_actors": 1, **label},
     )
-
-
-def demo_rows(start: int, stop: int) -> list[dict]:
-    table = pacsv.read_csv(DEMO_CSV, convert_options=pacsv.ConvertOptions(column_types={"ID": pa.string()}))
-    return table.slice(start, stop - start).to_pylist()
 
 
 def write_csv(path: Path, rows: list[dict]) -> list[str]:
@@ -75,19 +70,6 @@ def predicted_ids(out: Path) -> list[str]:
 def error_lines(stderr: str) -> list[str]:
     """The lines of a job's stderr that are its own (Ray and library warnings aside)."""
     return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    from sentiment_ray.cluster import connect
-
-    if ray.is_initialized():
-        ray.shutdown()
-    connect("", num_cpus=2)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def job_env(ray_address: str | None, **extra) -> dict:
