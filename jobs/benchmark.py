@@ -4,6 +4,7 @@
     python jobs/benchmark.py train --model smollm2-135m-instruct --out $OUT
     python jobs/benchmark.py label --model llama8b-shape --out $OUT      # scoring / generate, batch sweep
     python jobs/benchmark.py label --model llama8b-shape --adapter random --pipeline-rows 41035 --out $OUT
+    python jobs/benchmark.py label --model llama8b-shape --adapter random --forms all --out $OUT   # adapter forms
     python jobs/benchmark.py train --model tests-tiny-dir --smoke --out /tmp/bench   # CPU smoke (CI)
 
 `--model`: a random-weight shape (llama8b-shape, llama1b-shape, tiny-shape; built once into
@@ -57,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     label = sub.add_parser("label", parents=[shared], help="scoring / batched generate / per-row generate throughput")
     label.add_argument("--adapter", default=None, help="LoRA adapter folder to attach, or `random` (the preset's LoRA shape, random weights)")
     label.add_argument("--pipeline-rows", type=int, default=0, help="also run the whole labelling job (jobs/label.py) on this many rows (0: no)")
+    label.add_argument(
+        "--forms", type=_csv, default=None,
+        help="compare how the adapter is held instead of the batch sweep: any of none,unmerged,fused,merged,merged+compiled (or all)",
+    )
     label.add_argument("--max-lengths", type=_csv_ints, default=None, help="also score with prompts cut to these lengths (e.g. 192)")
     label.add_argument("--n", type=int, default=None, help="sentences scored per batch size (default 2048; smoke 24)")
     label.add_argument("--batch-sizes", type=_csv_ints, default=None, help="sweep (default 16,32,64,128,256; smoke 4,8)")
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_label_benchmark(
                 adapter=args.adapter,
                 pipeline_rows=args.pipeline_rows,
+                forms=None if args.forms is None else (["none", "unmerged", "fused", "merged", "merged+compiled"] if args.forms == ["all"] else args.forms),
                 max_lengths=args.max_lengths,
                 n=args.n or (24 if args.smoke else 2048),
                 batch_sizes=args.batch_sizes or ([4, 8] if args.smoke else [16, 32, 64, 128, 256]),

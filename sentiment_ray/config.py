@@ -257,6 +257,18 @@ class LabelConfig(_Strict):
     reuse_prefix: bool = True
     """Run the prompt's shared instruction once and score each batch from its key/value
     cache (same probabilities, fewer tokens computed)."""
+    merge_adapter: Literal["auto", "true", "false"] = "auto"
+    """How the actor holds a fine-tuned adapter. `true`: merged into the base weights at
+    start-up, in 16-bit (each 4-bit weight dequantised plus the adapter's update, what
+    training computed): scoring then costs what the model alone costs. `false`: the 4-bit
+    base kept, the adapter applied in Unsloth's fused LoRA forwards (peft's layers on the hf
+    backend): least memory. `auto`: merged when the GPU has room for the 16-bit weights
+    beside a batch of label.max_batch_tokens, else as `false`."""
+    compile: Literal["auto", "true", "false"] = "auto"
+    """Compile the scoring forward with torch.compile (one graph with dynamic batch shapes;
+    the compile time counts in the actor's start-up). `auto`: on a GPU when the adapter is
+    merged or absent, off on a CPU. A forward that fails to compile is one warning line and
+    the eager forward."""
     rows_per_unit: int | None = Field(None, gt=0)
     """Rows per work unit (the unit of resume, retry and output shards). Unset: about a
     quarter of each actor's share of the input, between 500 and 50,000 rows."""

@@ -8,13 +8,11 @@ prompt + label set the model was fine-tuned on: the merged model classifies only
 prompt, and the temperature that calibrates its label probabilities). `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it with no peft,
 and label-token scoring gives the labels of base + adapter (tests/integration/test_export.py).
 
-Backends (the config's `model.backend`, `auto` resolved as in training):
-
-- unsloth (GPU): Unsloth's own `save_pretrained_merged(out, tokenizer, save_method=
-  "merged_16bit")`, which dequantises the 4-bit base and merges in 16-bit.
-- hf (anywhere): the base is loaded in full weights (never 4-bit: merging into quantised
-  weights loses the adapter's precision) — float32 on CPU — the adapter attached with peft,
-  `merge_and_unload()`, then cast to `dtype` and saved.
+The base is loaded as the labeller loads it (the config's `model.backend`, `auto` resolved
+as in training; 4-bit on a GPU when `model.load_in_4bit`, as training had it) and the
+adapter folded in by `backends.adapter_forms.merge_lora`, the labeller's own merge: each
+weight dequantised plus the adapter's update, in float32, rounded once to `dtype`. Never
+merged into 4-bit weights: re-quantising rounds the adapter's small update away.
 
 Light at import time: torch, transformers, peft and unsloth are imported inside functions.
 """
@@ -28,12 +26,10 @@ import time
 from typing import Any
 
 from sentiment_ray import backends
+from sentiment_ray.backends.adapter_forms import merge_lora
 from sentiment_ray.backends.base import normalise_device
-from sentiment_ray.backends.hf import HFBackend
-from sentiment_ray.backends.unsloth import UnslothBackend
 from sentiment_ray.calibration import adapter_temperature
 from sentiment_ray.config import ExperimentConfig
-from sentiment_ray.models import resolve_model_path
 from sentiment_ray.weights import UnsafeWeightsError, check_adapter_weights
 
 EXPORT_INFO_FILE = "sentiment_ray_export.json"
@@ -93,10 +89,7 @@ def export_merged(
     backends.early_import(backend_name)  # unsloth before transformers/peft
     target = normalise_device(device)
     _prepare_output(output, overwrite)
-    if backend_name == "unsloth":
-        saved_dtype = _merge_unsloth(cfg, adapter, output, target)
-    else:
-        saved_dtype = _merge_hf(cfg, adapter, output, target, dtype)
+    saved_dtype = _merge(cfg, backend_name, adapter, output, target, dtype)
     info = {
         "base_model": cfg.model.name,
         "adapter": os.path.abspath(adapter),
@@ -139,41 +132,16 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def _merge_hf(cfg: ExperimentConfig, adapter: str, output: str, device, dtype: str) -> str:
-    """peft merge_and_unload into a full-weight base, cast to `dtype`, save."""
+def _merge(cfg: ExperimentConfig, backend_name: str, adapter: str, output: str, device, dtype: str) -> str:
+    """Load base + adapter as the labeller does (4-bit where training was), fold the adapter
+    into plain `dtype` weights with the labeller's own merge, save."""
     import torch
 
-    full = cfg.model_copy(deep=True)
-    full.model.load_in_4bit = False
-    # Merge in float32 on the CPU (exact); on a GPU in the saved precision (memory).
-    full.model.dtype = "float32" if device.type == "cpu" or dtype == "float32" else dtype
-    model, tokenizer = HFBackend().load_for_inference(full, adapter, device)
-    merged = model.merge_and_unload()
-    merged = merged.to(getattr(torch, dtype))
+    model, tokenizer = backends.get_backend(backend_name).load_for_inference(cfg, adapter, device)
+    merged = merge_lora(model, dtype=getattr(torch, dtype))
+    merged = merged.to(getattr(torch, dtype))  # embeddings, norms and head too
+    merged.config.dtype = dtype
     merged.config.use_cache = True
     merged.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
     return dtype
-
-
-def _merge_unsloth(cfg: ExperimentConfig, adapter: str, output: str, device) -> str:
-    """Unsloth's merged 16-bit save (dequantises the 4-bit base, merges the LoRA weights).
-
-    Unsloth refuses a merged save of a model whose adapter peft attached
-    (`PeftModel.from_pretrained`, as the labeller loads it); it wants the adapter folder
-    loaded by its own loader. That loader takes the base from the adapter's
-    `base_model_name_or_path`, which records where the *training* worker found the model, so
-    a temporary copy of the adapter points it at this config's model instead."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="sentiment-ray-export-") as tmp:
-        local = shutil.copytree(adapter, os.path.join(tmp, "adapter"))
-        config_path = os.path.join(local, "adapter_config.json")
-        adapter_config = _read_json(config_path)
-        adapter_config["base_model_name_or_path"] = resolve_model_path(cfg.model.name)
-        with open(config_path, "w", encoding="utf-8") as f:
-            json.dump(adapter_config, f, indent=2)
-        model, tokenizer = UnslothBackend().from_pretrained(local, cfg, device)
-        model.save_pretrained_merged(output, tokenizer, save_method="merged_16bit")
-    config = _read_json(os.path.join(output, "config.json"))
-    return str(config.get("torch_dtype") or config.get("dtype") or "16-bit")

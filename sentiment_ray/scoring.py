@@ -27,6 +27,8 @@ torch is imported lazily (inside functions), so importing this module stays chea
 from __future__ import annotations
 
 import inspect
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,22 @@ from sentiment_ray.prompts import PromptTemplate
 
 class ScoringError(ValueError):
     pass
+
+
+def compile_scoring(setting: str, device: Any, adapter_form: str) -> bool:
+    """Whether the scoring forward is compiled for `label.compile=setting`: `auto` compiles
+    on a GPU when the adapter is merged or absent (peft's and Unsloth's LoRA layers break
+    the graph into pieces), never on a CPU (compiling there takes longer than it saves)."""
+    if setting == "true":
+        return True
+    if setting == "false":
+        return False
+    return getattr(device, "type", str(device)) == "cuda" and adapter_form in ("merged", "none")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 @dataclass
@@ -277,6 +295,7 @@ class LabelScorer:
         *,
         reuse_prefix: bool = True,
         temperature: float = 1.0,
+        compile: bool = False,
     ):
         if max_length <= 0 or (batch_size is not None and batch_size <= 0) or max_batch_tokens < 0:
             raise ScoringError(
@@ -310,6 +329,38 @@ class LabelScorer:
         self.temperature = float(temperature)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         self.prefix_ids = self._shared_prefix() if reuse_prefix and model_type in PREFIX_CACHE_MODEL_TYPES else []
+        self.compiled = False
+        self.compile_seconds = 0.0
+        self._forward = model
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Score through `torch.compile(model, dynamic=True)`: one graph serves every batch
+        shape (rows and width vary with the token budget), so nothing recompiles per batch.
+        Compilation itself happens on the first forward (`warm_up`)."""
+        import torch
+
+        try:
+            self._forward = torch.compile(self.model, dynamic=True)
+            self.compiled = True
+        except Exception as err:  # noqa: BLE001 - any failure means the eager forward
+            self._fall_back(err)
+
+    def _fall_back(self, err: BaseException) -> None:
+        warnings.warn(f"the scoring forward did not compile ({type(err).__name__}: {_first_line(err)}); scoring eagerly", RuntimeWarning, stacklevel=3)
+        self._forward = self.model
+        self.compiled = False
+
+    def warm_up(self, sentences: Sequence[str]) -> None:
+        """Score `sentences` once so that kernel selection, allocator growth and (when
+        compiled) compilation happen now; a compiled forward that fails here falls back to
+        the eager one. `compile_seconds`: the time of this first call when compiled."""
+        started = time.perf_counter()
+        self.score(sentences)
+        if self.compiled:
+            self.score(sentences[: max(1, len(sentences) // 2)])  # a second shape: the dynamic graph
+            self.compile_seconds = time.perf_counter() - started
 
     def _shared_prefix(self) -> list[int]:
         """The token ids every prompt starts with: the common start of two very different
@@ -381,7 +432,7 @@ class LabelScorer:
                     if layers is not None:
                         mask = torch.cat([torch.ones((len(rows), offset), dtype=mask.dtype, device=device), mask], dim=1)
                         cache = {"past_key_values": _expanded_cache(layers, len(rows)), "use_cache": True}
-                    out = self.model(
+                    out = self._run(
                         input_ids=input_ids, attention_mask=mask, position_ids=positions + offset,
                         **(cache or {"use_cache": False}), **extra,
                     )
@@ -401,6 +452,17 @@ class LabelScorer:
             raise ScoringError(f"the model produced non-finite label logits for rows {bad[:10].tolist()} of the batch")
         probs = softmax(logits / self.temperature)
         return ScoreResult(probs, truncated, int(sum(len(x) for x in ids)), self.labels.labels, logits, computed)
+
+    def _run(self, **inputs: Any):
+        """One forward: the compiled one when there is one; if it fails, once, a warning
+        and the eager forward from then on (the batch is redone eagerly)."""
+        if not self.compiled:
+            return self.model(**inputs)
+        try:
+            return self._forward(**inputs)
+        except Exception as err:  # noqa: BLE001 - a compiler failure must not stop labelling
+            self._fall_back(err)
+            return self.model(**inputs)
 
     # -- generate-and-parse (for comparison with scoring)
 

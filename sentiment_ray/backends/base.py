@@ -37,6 +37,14 @@ class Backend(Protocol):
         """Write the LoRA adapter (not the base weights) and the tokenizer into `out_dir`."""
         ...
 
+    def can_fuse(self, model: Any) -> bool:
+        """Whether this backend can run `model`'s adapter as fused LoRA forwards."""
+        ...
+
+    def apply_adapter_form(self, model: Any, form: str) -> Any:
+        """The inference model with its adapter in `form` (backends/adapter_forms.py)."""
+        ...
+
 
 def resolve_dtype(requested: str, device: Any):
     """The torch dtype for `model.dtype`: `auto` is bfloat16 on GPUs that support it,

@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any
 
+from sentiment_ray.backends.adapter_forms import merge_lora
 from sentiment_ray.backends.base import (
     BackendError,
     check_adapter_dir,
@@ -126,6 +127,22 @@ class HFBackend:
         model.eval()
         model.config.use_cache = True
         return model, self._load_tokenizer(tokenizer_source)
+
+    # ------------------------------------------------------------------ adapter forms
+
+    def can_fuse(self, model: Any) -> bool:
+        return False  # fused LoRA forwards are Unsloth's
+
+    def apply_adapter_form(self, model: Any, form: str) -> Any:
+        """The loaded model with its adapter `merged` (plain layers) or as peft's layers
+        (`unmerged`, `none`); backends/adapter_forms.py."""
+        if form == "merged":
+            model = merge_lora(model)
+            model.eval()
+            return model
+        if form == "fused":
+            raise BackendError("label.merge_adapter: the fused LoRA forward needs the unsloth backend")
+        return model
 
     # ------------------------------------------------------------------ saving
 

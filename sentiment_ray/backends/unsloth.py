@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from sentiment_ray.backends.adapter_forms import merge_lora
 from sentiment_ray.backends.base import (
     BackendError,
     check_adapter_dir,
@@ -27,6 +28,10 @@ from sentiment_ray.backends.hf import save_peft_adapter
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.models import resolve_model_path
 from sentiment_ray.weights import check_model_source, from_pretrained_kwargs
+
+# The architectures whose projections Unsloth's patch_peft_model fuses with LoRA
+# (unsloth/models/llama.py); others keep peft's layers when not merged.
+FUSED_LORA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "cohere", "granite")
 
 # lora.gradient_checkpointing (resolved) -> Unsloth's use_gradient_checkpointing
 _CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
@@ -126,6 +131,32 @@ class UnslothBackend:
         model = FastLanguageModel.for_inference(model) or model
         model.eval()
         return model, tokenizer
+
+    # ------------------------------------------------------------------ adapter forms
+
+    def can_fuse(self, model: Any) -> bool:
+        """Unsloth fuses LoRA into its projection forwards only for dropout 0 and no bias,
+        on the architectures its patcher knows."""
+        peft_config = getattr(model, "peft_config", None)
+        if not peft_config:
+            return False
+        adapter = next(iter(peft_config.values()))
+        model_type = getattr(model.config, "model_type", None)
+        return adapter.lora_dropout == 0 and adapter.bias == "none" and model_type in FUSED_LORA_MODEL_TYPES
+
+    def apply_adapter_form(self, model: Any, form: str) -> Any:
+        """`merged`: plain 16-bit layers (backends/adapter_forms.py); `fused`: the 4-bit
+        base with Unsloth's fused LoRA forwards, as Unsloth's own adapter loader installs
+        them (`patch_peft_model`); `unmerged`, `none`: as loaded. Then Unsloth's inference mode."""
+        from unsloth import FastLanguageModel
+
+        if form == "merged":
+            model = merge_lora(model)
+        elif form == "fused":
+            model = FastLanguageModel.patch_peft_model(model, use_gradient_checkpointing=False)
+        model = FastLanguageModel.for_inference(model) or model
+        model.eval()
+        return model
 
     def save_adapter(self, model: Any, tokenizer: Any, out_dir: str) -> None:
         # Unsloth returns a peft model: its save_pretrained writes the adapter only.

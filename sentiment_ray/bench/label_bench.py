@@ -40,7 +40,8 @@ from typing import Any
 from sentiment_ray import backends
 from sentiment_ray.bench import common, flops, shapes
 from sentiment_ray.config import validate
-from sentiment_ray.label.labeler import Labeler
+from sentiment_ray.backends import adapter_forms
+from sentiment_ray.label.labeler import WARM_UP_SENTENCES, Labeler
 from sentiment_ray.scoring import micro_batches
 
 RESULT_FILE = "label_benchmark.json"
@@ -66,6 +67,7 @@ def run_label_benchmark(
     per_row_n: int = 64,
     max_new_tokens: int | None = None,
     pipeline_rows: int = 0,
+    forms: list[str] | None = None,
     max_lengths: list[int] | None = None,
     peak_tflops: float = flops.H100_SXM_BF16_DENSE_TFLOPS,
     tokenizer: str = "smollm2-135m-instruct",
@@ -117,6 +119,7 @@ def run_label_benchmark(
             "per_row_n": per_row_n,
             "max_new_tokens": max_new_tokens,
             "peak_tflops": peak_tflops,
+            "forms": forms or [],
         }
         echo(f"[bench] label/{backend}: {n} sentences, batch sizes {batch_sizes}, in a child process")
         result = common.run_measurement(
@@ -144,9 +147,34 @@ def run_label_benchmark(
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     common.write_json(out / RESULT_FILE, combined)
-    echo(format_label_table(combined))
+    echo(format_forms_table(combined) if forms else format_label_table(combined))
     echo(f"[bench] full results: {out / RESULT_FILE}")
     return combined
+
+
+def format_forms_table(result: dict[str, Any]) -> str:
+    """One row per adapter form and setting: speed, MFU, memory, and agreement with peft's layers."""
+    f = common.fmt
+    header = ["backend", "form", "budget", "prefix", "prompt tok/s", "computed tok/s", "MFU", "pad %", "peak GiB",
+              "x no adapter", "same label", "max |dp|", "set-up s"]
+    rows: list[list[str]] = []
+    for backend, r in result["runs"].items():
+        forms = r.get("forms") or {}
+        base = {(x["max_batch_tokens"], x["reuse_prefix"]): x["prompt_tokens_per_s"] for x in (forms.get("none") or {}).get("runs", [])}
+        for name, form in forms.items():
+            if "error" in form:
+                rows.append([backend, name, "FAILED"] + ["-"] * 10)
+                continue
+            for x in form["runs"]:
+                rows.append([
+                    backend, name + ("" if form.get("compiled") or "compiled" not in name else " (fell back)"),
+                    str(x["max_batch_tokens"]), "yes" if x["reuse_prefix"] else "no",
+                    f(x["prompt_tokens_per_s"], ".0f"), f(x["computed_tokens_per_s"], ".0f"), f(x["mfu"], ".3f"),
+                    f(100 * x["padding_fraction"], ".1f"), f(x.get("peak_memory_allocated_gib"), ".2f"),
+                    f(common.ratio(x["prompt_tokens_per_s"], base.get((x["max_batch_tokens"], x["reuse_prefix"]))), ".2f"),
+                    f(x.get("same_label_share"), ".4f"), f(x.get("max_prob_difference"), ".4f"), f(form.get("set_up_s"), ".1f"),
+                ])
+    return common.format_table(header, rows)
 
 
 def format_label_table(result: dict[str, Any]) -> str:
@@ -250,7 +278,158 @@ def _phase(fn):
         return {"error": f"{type(err).__name__}: {err}"}
 
 
+FORMS = ("none", "unmerged", "fused", "merged", "merged+compiled")
+
+
+def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
+    """The adapter's forms side by side on one load of base + adapter: no adapter (peft's
+    layers disabled), peft's layers, Unsloth's fused forwards, merged into 16-bit weights,
+    and merged under torch.compile; each at every token budget, whole prompts and with the
+    shared prefix reused. Every form's labels and probabilities are compared with peft's
+    layers (the reference: what training's own evaluation runs)."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from sentiment_ray.labels import LabelSet
+    from sentiment_ray.prompts import PromptTemplate
+    from sentiment_ray.scoring import LabelScorer
+
+    started = time.perf_counter()
+    backend_name = backends.resolve_backend_name(spec["config"]["model"]["backend"])
+    backends.early_import(backend_name)
+    cfg = validate(spec["config"], source="label benchmark spec")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = device.type == "cuda"
+    backend = backends.get_backend(backend_name)
+    t0 = time.perf_counter()
+    model, tok = backend.load_for_inference(cfg, spec.get("adapter"), device)
+    load_s = time.perf_counter() - t0
+    labels = LabelSet(cfg.prompt.labels)
+    template = PromptTemplate.from_config(cfg.prompt)
+    shape = flops.ModelShape.from_config(getattr(model.config, "text_config", None) or model.config)
+    peak = float(spec.get("peak_tflops") or flops.H100_SXM_BF16_DENSE_TFLOPS)
+    table = common.load_table(spec["data"], int(spec["n"]), cfg.data.split_seed, cfg.data, labels)
+    sentences = table.column("sentence").to_pylist()
+    budgets = [int(b) for b in spec.get("token_budgets") or [cfg.label.max_batch_tokens]]
+    wanted = [f for f in FORMS if f in (spec.get("forms") or FORMS)]
+    has_adapter = hasattr(model, "peft_config")
+    lora_params = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def run_form(name: str, compile: bool = False, context=contextlib.nullcontext) -> dict[str, Any]:
+        with context():
+            t = time.perf_counter()
+            scorer = LabelScorer(
+                model, tok, template, labels, cfg.model.max_seq_length, None, budgets[0],
+                reuse_prefix=True, compile=compile,
+            )
+            shared_prefix = scorer.prefix_ids
+            scorer.warm_up(WARM_UP_SENTENCES)
+            ids, _ = scorer.encode(sentences)
+            lengths = [len(x) for x in ids]
+            fl = flops.scoring_flops(shape, lengths, lora_params if name in ("unmerged", "fused") else 0)
+            out = {"compiled": scorer.compiled, "set_up_s": round(time.perf_counter() - t, 2), "runs": []}
+            for budget in budgets:
+                for reuse in ([False, True] if shared_prefix else [False]):
+                    scorer.max_batch_tokens, scorer.prefix_ids = budget, shared_prefix if reuse else []
+                    scorer.score(sentences[: min(len(sentences), 512)])  # this budget's shapes, once
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    sync()
+                    t = time.perf_counter()
+                    res = scorer.score(sentences)
+                    sync()
+                    dt = time.perf_counter() - t
+                    padded = padded_tokens(lengths if not reuse else [n - len(shared_prefix) for n in lengths], None, budget)
+                    out["runs"].append({
+                        "max_batch_tokens": budget,
+                        "reuse_prefix": reuse,
+                        "seconds": dt,
+                        "prompt_tokens_per_s": res.prompt_tokens / dt,
+                        "computed_tokens_per_s": res.computed_tokens / dt,
+                        "padding_fraction": 1 - (res.computed_tokens - (len(shared_prefix) if reuse else 0)) / padded if padded else 0.0,
+                        "mfu": flops.mfu(fl["model_flops"], dt, peak),
+                        "peak_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                        "probs": res.probs,
+                    })
+            out["weights_gib"] = adapter_forms.weights_gib(model)
+        return out
+
+    results: dict[str, Any] = {}
+    for name in wanted:
+        if name == "none":
+            results[name] = _phase(lambda: run_form(name, context=model.disable_adapter if has_adapter else contextlib.nullcontext))
+        elif name == "unmerged" and has_adapter:
+            results[name] = _phase(lambda: run_form(name))
+        elif name == "fused" and has_adapter and backend.can_fuse(model):
+            kept = _unsloth_forwards(model)
+            model = backend.apply_adapter_form(model, "fused")
+            results[name] = _phase(lambda: run_form(name))
+            _restore_forwards(kept)
+        elif name == "merged" and has_adapter:
+            model = backend.apply_adapter_form(model, "merged")
+            results[name] = _phase(lambda: run_form(name))
+        elif name == "merged+compiled":
+            if has_adapter and hasattr(model, "peft_config"):
+                model = backend.apply_adapter_form(model, "merged")
+            results[name] = _phase(lambda: run_form(name, compile=True))
+    reference = {
+        (run["max_batch_tokens"], run["reuse_prefix"]): run["probs"]
+        for run in results.get("unmerged", {}).get("runs", [])
+    }
+    for form in results.values():
+        for run in form.get("runs", []):
+            probs = run.pop("probs")
+            ref = reference.get((run["max_batch_tokens"], run["reuse_prefix"]))
+            if ref is not None:
+                run["same_label_share"] = float(np.mean(ref.argmax(1) == probs.argmax(1)))
+                run["max_prob_difference"] = float(np.abs(ref - probs).max())
+    return {
+        "backend": backend_name,
+        "model": spec.get("model_label"),
+        "adapter": spec.get("adapter"),
+        "environment": common.environment(device),
+        "load_time_s": load_s,
+        "n_examples": len(sentences),
+        "lora_params": int(lora_params),
+        "shape": shape.to_dict(),
+        "peak_tflops": peak,
+        "forms": results,
+        "child_wall_time_s": time.perf_counter() - started,
+    }
+
+
+def _unsloth_forwards(model: Any) -> list[tuple[Any, str, Any]]:
+    """What Unsloth's fused LoRA patch replaces (the per-instance MLP forward and attention
+    projection functions), so a benchmark can undo it before measuring the next form."""
+    kept = []
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in getattr(getattr(inner, "model", inner), "layers", []):
+        for module, attr in ((layer.mlp, "forward"), (layer.self_attn, "apply_qkv"), (layer.self_attn, "apply_o")):
+            kept.append((module, attr, module.__dict__.get(attr, _ABSENT)))
+    return kept
+
+
+_ABSENT = object()
+
+
+def _restore_forwards(kept: list[tuple[Any, str, Any]]) -> None:
+    for module, attr, value in kept:
+        if value is _ABSENT:
+            module.__dict__.pop(attr, None)
+        else:
+            setattr(module, attr, value)
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("forms"):
+        return measure_forms(spec)
     cfg_dict = spec["config"]
     backend_name = backends.resolve_backend_name(cfg_dict["model"]["backend"])
     backends.early_import(backend_name)  # before transformers / peft

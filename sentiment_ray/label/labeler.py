@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sentiment_ray import backends
+from sentiment_ray.backends.adapter_forms import prepare_adapter
 from sentiment_ray.calibration import adapter_temperature
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io import quarantine
@@ -37,7 +38,7 @@ from sentiment_ray.label import layout
 from sentiment_ray.label.plan import LabelRunError, WorkUnit, adapter_identity, check_unit_content
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
-from sentiment_ray.scoring import LabelScorer, model_device
+from sentiment_ray.scoring import LabelScorer, compile_scoring, model_device
 
 # Columns the labeller adds to every row besides SOURCE_COLUMNS and one `p_<label>` per
 # class; an input column with one of these names is an error.
@@ -91,19 +92,22 @@ class Labeler:
         self.labels = LabelSet(cfg.prompt.labels)
         self.mode = cfg.label.mode
         started = time.perf_counter()
+        backend = backends.get_backend(self.backend_name)
         with local_folder(adapter_path) as local_adapter:  # an s3:// adapter: a local copy while loading
-            model, tokenizer = backends.get_backend(self.backend_name).load_for_inference(cfg, local_adapter, device)
+            model, tokenizer = backend.load_for_inference(cfg, local_adapter, device)
             self.temperature = adapter_temperature(local_adapter) if cfg.label.calibrate else 1.0
+        budget = batch_token_budget(cfg, model_device(model))
+        model, self.adapter_form = prepare_adapter(backend, model, cfg.label.merge_adapter, budget)
         # Generation needs room for the new tokens inside the model's context.
         max_length = cfg.model.max_seq_length - (cfg.label.max_new_tokens if self.mode == "generate" else 0)
         self.scorer = LabelScorer(
             model, tokenizer, PromptTemplate.from_config(cfg.prompt), self.labels, max_length,
-            cfg.label.batch_size, batch_token_budget(cfg, model_device(model)), reuse_prefix=cfg.label.reuse_prefix,
-            temperature=self.temperature,
+            cfg.label.batch_size, budget, reuse_prefix=cfg.label.reuse_prefix, temperature=self.temperature,
+            compile=self.mode == "scoring" and compile_scoring(cfg.label.compile, model_device(model), self.adapter_form.form),
         )
         if self.mode == "scoring":
-            # Kernel selection and allocator growth happen here rather than in the first unit.
-            self.scorer.score(WARM_UP_SENTENCES)
+            # Kernel selection, allocator growth and compilation happen here rather than in the first unit.
+            self.scorer.warm_up(WARM_UP_SENTENCES)
         self.load_seconds = time.perf_counter() - started
         self.progress = progress
         self.out = Storage(output_dir) if output_dir else None
@@ -266,6 +270,11 @@ class Labeler:
             "pid": os.getpid(),
             "node_id": _ray_node_id(),
             "actor_load_s": round(self.load_seconds, 3),
+            "compile_s": round(self.scorer.compile_seconds, 3) if self.scorer.compiled else None,
+            "adapter_form": self.adapter_form.form,
+            "compiled": self.scorer.compiled,
+            "weights_gib": self.adapter_form.weights_gib,
+            "peak_gpu_gib": _peak_gpu_gib(),
             "peak_rss_mb": _peak_rss_mb(),
             "plan_id": self.plan_id,
         }
@@ -364,6 +373,14 @@ def _peak_rss_mb() -> float | None:
         return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
     except (ImportError, OSError, ValueError):
         return None
+
+
+def _peak_gpu_gib() -> float | None:
+    """Peak GPU memory this process allocated so far, in GiB (None without CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def _split_first(checked: CheckedRows, rows: int) -> list[CheckedRows]:

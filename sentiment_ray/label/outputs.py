@@ -104,6 +104,23 @@ def actor_startup(markers: list[dict]) -> dict[str, Any]:
     }
 
 
+def model_form(markers: list[dict]) -> dict[str, Any]:
+    """How the actors held the model: the adapter's form (merged, fused, unmerged, none),
+    whether the scoring forward was compiled and how long that took, the weights' and the
+    peak GPU memory (the largest over the actors)."""
+    forms = sorted({m["adapter_form"] for m in markers if m.get("adapter_form")})
+    if not forms:
+        return {}
+    largest = lambda key: max((m[key] for m in markers if m.get(key) is not None), default=None)  # noqa: E731
+    return {
+        "adapter_form": forms[0] if len(forms) == 1 else forms,
+        "compiled": any(m.get("compiled") for m in markers),
+        "compile_s_max": largest("compile_s"),
+        "weights_gib": largest("weights_gib"),
+        "peak_gpu_gib": largest("peak_gpu_gib"),
+    }
+
+
 def merge_submission(out: Storage, units: list[WorkUnit]) -> str:
     """One `ID,label` file in input order (unit order, then row order), streamed."""
     with out.atomic_writer(layout.SUBMISSION_FILE) as f:
@@ -168,7 +185,30 @@ def report_details(manifest: dict[str, Any] | None, **known: Any) -> dict[str, A
     return html.dated(details)
 
 
-def evaluate(out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "") -> dict[str, Any] | None:
+def describe_form(summary: dict[str, Any]) -> str | None:
+    """The model's form for a person: 'adapter merged into 16-bit weights, compiled, 15.2 GiB
+    of weights, 35.1 GiB peak' (None when no actor ran now)."""
+    form = summary.get("adapter_form")
+    if not form:
+        return None
+    words = {
+        "merged": "adapter merged into 16-bit weights",
+        "fused": "4-bit base, adapter in fused LoRA forwards",
+        "unmerged": "adapter as peft LoRA layers",
+        "none": "no adapter",
+    }
+    parts = [words.get(form, str(form)) if isinstance(form, str) else "actors differ: " + ", ".join(form)]
+    parts.append("compiled" if summary.get("compiled") else "eager")
+    if summary.get("weights_gib") is not None:
+        parts.append(f"{summary['weights_gib']:.1f} GiB of weights")
+    if summary.get("peak_gpu_gib") is not None:
+        parts.append(f"{summary['peak_gpu_gib']:.1f} GiB peak")
+    return ", ".join(parts)
+
+
+def evaluate(
+    out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "", held_as: str | None = None
+) -> dict[str, Any] | None:
     """Metrics against the input's gold labels into metrics.json, report.png and report.html
     (rows whose label is missing or unknown are counted, not scored); None when no row has
     a usable gold label."""
@@ -188,7 +228,7 @@ def evaluate(out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, titl
         ece=report.get("ece"),
     )
     out.write_bytes(layout.REPORT_PNG_FILE, png)
-    details = report_details(out.read_json_or_none(layout.MANIFEST_FILE), mode=cfg.label.mode)
+    details = report_details(out.read_json_or_none(layout.MANIFEST_FILE), mode=cfg.label.mode, **{"model form": held_as})
     out.write_text(layout.REPORT_HTML_FILE, html.prediction_report_html(report, title=title, subtitle=subtitle, details=details))
     return report
 

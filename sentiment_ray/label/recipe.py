@@ -146,10 +146,11 @@ def _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, sta
         ),
         **outputs.labelling_window(ran_now),
         **outputs.actor_startup(ran_now),
+        **outputs.model_form(ran_now),
     }
     summary["submission"] = outputs.merge_submission(out, units) if cfg.label.write_submission else None
     summary["quarantine"] = outputs.merge_quarantine(out, units, markers)
-    report = outputs.evaluate(out, units, cfg, title=f"Labelling with {cfg.model.name}")
+    report = outputs.evaluate(out, units, cfg, title=f"Labelling with {cfg.model.name}", held_as=outputs.describe_form(summary))
     summary["metrics_path"] = out.path(layout.METRICS_FILE) if report else None
     summary["report_png"] = out.path(layout.REPORT_PNG_FILE) if report else None
     summary["metrics"] = outputs.headline(report) if report else None

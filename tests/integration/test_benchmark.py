@@ -258,3 +258,32 @@ def test_a_failing_backend_is_reported_not_hidden(tiny_model_dir, tmp_path):
     run = json.loads((tmp_path / "train_benchmark.json").read_text())["runs"]["unsloth"]
     assert "BackendError" in run["error"] and run["child"]["returncode"] == 1
     assert "FAILED" in proc.stdout
+
+
+@pytest.mark.slow
+def test_label_forms_compare_the_adapter_held_each_way_on_one_load(tiny_model_dir, tmp_path):
+    """`--forms`: no adapter, peft's layers and the merged adapter side by side; the merged
+    form gives peft's labels and probabilities (float32 on a CPU)."""
+    from sentiment_ray.bench import common, shapes
+    from sentiment_ray.bench.label_bench import SMOKE_OVERRIDES, format_forms_table, measure
+
+    cfg = common.base_config(common.DEFAULT_CONFIG, SMOKE_OVERRIDES + ["model.backend=hf"])
+    cfg.model.name = tiny_model_dir
+    adapter = shapes.write_random_adapter(tiny_model_dir, str(tmp_path / "adapter"), cfg.lora, seed=0)
+    spec = {
+        "config": cfg.model_dump(mode="json"), "model_label": "tiny", "adapter": adapter, "data": str(DEMO_CSV),
+        "n": 24, "token_budgets": [256], "peak_tflops": 989.0, "forms": ["none", "unmerged", "fused", "merged"],
+    }
+    run = measure(spec)
+    forms = run["forms"]
+    assert list(forms) == ["none", "unmerged", "merged"]  # the hf backend has no fused form
+    for name, form in forms.items():
+        assert "error" not in form, (name, form)
+        assert [(x["max_batch_tokens"], x["reuse_prefix"]) for x in form["runs"]] == [(256, False), (256, True)]
+        assert all(x["prompt_tokens_per_s"] > 0 and x["mfu"] > 0 for x in form["runs"])
+    merged = forms["merged"]["runs"]
+    assert all(x["same_label_share"] == 1.0 for x in merged)
+    assert max(x["max_prob_difference"] for x in merged) < 1e-4
+    assert max(x["max_prob_difference"] for x in forms["none"]["runs"]) > 1e-3  # the adapter matters
+    table = format_forms_table({"runs": {"hf": run}})
+    assert "merged" in table and "x no adapter" in table
