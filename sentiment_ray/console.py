@@ -84,7 +84,7 @@ class WorkerEvents:
     def __init__(self, enabled: bool, *, min_step_interval_s: float = 0.5):
         self.enabled = enabled
         self.min_step_interval_s = min_step_interval_s
-        self._last_step_at = 0.0
+        self._last_step_at: float | None = None  # None: no step sent yet (the first always goes)
 
     def emit(self, kind: str, **fields: Any) -> None:
         if self.enabled:
@@ -102,7 +102,8 @@ class WorkerEvents:
     def step(self, step: int, total: int, loss: float | None = None, *, force: bool = False) -> None:
         """At most one line per `min_step_interval_s` (and always the last step)."""
         now = time.monotonic()
-        if not force and step < total and now - self._last_step_at < self.min_step_interval_s:
+        recent = self._last_step_at is not None and now - self._last_step_at < self.min_step_interval_s
+        if not force and step < total and recent:
             return
         self._last_step_at = now
         self.emit("step", step=step, total=total, loss=loss)

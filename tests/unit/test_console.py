@@ -39,6 +39,17 @@ def test_worker_events_throttle_steps_but_never_the_last():
     assert sent == [1, 10]
 
 
+def test_the_first_step_is_sent_on_a_machine_booted_seconds_ago(monkeypatch):
+    """time.monotonic() counts from boot: right after one, it is smaller than the interval."""
+    monkeypatch.setattr(console.time, "monotonic", lambda: 0.25)
+    events = console.WorkerEvents(True, min_step_interval_s=3600)
+    sent = []
+    events.emit = lambda kind, **fields: sent.append(fields.get("step"))
+    events.step(1, 10)
+    events.step(2, 10)
+    assert sent == [1]
+
+
 def test_line_mode_progress_prints_every_tenth_with_loss_eta_and_checkpoint():
     out = io.StringIO()
     display = console.Display(out, tty=False)
