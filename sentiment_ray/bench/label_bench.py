@@ -42,7 +42,9 @@ from sentiment_ray.bench import common, flops, shapes
 from sentiment_ray.config import validate
 from sentiment_ray.backends import adapter_forms
 from sentiment_ray.label.labeler import WARM_UP_SENTENCES, Labeler
-from sentiment_ray.scoring import micro_batches
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.prompts import PromptTemplate
+from sentiment_ray.scoring import LabelScorer, micro_batches
 
 RESULT_FILE = "label_benchmark.json"
 SMOKE_OVERRIDES = ["model.max_seq_length=256"]
@@ -291,10 +293,6 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
     import torch
-
-    from sentiment_ray.labels import LabelSet
-    from sentiment_ray.prompts import PromptTemplate
-    from sentiment_ray.scoring import LabelScorer
 
     started = time.perf_counter()
     backend_name = backends.resolve_backend_name(spec["config"]["model"]["backend"])
