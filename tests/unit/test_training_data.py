@@ -82,6 +82,13 @@ def test_csv_values_are_kept_exactly_as_written(tmp_path):
     assert loaded.column("label").to_pylist() == ["Positive"]  # case-normalised
 
 
+def test_training_keeps_ids_as_written_and_labels_canonical(tmp_path):
+    path = write_bytes(tmp_path / "ids.csv", HEADER + b'7,a,Positive,en\n" 7", b ," Negative ",en\n"\t=tab",c,positive,en\n')
+    loaded = load_labelled(path, cfg(), LABELS).table
+    assert loaded.column("ID").to_pylist() == ["7", " 7", "\t=tab"]  # two IDs, not a duplicate
+    assert loaded.column("label").to_pylist() == ["Positive", "Negative", "Positive"]
+
+
 # ----------------------------------------------------------------------------- formats and paths
 
 
