@@ -494,3 +494,38 @@ def test_an_id_of_only_whitespace_is_a_missing_id(tmp_path):
     table, bad = read_all(plan([f], rows_per_unit=5).units)
     assert table.column("ID").to_pylist() == ["1"]
     assert [(b["row"], b["reason"]) for b in bad] == [(2, "missing ID (whitespace only)"), (3, "missing ID (whitespace only)")]
+
+
+# ----------------------------------------------------------------------------- unbalanced quotes
+
+
+def test_a_quote_never_closed_is_an_error_naming_its_line_and_the_lines_it_swallowed(tmp_path):
+    rows = "".join(f"c{i},row {i},Positive\n" for i in range(2, 1000))
+    f = write_csv(tmp_path / "q.csv", f'ID,sentence,label\nc0,fine,Positive\nc1,"unterminated quote,Positive\n{rows}'.encode())
+    with pytest.raises(DataError) as err:
+        plan([f], rows_per_unit=100)
+    assert str(err.value) == (
+        f"{f}: line 3: a quote opens in row 2 and is never closed: the 998 lines after it, to the end of "
+        "the file, would be one field; close the quote, or double a quote inside a quoted field (\"\")"
+    )
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("body", [
+    b'ID,sentence\nx1,"a\nb"\nx2,last',  # no newline at the end
+    b'ID,sentence\nx1,a\nx2,"quoted\nat the end"\n',
+    b'ID,sentence\nx1,a\nx2,"quoted at the end"',
+])
+def test_a_closed_quote_at_the_end_of_the_file_is_no_error(tmp_path, body):
+    table, bad = read_all(plan([write_csv(tmp_path / "e.csv", body)], rows_per_unit=1).units)
+    assert bad == [] and table.column("ID").to_pylist() == ["x1", "x2"]
+
+
+def test_a_stray_quote_closed_by_a_later_one_is_quarantined_counting_the_lines_it_spans(tmp_path):
+    f = write_csv(tmp_path / "s.csv", b'ID,sentence,label\nc1,"stray,Positive\nc2,b,Negative\nc3,c,"Positive"\nc4,d,Negative\n')
+    table, bad = read_all(plan([f], rows_per_unit=10).units)
+    assert table.column("ID").to_pylist() == ["c4"]
+    assert [(b["row"], b["line"], b["reason"]) for b in bad] == [(1, 2, (
+        "malformed row (has 2 fields, the header has 3; one quoted field runs over lines 2-4: "
+        "2 lines swallowed by an unbalanced quote?)"
+    ))]
