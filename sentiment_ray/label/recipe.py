@@ -36,7 +36,7 @@ from typing import Any
 
 from sentiment_ray import cluster
 from sentiment_ray.config import ExperimentConfig
-from sentiment_ray.io.files import expand_paths
+from sentiment_ray.io.files import expand_inputs, not_read_warning
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.uris import StorageIOError
@@ -74,7 +74,9 @@ def label_dataset(
         raise LabelRunError(f"--output {output_dir} is a file; give a folder")
     check_every_node_reaches(cfg, output_dir)
 
-    files = expand_paths(input_path)
+    inputs = expand_inputs(input_path)
+    if inputs.not_read:
+        log.warning("%s", not_read_warning(input_path, inputs.not_read))
     adapter = adapter_identity(adapter_path, allow_unsafe=cfg.model.allow_unsafe_weights)
     try:
         check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
@@ -83,10 +85,11 @@ def label_dataset(
     # Held from before planning to the summary: --overwrite never deletes another job's
     # units, and the manifest, markers and summary all come from this one job.
     with Lease(out, purpose="label") as lease:
-        return _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit)
+        return _label_locked(cfg, input_path, inputs, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit)
 
 
-def _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit):
+def _label_locked(cfg, input_path, inputs, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit):
+    files = inputs.files
     # 1. Plan (or reuse the plan of an interrupted run).
     if overwrite:
         clear_outputs(out)
@@ -130,6 +133,7 @@ def _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, sta
         "input": manifest["input"],
         "plan_id": plan_id,
         "files": len(files),
+        "files_not_read": inputs.not_read,
         "model": cfg.model.name,
         "adapter": adapter["id"] if adapter else None,
         "mode": cfg.label.mode,

@@ -122,6 +122,22 @@ def test_glob_directory_and_file_uri_read_the_same_rows(tmp_path, demo_small_tab
         assert sorted(rows.values()) == [80, 120]
 
 
+def test_files_a_folder_holds_but_are_not_read_are_named(tmp_path):
+    from sentiment_ray.io.files import expand_inputs, not_read_warning
+
+    (tmp_path / "sub").mkdir()
+    for rel in ("a.csv", "notes.txt", "sub/b.parquet", "sub/README", "_SUCCESS", ".DS_Store"):
+        (tmp_path / rel).write_text("")
+    inputs = expand_inputs(str(tmp_path))
+    assert inputs.files == [str(tmp_path / "a.csv"), str(tmp_path / "sub" / "b.parquet")]
+    assert inputs.not_read == [str(tmp_path / n) for n in (".DS_Store", "_SUCCESS", "notes.txt", "sub/README")]
+    assert not_read_warning(str(tmp_path), inputs.not_read) == (
+        f"{tmp_path}: 4 files there are not read (not .csv, .parquet, .pq, .jsonl, .json (text formats optionally .gz), "
+        "or a hidden name starting with '.' or '_'): .DS_Store, _SUCCESS, notes.txt, sub/README"
+    )
+    assert expand_inputs(str(tmp_path / "a.csv")).not_read == []  # a file names only itself
+
+
 def test_expand_paths_sorted_and_recursive(tmp_path):
     (tmp_path / "b").mkdir()
     for rel in ("b/z.csv", "a.csv", "b/y.jsonl", ".hidden/x.csv"):
