@@ -20,8 +20,9 @@ second one is refused naming the first, a dead one's lock is taken over):
    against the input's labels when it has them, and write the summary (label/outputs.py).
 
 Bad rows are always quarantined here (`data.on_bad_rows` governs training only: one bad row
-must not stop a million-row labelling run). The evaluation holds the labelled rows' gold and
-predicted labels in driver memory (fine for evaluation-sized sets, not for 100M rows).
+must not stop a million-row labelling run). The driver's end runs in memory that does not
+grow with the rows: the evaluation sums counts one unit at a time, and submission.csv and
+quarantine.jsonl are copied shard by shard in input order.
 Outputs may live on a shared disk or an object store (`s3://...`); actors write them
 directly, so on a multi-node cluster a node-local path does not work.
 """
