@@ -256,13 +256,15 @@ def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     try:
         if args.report_only:
-            prepared, space = tune_recipe.prepare(cfg)
-            summary = tune_recipe.finalize(prepared, space, tune_recipe.experiment_path(prepared))
+            summary = tune_recipe.report_only(cfg)
         else:
             summary = tune_recipe.run_tune(cfg, num_cpus=args.num_cpus)
     except (ConfigError, tune_recipe.TuneError) as err:
         print(err, file=sys.stderr)
         return 2
+    except (LockHeld, LockLost) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - a fault: one line, the trace in a log file
         print(f"error: {faults.report(err, 'tune')}", file=sys.stderr)
         return 1

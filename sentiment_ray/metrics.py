@@ -3,6 +3,8 @@ one evaluation of predictions against gold labels (`evaluate_predictions`). Pure
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,7 +89,9 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
         mask = which == b
         count = int(mask.sum())
         if count:
-            acc, avg = float(ok[mask].mean()), float(conf[mask].mean())
+            # fsum: the exactly rounded sum, whatever the order, so `EvaluationCounts`
+            # (summed unit by unit) gives the same bins and ECE to the last bit.
+            acc, avg = float(ok[mask].mean()), math.fsum(conf[mask].tolist()) / count
             ece += count / len(conf) * abs(acc - avg)
         else:
             acc = avg = None
@@ -164,3 +168,131 @@ def macro_f1_drop_likelihood(
 
     a, b = macro_f1(before), macro_f1(after)
     return float(np.mean((b < a) + 0.5 * (b == a)))
+
+
+# ----------------------------------------------------------------------------- in pieces
+
+
+class EvaluationCounts:
+    """`evaluate_predictions` summed piece by piece (a label job's units), in memory that
+    does not grow with the rows: one count per (gold, predicted, language) cell and, per
+    confidence bin, its rows, correct rows and the exact sum of its confidences.
+    `report()` is what `evaluate_predictions` of all the pieces at once returns.
+
+        counts = EvaluationCounts(labels, label_map=label_map)
+        for unit in units:
+            counts.add(gold, predicted, confidence=confidence, langs=langs)
+        report = counts.report()
+    """
+
+    def __init__(self, labels: LabelSet, *, label_map: dict[str, str] | None = None, n_bins: int = 10):
+        self.labels, self.label_map, self.n_bins = labels, label_map, n_bins
+        self.cells: Counter = Counter()
+        """(gold label, prediction, language key) -> rows, over rows whose gold resolves."""
+        self.rows = 0
+        self.any_lang = False
+        self.with_confidence = True
+        """Every scored row so far came with a confidence (else no ECE, as evaluate_predictions)."""
+        self.bin_rows = [0] * n_bins
+        self.bin_correct = [0] * n_bins
+        self.bin_confidence: list[list[float]] = [[] for _ in range(n_bins)]
+        """Per bin, exact partial sums of the confidences (Shewchuk; math.fsum rounds them once)."""
+
+    def add(self, gold: Sequence[Any], predicted: Sequence[str | None], *,
+            confidence: Sequence[float | None] | None = None, langs: Sequence[Any] | None = None) -> None:
+        if len(gold) != len(predicted):
+            raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
+        self.rows += len(gold)
+        if langs is not None and any(x is not None for x in langs):
+            self.any_lang = True
+        kept, truths = [], []
+        for i, value in enumerate(gold):
+            truth, _ = self.labels.resolve(value, self.label_map)
+            if truth is not None:
+                lang = None if langs is None or langs[i] is None else as_key(langs[i])
+                self.cells[(truth, predicted[i], lang)] += 1
+                kept.append(i)
+                truths.append(truth)
+        if confidence is None or any(confidence[i] is None for i in kept):
+            self.with_confidence = self.with_confidence and not kept
+            return
+        if not self.with_confidence or not kept:
+            return
+        conf = np.asarray([confidence[i] for i in kept], dtype=np.float64)
+        edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+        which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, self.n_bins - 1)
+        for b, value, truth, i in zip(which.tolist(), conf.tolist(), truths, kept):
+            self.bin_rows[b] += 1
+            self.bin_correct[b] += truth == predicted[i]
+            _add_exactly(self.bin_confidence[b], value)
+
+    def report(self) -> dict | None:
+        """The report `evaluate_predictions` gives for every row added; None when no row has
+        a usable gold label."""
+        n = sum(self.cells.values())
+        if n == 0:
+            return None
+        labels = list(self.labels)
+        report = _report_of_cells(self.cells, labels)
+        report["confusion_matrix"] = {
+            "labels": labels,
+            "matrix": [[sum(c for (t, p, _), c in self.cells.items() if t == a and p == b) for b in labels] for a in labels],
+        }
+        report["unparsed"] = sum(c for (_, p, _), c in self.cells.items() if p is None)
+        if self.any_lang:
+            by_lang = {}
+            for lang in sorted({str(x) for (_, _, x) in self.cells if x is not None}):
+                part = _report_of_cells(Counter({k: c for k, c in self.cells.items() if k[2] is not None and str(k[2]) == lang}), labels)
+                by_lang[lang] = {"n": part["n"], "accuracy": part["accuracy"], "macro_f1": part["macro_f1"]}
+            report["per_language"] = by_lang
+        report["rows_without_label"] = self.rows - n
+        if self.with_confidence:
+            edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+            bins, ece = [], 0.0
+            for b in range(self.n_bins):
+                count = self.bin_rows[b]
+                if count:
+                    acc, avg = self.bin_correct[b] / count, math.fsum(self.bin_confidence[b]) / count
+                    ece += count / n * abs(acc - avg)
+                else:
+                    acc = avg = None
+                bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "accuracy": acc, "confidence": avg})
+            report["ece"], report["calibration_bins"] = float(ece), bins
+        return report
+
+
+def _report_of_cells(cells: Counter, labels: list[str]) -> dict:
+    """n, accuracy, macro-F1 and per-class F1 of (gold, prediction, _) counts, as
+    `classification_report` computes them from rows."""
+    n = sum(cells.values())
+    f1 = {}
+    for label in labels:
+        tp = sum(c for (t, p, _), c in cells.items() if t == label and p == label)
+        fp = sum(c for (t, p, _), c in cells.items() if t != label and p == label)
+        fn = sum(c for (t, p, _), c in cells.items() if t == label and p != label)
+        denom = 2 * tp + fp + fn
+        f1[label] = 0.0 if denom == 0 else 2 * tp / denom
+    seen = {t for (t, _, _) in cells} | {p for (_, p, _) in cells}
+    present = [label for label in labels if label in seen]
+    return {
+        "n": n,
+        "accuracy": (sum(c for (t, p, _), c in cells.items() if t == p) / n) if n else 0.0,
+        "macro_f1": float(np.mean([f1[label] for label in present])) if present else 0.0,
+        "f1": f1,
+    }
+
+
+def _add_exactly(partials: list[float], x: float) -> None:
+    """Add x to a list of non-overlapping partial sums whose exact total is the sum of all
+    values added (Shewchuk's algorithm, as math.fsum keeps them)."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]

@@ -77,11 +77,40 @@ def _glob_matches(pattern: str, candidate: str) -> bool:
     return len(pattern_parts) == len(parts) and all(fnmatch.fnmatchcase(c, p) for c, p in zip(parts, pattern_parts))
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What a path names: the data files read, and the files in the folders it names that
+    are not read (another type, or a hidden name), so a job can say so."""
+
+    files: list[str]
+    not_read: list[str]
+
+
 def expand_paths(path_or_glob_or_uri: str) -> list[str]:
+    """The data files a path names (`expand_inputs(...).files`)."""
+    return expand_inputs(path_or_glob_or_uri).files
+
+
+def not_read_warning(given: str, not_read: Sequence[str], shown: int = 10) -> str:
+    """One line naming the files of `given` that are not read (relative to their common
+    folder), at most `shown` of them."""
+    base = os.path.commonpath([os.path.dirname(p) for p in not_read]) if all("://" not in p for p in not_read) else ""
+    names = [os.path.relpath(p, base) if base else p for p in not_read]
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    count = len(not_read)
+    return (
+        f"{given}: {count} file{'' if count == 1 else 's'} there {'is' if count == 1 else 'are'} not read "
+        f"(not {SUPPORTED_SUFFIXES}, or a hidden name starting with '.' or '_'): {listed}"
+    )
+
+
+def expand_inputs(path_or_glob_or_uri: str) -> Inputs:
     """The data files a path names, sorted: a file, a glob, a directory (its supported files,
     recursively, skipping names starting with '.' or '_'), or a URI of any of these
     (s3://bucket/x/*.parquet, file:///data/dir). Local paths come back as absolute paths,
-    file:// URIs as local paths, other URIs as URIs. Matching nothing is a DataError."""
+    file:// URIs as local paths, other URIs as URIs. Matching nothing is a DataError. The
+    files of a named directory that are skipped come back in `not_read` (a glob naming an
+    unsupported file is an error instead)."""
     from pyarrow import fs as pafs
 
     given = path_or_glob_or_uri
@@ -105,9 +134,14 @@ def expand_paths(path_or_glob_or_uri: str) -> list[str]:
                 infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
                 matches = sorted(i.path for i in infos if _glob_matches(inner, i.path))
             files: list[str] = []
+            not_read: list[str] = []
             for match in matches:
-                is_dir = fs.get_file_info(match).type == pafs.FileType.Directory
-                files.extend(_files_in(fs, match, outward) if is_dir else [outward(match)])
+                if fs.get_file_info(match).type == pafs.FileType.Directory:
+                    found, skipped = _files_in(fs, match, outward)
+                    files.extend(found)
+                    not_read.extend(skipped)
+                else:
+                    files.append(outward(match))
             if not files:
                 raise DataError(f"{given}: no files match this pattern")
         else:
@@ -115,30 +149,32 @@ def expand_paths(path_or_glob_or_uri: str) -> list[str]:
             if info.type == pafs.FileType.NotFound:
                 raise DataError(f"{given}: no such file or directory")
             if info.type == pafs.FileType.Directory:
-                files = _files_in(fs, inner, outward)
+                files, not_read = _files_in(fs, inner, outward)
                 if not files:
                     raise DataError(f"{given}: directory holds no data files ({SUPPORTED_SUFFIXES})")
-                return files
-            files = [outward(inner)]
+                return Inputs(files, not_read)
+            files, not_read = [outward(inner)], []
     except PermissionError as err:
         raise DataError(f"{given}: permission denied ({err})") from None
     except OSError as err:
         raise DataError(f"{given}: cannot list it: {err}") from None
     for f in files:
         file_format(f)  # an unsupported file a glob picked up is an error, not skipped
-    return files
+    return Inputs(files, sorted(not_read))
 
 
-def _files_in(fs, directory: str, outward) -> list[str]:
+def _files_in(fs, directory: str, outward) -> tuple[list[str], list[str]]:
+    """(data files, other files) under `directory`, each sorted."""
     from pyarrow import fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(directory, recursive=True))
-    found = []
+    found, skipped = [], []
     for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
         relative = info.path[len(directory) :].lstrip("/")
-        if info.type == pafs.FileType.File and _is_supported(info.path) and not _is_hidden(relative):
-            found.append(outward(info.path))
-    return sorted(found)
+        (found if _is_supported(info.path) and not _is_hidden(relative) else skipped).append(outward(info.path))
+    return sorted(found), sorted(skipped)
 
 
 @contextlib.contextmanager

@@ -149,6 +149,8 @@ class Lease:
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._created: str | None = None
+        """The topmost local folder `acquire` created for the lock (None: it existed)."""
 
     @property
     def path(self) -> str:
@@ -246,6 +248,10 @@ class Lease:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        except FileNotFoundError:
+            # Another job that had created this folder released it empty just now.
+            self.folder.makedirs()
+            return self._create_exclusive(record)
         except OSError as err:
             raise io_error(self.path, err, "create the lock file") from err
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -263,6 +269,7 @@ class Lease:
     def acquire(self) -> "Lease":
         """Take the lock, or raise LockHeld naming the live holder. A stale lock is taken
         over with a warning (also in `taken_over`)."""
+        self._created = self._first_missing_folder()
         self.folder.makedirs()
         record = self._new_record()
         if self.local:
@@ -333,7 +340,9 @@ class Lease:
             raise LockLost(self._lost + "; its outputs may be mixed with this job's: rerun with --overwrite")
 
     def release(self) -> None:
-        """Stop renewing and delete the lock file if it is still this job's."""
+        """Stop renewing and delete the lock file if it is still this job's; then remove
+        the folders `acquire` created if nothing else was written into them (a job that
+        stopped at its checks leaves no empty output folder behind)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s + 5)
@@ -344,6 +353,36 @@ class Lease:
             current = self._read()
             if current is not None and current.get("owner") == self.token:
                 self.folder.delete(self.name, missing_ok=True)
+        self._remove_created_folders()
+
+    def _first_missing_folder(self) -> str | None:
+        """The topmost missing folder on the way to a local lock folder (what makedirs will
+        create), else None."""
+        if not self.folder.is_local:
+            return None  # object stores have no folders to leave behind
+        path, missing = os.path.abspath(self.folder.local_path()), None
+        while not os.path.exists(path):
+            missing, parent = path, os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        return missing
+
+    def _remove_created_folders(self) -> None:
+        """rmdir from the lock folder up to the topmost one `acquire` created, stopping at
+        the first that is not empty (rmdir never removes content: another job's lock file,
+        a manifest, a user's file keep their folder)."""
+        if self._created is None:
+            return
+        path, top = os.path.abspath(self.folder.local_path()), self._created
+        while True:
+            try:
+                os.rmdir(path)
+            except OSError:
+                return
+            if path == top or len(path) <= len(top):
+                return
+            path = os.path.dirname(path)
 
     def __enter__(self) -> "Lease":
         return self.acquire()

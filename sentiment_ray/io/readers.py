@@ -138,6 +138,9 @@ class _Lines:
         self.stream = stream
         self.offset = offset
         self.strip_bom = strip_bom
+        self.ended = False
+        """The stream ran out. csv.reader finishes a record at its line end without asking
+        for more; only a quoted field still open asks past the last line."""
 
     def __iter__(self):
         return self
@@ -145,6 +148,7 @@ class _Lines:
     def __next__(self) -> str:
         raw = self.stream.readline()
         if not raw:
+            self.ended = True
             raise StopIteration
         self.offset += len(raw)
         if self.strip_bom:
@@ -216,11 +220,13 @@ def _csv_records(path, header, keep, lines: _Lines, reader, line_base: int, row:
                 chunk = Chunk(path, row, list(header), {name: [] for _, name in kept}, [], [])
             chunk.lines.append(line_base + previous + 1)  # the line the record starts on
             previous = reader.line_num
+            if lines.ended and record:
+                raise DataError(_unclosed_quote(path, record[-1], line_base + reader.line_num, row))
             problem = None
             if not record:
                 problem = f"{MALFORMED_ROW} (blank line)"
             elif len(record) != width:
-                problem = f"{MALFORMED_ROW} (has {len(record)} fields, the header has {width})"
+                problem = f"{MALFORMED_ROW} (has {len(record)} fields, the header has {width}{_spanned(chunk.lines[-1], line_base + reader.line_num)})"
             if problem:
                 chunk.raw_rows[len(chunk.problems)] = record
             for i, name in kept:
@@ -239,6 +245,30 @@ def _csv_records(path, header, keep, lines: _Lines, reader, line_base: int, row:
     if chunk is not None:
         chunk.next = Position(row, lines.offset, line_base + reader.line_num + 1)
         yield chunk
+
+
+def _unclosed_quote(path: str, last_field: str, last_line: int, row: int) -> str:
+    """The error for a quoted field still open at the end of the file: its line and the
+    lines it swallowed. A file error, not a bad row: no row after the quote can be located,
+    so quarantining one row would hide the rest of the file (a stray quote near the top of a
+    million-row file would read as "rows: 1")."""
+    breaks = last_field.count("\n")
+    swallowed = breaks - 1 if last_field.endswith("\n") else breaks
+    opened = last_line - swallowed
+    return (
+        f"{path}: line {opened}: a quote opens in row {row} and is never closed: the {swallowed} line"
+        f"{'' if swallowed == 1 else 's'} after it, to the end of the file, would be one field; close the quote, "
+        'or double a quote inside a quoted field ("")'
+    )
+
+
+def _spanned(first_line: int, last_line: int) -> str:
+    """For a malformed record over several lines: a quote that opened and closed in the
+    wrong places may have joined rows (counted, so a swallowed stretch is not silent)."""
+    if last_line <= first_line:
+        return ""
+    n = last_line - first_line
+    return f"; one quoted field runs over lines {first_line}-{last_line}: {n} line{'' if n == 1 else 's'} swallowed by an unbalanced quote?"
 
 
 # ----------------------------------------------------------------------------- JSON

@@ -20,7 +20,7 @@ from typing import Any
 from sentiment_ray.io import quarantine
 from sentiment_ray.io.ids import IdIndex
 from sentiment_ray.io.readers import Chunk
-from sentiment_ray.io.values import MISSING_ID, DataError, as_key, as_text, text_problem, value_problem
+from sentiment_ray.io.values import DataError, as_text, id_key, id_problem, text_problem, value_problem
 from sentiment_ray.labels import LabelSet
 
 # Columns added to every good row's table: where it came from.
@@ -117,10 +117,8 @@ class RowValidator:
                 labels[i], problem = r.labels.resolve(raw_labels[i], r.label_map)
             if problem is None:
                 if raw_ids is not None:
-                    problem = value_problem(raw_ids[i], "ID")
-                    ids[i] = as_key(raw_ids[i]) if problem is None else None
-                    if problem is None and not ids[i]:
-                        problem = MISSING_ID
+                    problem = id_problem(raw_ids[i])
+                    ids[i] = id_key(raw_ids[i]) if problem is None else None
                 elif generated_ids is not None:
                     ids[i] = f"{generated_ids}:{chunk.first_row + i}"
             if problem is None:

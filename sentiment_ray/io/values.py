@@ -1,4 +1,5 @@
-"""One value at a time: why a value cannot be used, and the canonical string of a usable one.
+"""One value at a time: why a value cannot be used, and the string of a usable one (labels
+and languages canonical, IDs exactly as written).
 
 Bad-row kinds are the first words of every reason (`unknown label ('maybe'; ...)`), so a
 reason can be counted by kind (`reason_kind`). Values arrive as the readers give them: CSV
@@ -103,18 +104,25 @@ def as_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def as_key(value: Any) -> str | None:
-    """A label/ID/lang value as a comparable string: ints and integral floats without a
-    decimal point (IMDB labels 0/1 from Parquet or JSON match label_map keys "0"/"1")."""
+def _as_string(value: Any) -> str | None:
+    """A value as a string: text as written, ints and integral floats without a decimal
+    point (IMDB labels 0/1 from Parquet or JSON match label_map keys "0"/"1")."""
     if is_null(value):
         return None
     if isinstance(value, bytes):
-        value = value.decode("utf-8")  # callers check decodability first
+        return value.decode("utf-8")  # callers check decodability first
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    return str(value)
+
+
+def as_key(value: Any) -> str | None:
+    """A label or language value as a comparable string, surrounding whitespace dropped
+    (`" Positive"` is the label Positive). Not for IDs: see `id_key`."""
+    key = _as_string(value)
+    return None if key is None else key.strip()
 
 
 def value_problem(value: Any, column: str) -> str | None:
@@ -129,11 +137,30 @@ def value_problem(value: Any, column: str) -> str | None:
     return None
 
 
+def id_problem(value: Any) -> str | None:
+    """Why `value` cannot be a row's ID (undecodable, missing, or only whitespace: a blank
+    cell, not an identifier), else None."""
+    problem = value_problem(value, "ID")
+    if problem is not None:
+        return problem
+    key = _as_string(value)
+    if not key:
+        return MISSING_ID
+    if not key.strip():
+        return MISSING_ID + " (whitespace only)"
+    return None
+
+
 def id_key(value: Any) -> str | None:
-    """An ID as the string the outputs carry, or None when it is missing or undecodable."""
-    if value_problem(value, "ID") is not None:
+    """An ID as the string the outputs carry, or None when `id_problem` refuses it.
+
+    Text is kept exactly as written: `" 7"` and `"7"` are two IDs, and a leading `=`, `+`,
+    `-`, `@`, tab or quote (a spreadsheet formula, or what neutralised one) stays, so every
+    prediction joins back to its input row byte for byte. Parquet / JSON numbers become
+    their decimal text (`7`, `7.0` -> "7")."""
+    if id_problem(value) is not None:
         return None
-    return as_key(value) or None
+    return _as_string(value)
 
 
 def printable(value: Any) -> Any:

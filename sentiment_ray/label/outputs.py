@@ -13,7 +13,7 @@ from sentiment_ray.label import layout
 from sentiment_ray.label.labeler import submission_csv
 from sentiment_ray.label.plan import LabelRunError, WorkUnit
 from sentiment_ray.labels import LabelSet
-from sentiment_ray.metrics import evaluate_predictions
+from sentiment_ray.metrics import EvaluationCounts
 from sentiment_ray.report import html, plots
 
 
@@ -168,6 +168,18 @@ def read_gold_and_predictions(out: Storage, units: list[WorkUnit], label_column:
     return data
 
 
+def evaluation_counts(out: Storage, units: list[WorkUnit], cfg: ExperimentConfig) -> EvaluationCounts:
+    """The evaluation's counts, summed one unit at a time (only the gold, prediction,
+    confidence and language columns of one shard in memory at once), so the driver's end
+    of a 100M-row job needs what a 1,000-row one needs."""
+    counts = EvaluationCounts(LabelSet(cfg.prompt.labels), label_map=cfg.data.label_map)
+    scoring = cfg.label.mode == "scoring"
+    for unit in units:
+        data = read_gold_and_predictions(out, [unit], cfg.data.label_column, cfg.data.lang_column)
+        counts.add(data["gold"], data["predicted"], confidence=data["confidence"] if scoring else None, langs=data["langs"])
+    return counts
+
+
 def report_details(manifest: dict[str, Any] | None, **known: Any) -> dict[str, Any]:
     """The report's "what is this" rows from a label run's manifest: model, adapter, input,
     and the date the report was written (UTC). `known` fills or overrides them."""
@@ -212,12 +224,7 @@ def evaluate(
     """Metrics against the input's gold labels into metrics.json, report.png and report.html
     (rows whose label is missing or unknown are counted, not scored); None when no row has
     a usable gold label."""
-    data = read_gold_and_predictions(out, units, cfg.data.label_column, cfg.data.lang_column)
-    scoring = cfg.label.mode == "scoring"
-    report = evaluate_predictions(
-        data["gold"], data["predicted"], LabelSet(cfg.prompt.labels), label_map=cfg.data.label_map,
-        confidence=data["confidence"] if scoring else None, langs=data["langs"],
-    )
+    report = evaluation_counts(out, units, cfg).report()  # = evaluate_predictions of every row
     if report is None:
         return None
     out.write_json(layout.METRICS_FILE, report)

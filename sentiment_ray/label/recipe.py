@@ -20,8 +20,9 @@ second one is refused naming the first, a dead one's lock is taken over):
    against the input's labels when it has them, and write the summary (label/outputs.py).
 
 Bad rows are always quarantined here (`data.on_bad_rows` governs training only: one bad row
-must not stop a million-row labelling run). The evaluation holds the labelled rows' gold and
-predicted labels in driver memory (fine for evaluation-sized sets, not for 100M rows).
+must not stop a million-row labelling run). The driver's end runs in memory that does not
+grow with the rows: the evaluation sums counts one unit at a time, and submission.csv and
+quarantine.jsonl are copied shard by shard in input order.
 Outputs may live on a shared disk or an object store (`s3://...`); actors write them
 directly, so on a multi-node cluster a node-local path does not work.
 """
@@ -36,7 +37,7 @@ from typing import Any
 
 from sentiment_ray import cluster
 from sentiment_ray.config import ExperimentConfig
-from sentiment_ray.io.files import expand_paths
+from sentiment_ray.io.files import expand_inputs, not_read_warning
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.uris import StorageIOError
@@ -74,7 +75,9 @@ def label_dataset(
         raise LabelRunError(f"--output {output_dir} is a file; give a folder")
     check_every_node_reaches(cfg, output_dir)
 
-    files = expand_paths(input_path)
+    inputs = expand_inputs(input_path)
+    if inputs.not_read:
+        log.warning("%s", not_read_warning(input_path, inputs.not_read))
     adapter = adapter_identity(adapter_path, allow_unsafe=cfg.model.allow_unsafe_weights)
     try:
         check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
@@ -83,10 +86,11 @@ def label_dataset(
     # Held from before planning to the summary: --overwrite never deletes another job's
     # units, and the manifest, markers and summary all come from this one job.
     with Lease(out, purpose="label") as lease:
-        return _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit)
+        return _label_locked(cfg, input_path, inputs, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit)
 
 
-def _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit):
+def _label_locked(cfg, input_path, inputs, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit):
+    files = inputs.files
     # 1. Plan (or reuse the plan of an interrupted run).
     if overwrite:
         clear_outputs(out)
@@ -130,6 +134,7 @@ def _label_locked(cfg, input_path, files, out, adapter, adapter_path, lease, sta
         "input": manifest["input"],
         "plan_id": plan_id,
         "files": len(files),
+        "files_not_read": inputs.not_read,
         "model": cfg.model.name,
         "adapter": adapter["id"] if adapter else None,
         "mode": cfg.label.mode,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from sentiment_ray import cluster
 from sentiment_ray.config import ExperimentConfig
-from sentiment_ray.io.files import describe_inputs, expand_paths
+from sentiment_ray.io.files import describe_inputs, expand_inputs, not_read_warning
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.models import ModelNotFoundError, check_model_available
 from sentiment_ray.train.data import load_labelled, load_splits
@@ -83,7 +83,12 @@ def check_data(cfg: ExperimentConfig, checked: Checked | None = None) -> Checked
         if not sources:
             load_splits(cfg, labels, tempfile.gettempdir(), False)  # raises: no training source
         return checked
-    files = [f for s in sources for f in expand_paths(s)]
+    files = []
+    for source in sources:
+        inputs = expand_inputs(source)
+        files += inputs.files
+        if inputs.not_read:
+            checked.warnings.append(not_read_warning(source, inputs.not_read))
     size = sum(f.size for f in describe_inputs(files))
     with tempfile.TemporaryDirectory(prefix="sentiment-ray-check-") as scratch:
         if size <= WHOLE_FILE_BYTES:

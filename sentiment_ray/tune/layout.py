@@ -6,6 +6,7 @@
         trial_histories/<id>.jsonl                         every report of each trial, all attempts
         scheduler_state.json                               ASHA's rungs (restored on resume)
         sentiment_ray_tune.json                            the experiment's config (resume check)
+        _lock.json                                         the running job's lock (io/lease.py)
         trials.csv, trials.parquet                         one row per trial
         metric_vs_step.png                                 the metric of every trial by step
         report.html                                        trial curves + table

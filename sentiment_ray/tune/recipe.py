@@ -20,6 +20,10 @@ rungs at `grace_period * eval_steps * reduction_factor**k` steps, up to the larg
 killed while writing its adapter); the result still counts for the rung. The rungs are
 saved in the experiment folder and restored with it (Tune restores schedulers empty).
 
+One job at a time: the experiment folder's lock (io/lease.py, as for train and label runs)
+is taken before Ray starts and held to the summary; a second job on the same experiment is
+refused in one line naming the first, and the lock of a killed job is taken over.
+
 Resume: rerunning with the same storage path and experiment name restores the experiment
 (`Tuner.restore`): finished trials are kept as they are; unfinished and errored ones run
 again, and their Train run (same name, same storage) resumes from its latest checkpoint (a
@@ -45,6 +49,7 @@ from typing import Any
 
 from sentiment_ray import cluster, tracking
 from sentiment_ray.config import ConfigError, ExperimentConfig
+from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.report import html, plots
 from sentiment_ray.train import layout as train_layout
@@ -214,17 +219,45 @@ def run_tune(cfg: ExperimentConfig, *, num_cpus: int | None = None) -> dict:
     best adapter. Returns the summary of `finalize` (jobs/tune.py prints `summary_line`).
     `num_cpus`: logical CPUs of a local cluster this call starts (ignored when joining one)."""
     import ray
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     started = time.time()
     cfg, space = prepare(cfg)
-    cluster.connect(cfg.run.ray_address, num_cpus=num_cpus)
-    use_gpu = cluster.resolve_use_gpu(cfg.run.use_gpu)
-    if cfg.model.backend == "unsloth" and not use_gpu:
-        raise TuneError("model.backend=unsloth needs GPU workers, but run.use_gpu resolved to false")
-    concurrency = max_concurrent_trials(cfg, ray.cluster_resources(), use_gpu)
     exp_path = experiment_path(cfg)
+    # Held from before Ray starts to the summary: two jobs on one experiment would run the
+    # same trial ids into the same folders (one refused here, naming the other).
+    with experiment_lease(exp_path) as lease:
+        cluster.connect(cfg.run.ray_address, num_cpus=num_cpus)
+        use_gpu = cluster.resolve_use_gpu(cfg.run.use_gpu)
+        if cfg.model.backend == "unsloth" and not use_gpu:
+            raise TuneError("model.backend=unsloth needs GPU workers, but run.use_gpu resolved to false")
+        concurrency = max_concurrent_trials(cfg, ray.cluster_resources(), use_gpu)
+        cfg = _fit(cfg, space, exp_path, concurrency)
+        lease.check()
+        return finalize(cfg, space, exp_path, started=started)
+
+
+def experiment_lease(exp_path: str) -> Lease:
+    """The experiment folder's lock (io/lease.py, as for train and label runs): one job at a
+    time runs, resumes or reports an experiment; a killed job's lock is taken over."""
+    return Lease(Storage(exp_path), purpose="tune")
+
+
+def report_only(cfg: ExperimentConfig) -> dict:
+    """`finalize` of an existing experiment (`--report-only`), under its lock."""
+    cfg, space = prepare(cfg)
+    exp_path = experiment_path(cfg)
+    with experiment_lease(exp_path) as lease:
+        summary = finalize(cfg, space, exp_path)
+        lease.check()
+        return summary
+
+
+def _fit(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, concurrency: int) -> ExperimentConfig:
+    """Run or restore the Tune experiment in `exp_path` until every trial has ended; returns
+    the config with its tracking parent run (what `finalize` closes)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
     existed = check_experiment_state(exp_path, cfg)
     cfg = tracking.start_tune(cfg, exp_path, space)  # MLflow parent run; trials nest under it
     train_runs = exp_path + "/" + layout.TRAIN_RUNS_DIR
@@ -270,7 +303,7 @@ def run_tune(cfg: ExperimentConfig, *, num_cpus: int | None = None) -> dict:
             ),
         )
     tuner.fit()
-    return finalize(cfg, space, exp_path, started=started)
+    return cfg
 
 
 def finalize(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, *, started: float | None = None) -> dict:

@@ -9,6 +9,7 @@ Each test runs the job as a subprocess on the demo preset with the tiny model (t
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -238,3 +239,43 @@ def test_the_label_job_shows_its_progress_and_keeps_rays_output_in_its_log(tiny_
     bad = label(["--input", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "bad-out"), *overrides], timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
     assert "Traceback" not in bad.stderr and "pid=" not in bad.stderr
+
+
+LABEL_OVERRIDES = ["model.dtype=float32", "model.max_seq_length=96", "label.num_actors=1", "label.write_submission=true"]
+
+
+def test_a_quote_never_closed_is_one_line_and_leaves_no_output_folder(tiny_model_dir, tmp_path):
+    rows = "".join(f"c{i},row {i},Positive\n" for i in range(2, 5000))
+    (tmp_path / "in.csv").write_text(f'ID,sentence,label\nc0,fine,Positive\nc1,"unterminated quote,Positive\n{rows}')
+    out = label(["--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "new" / "out"),
+                 f"model.name={tiny_model_dir}", *LABEL_OVERRIDES], timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'in.csv'}: line 3: a quote opens in row 2 and is never closed: the 4998 lines after it, "
+        "to the end of the file, would be one field; close the quote, or double a quote inside a quoted field (\"\")"
+    ]
+    assert not (tmp_path / "new").exists()  # the job failed its checks: nothing left behind
+
+
+@pytest.mark.slow
+def test_a_mixed_folder_names_the_files_not_read_and_ids_come_out_as_written(tiny_model_dir, tmp_path):
+    ids = ["7", " 7", "9 ", "\t=tab", "=1+1", "+cmd", "-3", "@sum", "'=quoted", "007"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with open(folder / "ids.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["ID", "sentence", "label"]] + [[i, f"review {n}", "Positive"] for n, i in enumerate(ids)])
+    (folder / "notes.txt").write_text("not data\n")
+    out = label(["--input", str(folder), "--output", str(tmp_path / "out"), f"model.name={tiny_model_dir}", *LABEL_OVERRIDES])
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"{folder}: 1 file there is not read (not .csv, .parquet, .pq, .jsonl, .json (text formats optionally .gz), " \
+        "or a hidden name starting with '.' or '_'): notes.txt" in out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["files"] == 1 and summary["files_not_read"] == [str(folder / "notes.txt")]
+    assert summary["labelled"] == len(ids) and summary["bad_rows"] == 0
+    # Byte for byte in every output: the Parquet predictions, the CSV shards, submission.csv.
+    import pyarrow.parquet as pq
+
+    predictions = [i for p in sorted((tmp_path / "out" / "predictions").glob("*.parquet")) for i in pq.read_table(p).column("ID").to_pylist()]
+    shards = [r[0] for p in sorted((tmp_path / "out" / "csv").glob("*.csv")) for r in list(csv.reader(p.open(newline="")))[1:]]
+    submission = [r[0] for r in list(csv.reader((tmp_path / "out" / "submission.csv").open(newline="")))[1:]]
+    assert predictions == shards == submission == ids

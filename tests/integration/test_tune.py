@@ -223,3 +223,52 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
     result = scorer.score([p["sentence"] for p in predictions])
     expected = np.array([[p[f"p_{label}"] for label in result.labels] for p in predictions])
     np.testing.assert_allclose(result.probs, expected, atol=1e-4)
+
+
+# ============================================================================ one job at a time
+
+
+@pytest.mark.slow
+def test_a_second_job_on_an_experiment_is_refused_and_a_killed_holders_lock_is_taken_over(tiny_cfg, tmp_path):
+    cfg = tiny_cfg
+    cfg.train.max_steps = 2
+    cfg.data.max_validation_rows = 16
+    cfg.tune.num_samples = 1
+    cfg.tune.max_concurrent_trials = 1
+    cfg.tune.scheduler = "fifo"
+    cfg.tune.experiment_name = "race"
+    cfg.tune.search_space = {"train.learning_rate": {"type": "choice", "values": [1e-3]}}
+    config_path = tmp_path / "tune.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    exp = Path(cfg.run.storage_path) / "race"
+    lock = exp / "_lock.json"
+    cmd = [sys.executable, str(JOB), "--config", str(config_path), "--num-cpus", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+
+    with open(tmp_path / "first.log", "w") as log1:
+        first = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path), start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (lock.exists() and json.loads(lock.read_text() or "{}").get("pid") == first.pid):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-5000:]
+            assert time.time() < deadline, "the first job took no lock"
+            time.sleep(0.2)
+        # The same command beside it: refused in one line naming the first, before any Ray.
+        started = time.time()
+        second = _run_to_end(cmd, env=env, cwd=str(tmp_path), timeout=120)
+        assert second.returncode == 1 and second.stdout == ""
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {exp} is in use by another tune job, pid {first.pid} on host "), second.stderr[-3000:]
+        assert "Traceback" not in second.stderr and "Started a local Ray instance" not in second.stderr
+        assert time.time() - started < 60
+        assert json.loads(lock.read_text())["pid"] == first.pid  # the refused job left the lock alone
+    finally:
+        _kill_tree(first)  # a crash: the lock stays behind, naming a process that is gone
+
+    rerun = _run_to_end(cmd, env=env, cwd=str(tmp_path), timeout=500)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-6000:]
+    assert f"taking over a stale lock (process {first.pid} no longer runs)" in rerun.stderr
+    summary = _json_line(rerun.stdout)
+    assert summary["trials"] == 1 and summary["outcomes"]["completed"] == 1
+    assert not lock.exists()  # released at the end

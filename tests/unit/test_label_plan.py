@@ -4,7 +4,9 @@ bookkeeping."""
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 
 import pyarrow as pa
@@ -454,3 +456,76 @@ def test_a_driver_killed_while_planning_leaves_no_temporary(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert list(temp.iterdir()) == []
+
+
+# IDs as written: a space, a tab or a spreadsheet formula character is part of the ID.
+WRITTEN_IDS = ["7", " 7", "9 ", "\t=tab", "=1+1", "+cmd", "-3", "@sum", "'=quoted", "007"]
+
+
+def test_ids_are_kept_byte_for_byte_and_only_exact_repeats_are_duplicates(tmp_path):
+    body = "ID,sentence\n" + "".join(f'"{i}",text {n}\n' for n, i in enumerate(WRITTEN_IDS))
+    csv_file = write_csv(tmp_path / "ids.csv", body.encode())
+    jsonl = tmp_path / "ids.jsonl"
+    jsonl.write_text("".join(json.dumps({"ID": f"j{i}", "sentence": "t"}) + "\n" for i in WRITTEN_IDS))
+    parquet = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"ID": [f"p{i}" for i in WRITTEN_IDS], "sentence": ["t"] * len(WRITTEN_IDS)}), parquet)
+    p = plan([csv_file, jsonl, parquet], rows_per_unit=3)  # `7` and ` 7` are two IDs: no duplicate
+    table, bad = read_all(p.units)
+    expected = WRITTEN_IDS + [f"j{i}" for i in WRITTEN_IDS] + [f"p{i}" for i in WRITTEN_IDS]
+    assert bad == [] and table.column("ID").to_pylist() == expected
+    # What a labelling actor writes: the unit's Parquet shard and its `ID,label` CSV shard.
+    shard = tmp_path / "shard.parquet"
+    pq.write_table(table, shard)
+    assert pq.read_table(shard).column("ID").to_pylist() == expected
+    rows = list(csv.reader(io.StringIO(submission_csv(expected, ["Positive"] * len(expected)).decode())))
+    assert [r[0] for r in rows[1:]] == expected
+
+
+def test_an_exact_repeat_of_an_id_written_with_a_space_is_a_duplicate(tmp_path):
+    f = write_csv(tmp_path / "d.csv", b'ID,sentence\n7,a\n" 7",b\n" 7",c\n')
+    with pytest.raises(DataError) as err:
+        plan([f], rows_per_unit=2)
+    assert str(err.value).startswith("1 duplicate ID in column 'ID'")
+    assert f"' 7': {f}: row 3, first at {f}: row 2" in str(err.value)
+
+
+def test_an_id_of_only_whitespace_is_a_missing_id(tmp_path):
+    f = write_csv(tmp_path / "w.csv", b'ID,sentence\n1,a\n"  ",b\n"\t",c\n')
+    table, bad = read_all(plan([f], rows_per_unit=5).units)
+    assert table.column("ID").to_pylist() == ["1"]
+    assert [(b["row"], b["reason"]) for b in bad] == [(2, "missing ID (whitespace only)"), (3, "missing ID (whitespace only)")]
+
+
+# ----------------------------------------------------------------------------- unbalanced quotes
+
+
+def test_a_quote_never_closed_is_an_error_naming_its_line_and_the_lines_it_swallowed(tmp_path):
+    rows = "".join(f"c{i},row {i},Positive\n" for i in range(2, 1000))
+    f = write_csv(tmp_path / "q.csv", f'ID,sentence,label\nc0,fine,Positive\nc1,"unterminated quote,Positive\n{rows}'.encode())
+    with pytest.raises(DataError) as err:
+        plan([f], rows_per_unit=100)
+    assert str(err.value) == (
+        f"{f}: line 3: a quote opens in row 2 and is never closed: the 998 lines after it, to the end of "
+        "the file, would be one field; close the quote, or double a quote inside a quoted field (\"\")"
+    )
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("body", [
+    b'ID,sentence\nx1,"a\nb"\nx2,last',  # no newline at the end
+    b'ID,sentence\nx1,a\nx2,"quoted\nat the end"\n',
+    b'ID,sentence\nx1,a\nx2,"quoted at the end"',
+])
+def test_a_closed_quote_at_the_end_of_the_file_is_no_error(tmp_path, body):
+    table, bad = read_all(plan([write_csv(tmp_path / "e.csv", body)], rows_per_unit=1).units)
+    assert bad == [] and table.column("ID").to_pylist() == ["x1", "x2"]
+
+
+def test_a_stray_quote_closed_by_a_later_one_is_quarantined_counting_the_lines_it_spans(tmp_path):
+    f = write_csv(tmp_path / "s.csv", b'ID,sentence,label\nc1,"stray,Positive\nc2,b,Negative\nc3,c,"Positive"\nc4,d,Negative\n')
+    table, bad = read_all(plan([f], rows_per_unit=10).units)
+    assert table.column("ID").to_pylist() == ["c4"]
+    assert [(b["row"], b["line"], b["reason"]) for b in bad] == [(1, 2, (
+        "malformed row (has 2 fields, the header has 3; one quoted field runs over lines 2-4: "
+        "2 lines swallowed by an unbalanced quote?)"
+    ))]

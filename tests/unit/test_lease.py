@@ -97,6 +97,21 @@ def test_the_heartbeat_renews_and_a_lost_lock_is_noticed(tmp_path):
     assert lock_record(tmp_path)["owner"] == "intruder"  # release never deletes another job's lock
 
 
+def test_a_folder_the_lease_created_goes_when_it_is_left_empty(tmp_path):
+    fresh = tmp_path / "new" / "out"
+    with Lease(Storage(str(fresh)), purpose="label"):
+        assert (fresh / LOCK_FILE).exists()
+    assert not (tmp_path / "new").exists()  # a job that stopped before writing anything leaves no folder
+    with Lease(Storage(str(fresh)), purpose="label"):
+        (fresh / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in fresh.iterdir()) == ["manifest.json"]  # something written: kept
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with Lease(Storage(str(existing)), purpose="label"):
+        pass
+    assert existing.is_dir()  # the user's folder, not the lease's
+
+
 def test_racing_jobs_get_exactly_one_lock(tmp_path):
     won, refused, start = [], [], threading.Barrier(8)
 

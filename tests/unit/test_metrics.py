@@ -60,3 +60,39 @@ def test_a_drop_in_macro_f1_is_sure_only_when_the_rows_support_it():
     few, one_wrong = gold[:4], ["Negative"] + gold[1:4]  # 4 rows, one flipped: cannot tell
     assert 0.05 < macro_f1_drop_likelihood(few, few, one_wrong, labels) < 0.95 + 1e-9
     assert macro_f1_drop_likelihood(gold, right, [None] * 200, labels) > 0.99  # unparsed answers are wrong
+
+
+@pytest.mark.parametrize("piece", [1, 7, 50, 1000])
+@pytest.mark.parametrize("with_confidence", [True, False])
+def test_counts_summed_piece_by_piece_give_the_whole_tables_report_to_the_last_bit(piece, with_confidence):
+    import random
+
+    from sentiment_ray.labels import LabelSet
+    from sentiment_ray.metrics import EvaluationCounts, evaluate_predictions
+
+    rng = random.Random(0)
+    n = 600
+    gold = [rng.choice(["Positive", "negative", " NEGATIVE ", "1", "0", None, "maybe"]) for _ in range(n)]
+    predicted = [rng.choice(["Positive", "Negative", None]) for _ in range(n)]
+    confidence = [rng.random() for _ in range(n)] if with_confidence else None
+    langs = [rng.choice(["en", " en", "zh", None, 3]) for _ in range(n)]
+    labels, label_map = LabelSet(["Positive", "Negative"]), {"1": "Positive", "0": "Negative"}
+
+    whole = evaluate_predictions(gold, predicted, labels, label_map=label_map, confidence=confidence, langs=langs)
+    counts = EvaluationCounts(labels, label_map=label_map)
+    for start in range(0, n, piece):
+        part = slice(start, start + piece)
+        counts.add(gold[part], predicted[part], confidence=confidence[part] if confidence else None, langs=langs[part])
+    streamed = counts.report()
+    assert ("ece" in whole) is with_confidence and whole["rows_without_label"] > 0 and whole["unparsed"] > 0
+    assert streamed == whole
+    assert list(streamed) == list(whole)  # the same keys in the same order: the same metrics.json
+
+
+def test_counts_of_rows_without_a_usable_gold_label_report_nothing():
+    from sentiment_ray.labels import LabelSet
+    from sentiment_ray.metrics import EvaluationCounts
+
+    counts = EvaluationCounts(LabelSet(["Positive", "Negative"]))
+    counts.add([None, "maybe"], ["Positive", None], confidence=[0.9, 0.5], langs=[None, "en"])
+    assert counts.report() is None

@@ -59,3 +59,13 @@ def test_the_model_must_be_here_unless_the_driver_joins_a_cluster(tmp_path, monk
     assert joined.warnings and "the training workers must have it" in joined.warnings[0]
     hub = preflight.check_run(load_config("demo", ["model.name=org/some-model", f"data.train_path={data}"]))
     assert hub.model == "hub:org/some-model" and not hub.warnings
+
+
+def test_files_of_a_training_folder_that_are_not_read_are_a_warning(tmp_path):
+    (tmp_path / "data").mkdir()
+    _csv(tmp_path / "data" / "a.csv", 40)
+    (tmp_path / "data" / "more.tsv").write_text("ID\tsentence\tlabel\n", encoding="utf-8")
+    checked = preflight.check_data(load_config("demo", [f"data.train_path={tmp_path / 'data'}"]))
+    assert checked.train_rows + checked.validation_rows == 40
+    assert [w.split(" (not ")[0] for w in checked.warnings] == [f"{tmp_path / 'data'}: 1 file there is not read"]
+    assert checked.warnings[0].endswith("): more.tsv")

@@ -82,6 +82,13 @@ def test_csv_values_are_kept_exactly_as_written(tmp_path):
     assert loaded.column("label").to_pylist() == ["Positive"]  # case-normalised
 
 
+def test_training_keeps_ids_as_written_and_labels_canonical(tmp_path):
+    path = write_bytes(tmp_path / "ids.csv", HEADER + b'7,a,Positive,en\n" 7", b ," Negative ",en\n"\t=tab",c,positive,en\n')
+    loaded = load_labelled(path, cfg(), LABELS).table
+    assert loaded.column("ID").to_pylist() == ["7", " 7", "\t=tab"]  # two IDs, not a duplicate
+    assert loaded.column("label").to_pylist() == ["Positive", "Negative", "Positive"]
+
+
 # ----------------------------------------------------------------------------- formats and paths
 
 
@@ -113,6 +120,22 @@ def test_glob_directory_and_file_uri_read_the_same_rows(tmp_path, demo_small_tab
         assert [Path(f).name for f in loaded.files] == ["part-1.csv", "part-2.parquet"], spec
         rows = Counter(loaded.table.column("source_file").to_pylist())
         assert sorted(rows.values()) == [80, 120]
+
+
+def test_files_a_folder_holds_but_are_not_read_are_named(tmp_path):
+    from sentiment_ray.io.files import expand_inputs, not_read_warning
+
+    (tmp_path / "sub").mkdir()
+    for rel in ("a.csv", "notes.txt", "sub/b.parquet", "sub/README", "_SUCCESS", ".DS_Store"):
+        (tmp_path / rel).write_text("")
+    inputs = expand_inputs(str(tmp_path))
+    assert inputs.files == [str(tmp_path / "a.csv"), str(tmp_path / "sub" / "b.parquet")]
+    assert inputs.not_read == [str(tmp_path / n) for n in (".DS_Store", "_SUCCESS", "notes.txt", "sub/README")]
+    assert not_read_warning(str(tmp_path), inputs.not_read) == (
+        f"{tmp_path}: 4 files there are not read (not .csv, .parquet, .pq, .jsonl, .json (text formats optionally .gz), "
+        "or a hidden name starting with '.' or '_'): .DS_Store, _SUCCESS, notes.txt, sub/README"
+    )
+    assert expand_inputs(str(tmp_path / "a.csv")).not_read == []  # a file names only itself
 
 
 def test_expand_paths_sorted_and_recursive(tmp_path):
