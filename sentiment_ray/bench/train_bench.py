@@ -11,7 +11,7 @@ other, so Unsloth's patches never reach the hf run and each run starts with an e
 
 Each child trains exactly as the training job's worker does (sentiment_ray.train.data /
 trainer:
-`build_train_dataset`, `build_sft_config`, `sft_trainer_class` - TRL SFTTrainer, packing,
+`build_train_dataset`, `build_sft_config`, `build_sft_trainer` - TRL SFTTrainer, packing,
 batch x grad-accum from the config, adamw_8bit, linear LR, bf16, the backend's gradient
 checkpointing), with checkpoint saving switched off, for `warmup + steps` optimizer steps.
 A `TrainerCallback` synchronises CUDA at the end of every optimizer step and takes the
@@ -485,7 +485,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     counter = _token_counter_class()()
     timer = _timer_callback_class()(counter, sync)
     trainer_cls = _bench_trainer_class(sft.sft_trainer_class(), counter)
-    hf_trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    hf_trainer = sft.build_sft_trainer(model, args, dataset, tokenizer, callbacks=[timer], trainer_class=trainer_cls)
     prep_s = time.perf_counter() - t0
 
     if device.type == "cuda":

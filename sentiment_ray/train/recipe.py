@@ -48,10 +48,10 @@ from sentiment_ray.train.progress import progress_callback
 from sentiment_ray.train.trainer import (
     FAIL_AT_STEP_ENV,
     build_sft_config,
+    build_sft_trainer,
     checkpoint_every,
     report_callback_class,
     restore_checkpoint,
-    sft_trainer_class,
 )
 from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 
@@ -327,11 +327,11 @@ def train_attempt(attempt: Attempt) -> None:
         run_state={"zero_shot": zero_shot, "zero_shot_predicted": zero_shot_predicted},
         fail_at_step=attempt.payload.get("fail_at_step") if not resume_path else None,
     )
-    trainer = sft_trainer_class()(
-        model=model,
-        args=build_sft_config(cfg, device, output_dir, attempt.world_size),
-        train_dataset=build_train_dataset(cfg, splits.train, tokenizer, template, labels),
-        processing_class=tokenizer,
+    trainer = build_sft_trainer(
+        model,
+        build_sft_config(cfg, device, output_dir, attempt.world_size),
+        build_train_dataset(cfg, splits.train, tokenizer, template, labels),
+        tokenizer,
         callbacks=[
             # First: at the last step it announces the scoring the reporter then does.
             progress_callback(attempt.events, checkpoint_every=checkpoint_every(cfg),

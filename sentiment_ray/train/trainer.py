@@ -21,7 +21,7 @@ import os
 import time
 
 from sentiment_ray import compat
-from sentiment_ray.backends.base import resolve_dtype
+from sentiment_ray.backends.base import resolve_dtype, train_lora_in_float32, trainable_dtypes
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.train import layout
 from sentiment_ray.train.evaluation import evaluate_split, flat_validation_metrics
@@ -335,6 +335,68 @@ def _make_sft_trainer_class():
             return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return _PortableSFTTrainer
+
+
+class LoraDtypeError(RuntimeError):
+    """The weights the first optimizer step would update are not all float32."""
+
+
+def _make_float32_check_class():
+    from transformers import TrainerCallback
+
+    class _Float32LoraCheck(TrainerCallback):
+        """Checks, as the first optimizer step of an attempt begins, that every parameter the
+        optimizer updates is float32: what it sees is what trains, whatever cast the
+        trainer's construction, a restored checkpoint or accelerate's preparation did."""
+
+        def __init__(self):
+            self.checked = False
+
+        def on_step_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+            if self.checked:
+                return control
+            self.checked = True
+            if optimizer is not None:
+                updated = (p for group in optimizer.param_groups for p in group["params"])
+            else:
+                updated = model.parameters()
+            dtypes = trainable_dtypes(updated)
+            if set(dtypes) != {"float32"}:
+                raise LoraDtypeError(
+                    f"the optimizer would update LoRA weights of dtypes {dtypes} (elements per dtype); "
+                    "they must all be float32, or small updates round away"
+                )
+            return control
+
+    return _Float32LoraCheck
+
+
+def build_sft_trainer(model, args, train_dataset, tokenizer, callbacks=(), trainer_class=None):
+    """The project's SFTTrainer (`trainer_class`, default sft_trainer_class()) over `model`,
+    with its LoRA weights float32 when training starts, and checked at the first step.
+
+    TRL 1.15's SFTTrainer.__init__ casts every trainable parameter of a quantised model
+    (`model.is_loaded_in_4bit` / `is_loaded_in_8bit`) to bfloat16, unconditionally (not
+    only with `bf16=True`), following the QLoRA paper (trl/trainer/sft_trainer.py, "When
+    using QLoRA, the PEFT adapter weights are converted to bf16"). TRL has no option to
+    skip it, and hiding the quantisation flag would change what peft and accelerate do
+    with the model too, so the weights are cast back here, after the constructor and
+    before `train()` builds the optimizer (which then holds float32 weights, and restores a
+    checkpoint's optimizer state in float32). A cast is a no-op where nothing changed them.
+    The check callback fails the run if anything later (another library version, a
+    backend's patch) hands the first optimizer step something else."""
+    trainer_class = trainer_class or sft_trainer_class()
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[_make_float32_check_class()(), *callbacks],
+    )
+    cast = train_lora_in_float32(trainer.model)
+    if cast:
+        log.info("%d trainable parameters were cast back to float32 after the trainer was built", cast)
+    return trainer
 
 
 _SFT_TRAINER_CLASS = None
