@@ -50,6 +50,7 @@ from sentiment_ray.train.trainer import (
     build_sft_config,
     build_sft_trainer,
     checkpoint_every,
+    plan_batches,
     report_callback_class,
     restore_checkpoint,
 )
@@ -299,6 +300,7 @@ def train_attempt(attempt: Attempt) -> None:
     attempt.events.phase(f"loading {cfg.model.name} ({attempt.backend_name} backend, {device})")
     backend = backends.get_backend(attempt.backend_name)
     model, tokenizer = backend.load_for_training(cfg, device)
+    batches = plan_batches(cfg, model, device, attempt.backend_name)  # the global batch, cut to fit this GPU
 
     # 3. Resume: a checkpoint exists when this run resumes (same name and storage) or Ray retried it.
     checkpoint = ray.train.get_checkpoint()
@@ -329,7 +331,7 @@ def train_attempt(attempt: Attempt) -> None:
     )
     trainer = build_sft_trainer(
         model,
-        build_sft_config(cfg, device, output_dir, attempt.world_size),
+        build_sft_config(cfg, device, output_dir, attempt.world_size, batches),
         build_train_dataset(cfg, splits.train, tokenizer, template, labels),
         tokenizer,
         callbacks=[
@@ -382,6 +384,10 @@ def train_attempt(attempt: Attempt) -> None:
         Storage(os.path.join(outputs, layout.ADAPTER_DIR)).write_json(CALIBRATION_FILE, calibration)
     training = training_stats(attempt, trainer, train_output, train_wall, reporter)
     training["gradient_checkpointing"] = gradient_checkpointing_for(cfg, device)
+    training["batches"] = {"global_batch_size": attempt.world_size * batches.rows_per_step,
+                           "micro_batch_size": batches.micro_batch_size,
+                           "gradient_accumulation_steps": batches.gradient_accumulation_steps,
+                           "chosen_by": batches.chosen_by}
     write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training, calibration, drop_likelihood)
     tracking.finish_training(attempt.tracker, outputs, zero_shot, fine_tuned, training)
 

@@ -21,9 +21,10 @@ import os
 import time
 
 from sentiment_ray import compat
-from sentiment_ray.backends.base import resolve_dtype, train_lora_in_float32, trainable_dtypes
+from sentiment_ray.backends.base import gradient_checkpointing_for, resolve_dtype, train_lora_in_float32, trainable_dtypes
+from sentiment_ray.bench.flops import ModelShape
 from sentiment_ray.config import ExperimentConfig
-from sentiment_ray.train import layout
+from sentiment_ray.train import batching, layout
 from sentiment_ray.train.evaluation import evaluate_split, flat_validation_metrics
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,52 @@ def resolve_padding_free(setting: str, packing: bool, device_type: str, packing_
     return setting == "true"
 
 
-def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int):
-    """TRL SFTConfig from cfg.train (and model.max_seq_length)."""
+def plan_batches(cfg: ExperimentConfig, model, device, backend_name: str) -> batching.BatchPlan:
+    """This worker's cut of its share of the global batch (train/batching.py). With
+    `train.micro_batch_size: auto` on a GPU: the largest that fits the memory left free once
+    `model` is loaded, agreed by every worker (the smallest of their choices), so that they
+    run the same number of forward passes per optimizer step."""
+    import torch
+
+    planned = batching.configured_plan(cfg.train, on_gpu=device.type == "cuda")
+    if planned is not None:
+        return planned
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache is reusable
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = resolve_optimizer(cfg.train.optim, device.type)
+    budget = batching.activation_budget(free, trainable, eight_bit_optimizer="8bit" in optimizer)
+    per_row = batching.activation_bytes_per_row(
+        ModelShape.from_config(getattr(model.config, "text_config", None) or model.config),
+        seq_len=cfg.model.max_seq_length,
+        backend=backend_name,
+        gradient_checkpointing=gradient_checkpointing_for(cfg, device),
+        attention=cfg.model.attn_implementation,
+    )
+    micro = batching.micro_batch_that_fits(batching.worker_share(cfg.train), budget_bytes=budget, bytes_per_row=per_row)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        agreed = torch.tensor([micro], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        micro = int(agreed.item())
+    log.info("micro-batch %d x %d accumulation steps per optimizer step: %.1f GiB free for activations, "
+             "%.2f GiB per row (estimated)", micro, batching.worker_share(cfg.train) // micro, budget / 2**30, per_row / 2**30)
+    return batching.cut(cfg.train, micro, "memory")
+
+
+def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int,
+                     batches: batching.BatchPlan | None = None):
+    """TRL SFTConfig from cfg.train (and model.max_seq_length); micro-batches and gradient
+    accumulation from `batches` (plan_batches), else as the config fixes them (on a GPU,
+    `train.micro_batch_size: auto` needs a plan)."""
     import torch
     from trl import SFTConfig
 
     t = cfg.train
+    batches = batches or batching.configured_plan(t, on_gpu=device.type == "cuda")
+    if batches is None:
+        raise ValueError("train.micro_batch_size=auto on a GPU: pass the plan_batches(...) of the loaded model")
     cuda = device.type == "cuda"
     dtype = resolve_dtype(cfg.model.dtype, device)
     padding_free = resolve_padding_free(t.padding_free, t.packing, device.type, t.packing_strategy)
@@ -91,8 +132,8 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
     return SFTConfig(
         output_dir=output_dir,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=batches.micro_batch_size,
+        gradient_accumulation_steps=batches.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,

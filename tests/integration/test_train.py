@@ -296,6 +296,60 @@ def test_training_refuses_to_start_on_lora_weights_that_are_not_float32(tiny_cfg
     assert trainer.state.global_step == 0
 
 
+def _lora_update_over_3_sgd_steps(cfg, output_dir, rows):
+    """(LoRA weights after minus before 3 optimizer steps, the logged losses, the label
+    tokens of each micro-batch) of the project's trainer on `cfg`. Plain SGD: the update is
+    the learning rate times the gradient, so a loss scaled differently shows (Adam's first
+    steps would hide it)."""
+    import torch
+
+    from sentiment_ray.train.trainer import build_sft_trainer, sft_trainer_class
+
+    label_tokens = []
+
+    class CountingTrainer(sft_trainer_class()):
+        def training_step(self, model, inputs, *args, **kwargs):
+            label_tokens.append(int((inputs["labels"][:, 1:] != -100).sum()))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    cfg.train.optim, cfg.train.learning_rate, cfg.train.max_steps = "sgd", 0.5, 3
+    model, trainer = _train_in_process(cfg, output_dir, rows=rows)
+    trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class,
+                                trainer_class=CountingTrainer)
+    assert len(trainer.train_dataset) >= 3 * 8  # three steps inside one epoch, whatever the cut
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    update = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps == 8
+    return update, losses, label_tokens
+
+
+@pytest.mark.parametrize("packing, loss_on", [(True, "completion"), (False, "completion"), (False, "full_text")])
+def test_the_update_is_the_same_however_the_global_batch_is_cut(tiny_cfg, tmp_path, packing, loss_on):
+    """8 rows per optimizer step as 4 micro-batches of 2 or as one of 8 give the same LoRA
+    update, step after step, within float32 rounding: the loss is the summed token NLL of
+    the whole step over its label-token count, however many forward passes it took."""
+    import torch
+
+    tiny_cfg.train.packing, tiny_cfg.train.loss_on = packing, loss_on
+    tiny_cfg.train.per_device_train_batch_size, tiny_cfg.train.gradient_accumulation_steps = 2, 4
+    cut_in_4, losses_4, tokens_4 = _lora_update_over_3_sgd_steps(tiny_cfg, tmp_path / "micro2", rows=64)
+    tiny_cfg.train.micro_batch_size = 8
+    whole, losses_1, tokens_1 = _lora_update_over_3_sgd_steps(tiny_cfg, tmp_path / "micro8", rows=64)
+
+    assert (len(tokens_4), len(tokens_1)) == (12, 3)
+    assert [sum(tokens_4[i:i + 4]) for i in (0, 4, 8)] == tokens_1  # the same rows in each step
+    if packing or loss_on == "full_text":
+        # Micro-batches of unequal label counts: a mean per micro-batch would weigh tokens otherwise.
+        assert len(set(tokens_4)) > 1
+    assert losses_4 == pytest.approx(losses_1, rel=1e-5)
+    scale = max(float(u.abs().max()) for u in whole.values())
+    assert scale > 1e-3  # the weights moved
+    for name, update in whole.items():
+        assert torch.allclose(cut_in_4[name], update, rtol=1e-4, atol=1e-5 * scale), name
+
+
 def test_packed_batches_compute_the_same_loss_as_padded_ones(tiny_model_dir):
     """TRL's BFD packing is padding-free (no attention mask, restarting position_ids); on
     sdpa/eager, transformers builds a per-sequence causal mask from the position_ids, so a
