@@ -519,6 +519,7 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
     assert train["global_step"] == 4 and train["resumed_from_step"] == 0 and train["steps_this_attempt"] == 4
     assert [e["step"] for e in train["log_history"] if "loss" in e] == [1, 2, 3, 4]
     assert train["optimizer"] == "adamw_torch" and train["gradient_checkpointing"] == "false" and train["tokens_this_attempt"] > 0 and train["tokens_per_second"] > 0
+    assert train["batches"] == {"global_batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "chosen_by": "config"}
     assert metrics["peak_gpu_memory_gb"] is None  # CPU
     # The temperature fitted on the validation split travels with the adapter; the report
     # compares zero-shot and fine-tuned, per language, and shows calibration before and after.
