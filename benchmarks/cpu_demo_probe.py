@@ -30,7 +30,7 @@ def step_seconds(dtype: str, checkpointing: str = "false") -> dict:
     from sentiment_ray.train.data import build_train_dataset, load_labelled
     from sentiment_ray.labels import LabelSet
     from sentiment_ray.prompts import PromptTemplate
-    from sentiment_ray.train.trainer import build_sft_config, sft_trainer_class
+    from sentiment_ray.train.trainer import build_sft_config, build_sft_trainer
 
     cfg = load_config("demo", [f"model.dtype={dtype}", "model.backend=hf", f"train.max_steps={STEPS}",
                                f"lora.gradient_checkpointing={checkpointing}"])
@@ -50,9 +50,7 @@ def step_seconds(dtype: str, checkpointing: str = "false") -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = build_sft_config(cfg, torch.device("cpu"), out, world_size=1)
         args.save_strategy = "no"
-        trainer = sft_trainer_class()(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()]
-        )
+        trainer = build_sft_trainer(model, args, dataset, tokenizer, callbacks=[Timer()])
         trainer.train()
     tokens = trainer.state.num_input_tokens_seen
     return {"dtype": dtype, "gradient_checkpointing": checkpointing, "step_s": [round(t, 2) for t in times], "median_step_s_after_warmup": round(statistics.median(times[2:]), 2),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -178,7 +178,20 @@ class DataConfig(_Strict):
 
 class TrainConfig(_Strict):
     per_device_train_batch_size: int = Field(2, gt=0)
+    """Rows (packed sequences, with packing) each worker takes per forward pass, unless
+    train.micro_batch_size cuts its share otherwise. run.num_workers x this x
+    train.gradient_accumulation_steps is the global batch: the rows of one optimizer step."""
     gradient_accumulation_steps: int = Field(4, gt=0)
+    """Forward passes per optimizer step on each worker (see per_device_train_batch_size)."""
+    micro_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] | None = None
+    """How each worker's share of the global batch (per_device_train_batch_size x
+    gradient_accumulation_steps rows) is cut into forward passes; gradient accumulation
+    takes the rest, so the global batch stays what the two fields above say. Unset: as they
+    say. A number: that many rows per forward pass (it must divide the share). `auto`: on a
+    GPU the largest divisor of the share that fits the GPU's memory (train/batching.py), on
+    a CPU per_device_train_batch_size. The loss is normalised over the whole optimizer step,
+    so the update is the same however the share is cut, and a run may resume cut otherwise
+    (on another GPU, say)."""
     learning_rate: float = Field(3e-4, gt=0)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(5, ge=0)
@@ -223,6 +236,16 @@ class TrainConfig(_Strict):
     calibrate: bool = True
     """Fit a temperature on the validation split after training (the adapter's
     calibration.json), so the probabilities labelling gives are calibrated."""
+
+    @model_validator(mode="after")
+    def _micro_batch_divides_the_share(self) -> "TrainConfig":
+        share = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if isinstance(self.micro_batch_size, int) and share % self.micro_batch_size:
+            raise ValueError(
+                f"train.micro_batch_size={self.micro_batch_size} does not divide each worker's share of the global "
+                f"batch, train.per_device_train_batch_size x train.gradient_accumulation_steps = {share}"
+            )
+        return self
 
 
 class RunConfig(_Strict):

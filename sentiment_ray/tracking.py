@@ -204,17 +204,24 @@ class RunTracker:
         self._guard("log params", log_all)
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        values = {k: float(v) for k, v in metrics.items() if _finite(v)}
+        self.log_metric_history([(metrics, step, int(time.time() * 1000))])
+
+    def log_metric_history(self, entries: list[tuple[dict[str, Any], int, int]]) -> None:
+        """Several steps' metrics, each entry (metrics, step, time in ms), in as few writes
+        as MLflow allows (a batch holds at most 1,000 values)."""
+        values = [(k, float(v), when, int(step)) for metrics, step, when in entries
+                        for k, v in metrics.items() if _finite(v)]
         if not values:
             return
 
-        def log_batch():
+        def log_batches():
             from mlflow.entities import Metric
 
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, int(step)) for k, v in values.items()])
+            rows = [Metric(k, v, when, step) for k, v, when, step in values]
+            for start in range(0, len(rows), 1000):
+                self.client.log_batch(self.run_id, metrics=rows[start : start + 1000])
 
-        self._guard("log metrics", log_batch)
+        self._guard("log metrics", log_batches)
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self._guard("log artifacts", self.client.log_artifacts, self.run_id, local_dir, artifact_path)
@@ -253,9 +260,20 @@ def start_training(cfg: ExperimentConfig, run_dir: str) -> RunTracker | None:
     return tracker
 
 
-def training_callbacks(tracker: RunTracker | None, reporter) -> list:
+# Step metrics wait at most this long before they are written (see training_callbacks).
+STEP_METRICS_FLUSH_S = 30.0
+
+
+def training_callbacks(tracker: RunTracker | None, reporter, flush_every_s: float = STEP_METRICS_FLUSH_S) -> list:
     """[a TrainerCallback logging every HF log entry and each evaluation of `reporter`
-    (train.py's report callback, which must run first)], or [] without a tracker."""
+    (train.py's report callback, which must run first)], or [] without a tracker.
+
+    Step entries are kept and written together: at every checkpoint and evaluation, at the
+    end of training and once `flush_every_s` passed, never one write per step. An MLflow
+    write takes tens of milliseconds (a SQLite transaction per batch, more to a server),
+    which a GPU step of about a second would wait for at every step. Every step still
+    reaches MLflow; a worker that dies loses at most the entries after its last checkpoint,
+    whose steps the resumed run trains and logs again."""
     if tracker is None:
         return []
     from transformers import TrainerCallback
@@ -263,21 +281,36 @@ def training_callbacks(tracker: RunTracker | None, reporter) -> list:
     class MlflowStepCallback(TrainerCallback):
         def __init__(self):
             self.logged_eval_step = -1
+            self.pending: list[tuple[dict, int, int]] = []
+            self.flushed_at = time.monotonic()
+
+        def flush(self):
+            if self.pending:
+                tracker.log_metric_history(self.pending)
+                self.pending = []
+            self.flushed_at = time.monotonic()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                tracker.log_metrics(logs, state.global_step)
+                self.pending.append((dict(logs), state.global_step, int(time.time() * 1000)))
+                if time.monotonic() - self.flushed_at >= flush_every_s:
+                    self.flush()
 
         def _log_eval(self, state):
             if reporter.last_eval_step == state.global_step and self.logged_eval_step != state.global_step:
-                tracker.log_metrics(flat_validation_metrics(reporter.last_eval), state.global_step)
+                self.pending.append((flat_validation_metrics(reporter.last_eval), state.global_step, int(time.time() * 1000)))
                 self.logged_eval_step = state.global_step
+                self.flush()
 
         def on_step_end(self, args, state, control, **kwargs):
             self._log_eval(state)
 
         def on_save(self, args, state, control, **kwargs):
             self._log_eval(state)
+            self.flush()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.flush()
 
     return [MlflowStepCallback()]
 

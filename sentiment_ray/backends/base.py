@@ -117,6 +117,34 @@ def trainable_parameter_summary(model: Any) -> dict[str, int]:
     return {"trainable": int(trainable), "total": int(total)}
 
 
+def train_lora_in_float32(model: Any) -> int:
+    """Make every trainable (LoRA) weight float32, in place; returns how many were cast.
+
+    Small optimizer updates round away in bfloat16 (8 bits of mantissa): a LoRA weight of
+    0.01 does not move for an update below about 4e-5. Both backends train float32 LoRA
+    weights over a 16- or 4-bit frozen base (the matmuls still run in the base's dtype
+    under autocast). `param.data` is replaced, not the Parameter, so an optimizer built
+    before or after holds the same objects."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+def trainable_dtypes(parameters: Any) -> dict[str, int]:
+    """Element counts per dtype of the trainable parameters among `parameters`."""
+    counts: dict[str, int] = {}
+    for param in parameters:
+        if param.requires_grad:
+            name = str(param.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + param.numel()
+    return counts
+
+
 def ensure_pad_token(tokenizer: Any) -> Any:
     """Batching needs a pad token; many base models ship without one. Use EOS (padding is
     masked out of attention and loss, so which id fills it does not matter)."""

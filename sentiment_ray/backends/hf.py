@@ -20,6 +20,7 @@ from sentiment_ray.backends.base import (
     normalise_device,
     reset_lora_weights,
     resolve_dtype,
+    train_lora_in_float32,
 )
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.models import resolve_model_path
@@ -107,10 +108,10 @@ class HFBackend:
         if cfg.lora.init == "seeded":
             reset_lora_weights(model, cfg.train.seed)  # the same start as the unsloth backend
         # peft gives a 4-bit layer's LoRA weights the base's compute dtype (bfloat16), where
-        # small optimizer updates round away; train them in float32, as Unsloth does.
-        for param in model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+        # small optimizer updates round away; train them in float32, as Unsloth does. TRL's
+        # SFTTrainer casts them back for a 4-bit base: train/trainer.py's build_sft_trainer
+        # casts again after it and checks them at the first optimizer step.
+        train_lora_in_float32(model)
         return model, tokenizer
 
     def load_for_inference(self, cfg: ExperimentConfig, adapter_path: str | None, device: Any) -> tuple[Any, Any]:

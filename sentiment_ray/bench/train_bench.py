@@ -11,9 +11,10 @@ other, so Unsloth's patches never reach the hf run and each run starts with an e
 
 Each child trains exactly as the training job's worker does (sentiment_ray.train.data /
 trainer:
-`build_train_dataset`, `build_sft_config`, `sft_trainer_class` - TRL SFTTrainer, packing,
-batch x grad-accum from the config, adamw_8bit, linear LR, bf16, the backend's gradient
-checkpointing), with checkpoint saving switched off, for `warmup + steps` optimizer steps.
+`build_train_dataset`, `build_sft_config`, `build_sft_trainer` - TRL SFTTrainer, packing,
+the global batch from the config cut into micro-batches as the job cuts it (`plan_batches`),
+adamw_8bit, linear LR, bf16, the backend's gradient checkpointing), with checkpoint saving
+switched off, for `warmup + steps` optimizer steps.
 A `TrainerCallback` synchronises CUDA at the end of every optimizer step and takes the
 time since the previous step's end (so a step's time includes data loading, the optimizer
 and logging); the trainer subclass counts each micro-batch's real tokens (attention-mask
@@ -478,14 +479,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     table = train_data.stratified_subsample(table, rows, cfg.data.split_seed)
     dataset = train_data.build_train_dataset(cfg, table, tokenizer, template, labels)
     scratch = tempfile.mkdtemp(prefix="sentiment-ray-bench-")
-    args = sft.build_sft_config(cfg, device, scratch, world_size=1)
+    batches = sft.plan_batches(cfg, model, device, backend_name)
+    args = sft.build_sft_config(cfg, device, scratch, world_size=1, batches=batches)
     from transformers.trainer_utils import SaveStrategy
 
     args.save_strategy = SaveStrategy.NO  # a benchmark keeps no checkpoints
     counter = _token_counter_class()()
     timer = _timer_callback_class()(counter, sync)
     trainer_cls = _bench_trainer_class(sft.sft_trainer_class(), counter)
-    hf_trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    hf_trainer = sft.build_sft_trainer(model, args, dataset, tokenizer, callbacks=[timer], trainer_class=trainer_cls)
     prep_s = time.perf_counter() - t0
 
     if device.type == "cuda":
@@ -494,7 +496,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     grad_norms = learning_rates = None
     if spec.get("loop", "trainer") == "bare":
-        steps, losses = _bare_loop(hf_trainer, model, counter, sync, device, total_steps, cfg.train.gradient_accumulation_steps)
+        steps, losses = _bare_loop(hf_trainer, model, counter, sync, device, total_steps, batches.gradient_accumulation_steps)
     else:
         hf_trainer.train()
         steps = timer.steps
@@ -523,8 +525,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "environment": common.environment(device),
         "setup": {
             "max_length": cfg.model.max_seq_length,
-            "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
-            "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+            "per_device_train_batch_size": batches.micro_batch_size,
+            "gradient_accumulation_steps": batches.gradient_accumulation_steps,
+            "micro_batch_chosen_by": batches.chosen_by,
             "packing": cfg.train.packing,
             "loss_on": cfg.train.loss_on,
             "optim": args.optim if isinstance(args.optim, str) else getattr(args.optim, "value", str(args.optim)),

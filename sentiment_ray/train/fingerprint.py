@@ -12,15 +12,19 @@ The definition: model (name, backend, dtype, 4-bit, sequence length, attention),
 fingerprint of the training and validation files; for a Hugging Face dataset its name,
 config, split and revision; columns, label map, split fraction and seed, row limits,
 bad-row policy), the optimiser and schedule (learning rate, scheduler, warmup, weight
-decay, optimiser, gradient accumulation, seed, packing, padding, loss) and the global batch:
-run.num_workers x train.per_device_train_batch_size x gradient accumulation. Workers and
-per-device batch may trade places on resume (2 workers of 4 rows resume as 1 of 8): each
-optimizer step then sees the same rows, which is what the run's maths depends on.
+decay, optimiser, seed, packing, padding, loss) and the global batch:
+run.num_workers x train.per_device_train_batch_size x train.gradient_accumulation_steps.
+How the global batch is cut may change on resume (2 workers of 4 rows resume as 1 of 8; a
+micro-batch of 2 with 4 accumulation steps as one of 8, on a larger GPU): each optimizer
+step then sees the same rows, and the loss is normalised over the whole step, which is what
+the run's maths depends on.
 
 What may change on resume (RESUMABLE): train.max_steps upward (the run trains on to the new
 last step; a linear or cosine schedule then decays over the new length from where it is),
 train.eval_steps, train.save_steps, train.logging_steps, train.eval_batch_size,
-train.zero_shot_eval, lora.gradient_checkpointing (memory, not the maths),
+train.zero_shot_eval, train.per_device_train_batch_size, train.gradient_accumulation_steps
+and train.micro_batch_size (through the global batch), lora.gradient_checkpointing (memory,
+not the maths),
 data.train_path / data.validation_path (the content fingerprint decides, not the path),
 data.quarantine_path, model.allow_unsafe_weights, run.* (placement and bookkeeping; the
 number of workers through the global batch), and the label, tune and tracking sections.
@@ -44,7 +48,7 @@ RESUMABLE = {
     "lora": {"gradient_checkpointing"},
     "data": {"train_path", "validation_path", "quarantine_path"},
     "train": {"max_steps", "eval_steps", "save_steps", "logging_steps", "eval_batch_size", "zero_shot_eval",
-              "per_device_train_batch_size"},
+              "per_device_train_batch_size", "gradient_accumulation_steps", "micro_batch_size"},
     "run": {"name", "storage_path", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep", "ray_address",
             "num_workers"},
 }

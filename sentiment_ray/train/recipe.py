@@ -48,10 +48,11 @@ from sentiment_ray.train.progress import progress_callback
 from sentiment_ray.train.trainer import (
     FAIL_AT_STEP_ENV,
     build_sft_config,
+    build_sft_trainer,
     checkpoint_every,
+    plan_batches,
     report_callback_class,
     restore_checkpoint,
-    sft_trainer_class,
 )
 from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 
@@ -299,6 +300,7 @@ def train_attempt(attempt: Attempt) -> None:
     attempt.events.phase(f"loading {cfg.model.name} ({attempt.backend_name} backend, {device})")
     backend = backends.get_backend(attempt.backend_name)
     model, tokenizer = backend.load_for_training(cfg, device)
+    batches = plan_batches(cfg, model, device, attempt.backend_name)  # the global batch, cut to fit this GPU
 
     # 3. Resume: a checkpoint exists when this run resumes (same name and storage) or Ray retried it.
     checkpoint = ray.train.get_checkpoint()
@@ -327,11 +329,11 @@ def train_attempt(attempt: Attempt) -> None:
         run_state={"zero_shot": zero_shot, "zero_shot_predicted": zero_shot_predicted},
         fail_at_step=attempt.payload.get("fail_at_step") if not resume_path else None,
     )
-    trainer = sft_trainer_class()(
-        model=model,
-        args=build_sft_config(cfg, device, output_dir, attempt.world_size),
-        train_dataset=build_train_dataset(cfg, splits.train, tokenizer, template, labels),
-        processing_class=tokenizer,
+    trainer = build_sft_trainer(
+        model,
+        build_sft_config(cfg, device, output_dir, attempt.world_size, batches),
+        build_train_dataset(cfg, splits.train, tokenizer, template, labels),
+        tokenizer,
         callbacks=[
             # First: at the last step it announces the scoring the reporter then does.
             progress_callback(attempt.events, checkpoint_every=checkpoint_every(cfg),
@@ -382,6 +384,10 @@ def train_attempt(attempt: Attempt) -> None:
         Storage(os.path.join(outputs, layout.ADAPTER_DIR)).write_json(CALIBRATION_FILE, calibration)
     training = training_stats(attempt, trainer, train_output, train_wall, reporter)
     training["gradient_checkpointing"] = gradient_checkpointing_for(cfg, device)
+    training["batches"] = {"global_batch_size": attempt.world_size * batches.rows_per_step,
+                           "micro_batch_size": batches.micro_batch_size,
+                           "gradient_accumulation_steps": batches.gradient_accumulation_steps,
+                           "chosen_by": batches.chosen_by}
     write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training, calibration, drop_likelihood)
     tracking.finish_training(attempt.tracker, outputs, zero_shot, fine_tuned, training)
 

@@ -21,9 +21,10 @@ import os
 import time
 
 from sentiment_ray import compat
-from sentiment_ray.backends.base import resolve_dtype
+from sentiment_ray.backends.base import gradient_checkpointing_for, resolve_dtype, train_lora_in_float32, trainable_dtypes
+from sentiment_ray.bench.flops import ModelShape
 from sentiment_ray.config import ExperimentConfig
-from sentiment_ray.train import layout
+from sentiment_ray.train import batching, layout
 from sentiment_ray.train.evaluation import evaluate_split, flat_validation_metrics
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,52 @@ def resolve_padding_free(setting: str, packing: bool, device_type: str, packing_
     return setting == "true"
 
 
-def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int):
-    """TRL SFTConfig from cfg.train (and model.max_seq_length)."""
+def plan_batches(cfg: ExperimentConfig, model, device, backend_name: str) -> batching.BatchPlan:
+    """This worker's cut of its share of the global batch (train/batching.py). With
+    `train.micro_batch_size: auto` on a GPU: the largest that fits the memory left free once
+    `model` is loaded, agreed by every worker (the smallest of their choices), so that they
+    run the same number of forward passes per optimizer step."""
+    import torch
+
+    planned = batching.configured_plan(cfg.train, on_gpu=device.type == "cuda")
+    if planned is not None:
+        return planned
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache is reusable
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = resolve_optimizer(cfg.train.optim, device.type)
+    budget = batching.activation_budget(free, trainable, eight_bit_optimizer="8bit" in optimizer)
+    per_row = batching.activation_bytes_per_row(
+        ModelShape.from_config(getattr(model.config, "text_config", None) or model.config),
+        seq_len=cfg.model.max_seq_length,
+        backend=backend_name,
+        gradient_checkpointing=gradient_checkpointing_for(cfg, device),
+        attention=cfg.model.attn_implementation,
+    )
+    micro = batching.micro_batch_that_fits(batching.worker_share(cfg.train), budget_bytes=budget, bytes_per_row=per_row)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        agreed = torch.tensor([micro], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        micro = int(agreed.item())
+    log.info("micro-batch %d x %d accumulation steps per optimizer step: %.1f GiB free for activations, "
+             "%.2f GiB per row (estimated)", micro, batching.worker_share(cfg.train) // micro, budget / 2**30, per_row / 2**30)
+    return batching.cut(cfg.train, micro, "memory")
+
+
+def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int,
+                     batches: batching.BatchPlan | None = None):
+    """TRL SFTConfig from cfg.train (and model.max_seq_length); micro-batches and gradient
+    accumulation from `batches` (plan_batches), else as the config fixes them (on a GPU,
+    `train.micro_batch_size: auto` needs a plan)."""
     import torch
     from trl import SFTConfig
 
     t = cfg.train
+    batches = batches or batching.configured_plan(t, on_gpu=device.type == "cuda")
+    if batches is None:
+        raise ValueError("train.micro_batch_size=auto on a GPU: pass the plan_batches(...) of the loaded model")
     cuda = device.type == "cuda"
     dtype = resolve_dtype(cfg.model.dtype, device)
     padding_free = resolve_padding_free(t.padding_free, t.packing, device.type, t.packing_strategy)
@@ -91,8 +132,8 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
     return SFTConfig(
         output_dir=output_dir,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=batches.micro_batch_size,
+        gradient_accumulation_steps=batches.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,
@@ -335,6 +376,68 @@ def _make_sft_trainer_class():
             return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return _PortableSFTTrainer
+
+
+class LoraDtypeError(RuntimeError):
+    """The weights the first optimizer step would update are not all float32."""
+
+
+def _make_float32_check_class():
+    from transformers import TrainerCallback
+
+    class _Float32LoraCheck(TrainerCallback):
+        """Checks, as the first optimizer step of an attempt begins, that every parameter the
+        optimizer updates is float32: what it sees is what trains, whatever cast the
+        trainer's construction, a restored checkpoint or accelerate's preparation did."""
+
+        def __init__(self):
+            self.checked = False
+
+        def on_step_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+            if self.checked:
+                return control
+            self.checked = True
+            if optimizer is not None:
+                updated = (p for group in optimizer.param_groups for p in group["params"])
+            else:
+                updated = model.parameters()
+            dtypes = trainable_dtypes(updated)
+            if set(dtypes) != {"float32"}:
+                raise LoraDtypeError(
+                    f"the optimizer would update LoRA weights of dtypes {dtypes} (elements per dtype); "
+                    "they must all be float32, or small updates round away"
+                )
+            return control
+
+    return _Float32LoraCheck
+
+
+def build_sft_trainer(model, args, train_dataset, tokenizer, callbacks=(), trainer_class=None):
+    """The project's SFTTrainer (`trainer_class`, default sft_trainer_class()) over `model`,
+    with its LoRA weights float32 when training starts, and checked at the first step.
+
+    TRL 1.15's SFTTrainer.__init__ casts every trainable parameter of a quantised model
+    (`model.is_loaded_in_4bit` / `is_loaded_in_8bit`) to bfloat16, unconditionally (not
+    only with `bf16=True`), following the QLoRA paper (trl/trainer/sft_trainer.py, "When
+    using QLoRA, the PEFT adapter weights are converted to bf16"). TRL has no option to
+    skip it, and hiding the quantisation flag would change what peft and accelerate do
+    with the model too, so the weights are cast back here, after the constructor and
+    before `train()` builds the optimizer (which then holds float32 weights, and restores a
+    checkpoint's optimizer state in float32). A cast is a no-op where nothing changed them.
+    The check callback fails the run if anything later (another library version, a
+    backend's patch) hands the first optimizer step something else."""
+    trainer_class = trainer_class or sft_trainer_class()
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[_make_float32_check_class()(), *callbacks],
+    )
+    cast = train_lora_in_float32(trainer.model)
+    if cast:
+        log.info("%d trainable parameters were cast back to float32 after the trainer was built", cast)
+    return trainer
 
 
 _SFT_TRAINER_CLASS = None

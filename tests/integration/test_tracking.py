@@ -61,6 +61,42 @@ def test_tracking_errors_never_stop_training(tiny_cfg, tmp_path, caplog):
     assert "MLflow tracking is off" in caplog.text
 
 
+def test_step_metrics_reach_mlflow_in_batches_at_checkpoints_evaluations_and_the_end():
+    """A training step does not wait for an MLflow write: step entries are written together
+    at a checkpoint, an evaluation, the end of training, or once the flush interval passed,
+    and every one of them arrives with its step."""
+    from types import SimpleNamespace
+
+    writes = []
+    tracker = SimpleNamespace(log_metric_history=lambda entries: writes.append([(m, step) for m, step, _ in entries]))
+    reporter = SimpleNamespace(last_eval_step=-1, last_eval=None)
+    (callback,) = tracking.training_callbacks(tracker, reporter, flush_every_s=3600)
+
+    def step(n, *, save=False):
+        state = SimpleNamespace(global_step=n, is_world_process_zero=True)
+        callback.on_step_end(None, state, None)
+        callback.on_log(None, state, None, logs={"loss": 1.0 / n})
+        if save:
+            callback.on_save(None, state, None)
+        return state
+
+    step(1), step(2)
+    assert writes == []  # no write per step
+    step(3, save=True)
+    assert writes == [[({"loss": 1.0}, 1), ({"loss": 0.5}, 2), ({"loss": 1 / 3}, 3)]]
+    reporter.last_eval_step, reporter.last_eval = 4, {"accuracy": 0.5, "macro_f1": 0.4, "ece": 0.1, "n": 8}
+    step(4)
+    assert writes[1][0][1] == 4 and writes[1][0][0]["val_accuracy"] == 0.5  # an evaluation is written at once
+    state = step(5)
+    callback.on_train_end(None, state, None)
+    assert [entries for entries in writes[2:]] == [[({"loss": 0.25}, 4), ({"loss": 0.2}, 5)]]
+
+    (callback,) = tracking.training_callbacks(tracker, reporter, flush_every_s=0)
+    writes.clear()
+    step(6)
+    assert writes == [[({"loss": 1 / 6}, 6)]]  # the interval passed: written
+
+
 # ============================================================================ runs on Ray
 
 

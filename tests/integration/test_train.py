@@ -7,6 +7,7 @@ baseline run per module (Ray startup and a run cost ~10-20 s each on 2 cores).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -180,7 +181,7 @@ def _train_in_process(cfg, output_dir, rows=32):
     from sentiment_ray.backends import get_backend
     from sentiment_ray.train.data import load_labelled
     from sentiment_ray.train.data import build_train_dataset
-    from sentiment_ray.train.trainer import build_sft_config, sft_trainer_class
+    from sentiment_ray.train.trainer import build_sft_config, build_sft_trainer
 
     labels = LabelSet(cfg.prompt.labels)
     model, tokenizer = get_backend("hf").load_for_training(cfg, torch.device("cpu"))
@@ -188,7 +189,7 @@ def _train_in_process(cfg, output_dir, rows=32):
     dataset = build_train_dataset(cfg, table, tokenizer, PromptTemplate.from_config(cfg.prompt), labels)
     args = build_sft_config(cfg, torch.device("cpu"), str(output_dir), world_size=1)
     args.save_strategy = "no"
-    trainer = sft_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = build_sft_trainer(model, args, dataset, tokenizer)
     return model, trainer
 
 
@@ -219,6 +220,134 @@ def test_lora_weights_change_and_base_weights_match_the_model_file(tiny_cfg, tmp
             np.testing.assert_array_equal(param.detach().numpy(), base_file[_base_name(name)].numpy(), err_msg=name)
             checked += 1
     assert checked == len(base_file)  # every base tensor was compared
+
+
+@contextlib.contextmanager
+def _marked_as_4bit(model):
+    """Inside: the model carries the flag TRL's SFTTrainer reads to treat it as quantised
+    (transformers sets it when bitsandbytes loads a base in 4 bits, which needs CUDA).
+    Only while the trainer is built: training itself would then count 4-bit parameters
+    through bitsandbytes."""
+    model.get_base_model().is_loaded_in_4bit = True
+    try:
+        yield model
+    finally:
+        del model.get_base_model().is_loaded_in_4bit
+
+
+def test_lora_weights_are_float32_at_the_first_optimizer_step_over_a_4bit_base_with_bf16(tiny_cfg, tmp_path):
+    """The hf backend trains float32 LoRA weights over a 4-bit base with bf16 mixed precision.
+
+    On a CPU the base cannot be 4-bit, so the model is marked the way a bitsandbytes load
+    marks it, which is what TRL's SFTTrainer reads before it casts the trainable weights of a
+    quantised model to bfloat16. What this proves: the trainer's construction does cast them
+    (the path is live), and the weights the first optimizer step updates are float32 all the
+    same, and still are after training. Not proven here: bitsandbytes' 4-bit layers
+    themselves (tests/gpu/test_backends_agree.py)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from sentiment_ray.backends.base import trainable_dtypes
+    from sentiment_ray.train.trainer import sft_trainer_class
+
+    tiny_cfg.model.dtype = "bfloat16"
+    tiny_cfg.train.max_steps = 2
+    model, trainer = _train_in_process(tiny_cfg, tmp_path / "plain", rows=16)
+    assert trainer.args.bf16
+    lora_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    with _marked_as_4bit(model):
+        sft_trainer_class()(model=model, args=trainer.args, train_dataset=trainer.train_dataset,
+                            processing_class=trainer.processing_class)
+    assert trainable_dtypes(model.parameters()) == {"bfloat16": lora_elements}, "TRL no longer casts"
+
+    class FirstStepDtypes(TrainerCallback):
+        seen = None
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            if self.seen is None:
+                self.seen = trainable_dtypes(p for group in optimizer.param_groups for p in group["params"])
+
+    from sentiment_ray.train.trainer import build_sft_trainer
+
+    first_step = FirstStepDtypes()
+    with _marked_as_4bit(model):
+        trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class,
+                                    callbacks=[first_step])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert first_step.seen == {"float32": lora_elements}
+    assert trainable_dtypes(model.parameters()) == {"float32": lora_elements}
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_training_refuses_to_start_on_lora_weights_that_are_not_float32(tiny_cfg, tmp_path):
+    """Whatever casts the LoRA weights after the trainer is built, the first step finds it."""
+    import torch
+
+    from sentiment_ray.train.trainer import LoraDtypeError
+
+    model, trainer = _train_in_process(tiny_cfg, tmp_path / "out", rows=8)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    with pytest.raises(LoraDtypeError, match="bfloat16"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def _lora_update_over_3_sgd_steps(cfg, output_dir, rows):
+    """(LoRA weights after minus before 3 optimizer steps, the logged losses, the label
+    tokens of each micro-batch) of the project's trainer on `cfg`. Plain SGD: the update is
+    the learning rate times the gradient, so a loss scaled differently shows (Adam's first
+    steps would hide it)."""
+    import torch
+
+    from sentiment_ray.train.trainer import build_sft_trainer, sft_trainer_class
+
+    label_tokens = []
+
+    class CountingTrainer(sft_trainer_class()):
+        def training_step(self, model, inputs, *args, **kwargs):
+            label_tokens.append(int((inputs["labels"][:, 1:] != -100).sum()))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    cfg.train.optim, cfg.train.learning_rate, cfg.train.max_steps = "sgd", 0.5, 3
+    model, trainer = _train_in_process(cfg, output_dir, rows=rows)
+    trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class,
+                                trainer_class=CountingTrainer)
+    assert len(trainer.train_dataset) >= 3 * 8  # three steps inside one epoch, whatever the cut
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    update = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps == 8
+    return update, losses, label_tokens
+
+
+@pytest.mark.parametrize("packing, loss_on", [(True, "completion"), (False, "completion"), (False, "full_text")])
+def test_the_update_is_the_same_however_the_global_batch_is_cut(tiny_cfg, tmp_path, packing, loss_on):
+    """8 rows per optimizer step as 4 micro-batches of 2 or as one of 8 give the same LoRA
+    update, step after step, within float32 rounding: the loss is the summed token NLL of
+    the whole step over its label-token count, however many forward passes it took."""
+    import torch
+
+    tiny_cfg.train.packing, tiny_cfg.train.loss_on = packing, loss_on
+    tiny_cfg.train.per_device_train_batch_size, tiny_cfg.train.gradient_accumulation_steps = 2, 4
+    cut_in_4, losses_4, tokens_4 = _lora_update_over_3_sgd_steps(tiny_cfg, tmp_path / "micro2", rows=64)
+    tiny_cfg.train.micro_batch_size = 8
+    whole, losses_1, tokens_1 = _lora_update_over_3_sgd_steps(tiny_cfg, tmp_path / "micro8", rows=64)
+
+    assert (len(tokens_4), len(tokens_1)) == (12, 3)
+    assert [sum(tokens_4[i:i + 4]) for i in (0, 4, 8)] == tokens_1  # the same rows in each step
+    if packing or loss_on == "full_text":
+        # Micro-batches of unequal label counts: a mean per micro-batch would weigh tokens otherwise.
+        assert len(set(tokens_4)) > 1
+    assert losses_4 == pytest.approx(losses_1, rel=1e-5)
+    scale = max(float(u.abs().max()) for u in whole.values())
+    assert scale > 1e-3  # the weights moved
+    for name, update in whole.items():
+        assert torch.allclose(cut_in_4[name], update, rtol=1e-4, atol=1e-5 * scale), name
 
 
 def test_packed_batches_compute_the_same_loss_as_padded_ones(tiny_model_dir):
@@ -390,6 +519,7 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
     assert train["global_step"] == 4 and train["resumed_from_step"] == 0 and train["steps_this_attempt"] == 4
     assert [e["step"] for e in train["log_history"] if "loss" in e] == [1, 2, 3, 4]
     assert train["optimizer"] == "adamw_torch" and train["gradient_checkpointing"] == "false" and train["tokens_this_attempt"] > 0 and train["tokens_per_second"] > 0
+    assert train["batches"] == {"global_batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "chosen_by": "config"}
     assert metrics["peak_gpu_memory_gb"] is None  # CPU
     # The temperature fitted on the validation split travels with the adapter; the report
     # compares zero-shot and fine-tuned, per language, and shows calibration before and after.

@@ -98,3 +98,16 @@ def test_workers_and_per_device_batch_may_trade_places_when_the_global_batch_sta
     check_or_record(cfg(run={"num_workers": 1}, train={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}), run)  # same rows per step
     with pytest.raises(RunChanged, match=r"train.global_batch_size \(run.num_workers x .*\) \(16 -> 8\)"):
         check_or_record(cfg(run={"num_workers": 1}, train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}), run)
+
+
+def test_a_resume_may_cut_the_global_batch_into_other_micro_batches(tmp_path):
+    """The global batch defines the run; how a worker cuts its share (per-device rows,
+    accumulation steps, train.micro_batch_size) may change, on another GPU for instance."""
+    run = Storage(str(tmp_path / "run"))
+    check_or_record(cfg(train={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}), run)
+    run.makedirs(layout.checkpoint_dir_name(2))
+    check_or_record(cfg(train={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}), run)
+    check_or_record(cfg(train={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                               "micro_batch_size": "auto"}), run)
+    with pytest.raises(RunChanged, match=r"train.global_batch_size \(.*\) \(8 -> 16\)"):
+        check_or_record(cfg(train={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}), run)
