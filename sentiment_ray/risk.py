@@ -57,6 +57,9 @@ DEFAULT_DELTA = 0.05
 # Thresholds tested, high to low: every 0.01 below 0.99, then 1 - 10^-x for x from 2 to 6 in
 # steps of 0.1 (a fine-tuned model gives many rows a confidence above 0.999).
 THRESHOLDS = np.unique(np.concatenate([np.round(np.arange(0, 100) / 100, 2), 1 - np.logspace(-2, -6, 41)]))[::-1]
+# Targets certified after training for metrics.json, the report and the export's metadata
+# (the label job certifies the user's own label.max_error from the saved scores).
+SHOWN_TARGETS = (0.01, 0.02, 0.05, 0.1)
 # The risk-coverage curve shown in reports: these coverages (share of rows accepted).
 # Fixed sequences start at the first thresholds accepting at least these multiples of the
 # fewest rows that can pass (each sequence tests at delta / their number): one unlucky error
@@ -174,10 +177,10 @@ def risk_coverage_curve(confidence, correct, coverages=CURVE_COVERAGES) -> list[
     return points
 
 
-def scores_record(confidence, correct, *, temperature: float, languages: list[str] | None = None) -> dict[str, Any]:
+def scores_record(confidence, correct, *, temperature: float) -> dict[str, Any]:
     """What the adapter keeps (RISK_FILE): the calibration rows' confidences after the
-    temperature, most confident first, whether each was right, the languages they cover,
-    and the observed risk-coverage curve."""
+    temperature, most confident first, whether each was right, and the observed
+    risk-coverage curve."""
     conf, ok = _as_arrays(confidence, correct)
     order = np.argsort(-conf, kind="stable")
     return {
@@ -185,9 +188,20 @@ def scores_record(confidence, correct, *, temperature: float, languages: list[st
         "correct": ok[order].astype(int).tolist(),
         "rows": int(conf.size),
         "temperature": temperature,
-        "languages": sorted(languages or []),
         "curve": risk_coverage_curve(conf, ok),
         "method": "Learn then Test, fixed-sequence over a fixed threshold grid, exact binomial p-values",
+    }
+
+
+def summary(record: dict[str, Any], delta: float = DEFAULT_DELTA, targets=SHOWN_TARGETS) -> dict[str, Any]:
+    """metrics.json's and the export's view of saved scores: delta, the certified threshold
+    and calibration coverage for a few targets, and the observed risk-coverage curve."""
+    return {
+        "delta": delta,
+        "rows": record["rows"],
+        "certified": [certify_record(record, t, delta).to_dict() for t in targets],
+        "curve": record["curve"],
+        "method": record["method"],
     }
 
 

@@ -112,8 +112,10 @@ def test_a_run_shows_phases_steps_and_the_table_of_metrics_json_without_error_li
         z = zs["per_language"][lang]
         assert rows[lang] == [str(row["n"]), *(f"{x:.3f}" for x in (z["accuracy"], z["macro_f1"], row["accuracy"], row["macro_f1"]))]
     calibration = metrics["calibration"]
-    assert rows["ECE"] == [f"{zs['ece']:.3f}", f"{calibration['ece_before']:.3f}"]  # the model's own, then calibrated
-    assert rows["calibrated"][0] == (f"{calibration['ece_after']:.3f}" if calibration["applied"] else "–")
+    # One ECE: the model's own (fine_tuned.ece, the calibration's ece_before), then the calibrated one out of fold.
+    assert rows["ECE"] == [f"{zs['ece']:.3f}", f"{ft['ece']:.3f}", "the", "model's", "own"]
+    assert ft["ece"] == pytest.approx(calibration["ece_before"])
+    assert rows["calibrated"][0] == (f"{ft['ece_calibrated']:.3f}" if calibration["applied"] else "–")
 
     where = {line.split()[0]: line.split(None, 1)[1] for line in err.splitlines() if re.match(r"^(run|adapter|log|next) {2,}", line)}
     assert where["run"].startswith(str(run_dir)) and where["adapter"] == str(run_dir / "adapter")

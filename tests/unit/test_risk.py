@@ -83,7 +83,7 @@ def test_a_row_in_an_uncalibrated_language_is_never_accepted():
 def test_saved_scores_certify_the_same_threshold_and_it_is_fast():
     rng = np.random.default_rng(4)
     conf, correct = draw(rng, 100_000)
-    record = risk.scores_record(conf, correct, temperature=1.0, languages=["en"])
+    record = risk.scores_record(conf, correct, temperature=1.0)
     assert record["confidence"] == sorted(record["confidence"], reverse=True)
     assert [p["coverage"] for p in record["curve"]][-1] == 1.0
     started = time.perf_counter()
