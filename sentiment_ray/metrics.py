@@ -3,6 +3,7 @@ one evaluation of predictions against gold labels (`evaluate_predictions`). Pure
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,12 +116,14 @@ def evaluate_predictions(
     gold, predicted = list(gold), list(predicted)
     if len(gold) != len(predicted):
         raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
-    keep, truth = [], []
+    keep, truth, unknown = [], [], Counter()
     for i, value in enumerate(gold):
         label, _ = labels.resolve(value, label_map)
         if label is not None:
             keep.append(i)
             truth.append(label)
+        elif as_key(value) is not None:
+            unknown[str(value)] += 1
     if not keep:
         return None
     pred = [predicted[i] for i in keep]
@@ -129,10 +132,30 @@ def evaluate_predictions(
         lang_keys = [None if langs[i] is None else as_key(langs[i]) for i in keep]
     report = classification_report(truth, pred, list(labels), lang_keys)
     report["rows_without_label"] = len(gold) - len(keep)
+    # Gold labels present but outside the label set (and label_map): named, never dropped silently.
+    report["unknown_labels"] = dict(unknown.most_common())
     if confidence is not None and all(confidence[i] is not None for i in keep):
-        calibration = expected_calibration_error([confidence[i] for i in keep], [t == p for t, p in zip(truth, pred)])
+        right = [t == p for t, p in zip(truth, pred)]
+        calibration = expected_calibration_error([confidence[i] for i in keep], right)
         report["ece"], report["calibration_bins"] = calibration["ece"], calibration["bins"]
+        if lang_keys is not None:  # calibration per language: where the confidence can be trusted
+            for lang, row in report["per_language"].items():
+                rows = [j for j, x in enumerate(lang_keys) if x == lang]
+                row["ece"] = expected_calibration_error([confidence[keep[j]] for j in rows], [right[j] for j in rows])["ece"]
     return report
+
+
+def unknown_labels_line(report: dict | None) -> str | None:
+    """One warning line naming the gold labels outside the label set that were not scored;
+    None when there are none."""
+    unknown = (report or {}).get("unknown_labels") or {}
+    if not unknown:
+        return None
+    named = ", ".join(f"{value!r} ({n:,})" for value, n in list(unknown.items())[:5])
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    rows = sum(unknown.values())
+    return (f"{rows:,} row(s) have a gold label outside the label set, not scored: {named}{more}; "
+            "map them with data.label_map or fix the labels")
 
 
 def macro_f1_drop_likelihood(
