@@ -33,21 +33,21 @@ DETECTOR = "py3langid"
 
 
 @functools.lru_cache(maxsize=1)
-def _identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+def _classify():
+    import py3langid  # loads its model from the wheel on first use (about 0.7 s)
 
-    return LanguageIdentifier.from_pickled_model(MODEL_FILE)
+    return py3langid.classify
 
 
 def detect(texts: Sequence[str | None]) -> list[str | None]:
     """The language code of each text (None for an empty or missing one)."""
-    identifier = _identifier()
-    return [identifier.classify(t)[0] if t and t.strip() else None for t in texts]
+    classify = _classify()
+    return [classify(t)[0] if t and t.strip() else None for t in texts]
 
 
 def keys(langs: Sequence[Any]) -> list[str | None]:
-    """Language values as compared everywhere (`io.values.as_key`: `EN ` is `en`)."""
-    return [None if x is None or str(x).strip() == "" else as_key(x) for x in langs]
+    """Language values as compared here: `io.values.as_key`, case-folded (`EN` is `en`)."""
+    return [None if x is None or str(x).strip() == "" else as_key(x).casefold() for x in langs]
 
 
 def shares(values: Sequence[Any]) -> dict[str, float]:

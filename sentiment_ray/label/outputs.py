@@ -76,7 +76,7 @@ def totals(markers) -> dict[str, Any]:
         "prompt_markers": sum(m.get("prompt_markers", 0) for m in markers),
         "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
         "language_rows": dict(langs.most_common()),
-        "accepted": sum(m.get("accepted", 0) for m in markers),
+        "accepted_rows": sum(m.get("accepted", 0) for m in markers),
         "predict_seconds": round(sum(m["predict_seconds"] for m in markers), 3),
     }
 
@@ -167,8 +167,8 @@ def accepted_summary(totals: dict[str, Any], accept: dict[str, Any] | None) -> d
     certified = accept["certified"]
     labelled = totals["labelled"]
     return {
-        "rows": totals["accepted"],
-        "share": round(totals["accepted"] / labelled, 4) if labelled else 0.0,
+        "rows": totals["accepted_rows"],
+        "share": round(totals["accepted_rows"] / labelled, 4) if labelled else 0.0,
         "max_error": certified["max_error"],
         "failure_probability": certified["delta"],
         "threshold": accept["threshold"],
