@@ -184,3 +184,13 @@ def test_relative_outputs_inside_a_ray_job_go_under_the_durable_home(monkeypatch
 @pytest.mark.parametrize("seconds, text", [(5, "5s"), (65, "1m05s"), (3725, "1h02m"), (None, "?")])
 def test_durations(seconds, text):
     assert console.format_duration(seconds) == text
+
+
+def test_summary_table_ends_with_the_shares_of_rows_accepted_at_each_certified_error():
+    certified = [{"max_error": 0.01, "threshold": None, "coverage": 0.0}, {"max_error": 0.05, "threshold": 0.99, "coverage": 0.62},
+                 {"max_error": 0.1, "threshold": 0.9, "coverage": 0.85}]
+    table = terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": certified}})
+    assert table[-1] == ("accepted with a guaranteed error (validation, failure probability 0.05): "
+                         "error <= 0.05: 62% of rows, error <= 0.1: 85% of rows")
+    nothing = [{**c, "threshold": None} for c in certified]
+    assert not terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": nothing}})[-1].startswith("accepted")
