@@ -29,6 +29,7 @@ from sentiment_ray import cluster, console, evaluate, export, faults
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
 from sentiment_ray.io.lease import LockHeld, LockLost
 from sentiment_ray.io.values import DataError
+from sentiment_ray.label import outputs as label_outputs
 from sentiment_ray.label.plan import LabelRunError
 from sentiment_ray.label.recipe import label_dataset
 from sentiment_ray.models import cache_dir
@@ -330,12 +331,16 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
 
+    def run() -> dict:
+        summary = label_dataset(cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit)
+        display = console.Display()
+        for line in label_outputs.terminal_lines(summary):
+            display.info(line)
+        return {**summary, "log": log.path}
+
     with label_log(console.verbose_requested(args.verbose)) as log:
         return _print_summary(
-            lambda: {
-                **label_dataset(cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit),
-                "log": log.path,
-            },
+            run,
             (DataError, LabelRunError, LockHeld, LockLost),
             "label",
         )

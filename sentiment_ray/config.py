@@ -316,6 +316,15 @@ class LabelConfig(_Strict):
     `max_text_chars` characters before tokenising and counted as `truncated` (the model sees
     at most model.max_seq_length tokens anyway), so one huge field cannot exhaust an actor's
     memory. The output rows keep the full text."""
+    max_error: float | None = Field(None, gt=0, lt=1)
+    """Accept rows whose label is right often enough to act on: an `accepted` column marks the
+    rows above the lowest confidence threshold whose error rate among accepted rows is at most
+    this (e.g. 0.05), certified on the adapter's calibration rows (risk.py: Learn then Test),
+    and in a language the adapter was calibrated on. Needs an adapter trained with validation
+    rows. Unset: no `accepted` column."""
+    max_error_delta: float = Field(0.05, gt=0, lt=1)
+    """The chance that the certified threshold's error rate exceeds label.max_error after all
+    (the guarantee's failure probability)."""
     flag_prompt_markers: bool = True
     """Flag rows whose text contains the prompt's own markers (the lines of
     prompt.input_template and prompt.response_header, e.g. `### Response:`), compared

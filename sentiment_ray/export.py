@@ -25,7 +25,7 @@ import shutil
 import time
 from typing import Any
 
-from sentiment_ray import backends
+from sentiment_ray import backends, languages, risk
 from sentiment_ray.backends.adapter_forms import merge_lora
 from sentiment_ray.backends.base import normalise_device
 from sentiment_ray.calibration import adapter_temperature
@@ -100,6 +100,10 @@ def export_merged(
         "max_seq_length": cfg.model.max_seq_length,
         # Label probabilities are softmax(label-token logits / temperature).
         "temperature": adapter_temperature(adapter),
+        # What the adapter knows: its training and calibration rows' languages and labels;
+        # the thresholds certified for a few error targets on its calibration rows (risk.py).
+        "data_profile": languages.read_profile(adapter),
+        "risk_control": risk.summary(scores) if (scores := risk.read_scores(adapter)) else None,
     }
     with open(os.path.join(output, EXPORT_INFO_FILE), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)

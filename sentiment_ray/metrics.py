@@ -119,12 +119,14 @@ def evaluate_predictions(
     gold, predicted = list(gold), list(predicted)
     if len(gold) != len(predicted):
         raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
-    keep, truth = [], []
+    keep, truth, unknown = [], [], Counter()
     for i, value in enumerate(gold):
         label, _ = labels.resolve(value, label_map)
         if label is not None:
             keep.append(i)
             truth.append(label)
+        elif as_key(value) is not None:
+            unknown[str(value)] += 1
     if not keep:
         return None
     pred = [predicted[i] for i in keep]
@@ -133,10 +135,30 @@ def evaluate_predictions(
         lang_keys = [None if langs[i] is None else as_key(langs[i]) for i in keep]
     report = classification_report(truth, pred, list(labels), lang_keys)
     report["rows_without_label"] = len(gold) - len(keep)
+    # Gold labels present but outside the label set (and label_map): named, never dropped silently.
+    report["unknown_labels"] = dict(unknown.most_common())
     if confidence is not None and all(confidence[i] is not None for i in keep):
-        calibration = expected_calibration_error([confidence[i] for i in keep], [t == p for t, p in zip(truth, pred)])
+        right = [t == p for t, p in zip(truth, pred)]
+        calibration = expected_calibration_error([confidence[i] for i in keep], right)
         report["ece"], report["calibration_bins"] = calibration["ece"], calibration["bins"]
+        if lang_keys is not None:  # calibration per language: where the confidence can be trusted
+            for lang, row in report["per_language"].items():
+                rows = [j for j, x in enumerate(lang_keys) if x == lang]
+                row["ece"] = expected_calibration_error([confidence[keep[j]] for j in rows], [right[j] for j in rows])["ece"]
     return report
+
+
+def unknown_labels_line(report: dict | None) -> str | None:
+    """One warning line naming the gold labels outside the label set that were not scored;
+    None when there are none."""
+    unknown = (report or {}).get("unknown_labels") or {}
+    if not unknown:
+        return None
+    named = ", ".join(f"{value!r} ({n:,})" for value, n in list(unknown.items())[:5])
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    rows = sum(unknown.values())
+    return (f"{rows:,} row(s) have a gold label outside the label set, not scored: {named}{more}; "
+            "map them with data.label_map or fix the labels")
 
 
 def macro_f1_drop_likelihood(
@@ -193,10 +215,11 @@ class EvaluationCounts:
         self.any_lang = False
         self.with_confidence = True
         """Every scored row so far came with a confidence (else no ECE, as evaluate_predictions)."""
-        self.bin_rows = [0] * n_bins
-        self.bin_correct = [0] * n_bins
-        self.bin_confidence: list[list[float]] = [[] for _ in range(n_bins)]
-        """Per bin, exact partial sums of the confidences (Shewchuk; math.fsum rounds them once)."""
+        self.unknown: Counter = Counter()
+        """Gold values present but outside the label set (and label_map), by value."""
+        self.bins = _Bins(n_bins)
+        self.lang_bins: dict[str, _Bins] = {}
+        """The same confidence bins per language: ECE per language."""
 
     def add(self, gold: Sequence[Any], predicted: Sequence[str | None], *,
             confidence: Sequence[float | None] | None = None, langs: Sequence[Any] | None = None) -> None:
@@ -208,11 +231,13 @@ class EvaluationCounts:
         kept, truths = [], []
         for i, value in enumerate(gold):
             truth, _ = self.labels.resolve(value, self.label_map)
+            lang = None if langs is None or langs[i] is None else as_key(langs[i])
             if truth is not None:
-                lang = None if langs is None or langs[i] is None else as_key(langs[i])
                 self.cells[(truth, predicted[i], lang)] += 1
                 kept.append(i)
                 truths.append(truth)
+            elif as_key(value) is not None:
+                self.unknown[str(value)] += 1
         if confidence is None or any(confidence[i] is None for i in kept):
             self.with_confidence = self.with_confidence and not kept
             return
@@ -222,9 +247,11 @@ class EvaluationCounts:
         edges = np.linspace(0.0, 1.0, self.n_bins + 1)
         which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, self.n_bins - 1)
         for b, value, truth, i in zip(which.tolist(), conf.tolist(), truths, kept):
-            self.bin_rows[b] += 1
-            self.bin_correct[b] += truth == predicted[i]
-            _add_exactly(self.bin_confidence[b], value)
+            right = truth == predicted[i]
+            self.bins.add(b, value, right)
+            lang = None if langs is None or langs[i] is None else as_key(langs[i])
+            if lang is not None:
+                self.lang_bins.setdefault(str(lang), _Bins(self.n_bins)).add(b, value, right)
 
     def report(self) -> dict | None:
         """The report `evaluate_predictions` gives for every row added; None when no row has
@@ -246,19 +273,43 @@ class EvaluationCounts:
                 by_lang[lang] = {"n": part["n"], "accuracy": part["accuracy"], "macro_f1": part["macro_f1"]}
             report["per_language"] = by_lang
         report["rows_without_label"] = self.rows - n
+        report["unknown_labels"] = dict(self.unknown.most_common())
         if self.with_confidence:
-            edges = np.linspace(0.0, 1.0, self.n_bins + 1)
-            bins, ece = [], 0.0
-            for b in range(self.n_bins):
-                count = self.bin_rows[b]
-                if count:
-                    acc, avg = self.bin_correct[b] / count, math.fsum(self.bin_confidence[b]) / count
-                    ece += count / n * abs(acc - avg)
-                else:
-                    acc = avg = None
-                bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "accuracy": acc, "confidence": avg})
-            report["ece"], report["calibration_bins"] = float(ece), bins
+            report["ece"], report["calibration_bins"] = self.bins.ece()
+            for lang, row in report.get("per_language", {}).items():
+                row["ece"] = self.lang_bins[lang].ece()[0] if lang in self.lang_bins else 0.0
         return report
+
+
+class _Bins:
+    """Equal-width confidence bins: rows, correct rows and the exact partial sums of the
+    confidences per bin (Shewchuk; math.fsum rounds them once), as expected_calibration_error
+    computes them from rows."""
+
+    def __init__(self, n_bins: int):
+        self.n_bins = n_bins
+        self.rows = [0] * n_bins
+        self.correct = [0] * n_bins
+        self.confidence: list[list[float]] = [[] for _ in range(n_bins)]
+
+    def add(self, b: int, confidence: float, right: bool) -> None:
+        self.rows[b] += 1
+        self.correct[b] += right
+        _add_exactly(self.confidence[b], confidence)
+
+    def ece(self) -> tuple[float, list[dict]]:
+        n = sum(self.rows)
+        edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+        bins, ece = [], 0.0
+        for b in range(self.n_bins):
+            count = self.rows[b]
+            if count:
+                acc, avg = self.correct[b] / count, math.fsum(self.confidence[b]) / count
+                ece += count / n * abs(acc - avg)
+            else:
+                acc = avg = None
+            bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "accuracy": acc, "confidence": avg})
+        return (float(ece) if n else 0.0), bins
 
 
 def _report_of_cells(cells: Counter, labels: list[str]) -> dict:

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from sentiment_ray import backends
+from sentiment_ray import backends, languages, risk
 from sentiment_ray.backends.adapter_forms import prepare_adapter
 from sentiment_ray.calibration import adapter_temperature
 from sentiment_ray.config import ExperimentConfig
@@ -43,7 +43,8 @@ from sentiment_ray.scoring import LabelScorer, compile_scoring, model_device
 # Columns the labeller adds to every row besides SOURCE_COLUMNS and one `p_<label>` per
 # class; an input column with one of these names is an error.
 IDENTITY_COLUMNS = ("model_name", "adapter_id")
-PREDICTION_COLUMNS = ("pred_label", "confidence", "truncated", "parse_failed", "generated_text", "prompt_markers")
+PREDICTION_COLUMNS = ("pred_label", "confidence", "truncated", "parse_failed", "generated_text", "prompt_markers",
+                      "lang_detected", "accepted")
 # Rows read, validated and tokenised together, then handed to the scorer, which sorts them
 # by length into token-budget batches: a wider window means less padding.
 CHUNK_ROWS = 4096
@@ -114,6 +115,7 @@ class Labeler:
         identity = identity or {"model_name": cfg.model.name, "adapter_id": (adapter_identity(adapter_path) or {}).get("id")}
         self.model_name, self.adapter_id = identity["model_name"], identity["adapter_id"]
         self.plan_id = identity.get("plan_id")
+        self.acceptance = identity.get("acceptance")  # label.max_error: threshold and calibrated languages
         self.validator = RowValidator(
             RowRules(text_column=cfg.data.text_column, id_column=cfg.data.id_column, max_text_chars=cfg.label.max_text_chars)
         )
@@ -212,7 +214,8 @@ class Labeler:
         tables, quarantined = [], []
         tokens, rows_read, predict_seconds = 0, 0, 0.0
         text_cut = 0
-        for checked, encoded in _prefetched(self._checked_pieces(unit)):
+        langs_seen: Counter = Counter()
+        for checked, encoded, detected in _prefetched(self._checked_pieces(unit)):
             rows_before = rows_read
             rows_read += len(checked.good) + len(checked.quarantined)
             text_cut += sum(checked.cut)
@@ -225,6 +228,8 @@ class Labeler:
                 predict_seconds += time.perf_counter() - t
                 tokens += n_tokens
                 predictions = self._flag_rows(predictions, checked)
+                predictions, row_langs = self._languages_and_acceptance(predictions, table, detected)
+                langs_seen.update("unknown" if x is None else x for x in row_langs)
                 clash = sorted(({*predictions, *IDENTITY_COLUMNS}) & set(table.column_names))
                 if clash:
                     raise DataError(f"{unit.file}: input column(s) {clash} clash with columns the labeller adds; rename them")
@@ -261,6 +266,8 @@ class Labeler:
             "parse_failed": _count_true(table, "parse_failed"),
             "text_cut": text_cut,
             "prompt_markers": _count_true(table, "prompt_markers"),
+            "languages": dict(langs_seen),
+            "accepted": _count_true(table, "accepted"),
             "prompt_tokens": tokens,
             "predict_seconds": round(predict_seconds, 4),
             "seconds": round(time.perf_counter() - started, 4),
@@ -302,7 +309,8 @@ class Labeler:
         return on_batch
 
     def _checked_pieces(self, unit: WorkUnit):
-        """(validated rows, their encoded prompts) for the unit, chunk by chunk."""
+        """(validated rows, their encoded prompts, their detected languages: None when the
+        input has a language column) for the unit, chunk by chunk."""
         chunks = read_chunks(
             unit.file, start=unit.position, stop_row=unit.stop, row_groups=unit.row_groups or None, chunk_rows=self.chunk_rows
         )
@@ -315,7 +323,10 @@ class Labeler:
                 # Tokenised here, in the reader thread (the Rust tokenizer releases the GIL),
                 # so the model never waits for it.
                 encoded = self.scorer.encode(piece.sentences) if self.mode == "scoring" and piece.sentences else None
-                yield piece, encoded
+                # Beside tokenisation: each row's language, when the input does not say it.
+                has_lang = self.cfg.data.lang_column in piece.chunk.columns
+                detected = None if has_lang or not piece.sentences else languages.detect(piece.sentences)
+                yield piece, encoded, detected
 
     def _flag_rows(self, predictions: dict[str, Any], checked: CheckedRows) -> dict[str, Any]:
         """Rows whose text was cut to label.max_text_chars count as truncated; rows whose
@@ -328,6 +339,23 @@ class Labeler:
         if self.markers:
             predictions["prompt_markers"] = pa.array(prompt_marker_flags(checked.sentences, self.markers), type=pa.bool_())
         return predictions
+
+    def _languages_and_acceptance(self, predictions: dict[str, Any], table, detected) -> tuple[dict[str, Any], list]:
+        """Each row's language (the input's language column, else `lang_detected`) and, with
+        label.max_error, `accepted`: confidence at or above the certified threshold and a
+        language the adapter was calibrated on (risk.accepted_flags)."""
+        import pyarrow as pa
+
+        if detected is not None:
+            predictions["lang_detected"] = pa.array(detected, type=pa.string())
+            row_langs = detected
+        else:
+            row_langs = languages.keys(table.column(self.cfg.data.lang_column).to_pylist())
+        if self.acceptance is not None:
+            confidence = predictions["confidence"].to_pylist()
+            flags = risk.accepted_flags(confidence, row_langs, self.acceptance["threshold"], self.acceptance["languages"])
+            predictions["accepted"] = pa.array(flags, type=pa.bool_())
+        return predictions, row_langs
 
     def _write_parquet(self, name: str, table) -> None:
         import pyarrow.parquet as pq

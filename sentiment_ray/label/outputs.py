@@ -7,13 +7,14 @@ import os
 from collections import Counter
 from typing import Any
 
+from sentiment_ray import languages, risk
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.label import layout
 from sentiment_ray.label.labeler import submission_csv
 from sentiment_ray.label.plan import LabelRunError, WorkUnit
 from sentiment_ray.labels import LabelSet
-from sentiment_ray.metrics import EvaluationCounts
+from sentiment_ray.metrics import EvaluationCounts, unknown_labels_line
 from sentiment_ray.report import html, plots
 
 
@@ -60,9 +61,10 @@ def read_markers(out: Storage, units: list[WorkUnit], plan_id: str | None = None
 
 def totals(markers) -> dict[str, Any]:
     markers = list(markers)
-    bad = Counter()
+    bad, langs = Counter(), Counter()
     for m in markers:
         bad.update(m["bad_by_kind"])
+        langs.update(m.get("languages") or {})
     return {
         "rows": sum(m["rows"] for m in markers),
         "labelled": sum(m["labelled"] for m in markers),
@@ -73,6 +75,8 @@ def totals(markers) -> dict[str, Any]:
         "text_cut": sum(m.get("text_cut", 0) for m in markers),
         "prompt_markers": sum(m.get("prompt_markers", 0) for m in markers),
         "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
+        "language_rows": dict(langs.most_common()),
+        "accepted_rows": sum(m.get("accepted", 0) for m in markers),
         "predict_seconds": round(sum(m["predict_seconds"] for m in markers), 3),
     }
 
@@ -140,6 +144,88 @@ def merge_quarantine(out: Storage, units: list[WorkUnit], markers: dict[str, dic
     return out.path(layout.QUARANTINE_FILE)
 
 
+# ----------------------------------------------------------------------------- languages and acceptance
+
+
+def acceptance(cfg: ExperimentConfig, adapter_path: str | None) -> dict[str, Any] | None:
+    """With label.max_error: the confidence threshold certified on the adapter's calibration
+    rows (risk.py) and the languages it was calibrated on, for the actors (`accepted`) and the
+    summary; None without label.max_error. LabelRunError when the adapter cannot support it."""
+    max_error = cfg.label.max_error
+    if max_error is None:
+        return None
+    if cfg.label.mode != "scoring":
+        raise LabelRunError("label.max_error needs label.mode=scoring (a confidence per row)")
+    record = risk.read_scores(adapter_path)
+    if record is None:
+        raise LabelRunError(
+            f"label.max_error needs an adapter that saved its calibration scores ({risk.RISK_FILE}): "
+            f"{adapter_path or 'no --adapter was given'}; train it again with validation rows"
+        )
+    found = risk.certify_record(record, max_error, cfg.label.max_error_delta)
+    calibrated = languages.calibrated_languages(languages.read_profile(adapter_path))
+    return {"threshold": found.threshold, "languages": calibrated, "certified": found.to_dict()}
+
+
+def language_summary(totals: dict[str, Any], calibrated: list[str] | None) -> dict[str, Any]:
+    """The share of rows per language and, against the adapter's calibration languages
+    (None: no adapter, or one that did not record them), the share outside them."""
+    shares = languages.count_shares(totals.get("language_rows", {}))
+    out: dict[str, Any] = {"shares": shares, "calibrated_languages": calibrated}
+    if calibrated is not None:
+        out["not_calibrated_share"], out["not_calibrated"] = languages.uncalibrated_share(shares, calibrated)
+    return out
+
+
+def accepted_summary(totals: dict[str, Any], accept: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How many rows were accepted and at what guaranteed error (None without label.max_error)."""
+    if accept is None:
+        return None
+    certified = accept["certified"]
+    labelled = totals["labelled"]
+    return {
+        "rows": totals["accepted_rows"],
+        "share": round(totals["accepted_rows"] / labelled, 4) if labelled else 0.0,
+        "max_error": certified["max_error"],
+        "failure_probability": certified["delta"],
+        "threshold": accept["threshold"],
+        "calibrated_languages": accept["languages"],
+        "calibration_rows": certified["calibration_rows"],
+        "calibration_coverage": certified["coverage"],
+        "calibration_error": certified["observed_error"],
+    }
+
+
+def terminal_lines(summary: dict[str, Any]) -> list[str]:
+    """What the label job's terminal says after its progress: the languages of the rows, and
+    the rows accepted with a guaranteed error."""
+    lines = []
+    langs = summary.get("languages") or {}
+    if langs.get("shares"):
+        lines.append(f"languages  {languages.shares_text(langs['shares'])}")
+    accepted = summary.get("accepted")
+    if accepted:
+        if accepted["threshold"] is None:
+            lines.append(f"accepted   none: an error rate of at most {accepted['max_error']:g} cannot be certified on the adapter's "
+                         f"{accepted['calibration_rows']:,} calibration rows")
+        else:
+            lines.append(f"accepted   {accepted['rows']:,} of {summary['labelled']:,} rows ({accepted['share']:.1%}): confidence >= "
+                         f"{accepted['threshold']:.4g} in {', '.join(accepted['calibrated_languages'])}; error at most "
+                         f"{accepted['max_error']:g} with probability {1 - accepted['failure_probability']:g}")
+    return lines
+
+
+def warning_lines(summary: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
+    """The label job's warnings: rows in languages the adapter was not calibrated on, gold
+    labels outside the label set."""
+    langs = summary.get("languages") or {}
+    lines = []
+    if langs.get("calibrated_languages") is not None:
+        lines.append(languages.uncalibrated_line(langs["shares"], langs["calibrated_languages"]))
+    lines.append(unknown_labels_line(report))
+    return [line for line in lines if line]
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -149,13 +235,14 @@ def read_gold_and_predictions(out: Storage, units: list[WorkUnit], label_column:
     import pyarrow.parquet as pq
 
     data: dict[str, list] = {"gold": [], "predicted": [], "confidence": [], "langs": []}
+    lang_columns = (lang_column, "lang_detected")
     for unit in units:
         with out.open_input(layout.unit_files(unit.unit_id).predictions) as f:
             parquet = pq.ParquetFile(f)
             names = parquet.schema_arrow.names
             if "pred_label" not in names:
                 continue
-            table = parquet.read(columns=[c for c in (label_column, "pred_label", "confidence", lang_column) if c in names])
+            table = parquet.read(columns=[c for c in (label_column, "pred_label", "confidence", *lang_columns) if c in names])
         n = table.num_rows
 
         def column(name: str) -> list:
@@ -164,7 +251,7 @@ def read_gold_and_predictions(out: Storage, units: list[WorkUnit], label_column:
         data["gold"] += column(label_column)
         data["predicted"] += column("pred_label")
         data["confidence"] += column("confidence")
-        data["langs"] += column(lang_column)
+        data["langs"] += column(lang_column if lang_column in table.column_names else "lang_detected")
     return data
 
 
@@ -219,7 +306,8 @@ def describe_form(summary: dict[str, Any]) -> str | None:
 
 
 def evaluate(
-    out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "", held_as: str | None = None
+    out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "", held_as: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Metrics against the input's gold labels into metrics.json, report.png and report.html
     (rows whose label is missing or unknown are counted, not scored); None when no row has
@@ -227,6 +315,7 @@ def evaluate(
     report = evaluation_counts(out, units, cfg).report()  # = evaluate_predictions of every row
     if report is None:
         return None
+    report.update(extra or {})  # languages, accepted rows, the adapter's risk-coverage curve
     out.write_json(layout.METRICS_FILE, report)
     png = plots.render_report_png(
         report["confusion_matrix"],
@@ -249,5 +338,6 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "ece": report.get("ece"),
         "unparsed": report["unparsed"],
         "rows_without_label": report["rows_without_label"],
+        "unknown_labels": report.get("unknown_labels") or {},
         "per_language": report.get("per_language"),
     }

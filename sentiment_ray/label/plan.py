@@ -352,7 +352,7 @@ def prediction_config(cfg: ExperimentConfig) -> dict[str, Any]:
         "prompt": cfg.prompt.model_dump(),
         "label": cfg.label.model_dump(
             include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids", "calibrate", "max_text_chars",
-                     "flag_prompt_markers"}
+                     "flag_prompt_markers", "max_error", "max_error_delta"}
         ),
         "data": cfg.data.model_dump(include={"text_column", "id_column"}),
     }

@@ -35,7 +35,7 @@ import os
 import time
 from typing import Any
 
-from sentiment_ray import cluster
+from sentiment_ray import cluster, languages, risk
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.files import expand_inputs, not_read_warning
 from sentiment_ray.io.lease import Lease
@@ -99,7 +99,10 @@ def _label_locked(cfg, input_path, inputs, out, adapter, adapter_path, lease, st
         out, cfg, input_path, files, adapter, rows_per_unit, sorted(output_columns(cfg)), actors=lambda: actor_count(cfg)
     )
     plan_id = manifest["plan_id"]
-    identity = {"model_name": cfg.model.name, "adapter_id": adapter["id"] if adapter else None, "plan_id": plan_id}
+    # label.max_error: the threshold certified on the adapter's calibration rows, for the actors.
+    accept = outputs.acceptance(cfg, adapter_path)
+    identity = {"model_name": cfg.model.name, "adapter_id": adapter["id"] if adapter else None, "plan_id": plan_id,
+                "acceptance": accept}
     units = [WorkUnit.from_dict(d) for d in manifest["units"]]
     stale = out.remove_stale_temporaries(("", *layout.UNIT_DIRS))
     out.delete_dir(layout.FAILED_DIR)  # failures of an earlier attempt
@@ -153,9 +156,19 @@ def _label_locked(cfg, input_path, inputs, out, adapter, adapter_path, lease, st
         **outputs.actor_startup(ran_now),
         **outputs.model_form(ran_now),
     }
+    profile = languages.read_profile(adapter_path)
+    summary["languages"] = outputs.language_summary(totals, languages.calibrated_languages(profile) if profile else None)
+    summary["accepted"] = outputs.accepted_summary(totals, accept)
     summary["submission"] = outputs.merge_submission(out, units) if cfg.label.write_submission else None
     summary["quarantine"] = outputs.merge_quarantine(out, units, markers)
-    report = outputs.evaluate(out, units, cfg, title=f"Labelling with {cfg.model.name}", held_as=outputs.describe_form(summary))
+    risk_record = risk.read_scores(adapter_path)
+    extra = {"languages": summary["languages"], "accepted": summary["accepted"],
+             "risk_control": risk.summary(risk_record, cfg.label.max_error_delta) if risk_record else None}
+    report = outputs.evaluate(out, units, cfg, title=f"Labelling with {cfg.model.name}", extra=extra,
+                                held_as=outputs.describe_form(summary))
+    summary["warnings"] = outputs.warning_lines(summary, report)
+    for line in summary["warnings"]:
+        log.warning("%s", line)
     summary["metrics_path"] = out.path(layout.METRICS_FILE) if report else None
     summary["report_png"] = out.path(layout.REPORT_PNG_FILE) if report else None
     summary["metrics"] = outputs.headline(report) if report else None

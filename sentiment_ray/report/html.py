@@ -109,15 +109,21 @@ def metrics_sections(report: dict[str, Any]) -> list[str]:
     rows += [(f"f1_{label}", value) for label, value in (report.get("f1") or {}).items()]
     rows += [(k, report[k]) for k in ("unparsed", "rows_without_label") if report.get(k) is not None]
     sections = ["<h2>Metrics</h2>", _table("metrics", ["metric", "value"], [({"data-metric": k}, [k, v]) for k, v in rows])]
+    unknown = report.get("unknown_labels") or {}
+    if unknown:
+        named = ", ".join(f"{html.escape(repr(k))} ({v})" for k, v in unknown.items())
+        sections.append(f'<p id="unknown-labels" class=warning>{sum(unknown.values())} row(s) have a gold label outside '
+                        f"the label set and were not scored: {named}.</p>")
 
     per_language = report.get("per_language") or {}
     sections.append("<h2>Per language</h2>")
     if per_language:
+        with_ece = any("ece" in v for v in per_language.values())
         lang_rows = [
-            ({"data-lang": lang}, [lang, v.get("n"), v.get("accuracy"), v.get("macro_f1")])
+            ({"data-lang": lang}, [lang, v.get("n"), v.get("accuracy"), v.get("macro_f1"), *([v.get("ece")] if with_ece else [])])
             for lang, v in sorted(per_language.items(), key=lambda kv: -kv[1].get("n", 0))
         ]
-        sections.append(_table("per-language", ["language", "n", "accuracy", "macro-F1"], lang_rows))
+        sections.append(_table("per-language", ["language", "n", "accuracy", "macro-F1", *(["ECE"] if with_ece else [])], lang_rows))
     else:
         sections.append('<p id="per-language">No language column in the data.</p>')
 
@@ -166,7 +172,33 @@ def prediction_report_html(
     """The page of one set of predictions (a label run, a training run's validation split).
     `details`: what it is about (model, adapter, input, date), shown first."""
     sections = ([details_section(details)] if details else []) + metrics_sections(report)
+    if report.get("languages"):
+        sections += language_sections(report["languages"])
+    if report.get("accepted"):
+        sections += accepted_sections(report["accepted"])
+    if report.get("risk_control"):
+        sections += risk_control_sections(report["risk_control"])
     return page(title, subtitle or f"{report.get('n')} labelled rows", sections)
+
+
+def language_sections(langs: dict[str, Any]) -> list[str]:
+    """The share of rows per language, those outside the adapter's calibration languages marked."""
+    calibrated = langs.get("calibrated_languages")
+    rows = [({"data-lang": k, **({"class": "worse"} if calibrated is not None and k not in calibrated else {})},
+             [k, v, "–" if calibrated is None else ("yes" if k in calibrated else "no: confidence not calibrated")])
+            for k, v in (langs.get("shares") or {}).items()]
+    sections = ["<h2>Languages of the rows</h2>", _table("languages", ["language", "share of rows", "calibrated"], rows)]
+    if langs.get("not_calibrated_share"):
+        sections.append(f'<p id="not-calibrated" class=warning>{langs["not_calibrated_share"]:.1%} of rows are in languages the '
+                        "adapter was not calibrated on: their confidence is not calibrated.</p>")
+    return sections
+
+
+def accepted_sections(accepted: dict[str, Any]) -> list[str]:
+    """How many rows were accepted and at what guaranteed error (label.max_error)."""
+    rows = [(k, accepted.get(k)) for k in ("rows", "share", "max_error", "failure_probability", "threshold",
+                                            "calibrated_languages", "calibration_rows", "calibration_coverage", "calibration_error")]
+    return ["<h2>Accepted rows</h2>", _table("accepted", ["", "value"], [({"data-metric": k}, [k, v]) for k, v in rows])]
 
 
 def tune_report_html(
@@ -208,7 +240,7 @@ def calibration_sections(calibration: dict[str, Any]) -> list[str]:
         ("temperature", calibration.get("temperature")),
         ("applied", "yes" if calibration.get("applied", True) else "no (no out-of-fold gain)"),
         ("validation rows", calibration.get("rows")),
-        ("ECE before", calibration.get("ece_before")),
+        ("ECE before (the model's own)", calibration.get("ece_before")),
         ("ECE after (out-of-fold)", calibration.get("ece_after")),
         ("NLL before", calibration.get("nll_before")),
         ("NLL after (out-of-fold)", calibration.get("nll_after")),
@@ -226,6 +258,41 @@ def calibration_sections(calibration: dict[str, Any]) -> list[str]:
     ]
 
 
+def risk_control_sections(risk_control: dict[str, Any]) -> list[str]:
+    """The risk-coverage curve observed on the validation rows, and the thresholds certified
+    for a few error targets (risk.summary)."""
+    curve = [({"data-coverage": str(p["coverage"])}, [p["coverage"], p["error"], p["threshold"], p["rows"]])
+             for p in risk_control.get("curve", [])]
+    certified = [({"data-max-error": str(c["max_error"])},
+                  [c["max_error"], "none certified" if c["threshold"] is None else c["threshold"], c["coverage"], c["observed_error"]])
+                 for c in risk_control.get("certified", [])]
+    sections = [
+        "<h2>Risk and coverage (validation)</h2>",
+        "<p>The error rate among the most confident rows at each share of rows accepted, on the rows the adapter was "
+        "calibrated on.</p>",
+        _table("risk-coverage", ["share accepted", "error among accepted", "confidence at least", "rows"], curve),
+    ]
+    if certified:
+        sections += [
+            f"<p>Thresholds certified with failure probability {risk_control.get('delta')} "
+            f"({html.escape(str(risk_control.get('method', '')))}):</p>",
+            _table("certified", ["max error", "threshold", "share accepted", "observed error"], certified),
+        ]
+    return sections
+
+
+def data_profile_sections(profile: dict[str, Any]) -> list[str]:
+    """The languages and label shares of the adapter's training and calibration rows."""
+    rows = []
+    for which in ("train", "calibration"):
+        part = profile.get(which) or {}
+        for kind in ("languages", "labels"):
+            text = ", ".join(f"{k} {v:.1%}" for k, v in (part.get(kind) or {}).items())
+            rows.append(({"data-rows": which, "data-kind": kind}, [which, part.get("rows"), kind, text]))
+    return [f"<h2>What the adapter knows (languages: {html.escape(str(profile.get('languages_from', '')))})</h2>",
+            _table("data-profile", ["rows", "n", "", "shares"], rows)]
+
+
 def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str = "", details: dict[str, Any] | None = None) -> str:
     """The page of a training run: what it is (`details`: model, data, adapter, date), zero-shot
     against fine-tuned overall and per language (languages fine-tuning made worse marked), the
@@ -234,8 +301,10 @@ def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str =
     zero, tuned = metrics.get("zero_shot") or {}, metrics.get("fine_tuned") or {}
     calibration = metrics.get("calibration") or {}
     overall = [
-        ({"data-metric": key}, [key, zero.get(key), tuned.get(key)])
-        for key in ("n", "accuracy", "macro_f1", "ece")
+        ({"data-metric": key}, [name, zero.get(key), tuned.get(key)])
+        for key, name in (("n", "n"), ("accuracy", "accuracy"), ("macro_f1", "macro_f1"), ("ece", "ece (the model's own)"),
+                          ("ece_calibrated", "ece calibrated (out-of-fold)"))
+        if key != "ece_calibrated" or tuned.get(key) is not None
     ]
     sections = [details_section(details)] if details else []
     sections += ["<h2>Zero-shot and fine-tuned</h2>", _table("comparison", ["", "zero-shot", "fine-tuned"], overall)]
@@ -251,6 +320,10 @@ def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str =
                      _table("languages", ["language", "n", "zero-shot", "fine-tuned", "change", ""], rows)]
     if calibration:
         sections += calibration_sections(calibration)
+    if metrics.get("risk_control"):
+        sections += risk_control_sections(metrics["risk_control"])
+    if metrics.get("data_profile"):
+        sections += data_profile_sections(metrics["data_profile"])
     if tuned:
         sections += metrics_sections(tuned)
     return page(title, subtitle or f"{tuned.get('n', 0)} validation rows", sections)

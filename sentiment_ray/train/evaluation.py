@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from sentiment_ray import languages, risk
 from sentiment_ray.calibration import calibrate
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.metrics import evaluate_predictions, macro_f1_drop_likelihood
@@ -41,24 +42,59 @@ def evaluate_split(scorer: LabelScorer, table) -> tuple[dict, ScoreResult]:
     return evaluate_scores(table, scores, scorer.labels), scores
 
 
-def calibrate_scores(table, scores: ScoreResult, labels: LabelSet) -> tuple[dict, dict, ScoreResult]:
+def calibrate_scores(table, scores: ScoreResult, labels: LabelSet, fine_tuned: dict) -> tuple[dict, dict, ScoreResult]:
     """Fit the temperature on the validation rows' label logits: (the calibration record,
-    the evaluation report of the calibrated probabilities, the calibrated scores)."""
+    the fine-tuned report with the calibrated ECE beside the model's own, the calibrated
+    scores: what labelling with the adapter gives).
+
+    One ECE, defined once: `fine_tuned["ece"]` is the model's own (before the temperature,
+    equal to the record's `ece_before`); `fine_tuned["ece_calibrated"]` is the record's
+    `ece_after`, measured out of fold (each half of the rows scaled by the temperature fitted
+    on the other). The in-sample ECE of the calibrated probabilities (the temperature judged on
+    the rows it was fitted to) is shown nowhere."""
     gold = np.array([labels.index(g) for g in table.column("label").to_pylist()], dtype=np.int64)
     fit = calibrate(scores.logits, gold)
     calibrated = dataclasses.replace(scores, probs=softmax(scores.logits / fit["temperature"]))
-    return fit, evaluate_scores(table, calibrated, labels), calibrated
+    report = {**fine_tuned, "ece_calibrated": fit["ece_after"], "ece_calibrated_is": fit["ece_after_is"]}
+    return fit, report, calibrated
 
 
-def predictions_table(table, scores: ScoreResult):
-    """The validation rows with the predicted label, one probability column per label (what
-    labelling with the adapter gives) and the label logits (before the temperature)."""
+def risk_scores(table, scores: ScoreResult, temperature: float) -> dict:
+    """The validation rows' confidences (after the temperature) and whether each prediction
+    was right, saved with the adapter (risk.RISK_FILE) so a label job can certify its own
+    label.max_error."""
+    correct = np.array(scores.predicted(), dtype=object) == np.array(table.column("label").to_pylist(), dtype=object)
+    return risk.scores_record(scores.confidence(), correct, temperature=temperature)
+
+
+def data_profile(train, validation) -> dict:
+    """What the adapter knows (languages.PROFILE_FILE): the languages and label shares of its
+    training and calibration (validation) rows, from the lang column, else detected."""
+    has_lang = "lang" in train.column_names and any(x is not None for x in train.column("lang").to_pylist())
+
+    def langs(table) -> list:
+        if has_lang and "lang" in table.column_names:
+            return table.column("lang").to_pylist()
+        return languages.detect(table.column("sentence").to_pylist())
+
+    return languages.data_profile(langs(train), train.column("label").to_pylist(), langs(validation),
+                                  validation.column("label").to_pylist(), detected=not has_lang)
+
+
+def predictions_table(table, scores: ScoreResult, calibrated: ScoreResult | None = None):
+    """The validation rows with the predicted label, one probability column per label as the
+    model gives them (`p_<label>`: what `eval` reads, so its ECE is the model's own), the
+    probabilities after the temperature (`calibrated_p_<label>`: what labelling with the adapter
+    gives) and the label logits (before the temperature)."""
     import pyarrow as pa
 
     columns = {c: table.column(c) for c in ("ID", "sentence", "label", "lang") if c in table.column_names}
     columns["predicted"] = pa.array(scores.predicted(), type=pa.string())
     for i, label in enumerate(scores.labels):
         columns[f"p_{label}"] = pa.array(scores.probs[:, i])
+    if calibrated is not None:
+        for i, label in enumerate(scores.labels):
+            columns[f"calibrated_p_{label}"] = pa.array(calibrated.probs[:, i])
     if scores.logits is not None:
         for i, label in enumerate(scores.labels):
             columns[f"logit_{label}"] = pa.array(scores.logits[:, i])

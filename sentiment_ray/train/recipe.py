@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentiment_ray import backends, cluster, compat, provenance, tracking
+from sentiment_ray import backends, cluster, compat, languages, provenance, risk, tracking
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
@@ -37,10 +37,12 @@ from sentiment_ray.train import terminal as train_terminal
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
 from sentiment_ray.train.evaluation import (
     calibrate_scores,
+    data_profile,
     evaluate_split,
     language_changes,
     language_drop_likelihoods,
     predictions_table,
+    risk_scores,
     worse_languages_line,
 )
 from sentiment_ray.train.fingerprint import RunChanged, check_or_record
@@ -355,7 +357,7 @@ def train_attempt(attempt: Attempt) -> None:
     #    and the temperature that calibrates its probabilities.
     outputs = attempt.local("outputs")
     os.makedirs(outputs)
-    fine_tuned = calibration = None
+    fine_tuned = calibration = risk_record = None
     drop_likelihood: dict[str, float] = {}
     if scorer is not None:
         if cfg.train.keep_best and reporter.restore_best(model):
@@ -365,30 +367,40 @@ def train_attempt(attempt: Attempt) -> None:
         else:
             attempt.events.phase(f"fine-tuned scoring {splits.validation.num_rows} validation rows")
             fine_tuned, scores = evaluate_split(scorer, splits.validation)
+        calibrated = None
         if cfg.train.calibrate:
-            calibration, fine_tuned, scores = calibrate_scores(splits.validation, scores, labels)
+            calibration, fine_tuned, calibrated = calibrate_scores(splits.validation, scores, labels, fine_tuned)
             if calibration["applied"]:
                 log.info("calibration: temperature %.3f, validation ECE %.3f -> %.3f (out-of-fold)",
                          calibration["temperature"], calibration["ece_before"], calibration["ece_after"])
             else:
                 log.info("calibration: no temperature lowers the out-of-fold NLL on %d rows; probabilities kept as they are",
                          calibration["rows"])
+        # The calibrated confidences and whether each was right: what a label job certifies
+        # its label.max_error on.
+        risk_record = risk_scores(splits.validation, calibrated or scores, calibration["temperature"] if calibration else 1.0)
         if zero_shot_predicted:
             drop_likelihood = language_drop_likelihoods(splits.validation, zero_shot_predicted, scores.predicted(), labels)
         import pyarrow.parquet as pq
 
-        pq.write_table(predictions_table(splits.validation, scores), os.path.join(outputs, layout.PREDICTIONS_FILE))
+        pq.write_table(predictions_table(splits.validation, scores, calibrated), os.path.join(outputs, layout.PREDICTIONS_FILE))
     attempt.events.phase("saving the adapter, metrics and predictions")
     backend.save_adapter(model, tokenizer, os.path.join(outputs, layout.ADAPTER_DIR))
+    adapter_folder = Storage(os.path.join(outputs, layout.ADAPTER_DIR))
     if calibration is not None:
-        Storage(os.path.join(outputs, layout.ADAPTER_DIR)).write_json(CALIBRATION_FILE, calibration)
+        adapter_folder.write_json(CALIBRATION_FILE, calibration)
+    if risk_record is not None:
+        adapter_folder.write_json(risk.RISK_FILE, risk_record)
+    profile = data_profile(splits.train, splits.validation)
+    adapter_folder.write_json(languages.PROFILE_FILE, profile)
     training = training_stats(attempt, trainer, train_output, train_wall, reporter)
     training["gradient_checkpointing"] = gradient_checkpointing_for(cfg, device)
     training["batches"] = {"global_batch_size": attempt.world_size * batches.rows_per_step,
                            "micro_batch_size": batches.micro_batch_size,
                            "gradient_accumulation_steps": batches.gradient_accumulation_steps,
                            "chosen_by": batches.chosen_by}
-    write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training, calibration, drop_likelihood)
+    write_reports(Storage(outputs), attempt, splits, zero_shot, fine_tuned, training, calibration, drop_likelihood,
+                  profile=profile, risk_control=risk.summary(risk_record) if risk_record else None)
     tracking.finish_training(attempt.tracker, outputs, zero_shot, fine_tuned, training)
 
     # 7. Publish: the outputs into the run folder (local or URI).
@@ -427,7 +439,7 @@ def training_stats(attempt: Attempt, trainer, train_output, train_wall: float, r
 
 
 def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot, fine_tuned, training: dict, calibration,
-                  drop_likelihood: dict[str, float]) -> None:
+                  drop_likelihood: dict[str, float], *, profile: dict | None = None, risk_control: dict | None = None) -> None:
     """metrics.json, report.html and manifest.json into the attempt's outputs folder."""
     import torch
 
@@ -442,6 +454,8 @@ def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot,
         "zero_shot": zero_shot,
         "fine_tuned": fine_tuned,
         "calibration": calibration,
+        "risk_control": risk_control,
+        "data_profile": profile,
         "languages": language_changes(zero_shot, fine_tuned, drop_likelihood),
         "train": training,
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,

@@ -265,19 +265,23 @@ def summary_table(metrics: dict) -> list[str]:
     for name, n, za, zf, fa, ff in rows:
         mark = verdicts.get(name) if verdicts.get(name) in ("worse", "lower, within noise") else ""
         out.append(f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}  {mark}")
-    # With a calibration, the fine-tuned ECE shown is the model's own and the calibrated one is
-    # out-of-fold: fine_tuned.ece is measured on the rows the temperature was fitted to.
+    # One ECE, defined once (train/evaluation.py calibrate_scores): fine_tuned.ece is the
+    # model's own; the calibrated one is measured out of fold.
     calibration = metrics.get("calibration") or {}
-    fine_tuned_ece = calibration.get("ece_before", ft.get("ece")) if calibration else ft.get("ece")
-    if zs.get("ece") is not None or fine_tuned_ece is not None:
-        out.append(f"{'ECE':<{width}} {'':>5}  {_num(zs.get('ece')):>9} {'':>9}  {_num(fine_tuned_ece):>9}")
-    if calibration.get("ece_after") is not None:
-        if calibration.get("applied", True):
+    if zs.get("ece") is not None or ft.get("ece") is not None:
+        out.append(f"{'ECE':<{width}} {'':>5}  {_num(zs.get('ece')):>9} {'':>9}  {_num(ft.get('ece')):>9}  the model's own")
+    if calibration:
+        if calibration.get("applied", True) and ft.get("ece_calibrated") is not None:
             temperature = calibration.get("temperature")
             note = f"temperature {temperature:.2f}, out of fold" if temperature is not None else "out of fold"
-            out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {_num(calibration['ece_after']):>9}  {note}")
+            out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {_num(ft['ece_calibrated']):>9}  {note}")
         else:
             out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {'–':>9}  not applied: no temperature lowers the out-of-fold NLL")
+    certified = [c for c in (metrics.get("risk_control") or {}).get("certified", []) if c.get("threshold") is not None]
+    if certified:
+        delta = metrics["risk_control"]["delta"]
+        shown = ", ".join(f"error <= {c['max_error']:g}: {c['coverage']:.0%} of rows" for c in certified)
+        out.append(f"accepted with a guaranteed error (validation, failure probability {delta:g}): {shown}")
     return [line.rstrip() for line in out]
 
 

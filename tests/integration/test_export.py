@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,12 +76,24 @@ def test_export_float32_scores_like_base_plus_adapter(reference, adapter_dir, tm
     import yaml
 
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # What training saves with an adapter: its data profile and its calibration scores.
+    from sentiment_ray import languages, risk
+
+    profile = languages.data_profile(["en"] * 8, ["Positive", "Negative"] * 4, ["en"] * 4, ["Positive", "Negative"] * 2, detected=False)
+    (Path(adapter_dir) / languages.PROFILE_FILE).write_text(json.dumps(profile))
+    rng = np.random.default_rng(0)
+    scores = risk.scores_record(rng.uniform(0.9, 1, 500), rng.uniform(size=500) < 0.99, temperature=1.0)
+    (Path(adapter_dir) / risk.RISK_FILE).write_text(json.dumps(scores))
     assert main(["export", "--config", str(config_path), "--adapter", adapter_dir, "--output", str(out), "--dtype", "float32", "--device", "cpu"]) == 0
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "tokenizer.json", "sentiment_ray_export.json"} <= files
     assert not any(name.startswith("adapter_") for name in files)  # a plain model, no peft files
     info = json.loads((out / "sentiment_ray_export.json").read_text())
     assert info["backend"] == "hf" and info["dtype"] == "float32" and info["prompt"]["labels"] == ["Positive", "Negative"]
+    # The metadata says what the adapter knows and which thresholds its calibration rows certify.
+    assert info["data_profile"] == profile
+    assert info["risk_control"] == json.loads(json.dumps(risk.summary(scores)))
+    assert info["risk_control"]["delta"] == 0.05 and info["risk_control"]["certified"][2]["threshold"] is not None
 
     model, tokenizer = _load_plain(str(out))
     assert type(model).__module__.startswith("transformers.")  # not a peft model

@@ -113,8 +113,10 @@ def test_a_run_shows_phases_steps_and_the_table_of_metrics_json_without_error_li
         z = zs["per_language"][lang]
         assert rows[lang] == [str(row["n"]), *(f"{x:.3f}" for x in (z["accuracy"], z["macro_f1"], row["accuracy"], row["macro_f1"]))]
     calibration = metrics["calibration"]
-    assert rows["ECE"] == [f"{zs['ece']:.3f}", f"{calibration['ece_before']:.3f}"]  # the model's own, then calibrated
-    assert rows["calibrated"][0] == (f"{calibration['ece_after']:.3f}" if calibration["applied"] else "–")
+    # One ECE: the model's own (fine_tuned.ece, the calibration's ece_before), then the calibrated one out of fold.
+    assert rows["ECE"] == [f"{zs['ece']:.3f}", f"{ft['ece']:.3f}", "the", "model's", "own"]
+    assert ft["ece"] == pytest.approx(calibration["ece_before"])
+    assert rows["calibrated"][0] == (f"{ft['ece_calibrated']:.3f}" if calibration["applied"] else "–")
 
     where = {line.split()[0]: line.split(None, 1)[1] for line in err.splitlines() if re.match(r"^(run|adapter|log|next) {2,}", line)}
     assert where["run"].startswith(str(run_dir)) and where["adapter"] == str(run_dir / "adapter")
@@ -228,9 +230,10 @@ def test_the_label_job_shows_its_progress_and_keeps_rays_output_in_its_log(tiny_
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["labelled"] == 40
     lines = out.stderr.strip().splitlines()
-    assert lines[-1].startswith("labelling 40 / 40 rows (100%)"), lines
-    # Nothing but the progress, and Ray Data's one notice about actor constructor arguments.
-    others = [line for line in lines if not line.startswith("labelling ") and "constructor arguments" not in line]
+    assert lines[-2].startswith("labelling 40 / 40 rows (100%)"), lines
+    assert lines[-1].startswith("languages  en "), lines  # the input's lang column: its shares
+    # Nothing but the progress, the languages, and Ray Data's one notice about actor constructor arguments.
+    others = [line for line in lines[:-1] if not line.startswith("labelling ") and "constructor arguments" not in line]
     assert others == [], others
     assert "pid=" in Path(summary["log"]).read_text(encoding="utf-8")  # the actors' output is there instead
 
@@ -279,3 +282,57 @@ def test_a_mixed_folder_names_the_files_not_read_and_ids_come_out_as_written(tin
     shards = [r[0] for p in sorted((tmp_path / "out" / "csv").glob("*.csv")) for r in list(csv.reader(p.open(newline="")))[1:]]
     submission = [r[0] for r in list(csv.reader((tmp_path / "out" / "submission.csv").open(newline="")))[1:]]
     assert predictions == shards == submission == ids
+FRENCH = [
+    "Ce produit est vraiment excellent, je le recommande à tous mes amis.",
+    "La qualité est décevante et le service client ne répond jamais.",
+    "Livraison rapide et emballage soigné, très satisfait de mon achat.",
+    "Je ne rachèterai pas cette marque, l'appareil est tombé en panne après une semaine.",
+    "Un hôtel magnifique avec une vue superbe sur la mer.",
+    "Le film était long et ennuyeux, j'ai failli m'endormir.",
+]
+
+
+@pytest.mark.slow
+def test_the_label_job_warns_of_rows_in_languages_the_adapter_was_not_calibrated_on(tiny_model_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from sentiment_ray import languages
+
+    trained = train(tiny_overrides(tiny_model_dir, tmp_path / "runs", "langs"))
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    adapter = tmp_path / "runs" / "langs" / "adapter"
+    calibrated = languages.calibrated_languages(json.loads((adapter / "data_profile.json").read_text()))
+    assert "en" in calibrated and "fr" not in calibrated
+    # English rows the adapter was calibrated on, French ones it never saw, one gold label
+    # outside the label set; no lang column: each row's language is detected.
+    english = [r for r in csv.DictReader(DEMO_CSV.open(encoding="utf-8")) if r["lang"] == "en"][:12]
+    with (tmp_path / "mixed.csv").open("w", encoding="utf-8", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["ID", "sentence", "label"])
+        out.writerows([r["ID"], r["sentence"], r["label"]] for r in english)
+        out.writerows([f"fr-{i}", s, "Positive"] for i, s in enumerate(FRENCH))
+        out.writerow(["odd-1", "The parcel came on Tuesday.", "Neutral"])
+    overrides = [f"model.name={tiny_model_dir}", "model.dtype=float32", "model.max_seq_length=128", "label.num_actors=1",
+                 "label.max_error=0.05"]
+    out = label(["--input", str(tmp_path / "mixed.csv"), "--output", str(tmp_path / "out"), "--adapter", str(adapter), *overrides])
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    shares = summary["languages"]["shares"]
+    assert shares["fr"] == pytest.approx(len(FRENCH) / summary["labelled"], abs=1e-4)
+    warning = f"warning: {languages.uncalibrated_line(shares, calibrated)}"
+    assert warning.startswith(f"warning: {summary['languages']['not_calibrated_share']:.1%} of rows are in languages the adapter "
+                              "was not calibrated on (") and "fr " in warning and warning.endswith("their confidence is not calibrated")
+    lines = out.stderr.strip().splitlines()
+    assert warning in lines, lines
+    assert "warning: 1 row(s) have a gold label outside the label set, not scored: 'Neutral' (1); " \
+           "map them with data.label_map or fix the labels" in lines
+    assert f"languages  {languages.shares_text(shares)}" in lines
+    assert any(line.startswith("accepted   ") for line in lines), lines
+    # The rows: their detected language, and no French row accepted, whatever its confidence.
+    table = pq.read_table(next((tmp_path / "out" / "predictions").glob("part-*.parquet")))
+    french = [a for lang, a in zip(table.column("lang_detected").to_pylist(), table.column("accepted").to_pylist()) if lang == "fr"]
+    assert len(french) == len(FRENCH) and not any(french)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["unknown_labels"] == {"Neutral": 1} and "ece" in metrics["per_language"]["fr"]
+    report = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert all(f'id="{i}"' in report for i in ("unknown-labels", "not-calibrated", "accepted", "risk-coverage"))

@@ -527,11 +527,26 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
     assert calibration["temperature"] > 0 and calibration["rows"] == 32
     assert metrics["calibration"]["temperature"] == calibration["temperature"]
     assert metrics["calibration"]["ece_before"] >= 0 and metrics["calibration"]["ece_after"] >= 0
+    # One ECE: fine_tuned.ece is the model's own, ece_calibrated the out-of-fold calibrated one.
+    assert metrics["fine_tuned"]["ece"] == pytest.approx(metrics["calibration"]["ece_before"])
+    assert metrics["fine_tuned"]["ece_calibrated"] == metrics["calibration"]["ece_after"]
+    # What the adapter knows: the languages and labels of its training and calibration rows,
+    # and the calibration rows' scores, from which a label job certifies its label.max_error.
+    profile = json.loads((run_dir / "adapter" / "data_profile.json").read_text())
+    assert profile["train"]["rows"] == 64 and profile["calibration"]["rows"] == 32
+    assert set(profile["calibration"]["languages"]) == set(metrics["fine_tuned"]["per_language"])
+    assert sum(profile["train"]["labels"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert profile["languages_from"] == "the data's language column" and metrics["data_profile"] == profile
+    scores = json.loads((run_dir / "adapter" / "risk_control.json").read_text())
+    assert scores["rows"] == 32 and scores["confidence"] == sorted(scores["confidence"], reverse=True)
+    assert sum(scores["correct"]) == round(metrics["fine_tuned"]["accuracy"] * 32)
+    assert metrics["risk_control"]["delta"] == 0.05 and [p["coverage"] for p in metrics["risk_control"]["curve"]][-1] == 1.0
     assert {c["lang"] for c in metrics["languages"]} == set(metrics["fine_tuned"]["per_language"])
     assert summary["calibration"]["temperature"] == calibration["temperature"]
     assert summary["languages_made_worse"] == [c["lang"] for c in metrics["languages"] if c["worse"]]
     report = (run_dir / "report.html").read_text()
-    assert all(f'id="{i}"' in report for i in ("comparison", "languages", "calibration", "reliability-before", "reliability-after"))
+    assert all(f'id="{i}"' in report for i in ("comparison", "languages", "calibration", "reliability-before", "reliability-after",
+                                               "risk-coverage", "data-profile"))
     assert 'id="run-details"' in report and cfg.model.name in report and " UTC" in report  # what the page is about
     assert all(c["verdict"] in ("worse", "lower, within noise", "not worse") and 0 <= c["drop_likelihood"] <= 1
                for c in metrics["languages"])  # the zero-shot predictions were kept for the comparison
@@ -578,7 +593,7 @@ def test_saved_adapter_reproduces_the_reported_validation_scores(baseline):
                          max_length=cfg.model.max_seq_length, batch_size=cfg.train.eval_batch_size, temperature=temperature)
     sentences = predictions.column("sentence").to_pylist()
     probs = scorer.score(sentences).probs
-    reported = np.stack([predictions.column(f"p_{label}").to_numpy() for label in cfg.prompt.labels], axis=1)
+    reported = np.stack([predictions.column(f"calibrated_p_{label}").to_numpy() for label in cfg.prompt.labels], axis=1)
     np.testing.assert_allclose(probs, reported, atol=1e-4)
 
     report, _ = evaluate_split(scorer, predictions)

@@ -85,3 +85,24 @@ def test_balanced_sampling_draws_each_group_equally_often(by):
     assert max(groups.values()) - min(groups.values()) <= 1
     assert balance_rows(table, by, seed=3).equals(balanced)  # seeded
     assert set(balanced.column("sentence").to_pylist()) <= set(table.column("sentence").to_pylist())
+
+
+def test_one_ece_the_fine_tuned_report_shows_the_models_own_and_the_out_of_fold_calibrated_one():
+    from sentiment_ray.labels import LabelSet
+    from sentiment_ray.scoring import ScoreResult
+    from sentiment_ray.train.evaluation import calibrate_scores, evaluate_scores, predictions_table
+
+    logits, gold = overconfident(400)
+    labels = LabelSet(["Positive", "Negative"])
+    table = pa.table({"sentence": ["s"] * 400, "label": [list(labels)[i] for i in gold]})
+    scores = ScoreResult(softmax(logits), np.zeros(400, bool), 0, tuple(labels), logits=logits)
+    own = evaluate_scores(table, scores, labels)
+    fit, report, calibrated = calibrate_scores(table, scores, labels, own)
+    assert report["ece"] == pytest.approx(fit["ece_before"]) == pytest.approx(own["ece"])
+    assert report["ece_calibrated"] == fit["ece_after"] < report["ece"]
+    assert calibrated.predicted() == scores.predicted()
+    # The predictions file: p_ columns as the model gives them (what `eval` reads), the
+    # calibrated ones beside them (what labelling with the adapter gives).
+    written = predictions_table(table, scores, calibrated)
+    assert np.allclose(written.column("p_Positive").to_numpy(), scores.probs[:, 0])
+    assert np.allclose(written.column("calibrated_p_Positive").to_numpy(), calibrated.probs[:, 0])

@@ -99,14 +99,17 @@ def test_summary_table_sets_zero_shot_against_fine_tuned_per_language_with_ece()
     assert rows["all"] == ["200", "0.375", "0.273", "0.730", "0.672"]
     assert rows["en"] == ["120", "0.400", "0.300", "0.750", "0.700"]
     assert rows["de"] == ["80", "0.338", "0.250", "0.700", "0.630"]
-    assert rows["ECE"] == ["0.210", "0.045"]
+    assert rows["ECE"] == ["0.210", "0.045", "the", "model's", "own"]
     assert [line.split()[0] for line in table[2:]] == ["all", "en", "de", "ECE"]  # languages by size
-    # Calibrated: the model's own ECE, then the out-of-fold ECE of the temperature-scaled probabilities.
+    # Calibrated: the model's own ECE (metrics.json fine_tuned.ece, the calibration's ece_before),
+    # then the out-of-fold ECE of the temperature-scaled probabilities (fine_tuned.ece_calibrated).
     calibration = {"applied": True, "temperature": 1.445, "ece_before": 0.0706, "ece_after": 0.0213}
-    calibrated = terminal.summary_table({**METRICS, "calibration": calibration})
-    assert calibrated[-2].split() == ["ECE", "0.210", "0.071"]
+    fine_tuned = {**METRICS["fine_tuned"], "ece": 0.0706, "ece_calibrated": 0.0213}
+    calibrated = terminal.summary_table({**METRICS, "fine_tuned": fine_tuned, "calibration": calibration})
+    assert calibrated[-2].split() == ["ECE", "0.210", "0.071", "the", "model's", "own"]
     assert calibrated[-1].split() == ["calibrated", "0.021", "temperature", "1.45,", "out", "of", "fold"]
-    kept = terminal.summary_table({**METRICS, "calibration": {**calibration, "applied": False, "temperature": 1.0, "ece_after": 0.0706}})
+    kept = terminal.summary_table({**METRICS, "fine_tuned": fine_tuned,
+                                   "calibration": {**calibration, "applied": False, "temperature": 1.0, "ece_after": 0.0706}})
     assert kept[-1].split()[:3] == ["calibrated", "–", "not"]
     assert terminal.summary_table({"zero_shot": None, "fine_tuned": None}) == ["no validation rows: nothing was scored"]
 
@@ -192,3 +195,13 @@ def test_relative_outputs_inside_a_ray_job_go_under_the_durable_home(monkeypatch
 @pytest.mark.parametrize("seconds, text", [(5, "5s"), (65, "1m05s"), (3725, "1h02m"), (None, "?")])
 def test_durations(seconds, text):
     assert console.format_duration(seconds) == text
+
+
+def test_summary_table_ends_with_the_shares_of_rows_accepted_at_each_certified_error():
+    certified = [{"max_error": 0.01, "threshold": None, "coverage": 0.0}, {"max_error": 0.05, "threshold": 0.99, "coverage": 0.62},
+                 {"max_error": 0.1, "threshold": 0.9, "coverage": 0.85}]
+    table = terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": certified}})
+    assert table[-1] == ("accepted with a guaranteed error (validation, failure probability 0.05): "
+                         "error <= 0.05: 62% of rows, error <= 0.1: 85% of rows")
+    nothing = [{**c, "threshold": None} for c in certified]
+    assert not terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": nothing}})[-1].startswith("accepted")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from sentiment_ray.metrics import classification_report, confusion_matrix, expected_calibration_error
+from sentiment_ray.labels import LabelSet
+from sentiment_ray.metrics import classification_report, confusion_matrix, evaluate_predictions, expected_calibration_error
 
 L = ["Positive", "Negative"]
 
@@ -96,3 +97,17 @@ def test_counts_of_rows_without_a_usable_gold_label_report_nothing():
     counts = EvaluationCounts(LabelSet(["Positive", "Negative"]))
     counts.add([None, "maybe"], ["Positive", None], confidence=[0.9, 0.5], langs=[None, "en"])
     assert counts.report() is None
+def test_gold_labels_outside_the_label_set_are_counted_and_named_and_ece_is_given_per_language():
+    from sentiment_ray.metrics import unknown_labels_line
+
+    labels = LabelSet(["Positive", "Negative"])
+    gold = ["Positive", "Negative", "Neutral", None, "Neutral", "positive"]
+    predicted = ["Positive", "Positive", "Negative", "Negative", "Positive", "Positive"]
+    report = evaluate_predictions(gold, predicted, labels, confidence=[0.9, 0.8, 0.7, 0.6, 0.9, 0.95],
+                                  langs=["en", "fr", "en", "en", "fr", "en"])
+    assert report["n"] == 3 and report["rows_without_label"] == 3 and report["unknown_labels"] == {"Neutral": 2}
+    line = unknown_labels_line(report)
+    assert line.startswith("2 row(s) have a gold label outside the label set, not scored: 'Neutral' (2)")
+    assert unknown_labels_line(evaluate_predictions(["Positive"], ["Positive"], labels)) is None
+    assert report["per_language"]["en"]["ece"] == pytest.approx(((1 - 0.9) + (1 - 0.95)) / 2)
+    assert report["per_language"]["fr"]["ece"] == pytest.approx(0.8)  # one wrong row at 0.8
