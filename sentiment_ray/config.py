@@ -287,11 +287,12 @@ class LabelConfig(_Strict):
     base kept, the adapter applied in Unsloth's fused LoRA forwards (peft's layers on the hf
     backend): least memory. `auto`: merged when the GPU has room for the 16-bit weights
     beside a batch of label.max_batch_tokens, else as `false`."""
-    compile: Literal["auto", "true", "false"] = "auto"
+    compile: Literal["auto", "true", "false"] = "false"
     """Compile the scoring forward with torch.compile (one graph with dynamic batch shapes;
-    the compile time counts in the actor's start-up). `auto`: on a GPU when the adapter is
-    merged or absent, off on a CPU. A forward that fails to compile is one warning line and
-    the eager forward."""
+    the compile time counts in the actor's start-up and the summary's `compile_s_max`).
+    `auto`: on a GPU when the adapter is merged or absent, never on a CPU. Off by default
+    until `jobs/benchmark.py label --forms merged,merged+compiled` shows it pays on your GPU.
+    A forward that fails to compile is one warning line and the eager forward."""
     rows_per_unit: int | None = Field(None, gt=0)
     """Rows per work unit (the unit of resume, retry and output shards). Unset: about a
     quarter of each actor's share of the input, between 500 and 50,000 rows."""

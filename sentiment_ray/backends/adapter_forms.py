@@ -25,6 +25,7 @@ torch, peft and bitsandbytes are imported inside functions.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -181,7 +182,15 @@ def prepare_adapter(backend: Any, model: Any, setting: str, max_batch_tokens: in
         merge_extra_bytes=merge_extra_bytes(model),
         batch_bytes=batch_activation_bytes(model.config, max_batch_tokens),
     )
-    model = backend.apply_adapter_form(model, choice.form)
+    try:
+        model = backend.apply_adapter_form(model, choice.form)
+    except AdapterFormError as err:
+        if choice.form != "fused":
+            raise
+        # The fused forwards are a speed-up of peft's layers: without them, the same labels.
+        warnings.warn(f"{err}; labelling with peft's LoRA layers", RuntimeWarning, stacklevel=2)
+        model = backend.apply_adapter_form(model, "unmerged")
+        choice = replace(choice, form="unmerged", reason=f"{choice.reason}; the fused forwards failed")
     return model, replace(choice, weights_gib=weights_gib(model) if device.type == "cuda" else None)
 
 

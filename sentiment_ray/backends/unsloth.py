@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from sentiment_ray.backends.adapter_forms import merge_lora
+from sentiment_ray.backends.adapter_forms import AdapterFormError, merge_lora
 from sentiment_ray.backends.base import (
     BackendError,
     check_adapter_dir,
@@ -153,7 +153,12 @@ class UnslothBackend:
         if form == "merged":
             model = merge_lora(model)
         elif form == "fused":
-            model = FastLanguageModel.patch_peft_model(model, use_gradient_checkpointing=False)
+            try:
+                model = FastLanguageModel.patch_peft_model(model, use_gradient_checkpointing=False)
+            except Exception as err:  # noqa: BLE001 - peft's layers compute the same, slower
+                raise AdapterFormError(
+                    f"Unsloth could not fuse this adapter's LoRA forwards ({type(err).__name__}: {err})"
+                ) from err
         model = FastLanguageModel.for_inference(model) or model
         model.eval()
         return model

@@ -55,7 +55,7 @@ def test_merged_adapter_scores_like_peft_layers(tiny_cfg, lora_adapter):
 
 
 def test_auto_merges_on_a_cpu(tiny_cfg, lora_adapter):
-    labeler = _labeler(tiny_cfg, lora_adapter)
+    labeler = _labeler(tiny_cfg, lora_adapter, compile="auto")
     assert labeler.adapter_form.form == "merged"
     assert labeler.scorer.compiled is False  # label.compile=auto compiles on a GPU only
 
@@ -98,3 +98,23 @@ def test_a_compiled_forward_scores_like_the_eager_one(tiny_cfg, lora_adapter):
         pytest.skip("torch.compile is not usable on this machine (the fallback is tested above)")
     assert labeler.scorer.compile_seconds > 0
     np.testing.assert_allclose(_probs(labeler), eager, atol=1e-4)
+
+
+def test_when_the_fused_forwards_fail_the_adapter_runs_as_peft_layers_with_one_warning(tiny_cfg, lora_adapter):
+    from sentiment_ray.backends.adapter_forms import AdapterFormError, prepare_adapter
+    from sentiment_ray.backends.hf import HFBackend
+
+    class CannotFuse(HFBackend):
+        def can_fuse(self, model):
+            return True
+
+        def apply_adapter_form(self, model, form):
+            if form == "fused":
+                raise AdapterFormError("Unsloth could not fuse this adapter's LoRA forwards (NotImplementedError: phi3)")
+            return super().apply_adapter_form(model, form)
+
+    model, _ = HFBackend().load_for_inference(tiny_cfg, lora_adapter, "cpu")
+    with pytest.warns(RuntimeWarning, match=r"could not fuse .*\(NotImplementedError: phi3\); labelling with peft's LoRA layers"):
+        model, choice = prepare_adapter(CannotFuse(), model, "false", 2048)
+    assert choice.form == "unmerged" and "the fused forwards failed" in choice.reason
+    assert hasattr(model, "peft_config")
