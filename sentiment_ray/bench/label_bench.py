@@ -487,6 +487,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "max_prompt_tokens": max(lengths) if lengths else 0,
         "truncated": int(truncated.sum()),
         "lora_params": int(lora_params),
+        "adapter_form": labeler.adapter_form.to_dict(),
         "shape": shape.to_dict(),
         "peak_tflops": peak,
         "flops_convention": flops.SCORING_CONVENTION,
