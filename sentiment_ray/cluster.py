@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sentiment_ray import compat
+from sentiment_ray import compat, faults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,6 +144,7 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
         ray.init(address=target, job_config=JobConfig(code_search_path=[str(REPO_ROOT)]), **common)
     else:
         start_local(num_cpus=num_cpus, job_config=JobConfig(code_search_path=[str(REPO_ROOT)]), **common)
+    faults.keep_signal_handlers()  # ray.init replaced the SIGTERM handler
     for callback in list(_after_connect):
         callback()
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentiment_ray import backends, cluster, compat, provenance, tracking
+from sentiment_ray import backends, cluster, compat, faults, provenance, tracking
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
@@ -111,6 +111,9 @@ def run_training(cfg: ExperimentConfig, *, terminal: train_terminal.Silent | Non
         trainer = build_trainer(cfg, progress_events=shown.wants_events)
         shown.fitting(run_dir_of(cfg))
         result = trainer.fit()
+        if faults.interrupted():
+            # Ray Train's own SIGINT handler aborts the run gracefully: not a finished run.
+            raise KeyboardInterrupt
         lease.check()
     summary = run_summary(run_dir_of(cfg))
     if summary["languages_warning"]:
