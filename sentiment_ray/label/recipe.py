@@ -35,7 +35,7 @@ import os
 import time
 from typing import Any
 
-from sentiment_ray import cluster
+from sentiment_ray import base_identity, cluster
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.files import expand_inputs, not_read_warning
 from sentiment_ray.io.lease import Lease
@@ -79,6 +79,12 @@ def label_dataset(
     if inputs.not_read:
         log.warning("%s", not_read_warning(input_path, inputs.not_read))
     adapter = adapter_identity(adapter_path, allow_unsafe=cfg.model.allow_unsafe_weights)
+    if adapter_path and "://" not in adapter_path:
+        # Before Ray starts: an adapter on another base costs nothing.
+        try:
+            base_identity.check(adapter_path, cfg.model.name, cfg.model.allow_base_mismatch)
+        except base_identity.BaseMismatch as err:
+            raise LabelRunError(str(err)) from None
     try:
         check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
     except UnsafeWeightsError as err:

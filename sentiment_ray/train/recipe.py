@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentiment_ray import backends, cluster, compat, faults, provenance, tracking
+from sentiment_ray import backends, base_identity, cluster, compat, faults, provenance, tracking
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
@@ -381,6 +381,8 @@ def train_attempt(attempt: Attempt) -> None:
         pq.write_table(predictions_table(splits.validation, scores), os.path.join(outputs, layout.PREDICTIONS_FILE))
     attempt.events.phase("saving the adapter, metrics and predictions")
     backend.save_adapter(model, tokenizer, os.path.join(outputs, layout.ADAPTER_DIR))
+    # The base it was trained on: labelling and export refuse the adapter on another.
+    Storage(os.path.join(outputs, layout.ADAPTER_DIR)).write_json(base_identity.BASE_FILE, base_identity.identify(cfg.model.name))
     if calibration is not None:
         Storage(os.path.join(outputs, layout.ADAPTER_DIR)).write_json(CALIBRATION_FILE, calibration)
     training = training_stats(attempt, trainer, train_output, train_wall, reporter)
