@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from sentiment_ray.io.lease import LockHeld, LockLost
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label import outputs as label_outputs
 from sentiment_ray.label.plan import LabelRunError
+from sentiment_ray.label.recipe import interrupted_line as label_interrupted_line
 from sentiment_ray.label.recipe import label_dataset
 from sentiment_ray.models import cache_dir
 from sentiment_ray.train.recipe import TrainingError, run_training
@@ -184,9 +186,13 @@ def _print_summary(run, errors, command: str = PROG) -> int:
     try:
         summary = run()
     except errors as err:
+        if faults.interrupted():
+            raise  # what the signal caused: the job's caller says what stopped
         print(f"error: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - a fault: one line, the trace in a log file
+        if faults.interrupted():
+            raise
         print(f"error: {faults.report(err, command)}", file=sys.stderr)
         return 1
     print(json.dumps(summary, ensure_ascii=False, default=str), flush=True)
@@ -222,7 +228,8 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     command = CommandLine(launcher(prog, "train"), argv, args.config, list(args.overrides))
     terminal = TrainTerminal(command, verbose=console.verbose_requested(args.verbose))
     try:
-        summary = run_training(cfg, terminal=terminal, new_run=args.new_run)
+        with faults.on_signals():
+            summary = run_training(cfg, terminal=terminal, new_run=args.new_run)
     except BaseException as err:  # noqa: BLE001 - explained on the terminal, or re-raised
         try:
             return terminal.failed(err, user_errors=(TrainingError, LockHeld, LockLost))
@@ -325,6 +332,7 @@ def label_log(verbose: bool):
 
 
 def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = label_parser(prog).parse_args(argv)
     cfg = load_config_or_none(args)
     if cfg is None:
@@ -338,12 +346,17 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             display.info(line)
         return {**summary, "log": log.path}
 
-    with label_log(console.verbose_requested(args.verbose)) as log:
-        return _print_summary(
-            run,
-            (DataError, LabelRunError, LockHeld, LockLost),
-            "label",
-        )
+    try:
+        with faults.on_signals(), label_log(console.verbose_requested(args.verbose)) as log:
+            return _print_summary(run, (DataError, LabelRunError, LockHeld, LockLost), "label")
+    except BaseException as err:  # noqa: BLE001 - a signal's end is one line; anything else as it was
+        stopped_by = faults.interrupted() or (signal.SIGINT if isinstance(err, KeyboardInterrupt) else None)
+        if stopped_by is None:
+            raise
+        # Ray is stopped by now (label_log): the units counted are all the committed ones.
+        command = CommandLine(launcher(prog, "label"), argv).text()
+        print(label_interrupted_line(stopped_by, args.output, command), file=sys.stderr)
+        return faults.exit_code(stopped_by)
 
 
 # ----------------------------------------------------------------------------- export

@@ -59,6 +59,12 @@ class ModelConfig(_Strict):
     adapters; loading one can run code planted in it. Off (the default): safetensors only
     (`from_pretrained(use_safetensors=True)`), and a model or adapter folder that has only
     pickle weights is refused, naming the file."""
+    allow_base_mismatch: bool = False
+    """Apply an adapter to a base other than the one it was trained on. A saved adapter
+    records its base (`base_model.json`: architecture, shape and a fingerprint of the
+    weights); labelling and export refuse another base in one line naming both, unless this
+    is true. A base of another shape is refused either way (its weights cannot take the
+    adapter's)."""
 
 
 class LoraConfig(_Strict):

@@ -25,7 +25,7 @@ import shutil
 import time
 from typing import Any
 
-from sentiment_ray import backends, languages, risk
+from sentiment_ray import backends, base_identity, languages, risk
 from sentiment_ray.backends.adapter_forms import merge_lora
 from sentiment_ray.backends.base import normalise_device
 from sentiment_ray.calibration import adapter_temperature
@@ -77,6 +77,10 @@ def export_merged(
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     _check_adapter(adapter, cfg.model.allow_unsafe_weights)
+    try:
+        base_identity.check(adapter, cfg.model.name, cfg.model.allow_base_mismatch)
+    except base_identity.BaseMismatch as err:
+        raise ExportError(str(err)) from None
     started = time.perf_counter()
 
     requested = cfg.model.backend

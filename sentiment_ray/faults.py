@@ -12,14 +12,24 @@ cannot be written) and returns `<what failed>: <cause> (full trace: <log>)`. For
 that came through Ray (an actor's, a Train worker's: Ray hands over the remote traceback as
 text) the line is the remote error's own last line, not Ray's wrapper.
 
+A signal is not a fault: `on_signals()` makes SIGINT (Ctrl-C) and SIGTERM stop a job the
+same way, as a KeyboardInterrupt in its main thread, and remembers which one came
+(`interrupted()`), so the job ends with its own line (what stopped, what is safely written,
+the command that resumes) and exit code 128 + the signal's number, whatever Ray raised
+while its processes went down with it.
+
 Pure: the standard library only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import socket
 import tempfile
+import threading
 import time
 import traceback
 
@@ -86,3 +96,89 @@ def report(err: BaseException, command: str) -> str:
     """`one_line(err)` plus where its full trace went."""
     log = write_trace(err, command)
     return f"{one_line(err)} (full trace: {log})" if log else f"{one_line(err)} (no trace file could be written)"
+
+
+# ----------------------------------------------------------------------------- signals
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received: signal.Signals | None = None
+_active = False
+_wakeup: socket.socket | None = None  # the read end of the signal wakeup socket pair
+
+
+def _stop(signum, frame) -> None:  # noqa: ARG001 - a signal handler's signature
+    global _received
+    if _received is None:
+        _received = signal.Signals(signum)
+        raise KeyboardInterrupt
+    # A second signal while the job stops: it is stopping already, and its line still comes.
+
+
+def _drain() -> None:
+    """Note a stop signal the wakeup socket saw (Python's C-level handler writes every
+    caught signal's number there, whichever Python handler then runs, or before it runs)."""
+    global _received
+    if _wakeup is None:
+        return
+    try:
+        while data := _wakeup.recv(512):
+            for number in data:
+                if _received is None and number in {int(sig) for sig in STOP_SIGNALS}:
+                    _received = signal.Signals(number)
+    except (BlockingIOError, OSError):
+        pass
+
+
+@contextlib.contextmanager
+def on_signals():
+    """While a job runs: SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, once
+    (a second one while it stops is ignored); `interrupted()` says which came, then and
+    afterwards.
+
+    Libraries replace the handlers: `ray.init` installs its own for SIGTERM (an immediate
+    SystemExit; `cluster.connect` calls `keep_signal_handlers()` after it), and Ray Train's
+    `fit()` one for SIGINT that aborts the run (whose end is then a SystemExit or a Ray
+    error). And when Ctrl-C signals the terminal's process group, the local cluster's
+    processes die with the driver, which may see Ray's SystemExit before any Python handler
+    has run. So the signal is also noted through `signal.set_wakeup_fd`, which Python's
+    C-level handler writes to on arrival, whichever Python handler is installed. The previous
+    handlers (and wakeup fd) come back afterwards."""
+    global _received, _active, _wakeup
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    _received, _active, _wakeup = None, True, reader
+    try:
+        keep_signal_handlers()
+        yield
+    finally:
+        _drain()
+        _active, _wakeup = False, None
+        signal.set_wakeup_fd(previous_fd)
+        reader.close()
+        writer.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def keep_signal_handlers() -> None:
+    """Put `on_signals`' handlers back (after a library replaced them), while it is active."""
+    if _active and threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _stop)
+
+
+def interrupted() -> signal.Signals | None:
+    """The signal that stopped the job (SIGINT, SIGTERM), or None."""
+    _drain()
+    return _received
+
+
+def exit_code(sig: signal.Signals) -> int:
+    """The shell's convention for a job ended by a signal: 128 + its number (130 for SIGINT)."""
+    return 128 + int(sig)

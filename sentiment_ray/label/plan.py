@@ -348,7 +348,7 @@ def prediction_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """The config fields that decide what the predictions are (not batch size or actor
     count, which may change between a crash and its rerun)."""
     return {
-        "model": cfg.model.model_dump(exclude={"allow_unsafe_weights"}),
+        "model": cfg.model.model_dump(exclude={"allow_unsafe_weights", "allow_base_mismatch"}),
         "prompt": cfg.prompt.model_dump(),
         "label": cfg.label.model_dump(
             include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids", "calibrate", "max_text_chars",

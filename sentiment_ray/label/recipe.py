@@ -35,7 +35,7 @@ import os
 import time
 from typing import Any
 
-from sentiment_ray import cluster, languages, risk
+from sentiment_ray import base_identity, cluster, languages, risk
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.files import expand_inputs, not_read_warning
 from sentiment_ray.io.lease import Lease
@@ -79,6 +79,12 @@ def label_dataset(
     if inputs.not_read:
         log.warning("%s", not_read_warning(input_path, inputs.not_read))
     adapter = adapter_identity(adapter_path, allow_unsafe=cfg.model.allow_unsafe_weights)
+    if adapter_path and "://" not in adapter_path:
+        # Before Ray starts: an adapter on another base costs nothing.
+        try:
+            base_identity.check(adapter_path, cfg.model.name, cfg.model.allow_base_mismatch)
+        except base_identity.BaseMismatch as err:
+            raise LabelRunError(str(err)) from None
     try:
         check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
     except UnsafeWeightsError as err:
@@ -270,3 +276,22 @@ def unit_error(failure: dict) -> Exception:
     if failure.get("traceback"):
         err.add_note(f"in the actor labelling {failure['where']} ({failure.get('host')}, pid {failure.get('pid')}):\n{failure['traceback']}")
     return err
+
+
+def interrupted_line(sig, output_dir: str, command: str) -> str:
+    """One line for a label job a signal stopped: the units (and rows) committed in the
+    output folder, which stay, and the command that labels the rest. Read after Ray
+    stopped, from the commit markers of the folder's plan (a unit whose marker is missing
+    is labelled again by the rerun)."""
+    out = Storage(output_dir)
+    try:
+        manifest = out.read_json_or_none(layout.MANIFEST_FILE)
+        done = outputs.done_unit_ids(out, manifest["plan_id"]) if manifest else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        manifest, done = None, set()
+    if not manifest:
+        return f"Labelling interrupted by {sig.name} before any unit was planned: nothing was written; rerun the same command: {command}"
+    units = [WorkUnit.from_dict(d) for d in manifest["units"]]
+    rows = sum(u.num_rows for u in units if u.unit_id in done)
+    return (f"Labelling interrupted by {sig.name}: {len(done)} of {len(units)} units ({rows:,} of "
+            f"{manifest['total_rows']:,} rows) are committed in {out.root}; rerun the same command to label the rest: {command}")

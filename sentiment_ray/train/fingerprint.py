@@ -44,7 +44,7 @@ DEFINITION_VERSION = 1
 # Sections that take part, and within them the fields that may change on resume.
 SECTIONS = ("model", "lora", "prompt", "data", "train", "run")
 RESUMABLE = {
-    "model": {"allow_unsafe_weights"},
+    "model": {"allow_unsafe_weights", "allow_base_mismatch"},
     "lora": {"gradient_checkpointing"},
     "data": {"train_path", "validation_path", "quarantine_path"},
     "train": {"max_steps", "eval_steps", "save_steps", "logging_steps", "eval_batch_size", "zero_shot_eval",

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentiment_ray import backends, cluster, compat, languages, provenance, risk, tracking
+from sentiment_ray import backends, base_identity, cluster, compat, faults, languages, provenance, risk, tracking
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
@@ -114,6 +114,9 @@ def run_training(cfg: ExperimentConfig, *, terminal: train_terminal.Silent | Non
         trainer = build_trainer(cfg, progress_events=shown.wants_events)
         shown.fitting(run_dir_of(cfg))
         result = trainer.fit()
+        if faults.interrupted():
+            # Ray Train's own SIGINT handler aborts the run gracefully: not a finished run.
+            raise KeyboardInterrupt
         lease.check()
     summary = run_summary(run_dir_of(cfg))
     if summary["languages_warning"]:
@@ -387,6 +390,8 @@ def train_attempt(attempt: Attempt) -> None:
     attempt.events.phase("saving the adapter, metrics and predictions")
     backend.save_adapter(model, tokenizer, os.path.join(outputs, layout.ADAPTER_DIR))
     adapter_folder = Storage(os.path.join(outputs, layout.ADAPTER_DIR))
+    # The base it was trained on: labelling and export refuse the adapter on another.
+    adapter_folder.write_json(base_identity.BASE_FILE, base_identity.identify(cfg.model.name))
     if calibration is not None:
         adapter_folder.write_json(CALIBRATION_FILE, calibration)
     if risk_record is not None:

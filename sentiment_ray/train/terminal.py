@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sentiment_ray import cluster, compat
+from sentiment_ray import cluster, compat, faults
 from sentiment_ray.config import ConfigError, ExperimentConfig
 from sentiment_ray.console import Display, RunLog, format_duration
 from sentiment_ray.io.storage import Storage
@@ -212,6 +213,19 @@ class TrainTerminal(Silent):
         """Explain `err` on the terminal (and in the log); the exit code. `user_errors`:
         more exception types whose message is the whole story. Re-raises what is not a
         known kind of failure (a bug: its traceback is the useful output)."""
+        stopped_by = faults.interrupted() or (signal.SIGINT if isinstance(err, KeyboardInterrupt) else None)
+        if stopped_by is not None:
+            # Whatever Ray raised while its processes went down with the signal: the job was
+            # interrupted. Ray stops first, so the checkpoint named is the one Ray Train
+            # registered last (what a rerun restores), never one still being written.
+            self._stop_ray()
+            text = interrupted_line(stopped_by, run_dir=self.run_dir, command=self.command,
+                                    save_every=_save_every(self.cfg), at_step=self.display.last_step)
+            self.log.write_text("".join(traceback.format_exception(err)) + text)
+            self.log.release_worker_output()
+            self.log.close()
+            self.display.error(text)
+            return faults.exit_code(stopped_by)
         explained = explain(err, run_dir=self.run_dir, command=self.command, log_path=self.shown_log_path(),
                             save_every=_save_every(self.cfg), at_step=self.display.last_step,
                             user_errors=USER_ERRORS + tuple(user_errors))
@@ -323,8 +337,7 @@ def explain(err: BaseException, *, run_dir: str | None, command: CommandLine, lo
     if isinstance(err, user_errors):
         return 1, f"error: {_one_line(err)}", None
     if isinstance(err, KeyboardInterrupt):
-        hint, _ = _resume_hint(run_dir, save_every)
-        return 130, f"interrupted; {hint}:\n    {command.text()}", None
+        return 130, interrupted_line(signal.SIGINT, run_dir=run_dir, command=command, save_every=save_every, at_step=at_step), None
     cause, trace = _worker_exception(err)
     where = f" (traceback: {log_path})" if log_path else ""
     if cause is not None:
@@ -345,6 +358,22 @@ def explain(err: BaseException, *, run_dir: str | None, command: CommandLine, lo
     if log_path:
         lines.append(f"Everything Ray and the workers printed is in {log_path}")
     return 1, "\n".join(lines), "".join(traceback.format_exception(err))
+
+
+def interrupted_line(sig: signal.Signals, *, run_dir: str | None, command: CommandLine, save_every: int | None = None,
+                     at_step: tuple[int, int] | None = None) -> str:
+    """One line: what stopped (the signal, the step), the checkpoint a rerun resumes from
+    (Ray Train's registered one: a checkpoint folder written but not registered is not
+    named, since a rerun would not use it) and the command."""
+    at = f" at step {at_step[0]} of {at_step[1]}" if at_step else ""
+    saved = last_checkpoint(run_dir) if run_dir else None
+    if saved:
+        step, path = saved
+        kept = f"the last checkpoint is step {step} ({short_path(path)}); rerun the same command to resume from it"
+    else:
+        every = f" (one is saved every {save_every} steps)" if save_every else ""
+        kept = f"no checkpoint was saved yet{every}; rerun the same command to start over"
+    return f"Training interrupted by {sig.name}{at}: {kept}: {command.text()}"
 
 
 def _worker_exception(err: BaseException) -> tuple[BaseException | None, str | None]:

@@ -282,6 +282,8 @@ def test_a_mixed_folder_names_the_files_not_read_and_ids_come_out_as_written(tin
     shards = [r[0] for p in sorted((tmp_path / "out" / "csv").glob("*.csv")) for r in list(csv.reader(p.open(newline="")))[1:]]
     submission = [r[0] for r in list(csv.reader((tmp_path / "out" / "submission.csv").open(newline="")))[1:]]
     assert predictions == shards == submission == ids
+
+
 FRENCH = [
     "Ce produit est vraiment excellent, je le recommande à tous mes amis.",
     "La qualité est décevante et le service client ne répond jamais.",
@@ -336,3 +338,81 @@ def test_the_label_job_warns_of_rows_in_languages_the_adapter_was_not_calibrated
     assert metrics["unknown_labels"] == {"Neutral": 1} and "ece" in metrics["per_language"]["fr"]
     report = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert all(f'id="{i}"' in report for i in ("unknown-labels", "not-calibrated", "accepted", "risk-coverage"))
+
+
+# ============================================================================ Ctrl-C
+
+# Ctrl-C on a terminal signals its whole foreground process group: the driver and the local
+# Ray cluster it started. Each driver here gets a session of its own, and the test signals
+# that group alone.
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not condition():
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert condition(), "timed out"
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_run_is_one_line_naming_the_registered_checkpoint_and_the_rerun_resumes_from_it(tiny_model_dir, tmp_path):
+    args = tiny_overrides(tiny_model_dir, tmp_path / "runs", "ctrl-c", **{"train.max_steps": 120, "train.save_steps": 4})
+    run_dir = tmp_path / "runs" / "ctrl-c"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    driver = subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=REPO_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for(lambda: _registered_checkpoint(run_dir) >= 4, driver)
+        os.killpg(driver.pid, signal.SIGINT)
+        out, err = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err[-3000:]
+    assert out == ""
+    assert [line for line in err.splitlines() if ERROR_LINE.search(line)] == []
+    step = _registered_checkpoint(run_dir)
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(r"Training interrupted by SIGINT(?: at step \d+ of 120)?: the last checkpoint is step (\d+) "
+                         r"\((.+)\); rerun the same command to resume from it: (.+)", last)
+    assert match, err[-3000:]
+    assert int(match.group(1)) == step and Path(match.group(2)).resolve() == (run_dir / f"checkpoint-{step:06d}").resolve()
+    assert shlex.split(match.group(3)) == ["python", "jobs/train.py", *args]
+
+    rerun = train(args, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["resumed_from_step"] == step
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_label_job_is_one_line_naming_the_committed_units_and_the_rerun_labels_the_rest(tiny_model_dir, tmp_path):
+    lines = DEMO_CSV.read_text(encoding="utf-8").splitlines()
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")  # 4,000 rows
+    args = ["--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out"), "--rows-per-unit", "250",
+            f"model.name={tiny_model_dir}", *LABEL_OVERRIDES]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    driver = subprocess.Popen([sys.executable, "jobs/label.py", *args], cwd=REPO_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    done = tmp_path / "out" / "_done"
+    try:
+        _wait_for(lambda: done.is_dir() and any(done.iterdir()), driver)
+        os.killpg(driver.pid, signal.SIGINT)
+        out, err = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err[-3000:]
+    assert out == ""
+    shown = [line for line in err.strip().splitlines() if not line.startswith("labelling ") and "constructor arguments" not in line]
+    committed = len(list(done.glob("*.json")))
+    assert shown == [
+        f"Labelling interrupted by SIGINT: {committed} of 16 units ({committed * 250:,} of 4,000 rows) are committed in "
+        f"{tmp_path / 'out'}; rerun the same command to label the rest: python jobs/label.py {shlex.join(args)}"
+    ], err[-3000:]
+    assert 0 < committed < 16
+
+    rerun = label(args, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["units"]["done_before"] == committed and summary["labelled"] == 4000

@@ -75,3 +75,33 @@ def test_copies_left_by_killed_processes_are_removed(tmp_path, monkeypatch):
     (tmp_path / "sentiment-ray-123-rank0-x").mkdir()  # not a copy: kept
     assert remove_orphaned_copies("sentiment-ray-copy-") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine, "sentiment-ray-123-rank0-x"])
+
+
+def test_a_stop_signal_is_a_keyboard_interrupt_and_is_remembered():
+    import os
+    import signal
+
+    import pytest
+
+    with pytest.raises(KeyboardInterrupt):
+        with faults.on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+    assert faults.interrupted() == signal.SIGTERM and faults.exit_code(signal.SIGTERM) == 143
+
+
+def test_a_signal_a_library_handled_itself_is_still_noted():
+    """Ray Train's fit() installs its own SIGINT handler: the signal is noted all the same."""
+    import os
+    import signal
+
+    seen = []
+    with faults.on_signals():
+        signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+    assert seen == [signal.SIGINT]
+    assert faults.interrupted() == signal.SIGINT and faults.exit_code(signal.SIGINT) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
