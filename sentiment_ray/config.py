@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     # Unknown keys are errors, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -309,6 +309,12 @@ class TrainConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _choosing_needs_evaluations(self) -> "TrainConfig":
+        if (self.keep_best or self.early_stopping_patience) and not self.eval_steps:
+            raise ValueError("train.keep_best and train.early_stopping_patience need train.eval_steps > 0")
+        return self
+
 
 class RunConfig(_Strict):
     name: str = "demo"
@@ -410,6 +416,12 @@ class LabelConfig(_Strict):
     case-insensitively: such text can pass for the template and steer the answer. Adds a
     `prompt_markers` column (true/false) and counts the rows in the summary; the rows are
     labelled as they are."""
+
+    @model_validator(mode="after")
+    def _batches_bounded(self) -> "LabelConfig":
+        if not self.batch_size and not self.max_batch_tokens:
+            raise ValueError("label.max_batch_tokens=0 needs label.batch_size: a batch needs a bound")
+        return self
 
 
 # Metrics every report of the training worker carries (train/evaluation.py's validation
@@ -597,10 +609,8 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
-        if (self.train.keep_best or self.train.early_stopping_patience) and not self.train.eval_steps:
-            raise ValueError("train.keep_best and train.early_stopping_patience need train.eval_steps > 0")
-        if not self.label.batch_size and not self.label.max_batch_tokens:
-            raise ValueError("label.max_batch_tokens=0 needs label.batch_size: a batch needs a bound")
+        # Checks between sections (each section checks itself): labels that other sections
+        # name must be in prompt.labels.
         default = self.label.default_label_on_parse_failure
         if default is not None and default not in self.prompt.labels:
             raise ValueError(
