@@ -697,15 +697,55 @@ def validate(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(name_or_path: str | None = "demo", overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a preset or YAML file, apply dotted overrides, validate."""
-    path = resolve_config_path(name_or_path or "demo")
+def merge_config(base: dict[str, Any], update: dict[str, Any], model: type[BaseModel] = ExperimentConfig) -> dict[str, Any]:
+    """`update` over `base` (both config dicts; a new dict): sections and nested settings
+    (`data.train_dataset`) merge field by field, every other value (a list, `label_map`,
+    `tune.search_space`) is taken whole from `update`, so a preset states a value once."""
+    out = dict(base)
+    for key, value in update.items():
+        info = model.model_fields.get(key)
+        sub = None
+        if info is not None:
+            sub = next((a for a in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value, sub)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a dict, its `base:` (a preset name or a path relative to it) merged
+    under it, recursively."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
+    here = path.resolve()
+    local = path.parent / base
+    try:
+        base_path = resolve_config_path(str(local) if local.suffix in {".yaml", ".yml"} else base)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: base {base!r}: {err}") from None
+    if base_path.resolve() in (*chain, here):
+        names = " -> ".join(p.stem for p in (*chain, here, base_path.resolve()))
+        raise ConfigError(f"{path}: base {base!r} makes a cycle: {names}")
+    return merge_config(_read_config_file(base_path, (*chain, here)), raw)
+
+
+def load_config(name_or_path: str | None = "demo", overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a preset or YAML file (over its `base:` preset, if it names one), apply dotted
+    overrides, validate."""
+    path = resolve_config_path(name_or_path or "demo")
+    raw = _read_config_file(path)
     raw = apply_overrides(raw, overrides or [])
     cfg = validate(raw, source=str(path))
     return _resolve_relative_paths(cfg, base=path.parent)
