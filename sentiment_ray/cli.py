@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from sentiment_ray import cluster, console, evaluate, export, faults
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
+from sentiment_ray.config_help import JOB_SECTIONS, config_help
 from sentiment_ray.io.lease import LockHeld, LockLost
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label import outputs as label_outputs
@@ -140,8 +141,10 @@ def job_parser(description: str, prog: str | None = None) -> argparse.ArgumentPa
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def config_parser(description: str, overrides_example: str, prog: str | None = None) -> argparse.ArgumentParser:
+def config_parser(description: str, overrides_example: str, prog: str | None = None, *, job: str) -> argparse.ArgumentParser:
+    """A job's parser: --config, the overrides, and (its epilog) every config field the job reads."""
     parser = job_parser(description, prog)
+    parser.epilog = config_help(JOB_SECTIONS[job])
     parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path (default: %(default)s)")
     parser.add_argument(
         "overrides", nargs="*", help=f"dotted config overrides key=value, validated, e.g. {overrides_example}"
@@ -208,7 +211,7 @@ def verbose_flag(parser: argparse.ArgumentParser, log_place: str) -> None:
 
 
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog)
+    parser = config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog, job="train")
     parser.add_argument(
         "--new-run", action="store_true",
         help="discard the checkpoints and outputs of an earlier run of the same run.name and start over "
@@ -245,7 +248,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def tune_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(TUNE_DESCRIPTION, "tune.num_samples=8 train.max_steps=70", prog)
+    parser = config_parser(TUNE_DESCRIPTION, "tune.num_samples=8 train.max_steps=70", prog, job="tune")
     parser.set_defaults(config="llama31_8b_tune")
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster this job starts (not used when joining one)"
@@ -287,7 +290,7 @@ def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def label_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(LABEL_DESCRIPTION, "label.max_batch_tokens=65536 label.mode=generate", prog)
+    parser = config_parser(LABEL_DESCRIPTION, "label.max_batch_tokens=65536 label.mode=generate", prog, job="label")
     parser.add_argument("--input", required=True, help="file, glob, directory or URI of CSV/Parquet/JSONL")
     parser.add_argument("--output", required=True, help="output folder (local, shared, or a URI)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (<run>/adapter); omit for zero-shot")
@@ -363,7 +366,7 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def export_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(EXPORT_DESCRIPTION, "model.name=/models/llama model.backend=hf", prog)
+    parser = config_parser(EXPORT_DESCRIPTION, "model.name=/models/llama model.backend=hf", prog, job="export")
     parser.add_argument("--adapter", required=True, help="LoRA adapter folder to merge (<run>/adapter or <experiment>/best/adapter)")
     parser.add_argument("--output", required=True, help="folder for the merged Hugging Face model (created; must be empty or absent)")
     parser.add_argument(

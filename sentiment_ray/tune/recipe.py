@@ -68,8 +68,6 @@ TRIAL_DRIVER_CPUS = 0.01
 _EXPERIMENT_SECTIONS = ("model", "lora", "prompt", "data", "train", "tune")
 # Reports per trial (of the shortest max_steps) when train.eval_steps is 0.
 DEFAULT_REPORTS_PER_TRIAL = 4
-# Metrics every report of the training worker carries (train.py's report callback).
-REPORTED_METRICS = {"val_macro_f1": "max", "val_accuracy": "max", "val_ece": "min", "train_loss": "min"}
 
 
 class TuneError(RuntimeError):
@@ -94,20 +92,20 @@ def trial_dirname(trial) -> str:
 def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, dict]]:
     """Validate a config for tuning; return (the config trials start from, the search space).
 
-    Checks: the search space (search_space.validate_search_space), a validation split
-    (every report must carry the metric), a metric the worker reports with a matching mode.
+    The config's own validation (TuneConfig) checked the search space's shape and the
+    metric; here: a search space to tune, a validation split (every report must carry the
+    metric), and every value the space can produce (search_space.validate_search_space).
     Sets the reporting cadence: `train.eval_steps`, or (0) the shortest possible
     `train.max_steps` // DEFAULT_REPORTS_PER_TRIAL; and `train.save_steps` to it
     (checkpoints at the reporting cadence)."""
-    t = cfg.tune
-    if not t.search_space:
+    if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: add at least one field to search")
-    if t.metric not in REPORTED_METRICS:
-        raise ConfigError(f"tune.metric={t.metric!r}: the training worker reports {', '.join(REPORTED_METRICS)}")
-    if t.mode != REPORTED_METRICS[t.metric]:
-        raise ConfigError(f"tune.metric={t.metric} is {'higher' if REPORTED_METRICS[t.metric] == 'max' else 'lower'}-is-better: set tune.mode={REPORTED_METRICS[t.metric]}")
-    if not cfg.data.validation_path and cfg.data.validation_fraction <= 0:
-        raise ConfigError("tuning needs a validation split: set data.validation_path or data.validation_fraction > 0")
+    d = cfg.data
+    if not d.validation_path and d.validation_dataset is None and d.validation_fraction <= 0:
+        raise ConfigError(
+            "tuning needs a validation split: set data.validation_path, data.validation_dataset "
+            "or data.validation_fraction > 0"
+        )
     space = ss.validate_search_space(cfg)
     cfg = cfg.model_copy(deep=True)
     if cfg.train.eval_steps <= 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sentiment_ray.config import TuneConfig
 from sentiment_ray.tune import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -89,8 +90,7 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
     cfg.data.max_validation_rows = 16
     cfg.tune.num_samples = 3
     cfg.tune.max_concurrent_trials = 2
-    cfg.tune.metric = "train_loss"
-    cfg.tune.mode = "min"
+    cfg.tune = TuneConfig(**{**cfg.tune.model_dump(), "metric": "train_loss", "mode": "min"})  # a pair, checked together
     cfg.tune.scheduler = "asha"
     cfg.tune.grace_period = 1
     cfg.tune.reduction_factor = 2

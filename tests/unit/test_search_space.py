@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sentiment_ray.tune import search_space as ss
-from sentiment_ray.config import ConfigError, ExperimentConfig
+from sentiment_ray.config import ConfigError, ExperimentConfig, validate
 
 REFERENCE_SPACE = {
     "train.learning_rate": {"type": "loguniform", "lower": 1.5e-4, "upper": 6.0e-4},
@@ -19,7 +19,7 @@ REFERENCE_SPACE = {
 
 
 def cfg_with(space: dict) -> ExperimentConfig:
-    return ExperimentConfig(tune={"search_space": space})
+    return validate({"tune": {"search_space": space}})
 
 
 def test_reference_space_is_valid_and_copied():

@@ -21,7 +21,7 @@ from sentiment_ray.report import plots
 from sentiment_ray.tune import recipe as st
 from sentiment_ray.tune import results as tr
 from sentiment_ray.tune import scheduler
-from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
+from sentiment_ray.config import ConfigError, ExperimentConfig, load_config, validate
 from sentiment_ray.tune import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def tune_cfg(**sections) -> ExperimentConfig:
     raw = {"tune": {"search_space": SPACE}, "train": {"eval_steps": 10, "max_steps": 70}}
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
-    return ExperimentConfig(**raw)
+    return validate(raw)
 
 
 # ============================================================================ setup
@@ -60,7 +60,7 @@ def test_prepare_default_cadence_from_shortest_max_steps():
     "sections, message",
     [
         ({"tune": {"search_space": {}}}, "search_space is empty"),
-        ({"tune": {"metric": "val_f1"}}, "reports"),
+        ({"tune": {"metric": "val_f1"}}, "tune.metric: Input should be 'val_macro_f1'"),
         ({"tune": {"metric": "val_ece", "mode": "max"}}, "tune.mode=min"),
         ({"tune": {"metric": "train_loss"}}, "tune.mode=min"),
         ({"data": {"validation_fraction": 0.0}}, "validation split"),
