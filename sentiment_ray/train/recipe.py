@@ -33,7 +33,6 @@ from sentiment_ray.prompts import PromptTemplate
 from sentiment_ray.report import html
 from sentiment_ray.scoring import LabelScorer
 from sentiment_ray.train import layout, preflight
-from sentiment_ray.train import terminal as train_terminal
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
 from sentiment_ray.train.evaluation import (
     calibrate_scores,
@@ -46,6 +45,7 @@ from sentiment_ray.train.evaluation import (
     worse_languages_line,
 )
 from sentiment_ray.train.fingerprint import RunChanged, check_or_record
+from sentiment_ray.train.observer import LoggedTraining, TrainingObserver
 from sentiment_ray.train.progress import progress_callback
 from sentiment_ray.train.trainer import (
     FAIL_AT_STEP_ENV,
@@ -81,7 +81,7 @@ def run_dir_of(cfg: ExperimentConfig) -> str:
 # ============================================================================ driver
 
 
-def run_training(cfg: ExperimentConfig, *, terminal: train_terminal.Silent | None = None, new_run: bool = False) -> dict:
+def run_training(cfg: ExperimentConfig, *, observer: TrainingObserver | None = None, new_run: bool = False) -> dict:
     """Train one run on Ray and return its summary: run dir, adapter path, backend, device,
     zero-shot and fine-tuned validation accuracy / macro-F1, train loss, steps, wall time.
 
@@ -90,38 +90,65 @@ def run_training(cfg: ExperimentConfig, *, terminal: train_terminal.Silent | Non
     The run's latest checkpoint is resumed unless `new_run` (which discards the folder's
     checkpoints and outputs first); a resume whose settings changed is refused
     (RunDefinitionChanged). Raises ray.train.TrainingFailedError when the workers fail more
-    than run.max_failures times. `terminal` (train/terminal.py) shows the run to a person."""
-    start = time.time()
-    shown = terminal or _SILENT
+    than run.max_failures times. `observer` (train/observer.py) is told the run's moments:
+    a terminal shows them to a person; by default they are logged."""
+    started = time.time()
+    observer = observer or LoggedTraining()
+    checked = check_model_and_data(cfg)
+    run = Storage(run_dir_of(cfg))
+    with Lease(run, purpose="train") as lease:
+        claim_run_folder(cfg, run, new_run=new_run)
+        observer.run_started(cfg, run_dir_of(cfg), checked)
+        connect_cluster(cfg, observer)
+        result = fit(cfg, observer)
+        lease.check()
+    return finished_summary(cfg, result, started)
+
+
+def check_model_and_data(cfg: ExperimentConfig) -> preflight.Checked:
+    """The driver's checks, before anything is written or started."""
     try:
         check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
     except UnsafeWeightsError as err:
         raise TrainingError(f"model.name {err}") from None
-    checked = preflight.check_run(cfg)
-    run = Storage(run_dir_of(cfg))
-    with Lease(run, purpose="train") as lease:
-        if new_run:
-            start_over(run)
-        try:
-            check_or_record(cfg, run)
-        except RunChanged as err:
-            raise RunDefinitionChanged(str(err)) from None
-        shown.opening(cfg, run_dir_of(cfg))
-        shown.checked(checked)
-        shown.connecting(cfg)
-        cluster.connect(cfg.run.ray_address)
-        shown.connected()
-        trainer = build_trainer(cfg, progress_events=shown.wants_events)
-        shown.fitting(run_dir_of(cfg))
-        result = trainer.fit()
-        if faults.interrupted():
-            # Ray Train's own SIGINT handler aborts the run gracefully: not a finished run.
-            raise KeyboardInterrupt
-        lease.check()
+    return preflight.check_run(cfg)
+
+
+def claim_run_folder(cfg: ExperimentConfig, run: Storage, *, new_run: bool) -> None:
+    """Under the run folder's lock: start over if asked, then record what defines the run
+    or refuse a resume whose definition changed."""
+    if new_run:
+        start_over(run)
+    try:
+        check_or_record(cfg, run)
+    except RunChanged as err:
+        raise RunDefinitionChanged(str(err)) from None
+
+
+def connect_cluster(cfg: ExperimentConfig, observer: TrainingObserver) -> None:
+    observer.cluster_starting(cfg)
+    cluster.connect(cfg.run.ray_address)
+    observer.cluster_started()
+
+
+def fit(cfg: ExperimentConfig, observer: TrainingObserver):
+    """Ray Train's fit of the run: its Result (the latest checkpoint)."""
+    trainer = build_trainer(cfg, progress_events=observer.wants_events)
+    observer.training_started(run_dir_of(cfg))
+    result = trainer.fit()
+    if faults.interrupted():
+        # Ray Train's own SIGINT handler aborts the run gracefully: not a finished run.
+        raise KeyboardInterrupt
+    return result
+
+
+def finished_summary(cfg: ExperimentConfig, result, started: float) -> dict:
+    """The run's summary (run_summary) with the driver's wall time and the checkpoint Ray
+    Train registered last."""
     summary = run_summary(run_dir_of(cfg))
     if summary["languages_warning"]:
         log.warning("%s", summary["languages_warning"])
-    summary["driver_wall_time_s"] = round(time.time() - start, 1)
+    summary["driver_wall_time_s"] = round(time.time() - started, 1)
     summary["latest_checkpoint"] = getattr(result.checkpoint, "path", None)
     return summary
 
@@ -186,9 +213,6 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
-
-
-_SILENT = train_terminal.Silent()
 
 
 def read_run_json(run_dir: str, name: str) -> dict:
