@@ -12,11 +12,10 @@ it sees the summary or the exception that `run_training` returns or raises.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from sentiment_ray.config import ExperimentConfig
-    from sentiment_ray.train.preflight import Checked
+from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.train.preflight import Checked
 
 log = logging.getLogger(__name__)
 
