@@ -232,7 +232,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     terminal = TrainTerminal(command, verbose=console.verbose_requested(args.verbose))
     try:
         with faults.on_signals():
-            summary = run_training(cfg, terminal=terminal, new_run=args.new_run)
+            summary = run_training(cfg, observer=terminal, new_run=args.new_run)
     except BaseException as err:  # noqa: BLE001 - explained on the terminal, or re-raised
         try:
             return terminal.failed(err, user_errors=(TrainingError, LockHeld, LockLost))

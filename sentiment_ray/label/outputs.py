@@ -1,9 +1,11 @@
 """What the driver makes of committed units: the markers' totals, the merged submission and
-quarantine files in input order, and the evaluation against the input's gold labels."""
+quarantine files in input order, the evaluation against the input's gold labels, and the
+job's summary."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -13,6 +15,7 @@ from sentiment_ray.io.storage import Storage
 from sentiment_ray.label import layout
 from sentiment_ray.label.labeler import submission_csv
 from sentiment_ray.label.plan import LabelRunError, WorkUnit
+from sentiment_ray.label.run import LabelRun, UnitPlan
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.metrics import EvaluationCounts, unknown_labels_line
 from sentiment_ray.report import html, plots
@@ -341,3 +344,59 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "unknown_labels": report.get("unknown_labels") or {},
         "per_language": report.get("per_language"),
     }
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def summary(run: LabelRun, plan: UnitPlan, label_seconds: float) -> dict[str, Any]:
+    """Merge the committed units' submission and quarantine files, evaluate against the
+    input's gold labels, and return the job's summary (what `jobs/label.py` prints and
+    summary.json holds). `label_seconds`: the labelling of this run's pending units, actor
+    start-up included (0 when none was pending)."""
+    cfg, out = run.cfg, run.out
+    markers = read_markers(out, plan.units, plan.plan_id)
+    pending = plan.pending
+    ran_now = [markers[u.unit_id] for u in pending]
+    counted = totals(markers.values())
+    rows_now = sum(m["rows"] for m in ran_now)
+    timed = bool(ran_now and label_seconds)
+    result: dict[str, Any] = {
+        "output": out.root,
+        "predictions": out.path(layout.PREDICTIONS_DIR),
+        "csv": out.path(layout.CSV_DIR),
+        "input": plan.manifest["input"],
+        "plan_id": plan.plan_id,
+        "files": len(run.files),
+        "files_not_read": run.inputs.not_read,
+        "model": cfg.model.name,
+        "adapter": run.adapter["id"] if run.adapter else None,
+        "mode": cfg.label.mode,
+        **counted,
+        "units": {"total": len(plan.units), "labelled_now": len(pending), "done_before": len(plan.units) - len(pending)},
+        "rows_labelled_now": rows_now,
+        "label_seconds": round(label_seconds, 3),
+        "rows_per_s": round(rows_now / label_seconds, 2) if timed else None,
+        "prompt_tokens_per_s": round(sum(m["prompt_tokens"] for m in ran_now) / label_seconds, 1) if timed else None,
+        "prompt_tokens_per_predict_s": (
+            round(counted["prompt_tokens"] / counted["predict_seconds"], 1) if counted["predict_seconds"] else None
+        ),
+        **labelling_window(ran_now),
+        **actor_startup(ran_now),
+        **model_form(ran_now),
+    }
+    profile = languages.read_profile(run.adapter_path)
+    result["languages"] = language_summary(counted, languages.calibrated_languages(profile) if profile else None)
+    result["accepted"] = accepted_summary(counted, plan.acceptance)
+    result["submission"] = merge_submission(out, plan.units) if cfg.label.write_submission else None
+    result["quarantine"] = merge_quarantine(out, plan.units, markers)
+    risk_record = risk.read_scores(run.adapter_path)
+    extra = {"languages": result["languages"], "accepted": result["accepted"],
+             "risk_control": risk.summary(risk_record, cfg.label.max_error_delta) if risk_record else None}
+    report = evaluate(out, plan.units, cfg, title=f"Labelling with {cfg.model.name}", extra=extra, held_as=describe_form(result))
+    result["warnings"] = warning_lines(result, report)
+    result["metrics_path"] = out.path(layout.METRICS_FILE) if report else None
+    result["report_png"] = out.path(layout.REPORT_PNG_FILE) if report else None
+    result["metrics"] = headline(report) if report else None
+    result["seconds"] = round(time.perf_counter() - run.started, 3)
+    return result

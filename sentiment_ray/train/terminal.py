@@ -3,11 +3,8 @@ resumes, what was checked), the phases and the step bar (console.py, fed by the 
 events), the closing table, and what a failure means.
 
     terminal = TrainTerminal(CommandLine.from_args("python jobs/train.py", argv, "demo", overrides))
-    summary = run_training(cfg, terminal=terminal)     # the recipe calls the hooks below
+    summary = run_training(cfg, observer=terminal)     # the recipe tells it its moments (train/observer.py)
     terminal.finish(summary)                           # the table, where things are, the next command
-
-`Silent` is the same interface doing nothing: what `run_training` uses when called from
-Python (tests, notebooks, Tune) without a terminal.
 
 Failures (`explain`): a mistake in the input is one line, `error: <message>`; an exception
 raised in the training worker is one line with its type and where its traceback is; a
@@ -36,6 +33,7 @@ from sentiment_ray.io.uris import StorageError, is_uri
 from sentiment_ray.io.values import DataError
 from sentiment_ray.models import ModelNotFoundError, cache_dir
 from sentiment_ray.train import layout
+from sentiment_ray.train.observer import TrainingObserver
 
 # Overrides that the label job needs to load and prompt the same model the run trained.
 _CARRIED_PREFIXES = ("model.", "prompt.", "data.text_column=", "data.label_column=", "data.id_column=",
@@ -95,24 +93,11 @@ def last_checkpoint(run_dir: str) -> tuple[int, str] | None:
     return (found[-1][0], storage.path(found[-1][1])) if found else None
 
 
-# ============================================================================ the hooks
+# ============================================================================ the run's moments
 
 
-class Silent:
-    """The hooks `run_training` calls, doing nothing (no terminal)."""
-
-    wants_events = False
-    log_path: str | None = None
-
-    def opening(self, cfg: ExperimentConfig, run_dir: str) -> None: ...
-    def checked(self, checked) -> None: ...
-    def connecting(self, cfg: ExperimentConfig) -> None: ...
-    def connected(self) -> None: ...
-    def fitting(self, run_dir: str) -> None: ...
-
-
-class TrainTerminal(Silent):
-    """The training job's terminal: hooks for `run_training`, then `finish` or `failed`."""
+class TrainTerminal(TrainingObserver):
+    """The training job's terminal: the observer of `run_training`, then `finish` or `failed`."""
 
     wants_events = True
 
@@ -131,22 +116,20 @@ class TrainTerminal(Silent):
     def log_path(self) -> str | None:
         return self.log.path
 
-    # -- hooks
+    # -- the run's moments
 
-    def opening(self, cfg: ExperimentConfig, run_dir: str) -> None:
+    def run_started(self, cfg: ExperimentConfig, run_dir: str, checked) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         saved = last_checkpoint(run_dir)
         if saved:
             self.display.phase(f"run {cfg.run.name}: {short_path(run_dir)} (resuming from its checkpoint at step {saved[0]})")
         else:
             self.display.phase(f"run {cfg.run.name}: {short_path(run_dir)}")
-
-    def checked(self, checked) -> None:
         for warning in checked.warnings:
             self.display.warning(warning)
         self.display.phase(checked.describe())
 
-    def connecting(self, cfg: ExperimentConfig) -> None:
+    def cluster_starting(self, cfg: ExperimentConfig) -> None:
         self.log.before_ray_init()
         if cluster.in_ray_job():
             self.display.phase("joining the job's Ray cluster")
@@ -155,10 +138,10 @@ class TrainTerminal(Silent):
         else:
             self.display.phase("starting a local Ray cluster")
 
-    def connected(self) -> None:
+    def cluster_started(self) -> None:
         self.log.capture_worker_output()
 
-    def fitting(self, run_dir: str) -> None:
+    def training_started(self, run_dir: str) -> None:
         name = time.strftime("train-%Y%m%d-%H%M%S.log", time.gmtime())
         if is_uri(run_dir):
             local = str(cache_dir() / "logs" / f"{self.cfg.run.name if self.cfg else 'run'}-{name}")
