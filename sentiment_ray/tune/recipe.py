@@ -42,8 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -313,16 +311,14 @@ def finalize(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, *, st
     rows = results.trial_rows(records, metric, mode, list(space))
     best = results.best_row(rows, metric, mode)
     best_id = best["trial_id"] if best else None
-    with tempfile.TemporaryDirectory(prefix="sentiment-ray-tune-") as tmp:
-        results.write_table(rows, os.path.join(tmp, layout.TABLE_CSV), os.path.join(tmp, layout.TABLE_PARQUET))
-        png = plots.render_metric_plot(records, metric, title=f"{cfg.tune.experiment_name}: {metric} by step", best_id=best_id)
-        with open(os.path.join(tmp, layout.PLOT_FILE), "wb") as f:
-            f.write(png)
-        page = html.tune_report_html(records, rows, metric=metric, mode=mode, best=best, title=f"Tune experiment {cfg.tune.experiment_name}")
-        with open(os.path.join(tmp, layout.REPORT_FILE), "w", encoding="utf-8") as f:
-            f.write(page)
-        Storage(exp_path).upload_dir(tmp)
-        tracking.finish_tune(cfg, exp_path, tmp, metric=metric, best=best, trials=len(rows))
+    experiment = Storage(exp_path)
+    results.write_table(rows, experiment, layout.TABLE_CSV, layout.TABLE_PARQUET)
+    png = plots.render_metric_plot(records, metric, title=f"{cfg.tune.experiment_name}: {metric} by step", best_id=best_id)
+    experiment.write_bytes(layout.PLOT_FILE, png)
+    page = html.tune_report_html(records, rows, metric=metric, mode=mode, best=best, title=f"Tune experiment {cfg.tune.experiment_name}")
+    experiment.write_text(layout.REPORT_FILE, page)
+    report_files = (layout.TABLE_CSV, layout.TABLE_PARQUET, layout.PLOT_FILE, layout.REPORT_FILE)
+    tracking.finish_tune(cfg, exp_path, experiment, report_files, metric=metric, best=best, trials=len(rows))
     print(results.format_table(rows, best_id=best_id), flush=True)
     best_dir = None
     if best is not None:

@@ -21,6 +21,7 @@ import pytest
 from sentiment_ray import evaluate
 from sentiment_ray.report import html
 from sentiment_ray.cli import main
+from sentiment_ray.io.storage import Storage
 from sentiment_ray.metrics import classification_report
 
 LABELS = ["Positive", "Negative"]
@@ -175,7 +176,7 @@ def _fake_experiment(root: Path) -> tuple[Path, list[dict]]:
         records.append({"trial_id": trial_id, "status": status, "values": {"train.learning_rate": lr}, "max_steps": 8,
                         "history": history, "run_dir": str(exp / trial_id), "adapter": "a", "finished": len(curve) == 4})
     rows = tune_report.trial_rows(records, "val_macro_f1", "max", ["train.learning_rate"])
-    tune_report.write_table(rows, str(exp / "trials.csv"), str(exp / "trials.parquet"))
+    tune_report.write_table(rows, Storage(str(exp)), "trials.csv", "trials.parquet")
     (exp / "sentiment_ray_tune.json").write_text(json.dumps({"config": {"tune": {"metric": "val_macro_f1", "mode": "max", "experiment_name": "lr-search"}}}))
     (exp / "best").mkdir()
     (exp / "best" / "trial.json").write_text(json.dumps({"trial_id": "t0"}))

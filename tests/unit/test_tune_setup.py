@@ -23,6 +23,7 @@ from sentiment_ray.tune import results as tr
 from sentiment_ray.tune import scheduler
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
 from sentiment_ray.tune import layout
+from sentiment_ray.io.storage import Storage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB = REPO_ROOT / "jobs" / "tune.py"
@@ -246,7 +247,7 @@ def test_table_files_round_trip_and_text(tmp_path):
     import pyarrow.parquet as pq
 
     rows = tr.trial_rows(RECORDS, "val_macro_f1", "max", ["lora.r"])
-    tr.write_table(rows, str(tmp_path / "t.csv"), str(tmp_path / "t.parquet"))
+    tr.write_table(rows, Storage(str(tmp_path)), "t.csv", "t.parquet")
     for table in (pq.read_table(tmp_path / "t.parquet"), pacsv.read_csv(tmp_path / "t.csv")):
         assert table.num_rows == len(RECORDS)
         assert table.column("trial_id").to_pylist() == [r["trial_id"] for r in RECORDS]
