@@ -45,7 +45,7 @@ import math
 import time
 from typing import Any
 
-from sentiment_ray import cluster, tracking
+from sentiment_ray import cluster, rerun, tracking
 from sentiment_ray.config import ConfigError, ExperimentConfig
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
@@ -151,16 +151,12 @@ def check_experiment_state(exp_path: str, cfg: ExperimentConfig) -> bool:
     current = _experiment_fingerprint(cfg)
     previous = experiment.read_json_or_none(layout.STATE_FILE)
     if previous is not None:
-        changed = sorted(
-            f"{section}.{key}"
-            for section in _EXPERIMENT_SECTIONS
-            for key in set(previous["config"].get(section, {})) | set(current.get(section, {}))
-            if previous["config"].get(section, {}).get(key) != current.get(section, {}).get(key)
-        )
+        recorded = {section: previous["config"].get(section, {}) for section in _EXPERIMENT_SECTIONS}
+        changed = rerun.changes(recorded, current)
         if changed:
             raise TuneError(
-                f"{exp_path} holds an experiment started with a different config ({', '.join(changed)} differ); "
-                "rerun with the original config to resume it, or choose another tune.experiment_name"
+                f"{exp_path} holds an experiment started with a different config: {'; '.join(changed)}. "
+                "Rerun with the original config to resume it, or choose another tune.experiment_name"
             )
         return True
     experiment.write_json(layout.STATE_FILE, {"config": current, "created": time.time()})
