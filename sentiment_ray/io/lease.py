@@ -267,7 +267,7 @@ class Lease:
 
     # -- taking and giving back
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         """Take the lock, or raise LockHeld naming the live holder. A stale lock is taken
         over with a warning (also in `taken_over`)."""
         self._created = self._first_missing_folder()
@@ -385,7 +385,7 @@ class Lease:
                 return
             path = os.path.dirname(path)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -63,7 +63,7 @@ class Storage:
         name = name.strip("/")
         return f"{self._inner_root.rstrip('/')}/{name}" if name else self._inner_root
 
-    def child(self, name: str) -> "Storage":
+    def child(self, name: str) -> Storage:
         return Storage(self.path(name))
 
     @property

@@ -100,7 +100,7 @@ class WorkUnit:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkUnit":
+    def from_dict(cls, d: dict[str, Any]) -> WorkUnit:
         return cls(**{**d, "row_groups": tuple(d.get("row_groups") or ()), "span": tuple(d.get("span") or (0, None))})
 
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sentiment_ray.io.storage import Storage
 
