@@ -157,12 +157,13 @@ def fit_prompts(
     return prompts, ids, truncated
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, returned as float32."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
+def softmax(logits: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Row-wise softmax computed in float64, returned as `dtype` (float32: what predictions
+    carry; calibration keeps float64)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return (e / e.sum(axis=1, keepdims=True)).astype(dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------- batching

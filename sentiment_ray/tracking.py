@@ -33,11 +33,14 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.io.storage import Storage
 from sentiment_ray.train.evaluation import flat_validation_metrics
 
 log = logging.getLogger(__name__)
@@ -370,9 +373,11 @@ def _tune_parent(cfg: ExperimentConfig, exp_path: str) -> RunTracker | None:
     )
 
 
-def finish_tune(cfg: ExperimentConfig, exp_path: str, report_dir: str, *, metric: str, best: dict | None, trials: int) -> None:
+def finish_tune(
+    cfg: ExperimentConfig, exp_path: str, report: Storage, report_files: Sequence[str], *, metric: str, best: dict | None, trials: int
+) -> None:
     """On the parent run: the best trial's final metric and id, the trial count, and the
-    report files in `report_dir` (trials table, plot, report.html) as artifacts; ends it."""
+    report files (trials table, plot, report.html, written into `report`) as artifacts; ends it."""
     if not enabled(cfg):
         return
     tracker = _tune_parent(cfg, exp_path)
@@ -381,5 +386,10 @@ def finish_tune(cfg: ExperimentConfig, exp_path: str, report_dir: str, *, metric
     tracker.log_metrics({"trials": trials, f"best_{metric}": best.get(f"final_{metric}") if best else None}, 0)
     if best is not None:
         tracker.set_tag("sentiment_ray.best_trial", best["trial_id"])
-    tracker.log_artifacts(report_dir)
+    # MLflow logs artifacts from a local folder; the experiment may be on an object store.
+    with tempfile.TemporaryDirectory(prefix="sentiment-ray-tune-report-") as local:
+        for name in report_files:
+            if report.is_file(name):
+                Storage(local).write_bytes(name, report.read_bytes(name))
+        tracker.log_artifacts(local)
     tracker.end("FINISHED")

@@ -73,8 +73,8 @@ def check_globs_and_quarantine(store, root: str) -> list[str]:
     entry lands in the store naming file and row. Returns the expanded files."""
     from sentiment_ray.config import load_config
     from sentiment_ray.io.files import expand_paths
-    from sentiment_ray.train.data import load_labelled
     from sentiment_ray.labels import LabelSet
+    from sentiment_ray.train.data import load_labelled
 
     rows = demo_rows(30)
     store.put("data/part-1.csv", to_csv(rows[:20] + [dict(rows[0], ID="bad-1", label="Neutral")]))
@@ -86,9 +86,13 @@ def check_globs_and_quarantine(store, root: str) -> list[str]:
     cfg = load_config("demo", ["data.on_bad_rows=skip"])
     quarantine = f"{root}/q/quarantine.jsonl"
     data = load_labelled(f"{root}/data/*.csv", cfg.data, LabelSet(cfg.prompt.labels), quarantine_path=quarantine)
-    assert len(data) == 30 and data.bad_rows.count == 1 and data.bad_rows.quarantine_path == quarantine
+    assert len(data) == 30
+    assert data.bad_rows.count == 1
+    assert data.bad_rows.quarantine_path == quarantine
     entry = json.loads(store.get("q/quarantine.jsonl"))
-    assert entry["file"] == files[0] and entry["row"] == 21 and entry["kind"] == "unknown label"
+    assert entry["file"] == files[0]
+    assert entry["row"] == 21
+    assert entry["kind"] == "unknown label"
     return files
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from sentiment_ray.config import DataConfig, load_config
 from sentiment_ray.io.readers import read_chunks
+from sentiment_ray.io.storage import Storage
 from sentiment_ray.label.plan import MIN_AUTO_ROWS
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.train import data as train_data
@@ -36,11 +37,10 @@ class BenchError(RuntimeError):
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, path)
+    """A result file, atomically (a parent reading it never sees half of it). Not redacted
+    like Storage.write_json: benchmark results hold no credentials, and NaN stays NaN."""
+    path = Path(path).absolute()
+    Storage(str(path.parent)).write_text(path.name, json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
 
 
 def _json_default(value: Any) -> Any:

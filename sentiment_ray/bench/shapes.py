@@ -30,14 +30,13 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from sentiment_ray.backends.base import ensure_pad_token
+from sentiment_ray.io.storage import local_atomic_dir
 from sentiment_ray.models import cache_dir, resolve_model_path
 
 SHAPE_MARKER = "bench_shape.json"
@@ -143,9 +142,8 @@ def build_shape(
     )
     config.architectures = ["LlamaForCausalLM"]
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with local_atomic_dir(out_dir) as stage:
+        tmp = stage.path
         torch.manual_seed(seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -170,12 +168,6 @@ def build_shape(
             "note": "random weights; tokenizer ids index the model's vocab directly (no remapping)",
         }
         (tmp / SHAPE_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sentiment_ray import provenance
+from sentiment_ray import provenance, rerun
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.files import describe_inputs, file_format, id_names, is_json_array_file, parquet_footer, span_digests
@@ -100,7 +100,7 @@ class WorkUnit:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkUnit":
+    def from_dict(cls, d: dict[str, Any]) -> WorkUnit:
         return cls(**{**d, "row_groups": tuple(d.get("row_groups") or ()), "span": tuple(d.get("span") or (0, None))})
 
 
@@ -449,14 +449,8 @@ def manifest_differences(existing: dict, wanted: dict, cfg: ExperimentConfig, ro
         if before[p]["size"] != now[p]["size"]:
             problems.append(f"input file changed (size {before[p]['size']} -> {now[p]['size']} bytes): {p}")
     if existing.get("config_fingerprint") != wanted["config_fingerprint"]:
-        old, new = existing.get("prediction_config", {}), prediction_config(cfg)
-        changed = [
-            f"{section}.{key}"
-            for section in sorted(set(old) | set(new))
-            for key in sorted(set(old.get(section, {})) | set(new.get(section, {})))
-            if old.get(section, {}).get(key) != new.get(section, {}).get(key)
-        ]
-        problems.append(f"settings that decide the predictions changed: {', '.join(changed) or 'unknown'}")
+        changed = rerun.changes(existing.get("prediction_config", {}), prediction_config(cfg))
+        problems.append(f"settings that decide the predictions changed: {'; '.join(changed) or 'unknown'}")
     if existing.get("adapter_sha256") != wanted["adapter_sha256"]:
         problems.append(f"adapter differs (was {(existing.get('adapter') or {}).get('id')})")
     if rows_per_unit and rows_per_unit != existing.get("rows_per_unit"):

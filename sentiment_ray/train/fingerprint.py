@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from sentiment_ray import rerun
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.files import expand_paths, fingerprint
 from sentiment_ray.io.storage import Storage
@@ -110,8 +111,7 @@ def check_or_record(cfg: ExperimentConfig, run: Storage) -> dict[str, Any]:
                 "what it was trained with is unknown; start over with --new-run, or choose another run.name"
             )
         before = recorded.get("definition", {})
-        changed = sorted(k for k in set(before) | set(definition) if before.get(k) != definition.get(k))
-        problems = [f"{_name(k)} ({_show(before.get(k))} -> {_show(definition.get(k))})" for k in changed]
+        problems = rerun.changes(before, definition, name=_name)
         if max_steps < int(recorded.get("max_steps", 0)):
             problems.append(f"train.max_steps ({recorded['max_steps']} -> {max_steps}: it may only grow on resume)")
         if problems:
@@ -131,11 +131,6 @@ def _name(key: str) -> str:
     if key == GLOBAL_BATCH:
         return f"{key} (run.num_workers x train.per_device_train_batch_size x train.gradient_accumulation_steps)"
     return key
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _now() -> str:

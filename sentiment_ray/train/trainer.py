@@ -24,6 +24,7 @@ from sentiment_ray import compat
 from sentiment_ray.backends.base import gradient_checkpointing_for, resolve_dtype, train_lora_in_float32, trainable_dtypes
 from sentiment_ray.bench.flops import ModelShape
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.io.storage import local_atomic_dir
 from sentiment_ray.train import batching, layout
 from sentiment_ray.train.evaluation import evaluate_split, flat_validation_metrics
 
@@ -185,15 +186,16 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
 def restore_checkpoint(checkpoint, output_dir: str) -> tuple[str, dict]:
     """Download a Ray checkpoint (an HF Trainer checkpoint folder) into the trainer's
     output dir as `checkpoint-<step>`; return (its path, the run state saved with it)."""
-    tmp = os.path.join(output_dir, "restoring")
-    checkpoint.to_directory(tmp)
-    trainer_state = os.path.join(tmp, "trainer_state.json")
-    if not os.path.isfile(trainer_state):
-        raise CheckpointError(f"checkpoint {checkpoint.path} has no trainer_state.json: not an HF Trainer checkpoint")
-    with open(trainer_state, encoding="utf-8") as f:
-        step = int(json.load(f)["global_step"])
-    target = os.path.join(output_dir, f"checkpoint-{step}")
-    os.replace(tmp, target)
+    # Downloaded beside its final name, which the step inside it decides: the HF Trainer
+    # never sees a half-downloaded checkpoint-<step>.
+    with local_atomic_dir(os.path.join(output_dir, "restoring")) as stage:
+        checkpoint.to_directory(str(stage.path))
+        trainer_state = stage.path / "trainer_state.json"
+        if not trainer_state.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint.path} has no trainer_state.json: not an HF Trainer checkpoint")
+        step = int(json.loads(trainer_state.read_text(encoding="utf-8"))["global_step"])
+        stage.target = stage.target.with_name(f"checkpoint-{step}")
+    target = str(stage.target)
     state = {}
     state_file = os.path.join(target, layout.RUN_STATE_FILE)
     if os.path.isfile(state_file):

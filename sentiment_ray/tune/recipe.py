@@ -42,12 +42,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from typing import Any
 
-from sentiment_ray import cluster, tracking
+from sentiment_ray import cluster, rerun, tracking
 from sentiment_ray.config import ConfigError, ExperimentConfig
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
@@ -151,16 +149,12 @@ def check_experiment_state(exp_path: str, cfg: ExperimentConfig) -> bool:
     current = _experiment_fingerprint(cfg)
     previous = experiment.read_json_or_none(layout.STATE_FILE)
     if previous is not None:
-        changed = sorted(
-            f"{section}.{key}"
-            for section in _EXPERIMENT_SECTIONS
-            for key in set(previous["config"].get(section, {})) | set(current.get(section, {}))
-            if previous["config"].get(section, {}).get(key) != current.get(section, {}).get(key)
-        )
+        recorded = {section: previous["config"].get(section, {}) for section in _EXPERIMENT_SECTIONS}
+        changed = rerun.changes(recorded, current)
         if changed:
             raise TuneError(
-                f"{exp_path} holds an experiment started with a different config ({', '.join(changed)} differ); "
-                "rerun with the original config to resume it, or choose another tune.experiment_name"
+                f"{exp_path} holds an experiment started with a different config: {'; '.join(changed)}. "
+                "Rerun with the original config to resume it, or choose another tune.experiment_name"
             )
         return True
     experiment.write_json(layout.STATE_FILE, {"config": current, "created": time.time()})
@@ -311,16 +305,14 @@ def finalize(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, *, st
     rows = results.trial_rows(records, metric, mode, list(space))
     best = results.best_row(rows, metric, mode)
     best_id = best["trial_id"] if best else None
-    with tempfile.TemporaryDirectory(prefix="sentiment-ray-tune-") as tmp:
-        results.write_table(rows, os.path.join(tmp, layout.TABLE_CSV), os.path.join(tmp, layout.TABLE_PARQUET))
-        png = plots.render_metric_plot(records, metric, title=f"{cfg.tune.experiment_name}: {metric} by step", best_id=best_id)
-        with open(os.path.join(tmp, layout.PLOT_FILE), "wb") as f:
-            f.write(png)
-        page = html.tune_report_html(records, rows, metric=metric, mode=mode, best=best, title=f"Tune experiment {cfg.tune.experiment_name}")
-        with open(os.path.join(tmp, layout.REPORT_FILE), "w", encoding="utf-8") as f:
-            f.write(page)
-        Storage(exp_path).upload_dir(tmp)
-        tracking.finish_tune(cfg, exp_path, tmp, metric=metric, best=best, trials=len(rows))
+    experiment = Storage(exp_path)
+    results.write_table(rows, experiment, layout.TABLE_CSV, layout.TABLE_PARQUET)
+    png = plots.render_metric_plot(records, metric, title=f"{cfg.tune.experiment_name}: {metric} by step", best_id=best_id)
+    experiment.write_bytes(layout.PLOT_FILE, png)
+    page = html.tune_report_html(records, rows, metric=metric, mode=mode, best=best, title=f"Tune experiment {cfg.tune.experiment_name}")
+    experiment.write_text(layout.REPORT_FILE, page)
+    report_files = (layout.TABLE_CSV, layout.TABLE_PARQUET, layout.PLOT_FILE, layout.REPORT_FILE)
+    tracking.finish_tune(cfg, exp_path, experiment, report_files, metric=metric, best=best, trials=len(rows))
     print(results.format_table(rows, best_id=best_id), flush=True)
     best_dir = None
     if best is not None:

@@ -58,7 +58,8 @@ def test_gpu_run_resumes_after_an_injected_failure(demo_model_dir, tmp_path):
     finally:
         del os.environ[env_key]
     result = _train(tmp_path, *overrides)
-    assert result["resumed_from_step"] == 4 and result["steps"] == 8
+    assert result["resumed_from_step"] == 4
+    assert result["steps"] == 8
 
 
 def test_auto_gradient_checkpointing_follows_the_gpu_memory(demo_model_dir, tmp_path):
@@ -72,5 +73,6 @@ def test_auto_gradient_checkpointing_follows_the_gpu_memory(demo_model_dir, tmp_
     result = _train(tmp_path, "run.name=gpu-auto-gc", "lora.gradient_checkpointing=auto", "train.max_steps=6",
                     "train.zero_shot_eval=false")
     metrics = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
-    assert result["steps"] == 6 and metrics["train"]["gradient_checkpointing"] == expected
+    assert result["steps"] == 6
+    assert metrics["train"]["gradient_checkpointing"] == expected
     assert metrics["train"]["loss_last"] < metrics["train"]["loss_first"]

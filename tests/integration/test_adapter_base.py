@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_model import build_tiny_model
 
 from sentiment_ray import base_identity
-from tiny_model import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,11 +62,13 @@ def test_labelling_on_another_base_is_one_line_naming_both_before_ray_starts(bas
     (tmp_path / "in.csv").write_text("ID,sentence\n1,good\n", encoding="utf-8")
     out = label(["--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out"), "--adapter", bases["adapter"],
                  f"model.name={bases[base]}", "model.dtype=float32"])
-    assert out.returncode == 1 and out.stdout == ""
+    assert out.returncode == 1
+    assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr[-3000:]
     assert lines[0].startswith(f"error: --adapter {bases['adapter']} was trained on {bases['trained']} (LlamaForCausalLM, ")
-    assert f"model.name {bases[base]} (LlamaForCausalLM, " in lines[0] and lines[0].endswith(cause)
+    assert f"model.name {bases[base]} (LlamaForCausalLM, " in lines[0]
+    assert lines[0].endswith(cause)
     assert not (tmp_path / "out").exists()
 
 

@@ -124,13 +124,16 @@ def test_hf_training_model_has_trainable_lora_and_frozen_base(tiny_cfg):
     assert tokenizer.pad_token is not None
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
-    assert all("lora_" not in n for n in frozen) and any("embed_tokens" in n for n in frozen)
+    assert trainable
+    assert all("lora_" in n for n in trainable)
+    assert all("lora_" not in n for n in frozen)
+    assert any("embed_tokens" in n for n in frozen)
     # Every requested projection got an adapter, in every layer.
     for module in tiny_cfg.lora.target_modules:
         assert sum(f".{module}.lora_A." in n for n in trainable) == 2, module
     assert model.peft_config["default"].r == tiny_cfg.lora.r
-    assert next(model.parameters()).dtype.is_floating_point and str(next(model.parameters()).dtype) == "torch.float32"
+    assert next(model.parameters()).dtype.is_floating_point
+    assert str(next(model.parameters()).dtype) == "torch.float32"
 
 
 def test_seeded_lora_init_depends_on_the_seed_and_names_only(tiny_cfg):
@@ -146,7 +149,8 @@ def test_seeded_lora_init_depends_on_the_seed_and_names_only(tiny_cfg):
     torch.rand(1000)
     b, _ = get_backend("hf").load_for_training(tiny_cfg, "cpu")
     lora_a = {n: p for n, p in a.named_parameters() if ".lora_A." in n}
-    assert lora_a and all(float(p.abs().max()) > 0 for p in lora_a.values())
+    assert lora_a
+    assert all(float(p.abs().max()) > 0 for p in lora_a.values())
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         if "lora_" in name:
             assert torch.equal(p, q), name
@@ -166,7 +170,8 @@ def test_hf_gradient_checkpointing_trains_only_lora(tiny_cfg):
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and torch.any(p.grad != 0)}
-    assert grads and all("lora_B" in n or "lora_A" in n for n in grads)
+    assert grads
+    assert all("lora_B" in n or "lora_A" in n for n in grads)
 
 
 @pytest.mark.parametrize(
@@ -218,11 +223,13 @@ def test_hf_save_adapter_and_load_for_inference_give_identical_scores(tiny_cfg, 
 
     out = tmp_path / "adapter"
     backend.save_adapter(model, tokenizer, str(out))
-    assert (out / "adapter_config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "tokenizer_config.json").is_file()
     assert not (out / "model.safetensors").exists()  # adapter only, never the base weights
 
     loaded, loaded_tok = backend.load_for_inference(tiny_cfg, str(out), "cpu")
-    assert not loaded.training and loaded.config.use_cache
+    assert not loaded.training
+    assert loaded.config.use_cache
     np.testing.assert_allclose(scores(loaded, loaded_tok, tiny_cfg), trained_probs, atol=1e-6)
 
     bare, bare_tok = backend.load_for_inference(tiny_cfg, None, "cpu")

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_scoring import SENTENCES  # the same multilingual sentences
 
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
-
-from test_scoring import SENTENCES  # the same multilingual sentences
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +88,14 @@ def test_export_float32_scores_like_base_plus_adapter(reference, adapter_dir, tm
     assert {"config.json", "model.safetensors", "tokenizer.json", "sentiment_ray_export.json"} <= files
     assert not any(name.startswith("adapter_") for name in files)  # a plain model, no peft files
     info = json.loads((out / "sentiment_ray_export.json").read_text())
-    assert info["backend"] == "hf" and info["dtype"] == "float32" and info["prompt"]["labels"] == ["Positive", "Negative"]
+    assert info["backend"] == "hf"
+    assert info["dtype"] == "float32"
+    assert info["prompt"]["labels"] == ["Positive", "Negative"]
     # The metadata says what the adapter knows and which thresholds its calibration rows certify.
     assert info["data_profile"] == profile
     assert info["risk_control"] == json.loads(json.dumps(risk.summary(scores)))
-    assert info["risk_control"]["delta"] == 0.05 and info["risk_control"]["certified"][2]["threshold"] is not None
+    assert info["risk_control"]["delta"] == 0.05
+    assert info["risk_control"]["certified"][2]["threshold"] is not None
 
     model, tokenizer = _load_plain(str(out))
     assert type(model).__module__.startswith("transformers.")  # not a peft model
@@ -109,7 +111,8 @@ def test_export_bfloat16_by_default_within_tolerance(reference, adapter_dir, tmp
 
     cfg, with_adapter, _ = reference
     summary = export_merged(cfg, adapter_dir, str(tmp_path / "bf16"), device="cpu")
-    assert summary["dtype"] == "bfloat16" and summary["backend"] == "hf"
+    assert summary["dtype"] == "bfloat16"
+    assert summary["backend"] == "hf"
     # Every exported file is as readable as the others (the weights are not left private).
     umask = os.umask(0)
     os.umask(umask)

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from tiny_model import DEMO_CSV
 
 from sentiment_ray.config import ExperimentConfig
-from tiny_model import DEMO_CSV
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,8 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker(ray_two_cpus, tiny_model_
     cfg.run.num_workers, cfg.train.per_device_train_batch_size = 1, 8  # the same global batch
     summary = run_training(cfg)
     train = json.loads(Path(summary["run_dir"], "metrics.json").read_text())["train"]
-    assert train["resumed_from_step"] >= 1 and train["global_step"] == 3
+    assert train["resumed_from_step"] >= 1
+    assert train["global_step"] == 3
 
 
 @pytest.fixture
@@ -90,7 +91,6 @@ def s3_bucket(tmp_path, monkeypatch):
     """A moto S3 server on loopback and the AWS variables pointing at it (set before the
     cluster starts, so its nodes inherit them)."""
     import boto3
-
     from object_store import free_port, start_server, stop_server
 
     port = free_port()
@@ -111,9 +111,9 @@ def test_two_nodes_label_every_id_once_into_object_storage(tiny_model_dir, tmp_p
     """Actors on both nodes of a local two-node cluster write their units to a loopback S3
     server; a node-local output path is refused before anything runs."""
     import ray
+    from object_store import demo_rows
     from ray.cluster_utils import Cluster
 
-    from object_store import demo_rows
     from sentiment_ray.label.plan import LabelRunError
     from sentiment_ray.label.recipe import label_dataset
 
@@ -136,7 +136,8 @@ def test_two_nodes_label_every_id_once_into_object_storage(tiny_model_dir, tmp_p
         assert not (tmp_path / "local-out" / "_manifest.json").exists()
 
         summary = label_dataset(cfg, str(tmp_path / "part-*.csv"), "s3://two-nodes/labels")
-        assert summary["rows"] == summary["labelled"] == 60 and summary["units"]["total"] == 6
+        assert summary["rows"] == summary["labelled"] == 60
+        assert summary["units"]["total"] == 6
         listed = s3_bucket.list_objects_v2(Bucket="two-nodes", Prefix="labels/_done/")["Contents"]
         keys = [o["Key"] for o in listed if o["Key"].endswith(".json")]  # not the folder's own marker object
         markers = [json.loads(s3_bucket.get_object(Bucket="two-nodes", Key=k)["Body"].read()) for k in keys]

@@ -151,7 +151,11 @@ def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tm
     )
     status = _ray_job(env, "status", "--address", url, submission_id)
     logs = _ray_job(env, "logs", "--address", url, submission_id)
-    assert submitted.returncode == 0 and f"Job '{submission_id}' succeeded" in status, (
+    assert submitted.returncode == 0, (
+        f"{status}\n--- submit output ---\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}"
+        f"\n--- job logs ---\n{logs[-6000:]}"
+    )
+    assert f"Job '{submission_id}' succeeded" in status, (
         f"{status}\n--- submit output ---\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}"
         f"\n--- job logs ---\n{logs[-6000:]}"
     )
@@ -160,7 +164,8 @@ def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tm
     unpacked = [p for p in Path(temp_dir).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
     assert len(unpacked) == 1, unpacked
     names = {p.name for p in unpacked[0].iterdir()}
-    assert {"jobs", "sentiment_ray", "data"} <= names and not names & {".venv", ".git", "runs", ".pytest_cache"}
+    assert {"jobs", "sentiment_ray", "data"} <= names
+    assert not names & {".venv", ".git", "runs", ".pytest_cache"}
     size = sum(f.stat().st_size for f in unpacked[0].rglob("*") if f.is_file())
     assert size < 5 * 2**20, f"working-dir package is {size / 2**20:.1f} MiB"
 
@@ -170,10 +175,12 @@ def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tm
     run_dir = tmp_path / "runs" / "job-submit"
     assert result["run_dir"] == str(run_dir)
     assert result["adapter"] == str(run_dir / "adapter")
-    assert result["backend"] == "hf" and result["device"] == "cpu"
+    assert result["backend"] == "hf"
+    assert result["device"] == "cpu"
     assert result["steps"] == 2
     for key in ("zero_shot", "fine_tuned"):
-        assert 0.0 <= result[key]["accuracy"] <= 1.0 and result[key]["n"] == 32
+        assert 0.0 <= result[key]["accuracy"] <= 1.0
+        assert result[key]["n"] == 32
 
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())

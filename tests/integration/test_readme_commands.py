@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_ray_job_submit import _free_port, _stop_head
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,21 +34,22 @@ README = REPO_ROOT / "README.md"
 pytestmark = pytest.mark.slow
 
 
-def tested_blocks() -> list[str]:
+def _tested_blocks() -> list[str]:
     """The bash blocks marked `<!-- tested -->`, continuation lines joined."""
     blocks = re.findall(r"^<!-- tested -->\n```bash\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S)
     return [block.replace("\\\n", " ") for block in blocks]
 
 
 def _block(marker: str) -> str:
-    found = [b for b in tested_blocks() if marker in b]
+    found = [b for b in _tested_blocks() if marker in b]
     assert len(found) == 1, f"expected one tested README block with {marker!r}, found {len(found)}"
     return found[0]
 
 
 def test_the_readme_marks_its_walkthrough_and_cluster_blocks():
-    blocks = tested_blocks()
-    assert len(blocks) == 2 and any("jobs/label.py" in b and "label.write_submission=true" in b for b in blocks)
+    blocks = _tested_blocks()
+    assert len(blocks) == 2
+    assert any("jobs/label.py" in b and "label.write_submission=true" in b for b in blocks)
     assert any("ray start --head" in b and "RAY_AUTH_MODE=token" in b for b in blocks)
 
 
@@ -101,18 +101,22 @@ def test_walkthrough_runs_as_written(checkout, tmp_path):
     assert re.search(r"^all +32 +\d\.\d{3} +\d\.\d{3} +\d\.\d{3} +\d\.\d{3}$", out.stderr, re.M), out.stderr[-3000:]
     assert re.search(r"^next +python jobs/label\.py --input data/demo/sentiment_demo\.csv --output runs/mine-labels "
                      r"--adapter runs/mine/adapter label\.write_submission=true$", out.stderr, re.M)
-    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "metrics.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "metrics.json").is_file()
     assert list((run / "logs").glob("train-*.log"))
     # Labelling: every row in the submission, in input order, and a report naming what it is about.
     labels = checkout / "runs" / "mine-labels"
     submission = (labels / "submission.csv").read_text().splitlines()
     ids = [line.split(",", 1)[0] for line in (checkout / "runs" / "to-label.csv").read_text().splitlines()[1:]]
-    assert submission[0] == "ID,label" and [line.split(",")[0] for line in submission[1:]] == ids and len(ids) == 400
+    assert submission[0] == "ID,label"
+    assert [line.split(",")[0] for line in submission[1:]] == ids
+    assert len(ids) == 400
     page = (labels / "report.html").read_text()
     for text in ('id="run-details"', "runs/mine/adapter", "to-label.csv", " UTC"):
         assert text in page, text
     # eval wrote its report beside the run's files; export a plain model whose files are all readable.
-    assert (run / "eval-report.html").is_file() and (run / "eval-metrics.json").is_file()
+    assert (run / "eval-report.html").is_file()
+    assert (run / "eval-metrics.json").is_file()
     merged = run / "merged"
     assert {"config.json", "model.safetensors", "tokenizer.json", "sentiment_ray_export.json"} <= {p.name for p in merged.iterdir()}
     umask = os.umask(0)
@@ -154,9 +158,11 @@ def test_cluster_section_runs_as_written(checkout, tmp_path):
     assert (home / ".ray" / "auth_token").is_file()
     # Relative outputs of the jobs went under ~/sentiment-ray, not into the jobs' temporary working dirs.
     run = home / "sentiment-ray" / "runs" / "on-cluster"
-    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "metrics.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "metrics.json").is_file()
     submission = home / "sentiment-ray" / "runs" / "on-cluster-labels" / "submission.csv"
     assert submission.read_text().count("\n") == 4001  # the header and every row of the demo sample
     assert f"run on-cluster: {run}" in out.stdout + out.stderr
     results = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.startswith('{"')]
-    assert results[0]["run_dir"] == str(run) and results[1]["submission"] == str(submission)
+    assert results[0]["run_dir"] == str(run)
+    assert results[1]["submission"] == str(submission)

@@ -69,7 +69,8 @@ def test_a_mistake_is_the_last_line_before_ray_starts_and_leaves_no_run_folder(c
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1, out.stderr
     assert expected.fullmatch(lines[-1]) if isinstance(expected, re.Pattern) else lines[-1] == expected, lines[-1]
-    assert "Traceback" not in out.stderr and "starting a local Ray cluster" not in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "starting a local Ray cluster" not in out.stderr
     assert len(lines) <= 3, lines  # the run's name, maybe what was checked, the error
     assert out.stdout == ""
     assert not (tmp_path / "runs").exists()
@@ -119,13 +120,17 @@ def test_a_run_shows_phases_steps_and_the_table_of_metrics_json_without_error_li
     assert rows["calibrated"][0] == (f"{ft['ece_calibrated']:.3f}" if calibration["applied"] else "–")
 
     where = {line.split()[0]: line.split(None, 1)[1] for line in err.splitlines() if re.match(r"^(run|adapter|log|next) {2,}", line)}
-    assert where["run"].startswith(str(run_dir)) and where["adapter"] == str(run_dir / "adapter")
+    assert where["run"].startswith(str(run_dir))
+    assert where["adapter"] == str(run_dir / "adapter")
     log = Path(where["log"])
-    assert log.parent == run_dir / "logs" and log.is_file()
+    assert log.parent == run_dir / "logs"
+    assert log.is_file()
     logged = log.read_text()
-    assert "(RayTrainWorker pid=" in logged and "Setting up process group" in logged  # complete in the file
+    assert "(RayTrainWorker pid=" in logged
+    assert "Setting up process group" in logged  # complete in the file
     # The JSON line is the last line on stdout and the only thing there.
-    assert out.stdout.count("\n") == 1 and json.loads(out.stdout)["run_dir"] == str(run_dir)
+    assert out.stdout.count("\n") == 1
+    assert json.loads(out.stdout)["run_dir"] == str(run_dir)
 
     # The next command works as printed (`python` being this environment's, as after `. .venv/bin/activate`).
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -133,7 +138,8 @@ def test_a_run_shows_phases_steps_and_the_table_of_metrics_json_without_error_li
     labelled = subprocess.run(where["next"], shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=420, env=env)
     assert labelled.returncode == 0, labelled.stderr[-3000:]
     summary = json.loads(labelled.stdout.strip().splitlines()[-1])
-    assert summary["adapter"].startswith("adapter@") and summary["submission"].endswith("submission.csv")
+    assert summary["adapter"].startswith("adapter@")
+    assert summary["submission"].endswith("submission.csv")
     assert Path(summary["submission"]).read_text().count("\n") == summary["labelled"] + 1
 
 
@@ -149,7 +155,8 @@ def test_a_worker_exception_is_one_line_naming_the_log_and_verbose_shows_everyth
     assert match, last
     log = Path(match.group(1))
     assert log.parent == tmp_path / "runs" / "raises" / "logs"
-    assert "Traceback" in log.read_text() and "test-injected failure" in log.read_text()
+    assert "Traceback" in log.read_text()
+    assert "test-injected failure" in log.read_text()
     # SENTIMENT_RAY_LOG=debug: Ray's forwarded worker output is on the terminal too.
     assert "(RayTrainWorker pid=" in out.stderr
 
@@ -240,8 +247,10 @@ def test_the_label_job_shows_its_progress_and_keeps_rays_output_in_its_log(tiny_
     # A mistake stops before Ray starts, in one line.
     (tmp_path / "bad.csv").write_text("ID,text\n1,hello\n", encoding="utf-8")
     bad = label(["--input", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "bad-out"), *overrides], timeout=120)
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
-    assert "Traceback" not in bad.stderr and "pid=" not in bad.stderr
+    assert bad.returncode == 1, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert "pid=" not in bad.stderr
 
 
 LABEL_OVERRIDES = ["model.dtype=float32", "model.max_seq_length=96", "label.num_actors=1", "label.write_submission=true"]
@@ -252,7 +261,8 @@ def test_a_quote_never_closed_is_one_line_and_leaves_no_output_folder(tiny_model
     (tmp_path / "in.csv").write_text(f'ID,sentence,label\nc0,fine,Positive\nc1,"unterminated quote,Positive\n{rows}')
     out = label(["--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "new" / "out"),
                  f"model.name={tiny_model_dir}", *LABEL_OVERRIDES], timeout=120)
-    assert out.returncode == 1 and out.stdout == ""
+    assert out.returncode == 1
+    assert out.stdout == ""
     assert out.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'in.csv'}: line 3: a quote opens in row 2 and is never closed: the 4998 lines after it, "
         "to the end of the file, would be one field; close the quote, or double a quote inside a quoted field (\"\")"
@@ -273,8 +283,10 @@ def test_a_mixed_folder_names_the_files_not_read_and_ids_come_out_as_written(tin
     assert f"{folder}: 1 file there is not read (not .csv, .parquet, .pq, .jsonl, .json (text formats optionally .gz), " \
         "or a hidden name starting with '.' or '_'): notes.txt" in out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["files"] == 1 and summary["files_not_read"] == [str(folder / "notes.txt")]
-    assert summary["labelled"] == len(ids) and summary["bad_rows"] == 0
+    assert summary["files"] == 1
+    assert summary["files_not_read"] == [str(folder / "notes.txt")]
+    assert summary["labelled"] == len(ids)
+    assert summary["bad_rows"] == 0
     # Byte for byte in every output: the Parquet predictions, the CSV shards, submission.csv.
     import pyarrow.parquet as pq
 
@@ -304,7 +316,8 @@ def test_the_label_job_warns_of_rows_in_languages_the_adapter_was_not_calibrated
     assert trained.returncode == 0, trained.stderr[-4000:]
     adapter = tmp_path / "runs" / "langs" / "adapter"
     calibrated = languages.calibrated_languages(json.loads((adapter / "data_profile.json").read_text()))
-    assert "en" in calibrated and "fr" not in calibrated
+    assert "en" in calibrated
+    assert "fr" not in calibrated
     # English rows the adapter was calibrated on, French ones it never saw, one gold label
     # outside the label set; no lang column: each row's language is detected.
     english = [r for r in csv.DictReader(DEMO_CSV.open(encoding="utf-8")) if r["lang"] == "en"][:12]
@@ -323,7 +336,9 @@ def test_the_label_job_warns_of_rows_in_languages_the_adapter_was_not_calibrated
     assert shares["fr"] == pytest.approx(len(FRENCH) / summary["labelled"], abs=1e-4)
     warning = f"warning: {languages.uncalibrated_line(shares, calibrated)}"
     assert warning.startswith(f"warning: {summary['languages']['not_calibrated_share']:.1%} of rows are in languages the adapter "
-                              "was not calibrated on (") and "fr " in warning and warning.endswith("their confidence is not calibrated")
+                              "was not calibrated on (")
+    assert "fr " in warning
+    assert warning.endswith("their confidence is not calibrated")
     lines = out.stderr.strip().splitlines()
     assert warning in lines, lines
     assert "warning: 1 row(s) have a gold label outside the label set, not scored: 'Neutral' (1); " \
@@ -333,9 +348,11 @@ def test_the_label_job_warns_of_rows_in_languages_the_adapter_was_not_calibrated
     # The rows: their detected language, and no French row accepted, whatever its confidence.
     table = pq.read_table(next((tmp_path / "out" / "predictions").glob("part-*.parquet")))
     french = [a for lang, a in zip(table.column("lang_detected").to_pylist(), table.column("accepted").to_pylist()) if lang == "fr"]
-    assert len(french) == len(FRENCH) and not any(french)
+    assert len(french) == len(FRENCH)
+    assert not any(french)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["unknown_labels"] == {"Neutral": 1} and "ece" in metrics["per_language"]["fr"]
+    assert metrics["unknown_labels"] == {"Neutral": 1}
+    assert "ece" in metrics["per_language"]["fr"]
     report = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert all(f'id="{i}"' in report for i in ("unknown-labels", "not-calibrated", "accepted", "risk-coverage"))
 
@@ -377,7 +394,8 @@ def test_ctrl_c_of_a_run_is_one_line_naming_the_registered_checkpoint_and_the_re
     match = re.fullmatch(r"Training interrupted by SIGINT(?: at step \d+ of 120)?: the last checkpoint is step (\d+) "
                          r"\((.+)\); rerun the same command to resume from it: (.+)", last)
     assert match, err[-3000:]
-    assert int(match.group(1)) == step and Path(match.group(2)).resolve() == (run_dir / f"checkpoint-{step:06d}").resolve()
+    assert int(match.group(1)) == step
+    assert Path(match.group(2)).resolve() == (run_dir / f"checkpoint-{step:06d}").resolve()
     assert shlex.split(match.group(3)) == ["python", "jobs/train.py", *args]
 
     rerun = train(args, timeout=600)
@@ -415,4 +433,5 @@ def test_ctrl_c_of_a_label_job_is_one_line_naming_the_committed_units_and_the_re
     rerun = label(args, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert summary["units"]["done_before"] == committed and summary["labelled"] == 4000
+    assert summary["units"]["done_before"] == committed
+    assert summary["labelled"] == 4000

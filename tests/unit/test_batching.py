@@ -69,7 +69,8 @@ def test_the_reference_recipe_on_an_h200_takes_its_whole_share_in_one_pass():
 
 def test_more_memory_never_gives_a_narrower_micro_batch():
     picks = [auto_micro_batch(gib, backend=b) for b in ("unsloth", "hf") for gib in range(16, 160, 4)]
-    assert all(a <= b for a, b in zip(picks[:36], picks[1:36])) and all(a <= b for a, b in zip(picks[36:], picks[37:]))
+    assert all(a <= b for a, b in zip(picks[:36], picks[1:36]))
+    assert all(a <= b for a, b in zip(picks[36:], picks[37:]))
 
 
 def test_the_estimate_covers_the_measured_peaks_of_the_8b_shape():

@@ -31,8 +31,11 @@ def test_the_temperature_lowers_the_nll_of_an_overconfident_model_and_keeps_ever
     assert nll(logits, gold, t) < nll(logits, gold) - 0.3
     assert (softmax(logits / t).argmax(axis=1) == softmax(logits).argmax(axis=1)).all()
     fit = calibrate(logits, gold)
-    assert fit["temperature"] == pytest.approx(t, rel=1e-3) and fit["rows"] == 2000 and fit["applied"]
-    assert fit["ece_before"] > 0.2 and fit["ece_after"] < 0.03  # out-of-fold
+    assert fit["temperature"] == pytest.approx(t, rel=1e-3)
+    assert fit["rows"] == 2000
+    assert fit["applied"]
+    assert fit["ece_before"] > 0.2
+    assert fit["ece_after"] < 0.03  # out-of-fold
     assert fit["nll_after"] < fit["nll_before"]
     assert sum(b["count"] for b in fit["bins_after"]) == 2000
 
@@ -44,7 +47,8 @@ def test_a_calibrated_model_keeps_a_temperature_near_one_and_noise_is_not_applie
     assert fit_temperature(logits, gold) == pytest.approx(1.0, abs=0.1)
     small = calibrate(logits[:60], gold[:60])  # a few rows: a fitted temperature is noise
     if not small["applied"]:
-        assert small["temperature"] == 1.0 and small["ece_after"] == small["ece_before"]
+        assert small["temperature"] == 1.0
+        assert small["ece_after"] == small["ece_before"]
     else:
         assert small["nll_after"] < small["nll_before"]
 

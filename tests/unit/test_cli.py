@@ -8,10 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from sentiment_ray import cli
 
@@ -40,7 +40,8 @@ def test_every_option_has_help_and_appears_in_help_output(command):
     options = _options(parser)
     assert options
     for action in options:
-        assert action.help and action.help.strip(), f"{command}: {action.option_strings or action.dest} has no help"
+        assert action.help, f"{command}: {action.option_strings or action.dest} has no help"
+        assert action.help.strip(), f"{command}: {action.option_strings or action.dest} has no help"
     launchers = [[sys.executable, "-m", "sentiment_ray.cli"]]
     installed = shutil.which("sentiment-ray", path=os.path.dirname(sys.executable))
     if installed:  # `pip install -e .` puts the console script next to the interpreter
@@ -64,7 +65,8 @@ def test_job_scripts_use_the_same_parser_and_main(command):
     spec = importlib.util.spec_from_file_location(f"jobs_{command}", REPO_ROOT / "jobs" / f"{command}.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main is cli.COMMANDS[command].main and job.parser is cli.COMMANDS[command].parser
+    assert job.main is cli.COMMANDS[command].main
+    assert job.parser is cli.COMMANDS[command].parser
     text = " ".join(_help_text([sys.executable, f"jobs/{command}.py", "--help"]).split())
     for action in _options(cli.COMMANDS[command].parser(None)):
         for name in action.option_strings or [action.dest]:
@@ -76,7 +78,8 @@ def test_top_level_help_and_unknown_command():
     for command in cli.COMMANDS:
         assert command in text
     out = subprocess.run([sys.executable, "-m", "sentiment_ray.cli", "fly"], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
 
 
 def test_bad_config_exits_2_naming_the_field(capsys):

@@ -19,7 +19,8 @@ def test_every_shipped_preset_validates(name):
     # Each preset names a model and its training data (files or a HF dataset), or says in one
     # line that the data is the user's to name; none points outside the repository.
     text = (PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8")
-    assert cfg.model.name and (cfg.data.train_path or cfg.data.train_dataset or "required: data.train_path=" in text)
+    assert cfg.model.name
+    assert cfg.data.train_path or cfg.data.train_dataset or "required: data.train_path=" in text
     assert "../" not in text
     # Its tune search space names real config fields.
     for field in cfg.tune.search_space:

@@ -63,8 +63,12 @@ def test_line_mode_progress_prints_every_tenth_with_loss_eta_and_checkpoint():
     assert lines[0] == "training 60 steps"
     steps = [line.split()[1] for line in lines[1:]]
     assert steps == [f"{k}/60" for k in range(6, 61, 6)]
-    assert "checkpoint 15" in lines[3] and "ETA" in lines[3] and "loss 0.0556" in lines[3] and "checkpoint" not in lines[2]
-    assert "took" in lines[-1] and display.last_step == (60, 60)
+    assert "checkpoint 15" in lines[3]
+    assert "ETA" in lines[3]
+    assert "loss 0.0556" in lines[3]
+    assert "checkpoint" not in lines[2]
+    assert "took" in lines[-1]
+    assert display.last_step == (60, 60)
 
 
 def test_package_warnings_reach_the_terminal_and_the_rest_waits_for_the_log(tmp_path):
@@ -140,12 +144,16 @@ def test_failures_are_one_line_or_one_paragraph(tmp_path):
     (run_dir / "checkpoint-000030").mkdir()  # incomplete: no trainer_state.json
     raised = _FakeWorkerGroupError({0: RuntimeError("CUDA error: out of memory")})
     code, text, _ = terminal.explain(raised, run_dir=str(run_dir), command=command, log_path="runs/x/logs/train.log")
-    assert code == 1 and "\n" not in text
+    assert code == 1
+    assert "\n" not in text
     assert text.startswith("error: the training worker raised RuntimeError: CUDA error: out of memory (traceback: runs/x/logs/train.log)")
-    assert "the last checkpoint is step 15" in text and "resumes from it" in text
+    assert "the last checkpoint is step 15" in text
+    assert "resumes from it" in text
 
     code, text, _ = terminal.explain(KeyboardInterrupt(), run_dir=str(run_dir), command=command, log_path=None)
-    assert code == 130 and "step 15" in text and text.endswith("python jobs/train.py data.train_path=x.csv")
+    assert code == 130
+    assert "step 15" in text
+    assert text.endswith("python jobs/train.py data.train_path=x.csv")
 
 
 def test_the_checkpoint_a_rerun_resumes_from_is_the_one_ray_train_registered(tmp_path):
@@ -183,7 +191,8 @@ def test_relative_outputs_inside_a_ray_job_go_under_the_durable_home(monkeypatch
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     monkeypatch.setenv(cluster.JOB_HOME_ENV, str(tmp_path / "home"))
     assert cluster.durable_path("runs") == str(tmp_path / "home" / "runs")
-    assert cluster.durable_path("/abs/runs") == "/abs/runs" and cluster.durable_path("s3://b/runs") == "s3://b/runs"
+    assert cluster.durable_path("/abs/runs") == "/abs/runs"
+    assert cluster.durable_path("s3://b/runs") == "s3://b/runs"
     (tmp_path / "home" / "runs" / "demo" / "adapter").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert cluster.durable_input_path("runs/demo/adapter") == str(tmp_path / "home" / "runs" / "demo" / "adapter")

@@ -34,7 +34,8 @@ def test_os_errors_read_as_path_and_cause():
     s3 = OSError("When uploading part for key 'out/x': AWS Error ACCESS_DENIED during UploadPart operation: Access Denied\nmore")
     assert error_cause(s3) == "When uploading part for key 'out/x': AWS Error ACCESS_DENIED during UploadPart operation: Access Denied"
     err = io_error("/out/x.parquet", OSError(errno.EROFS, "Read-only file system"), "write")
-    assert isinstance(err, StorageIOError) and str(err) == "/out/x.parquet: cannot write: read-only file system"
+    assert isinstance(err, StorageIOError)
+    assert str(err) == "/out/x.parquet: cannot write: read-only file system"
     assert faults.one_line(FileNotFoundError(errno.ENOENT, "No such file", "/in/a.csv")) == "/in/a.csv: no such file or directory"
 
 
@@ -57,7 +58,8 @@ def test_report_writes_the_trace_to_a_log_named_in_the_line(tmp_path, monkeypatc
         line = faults.report(err, "label")
     assert line.startswith("/out/_manifest.json: cannot write: no space left on device (disk full) (full trace: ")
     log = Path(line.rsplit("(full trace: ", 1)[1].rstrip(")"))
-    assert log.parent == tmp_path / "logs" and "Traceback" in log.read_text()
+    assert log.parent == tmp_path / "logs"
+    assert "Traceback" in log.read_text()
 
 
 def test_copies_left_by_killed_processes_are_removed(tmp_path, monkeypatch):
@@ -88,7 +90,8 @@ def test_a_stop_signal_is_a_keyboard_interrupt_and_is_remembered():
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(1000):
                 pass
-    assert faults.interrupted() == signal.SIGTERM and faults.exit_code(signal.SIGTERM) == 143
+    assert faults.interrupted() == signal.SIGTERM
+    assert faults.exit_code(signal.SIGTERM) == 143
 
 
 def test_a_signal_a_library_handled_itself_is_still_noted():
@@ -103,5 +106,6 @@ def test_a_signal_a_library_handled_itself_is_still_noted():
         for _ in range(1000):
             pass
     assert seen == [signal.SIGINT]
-    assert faults.interrupted() == signal.SIGINT and faults.exit_code(signal.SIGINT) == 130
+    assert faults.interrupted() == signal.SIGINT
+    assert faults.exit_code(signal.SIGINT) == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

@@ -37,7 +37,8 @@ def test_a_resume_with_a_changed_learning_rate_or_lora_rank_is_refused_naming_th
     message = str(refused.value)
     assert "\n" not in message
     assert "lora.r (16 -> 8); train.learning_rate (0.0003 -> 0.001)" in message
-    assert "--new-run" in message and "run.name" in message
+    assert "--new-run" in message
+    assert "run.name" in message
     assert run.read_json(layout.DEFINITION_FILE)["max_steps"] == 40  # the refused rerun recorded nothing
 
 
@@ -88,7 +89,8 @@ def test_every_resumable_field_exists_and_the_rest_define_the_run():
                 "train.lr_scheduler_type", "train.warmup_steps", "train.optim", "train.seed", "train.global_batch_size",
                 "data.label_map", "data.train_fingerprint"):
         assert key in definition, key
-    assert "train.max_steps" not in definition and "run.name" not in definition
+    assert "train.max_steps" not in definition
+    assert "run.name" not in definition
 
 
 def test_workers_and_per_device_batch_may_trade_places_when_the_global_batch_stays(tmp_path):

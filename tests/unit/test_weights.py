@@ -61,4 +61,5 @@ def test_a_model_folder_with_only_pickle_weights_is_refused(tmp_path):
     check_model_folder(str(tmp_path), allow_unsafe=True)
     (tmp_path / "model.safetensors").write_bytes(b"")
     check_model_folder(str(tmp_path), allow_unsafe=False)
-    assert from_pretrained_kwargs(False) == {"use_safetensors": True} and from_pretrained_kwargs(True) == {}
+    assert from_pretrained_kwargs(False) == {"use_safetensors": True}
+    assert from_pretrained_kwargs(True) == {}
