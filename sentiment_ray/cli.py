@@ -26,8 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sentiment_ray import cluster, console, evaluate, export, faults
+from sentiment_ray import cluster
 from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
+from sentiment_ray.eval import layout as eval_layout
+from sentiment_ray.eval import recipe as evaluate
+from sentiment_ray.export import recipe as export
 from sentiment_ray.io.lease import LockHeld, LockLost
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label import outputs as label_outputs
@@ -36,7 +39,8 @@ from sentiment_ray.label.recipe import interrupted_line as label_interrupted_lin
 from sentiment_ray.label.recipe import label_dataset
 from sentiment_ray.models import cache_dir
 from sentiment_ray.train.recipe import TrainingError, run_training
-from sentiment_ray.train.terminal import CommandLine, TrainTerminal
+from sentiment_ray.terminal import console, faults
+from sentiment_ray.terminal.training import CommandLine, TrainTerminal
 from sentiment_ray.tune import recipe as tune_recipe
 
 PROG = "sentiment-ray"
@@ -403,7 +407,7 @@ def eval_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output", default=None,
-        help=f"folder for {evaluate.REPORT_FILE} and {evaluate.METRICS_FILE} (default: the --predictions folder, or the file's folder, or --experiment)",
+        help=f"folder for {eval_layout.REPORT_FILE} and {eval_layout.METRICS_FILE} (default: the --predictions folder, or the file's folder, or --experiment)",
     )
     parser.add_argument("--labels", default=None, help="comma-separated label set in order (default: from the p_<label> columns or the data)")
     parser.add_argument("--label-column", default=None, help="gold label column (default: the label job's, else label)")

@@ -15,7 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sentiment_ray import compat, faults
+from sentiment_ray import compat
+from sentiment_ray.terminal import faults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentiment_ray import backends, base_identity, cluster, compat, faults, languages, provenance, risk, tracking
+from sentiment_ray import backends, base_identity, cluster, compat, languages, provenance, risk, tracking
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
-from sentiment_ray.console import WorkerEvents
+from sentiment_ray.terminal import faults
+from sentiment_ray.terminal.console import WorkerEvents
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.labels import LabelSet
@@ -33,7 +34,7 @@ from sentiment_ray.prompts import PromptTemplate
 from sentiment_ray.report import html
 from sentiment_ray.scoring import LabelScorer
 from sentiment_ray.train import layout, preflight
-from sentiment_ray.train import terminal as train_terminal
+from sentiment_ray.terminal import training as train_terminal
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
 from sentiment_ray.train.evaluation import (
     calibrate_scores,
@@ -90,7 +91,7 @@ def run_training(cfg: ExperimentConfig, *, terminal: train_terminal.Silent | Non
     The run's latest checkpoint is resumed unless `new_run` (which discards the folder's
     checkpoints and outputs first); a resume whose settings changed is refused
     (RunDefinitionChanged). Raises ray.train.TrainingFailedError when the workers fail more
-    than run.max_failures times. `terminal` (train/terminal.py) shows the run to a person."""
+    than run.max_failures times. `terminal` (terminal/training.py) shows the run to a person."""
     start = time.time()
     shown = terminal or _SILENT
     try:

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sentiment_ray import cluster, compat, faults
+from sentiment_ray import cluster, compat
 from sentiment_ray.config import ConfigError, ExperimentConfig
-from sentiment_ray.console import Display, RunLog, format_duration
+from sentiment_ray.terminal import faults
+from sentiment_ray.terminal.console import Display, RunLog, format_duration
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.uris import StorageError, is_uri
 from sentiment_ray.io.values import DataError
