@@ -15,13 +15,15 @@ import logging
 import os
 from pathlib import Path
 
+from sentiment_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     pass
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray.backends.base import ensure_pad_token
+from sentiment_ray.errors import UserError
 from sentiment_ray.models import cache_dir, resolve_model_path
 
 SHAPE_MARKER = "bench_shape.json"
@@ -96,8 +97,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-class ShapeError(ValueError):
-    pass
+class ShapeError(UserError, ValueError):
+    """A model shape cannot be built as named (the message says why)."""
 
 
 def is_shape(name: str) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sentiment_ray.errors import UserError
 from sentiment_ray.eval.layout import METRICS_FILE, REPORT_FILE
 from sentiment_ray.io.files import expand_paths
 from sentiment_ray.io.readers import read_chunks
@@ -35,7 +36,7 @@ from sentiment_ray.tune import layout as tune_layout
 PREDICTED_COLUMNS = ("pred_label", "predicted")
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The predictions or experiment folder cannot be read into a report."""
 
 

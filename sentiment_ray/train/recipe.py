@@ -25,6 +25,7 @@ from sentiment_ray import backends, base_identity, cluster, compat, languages, p
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
+from sentiment_ray.errors import UserError
 from sentiment_ray.terminal import faults
 from sentiment_ray.terminal.console import WorkerEvents
 from sentiment_ray.io.lease import Lease
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 _TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 
