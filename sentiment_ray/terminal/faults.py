@@ -79,7 +79,7 @@ def one_line(err: BaseException) -> str:
 def log_file_name(command: str) -> str:
     """The name of a job's log file, the one way: `<command>-<UTC date-time>-<pid>.log`
     (sorted by time within a command; two jobs started in the same second still differ)."""
-    stamp = time.strftime("%Y%m%d-%H%M%SZ", time.gmtime())
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', command) or 'job'}-{stamp}-{os.getpid()}.log"
 
 
