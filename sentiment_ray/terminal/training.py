@@ -59,8 +59,8 @@ class CommandLine:
         """The launcher of another job the same way (`python jobs/label.py`, `sentiment-ray label`)."""
         if self.launcher.startswith("sentiment-ray"):
             return f"sentiment-ray {command}"
-        parts = self.launcher.rsplit("train.py", 1)
-        return f"{command}.py".join(parts) if len(parts) == 2 else f"python jobs/{command}.py"
+        script = re.fullmatch(r"(python .*?)\w+\.py", self.launcher)
+        return f"{script.group(1)}{command}.py" if script else f"python jobs/{command}.py"
 
 
 def short_path(path: str) -> str:
