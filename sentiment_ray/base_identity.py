@@ -23,6 +23,7 @@ import os
 import struct
 from typing import Any
 
+from sentiment_ray.errors import UserError
 from sentiment_ray.models import resolve_model_path
 
 BASE_FILE = "base_model.json"
@@ -32,7 +33,7 @@ SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention
                 "intermediate_size", "vocab_size")
 
 
-class BaseMismatch(ValueError):
+class BaseMismatch(UserError, ValueError):
     """An adapter applied to a base other than the one it was trained on."""
 
 

@@ -15,7 +15,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sentiment_ray import compat, faults
+from sentiment_ray import compat
+from sentiment_ray.errors import UserError
+from sentiment_ray.terminal import faults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +50,7 @@ JOB_HOME_DEFAULT = "~/sentiment-ray"
 _RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The Ray address is unusable or the cluster cannot provide what the config asks."""
 
 

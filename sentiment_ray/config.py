@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.uris import check_uri, redact
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -23,7 +24,7 @@ DEFAULT_INSTRUCTION = (
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the field."""
 
 
@@ -690,6 +691,38 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return redact("\n".join(lines))
 
 
+def field_names(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted field name of the schema (`train.max_steps`, `lora.r`, ...)."""
+    names = []
+    for name, info in (model or ExperimentConfig).model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            names += field_names(kind, f"{prefix}{name}.")
+        else:
+            names.append(f"{prefix}{name}")
+    return names
+
+
+def _override_problem(err: ValidationError, overrides: list[str]) -> str | None:
+    """One line for the first validation error an override caused: the override as typed,
+    what is wrong, and for an unknown field the closest valid one (a typo is the usual
+    cause). None when the error lies in the config file itself."""
+    import difflib
+
+    by_key = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"])
+        key = next((k for k in by_key if field == k or field.startswith(k + ".") or k.startswith(field + ".")), None)
+        if key is None:
+            continue
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            return redact(f"override {by_key[key]}: {key} is not a config field{hint}")
+        return redact(f"override {by_key[key]}: {field}: {e['msg']}")
+    return None
+
+
 def validate(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
     try:
         return ExperimentConfig(**raw)
@@ -747,7 +780,10 @@ def load_config(name_or_path: str | None = "demo", overrides: list[str] | None =
     path = resolve_config_path(name_or_path or "demo")
     raw = _read_config_file(path)
     raw = apply_overrides(raw, overrides or [])
-    cfg = validate(raw, source=str(path))
+    try:
+        cfg = ExperimentConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_override_problem(err, overrides or []) or _format_validation_error(err, str(path))) from None
     return _resolve_relative_paths(cfg, base=path.parent)
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.storage import local_atomic_dir
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     pass
 
 

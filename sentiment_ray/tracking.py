@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.train.evaluation import flat_validation_metrics
 
@@ -56,8 +57,8 @@ FALLBACK_DIR = Path("~/.cache/sentiment-ray/mlflow")
 MAX_PARAM_CHARS = 6000
 
 
-class TrackingError(RuntimeError):
-    pass
+class TrackingError(UserError, RuntimeError):
+    """MLflow cannot be used as the config asks (the message says why and what to set)."""
 
 
 # ============================================================================ settings

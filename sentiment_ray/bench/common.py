@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray.config import DataConfig, load_config
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.readers import read_chunks
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.label.plan import MIN_AUTO_ROWS
@@ -29,7 +30,7 @@ DEFAULT_CONFIG = "llama31_8b_multilingual"  # the reference run: batch 2 x GA 4,
 DEFAULT_DATA = "data/demo/sentiment_demo.csv"  # the committed demo sample, when --data is not given
 
 
-class BenchError(RuntimeError):
+class BenchError(UserError, RuntimeError):
     pass
 
 

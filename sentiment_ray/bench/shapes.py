@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray.backends.base import ensure_pad_token
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.storage import local_atomic_dir
 from sentiment_ray.models import cache_dir, resolve_model_path
 
@@ -95,8 +96,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-class ShapeError(ValueError):
-    pass
+class ShapeError(UserError, ValueError):
+    """A model shape cannot be built as named (the message says why)."""
 
 
 def is_shape(name: str) -> bool:

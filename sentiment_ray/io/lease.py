@@ -44,6 +44,7 @@ from typing import Any
 
 import psutil
 
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.uris import redact
 
@@ -55,11 +56,11 @@ HEARTBEAT_S = 10.0
 SETTLE_S = 2.0
 
 
-class LockHeld(RuntimeError):
+class LockHeld(UserError, RuntimeError):
     """Another live job holds the folder's lock."""
 
 
-class LockLost(RuntimeError):
+class LockLost(UserError, RuntimeError):
     """This job's lock was taken over by another job (its heartbeat stopped for longer than
     the lease, or an object store's last writer won)."""
 

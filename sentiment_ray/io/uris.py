@@ -32,6 +32,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from sentiment_ray.errors import UserError
+
 MASK = "***"
 
 # Environment variables whose values are secrets: their values are masked wherever they
@@ -51,7 +53,7 @@ _CREDENTIAL_QUERY_KEY = r"[\w.\-]*(?:key|secret|token|passw(?:or)?d|signature|cr
 _URI_CREDENTIAL_QUERY = re.compile(rf"(?P<key>[?&;]{_CREDENTIAL_QUERY_KEY}=)(?P<value>[^&;#\s'\"]*)", re.I)
 
 
-class StorageError(ValueError):
+class StorageError(UserError, ValueError):
     """A path or URI cannot be used (inline credentials, missing folder, unreachable store).
     The message is redacted."""
 
@@ -62,7 +64,9 @@ class StorageError(ValueError):
 class StorageIOError(StorageError):
     """Reading or writing a file failed (permission, a missing folder, a full disk, an object
     store's error): one line naming the path and the cause. `errno` is the OS error number
-    when there was one."""
+    when there was one. Its trace is kept: which writer failed is in it, not in the line."""
+
+    keeps_trace = True
 
     def __init__(self, message: str, errno_: int | None = None):
         super().__init__(message)

@@ -30,6 +30,7 @@ from typing import Any
 from sentiment_ray import provenance, rerun
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.files import describe_inputs, file_format, id_names, is_json_array_file, parquet_footer, span_digests
 from sentiment_ray.io.ids import IdIndex, duplicates_message
 from sentiment_ray.io.readers import Position, csv_header, csv_header_size, parquet_file, read_chunks
@@ -45,7 +46,7 @@ MIN_AUTO_ROWS = 500
 UNITS_PER_ACTOR = 4
 
 
-class LabelRunError(RuntimeError):
+class LabelRunError(UserError, RuntimeError):
     """The labelling run cannot proceed (changed inputs, a failed unit, ...)."""
 
 

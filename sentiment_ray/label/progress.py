@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from sentiment_ray.terminal.console import format_duration
+
 TTY_EVERY_S = 2.0
 LOG_EVERY_S = 30.0
 
@@ -55,15 +57,8 @@ class Snapshot:
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         rate = f"{self.rate:,.0f} rows/s" if self.rate else "-- rows/s"
-        eta = _clock(self.eta_s) if self.eta_s is not None else "--:--"
+        eta = format_duration(self.eta_s)  # the training bar's format: 1m45s
         return f"labelling {self.done:,} / {self.total:,} rows ({pct:.0f}%)  {rate}  ETA {eta}  bad rows {self.bad:,}"
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 class ProgressView:

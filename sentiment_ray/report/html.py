@@ -52,10 +52,6 @@ window.addEventListener("load", function () {
 """
 
 
-class ReportError(ValueError):
-    """The predictions or experiment folder cannot be read into a report."""
-
-
 # ============================================================================ html pieces
 
 

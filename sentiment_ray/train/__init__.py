@@ -6,6 +6,6 @@
     evaluation  validation scoring through the one evaluation
     layout      the run folder's files
     preflight   the driver's checks of model and data before Ray starts
-    progress    the steps as events for the driver's progress bar (a TrainerCallback)
-    terminal    what a person sees: opening lines, the closing table, what a failure means
+    progress    the steps as events for the driver's progress bar (a TrainerCallback);
+                what a person sees of them is sentiment_ray/terminal/training.py
 """

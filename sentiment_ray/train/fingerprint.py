@@ -37,6 +37,7 @@ from typing import Any
 
 from sentiment_ray import rerun
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.files import expand_paths, fingerprint
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.train import layout
@@ -56,7 +57,7 @@ RESUMABLE = {
 GLOBAL_BATCH = "train.global_batch_size"  # run.num_workers x per_device_train_batch_size x gradient_accumulation_steps
 
 
-class RunChanged(RuntimeError):
+class RunChanged(UserError, RuntimeError):
     """A rerun would resume a run whose definition differs (or was never recorded)."""
 
 

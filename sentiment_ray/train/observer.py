@@ -2,7 +2,7 @@
 an object the recipe calls at its steps (torchtune's MetricLoggerInterface in spirit).
 
     summary = run_training(cfg)                          # LoggedTraining: the moments as log records
-    summary = run_training(cfg, observer=TrainTerminal(command))   # train/terminal.py: what a person sees
+    summary = run_training(cfg, observer=TrainTerminal(command))   # terminal/training.py: what a person sees
 
 An observer only shows: the recipe's steps and their order are the same whoever watches.
 How a job ends (the closing table, a failure's one line) belongs to whoever started it, since

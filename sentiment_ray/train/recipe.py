@@ -21,11 +21,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentiment_ray import backends, base_identity, cluster, compat, faults, languages, provenance, risk, tracking
+from sentiment_ray import backends, base_identity, cluster, compat, languages, provenance, risk, tracking
 from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
-from sentiment_ray.console import WorkerEvents
+from sentiment_ray.errors import UserError
+from sentiment_ray.terminal import faults
+from sentiment_ray.terminal.console import WorkerEvents
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.labels import LabelSet
@@ -67,7 +69,7 @@ log = logging.getLogger(__name__)
 _TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 from sentiment_ray import cluster, rerun, tracking
 from sentiment_ray.config import ConfigError, ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.report import html, plots
@@ -68,7 +69,7 @@ _EXPERIMENT_SECTIONS = ("model", "lora", "prompt", "data", "train", "tune")
 DEFAULT_REPORTS_PER_TRIAL = 4
 
 
-class TuneError(RuntimeError):
+class TuneError(UserError, RuntimeError):
     pass
 
 
@@ -208,7 +209,7 @@ def finished_run_report(run_dir: str, max_steps: int) -> dict | None:
 
 def run_tune(cfg: ExperimentConfig, *, num_cpus: int | None = None) -> dict:
     """Run (or resume) the experiment of `cfg.tune`, then write its report and promote the
-    best adapter. Returns the summary of `finalize` (jobs/tune.py prints `summary_line`).
+    best adapter. Returns the summary of `finalize` (the tune job prints `json_summary` of it).
     `num_cpus`: logical CPUs of a local cluster this call starts (ignored when joining one)."""
     import ray
 
@@ -436,13 +437,10 @@ def promote_best(exp_path: str, record: dict, row: dict, metric: str) -> str:
     return experiment.path(layout.BEST_DIR)
 
 
-def summary_line(summary: dict) -> str:
-    """The one JSON line jobs/tune.py ends with."""
-    keep = ("experiment", "best_trial", "best_config", "metric", "best_metric", "best_dir", "trials", "outcomes", "table", "plot")
-    return json.dumps({k: summary.get(k) for k in keep}, default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
+def json_summary(summary: dict) -> dict:
+    """What the tune job's JSON line holds (a metric that is not a finite number: null)."""
+    keep = ("experiment", "best_trial", "best_config", "metric", "best_metric", "best_dir", "trials", "outcomes", "table", "plot", "report")
+    shown = {k: summary.get(k) for k in keep}
+    if isinstance(shown["best_metric"], float) and not math.isfinite(shown["best_metric"]):
+        shown["best_metric"] = None
+    return shown

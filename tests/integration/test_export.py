@@ -1,4 +1,4 @@
-"""Export (sentiment_ray/export.py, `sentiment-ray export`): an adapter merged into the
+"""Export (sentiment_ray/export/, `sentiment-ray export`): an adapter merged into the
 tiny random Llama on CPU (hf backend, peft merge_and_unload) gives a plain HF folder that
 transformers loads without peft and that scores like base + adapter."""
 
@@ -107,7 +107,7 @@ def test_export_float32_scores_like_base_plus_adapter(reference, adapter_dir, tm
 def test_export_bfloat16_by_default_within_tolerance(reference, adapter_dir, tmp_path):
     import torch
 
-    from sentiment_ray.export import export_merged
+    from sentiment_ray.export.recipe import export_merged
 
     cfg, with_adapter, _ = reference
     summary = export_merged(cfg, adapter_dir, str(tmp_path / "bf16"), device="cpu")
@@ -132,7 +132,7 @@ def test_export_bfloat16_by_default_within_tolerance(reference, adapter_dir, tmp
 
 
 def test_export_refuses_a_non_empty_output_and_a_non_adapter(reference, adapter_dir, tmp_path, tiny_model_dir):
-    from sentiment_ray.export import ExportError, export_merged
+    from sentiment_ray.export.recipe import ExportError, export_merged
 
     cfg = reference[0]
     (tmp_path / "full").mkdir()

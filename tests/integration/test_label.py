@@ -407,7 +407,7 @@ def test_eval_of_a_label_output_reads_gold_labels_as_the_job_did(ray_address, ti
     output folder agree (both go through metrics.evaluate_predictions, the manifest tells eval
     how the job read its gold labels)."""
     from sentiment_ray.cli import main
-    from sentiment_ray.evaluate import METRICS_FILE
+    from sentiment_ray.eval.layout import METRICS_FILE
     from sentiment_ray.label.recipe import label_dataset
 
     rows = demo_rows(0, 30)

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sentiment_ray import evaluate
+from sentiment_ray.eval import recipe as evaluate
+from sentiment_ray.report import html
 from sentiment_ray.cli import main
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.metrics import classification_report

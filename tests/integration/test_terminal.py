@@ -237,10 +237,19 @@ def test_the_label_job_shows_its_progress_and_keeps_rays_output_in_its_log(tiny_
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["labelled"] == 40
     lines = out.stderr.strip().splitlines()
-    assert lines[-2].startswith("labelling 40 / 40 rows (100%)"), lines
-    assert lines[-1].startswith("languages  en "), lines  # the input's lang column: its shares
-    # Nothing but the progress, the languages, and Ray Data's one notice about actor constructor arguments.
-    others = [line for line in lines[:-1] if not line.startswith("labelling ") and "constructor arguments" not in line]
+    last_progress = max(i for i, line in enumerate(lines) if line.startswith("labelling "))
+    assert lines[last_progress].startswith("labelling 40 / 40 rows (100%)"), lines
+    # Then the summary: languages (the input's lang column), where everything is, the rows cut
+    # to fit (a warning), the next command, runnable as printed.
+    closing = lines[last_progress + 1:]
+    assert closing[0].startswith("languages  en "), closing
+    assert closing[1].startswith(f"output     {tmp_path / 'out'}  (40 rows labelled, "), closing
+    assert f"metrics    {tmp_path / 'out' / 'metrics.json'}" in closing
+    assert f"log        {summary['log']}" in closing
+    assert any(line.startswith("warning: ") and "rows were cut to fit" in line for line in closing) == bool(summary["truncated"])
+    assert closing[-1] == f"next       python jobs/eval.py --predictions {tmp_path / 'out'}", closing
+    # Before the summary: nothing but the progress and Ray Data's one notice about actor constructor arguments.
+    others = [line for line in lines[:last_progress] if not line.startswith("labelling ") and "constructor arguments" not in line]
     assert others == [], others
     assert "pid=" in Path(summary["log"]).read_text(encoding="utf-8")  # the actors' output is there instead
 

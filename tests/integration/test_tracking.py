@@ -177,7 +177,7 @@ def test_training_run_logs_params_step_metrics_final_metrics_and_adapter(ray_loc
     assert Path(local).read_text() == (run_dir / "adapter" / "adapter_config.json").read_text()
 
     # `sentiment-ray eval` on the run folder reads validation_predictions.parquet: same metrics.
-    from sentiment_ray.evaluate import evaluate_to_report
+    from sentiment_ray.eval.recipe import evaluate_to_report
 
     evaluated = evaluate_to_report(predictions=str(run_dir))
     assert evaluated["report"] == str(run_dir / "eval-report.html")

@@ -49,9 +49,17 @@ def test_dotted_overrides_parse_yaml_scalars():
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
 
 
-def test_unknown_key_fails_naming_the_field():
-    with pytest.raises(ConfigError, match=r"train\.learnin_rate: unknown field"):
+def test_unknown_key_fails_naming_the_override_and_the_closest_field():
+    with pytest.raises(ConfigError) as raised:
         load_config("demo", ["train.learnin_rate=1e-4"])
+    assert str(raised.value) == "override train.learnin_rate=1e-4: train.learnin_rate is not a config field; did you mean train.learning_rate?"
+
+
+def test_an_unknown_key_in_the_file_names_the_file(tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("train:\n  learnin_rate: 0.001\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml.*\n  train\.learnin_rate: unknown field"):
+        load_config(str(preset))
 
 
 def test_bad_value_fails_naming_the_field():

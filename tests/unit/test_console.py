@@ -8,10 +8,11 @@ import logging
 
 import pytest
 
-from sentiment_ray import cluster, console
+from sentiment_ray import cluster
+from sentiment_ray.terminal import console
 from sentiment_ray.config import load_config
 from sentiment_ray.io.values import DataError
-from sentiment_ray.train import terminal
+from sentiment_ray.terminal import training as terminal
 
 
 def test_events_survive_rays_prefix_and_colours(capsys):

@@ -1,4 +1,4 @@
-"""One line per fault (faults.py, io/uris.py): the path and the cause, the trace in a log
+"""One line per fault (terminal/faults.py, io/uris.py): the path and the cause, the trace in a log
 file; Ray's wrappers looked through to the worker's own error."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-from sentiment_ray import faults
+from sentiment_ray.terminal import faults
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.uris import StorageIOError, error_cause, io_error, remove_orphaned_copies
 

@@ -302,7 +302,7 @@ def test_progress_counts_each_row_once_when_a_unit_is_redone():
     board.update("u1", 120, 3)  # the unit's last piece
     assert board.totals() == (170, 3)
     line = Snapshot(done=170, total=340, bad=3, rate=85.0, eta_s=2.0).line()
-    assert line == "labelling 170 / 340 rows (50%)  85 rows/s  ETA 00:02  bad rows 3"
+    assert line == "labelling 170 / 340 rows (50%)  85 rows/s  ETA 2s  bad rows 3"
 
 
 # ----------------------------------------------------------------------------- content

@@ -265,11 +265,11 @@ def test_metric_plot_is_a_png():
     assert plots.render_metric_plot([], "val_macro_f1")[:4] == b"\x89PNG"
 
 
-def test_summary_line_is_one_json_line():
-    line = st.summary_line({"experiment": "/e", "best_trial": "x", "best_config": {"lora.r": 8}, "best_metric": float("nan"), "other": 1})
-    assert "\n" not in line
-    parsed = json.loads(line)
+def test_json_summary_is_valid_json_without_the_internal_fields():
+    shown = st.json_summary({"experiment": "/e", "best_trial": "x", "best_config": {"lora.r": 8}, "best_metric": float("nan"), "other": 1})
+    parsed = json.loads(json.dumps(shown, allow_nan=False))
     assert parsed["best_config"] == {"lora.r": 8}
+    assert parsed["best_metric"] is None
     assert "other" not in parsed
 
 
@@ -315,13 +315,15 @@ def test_tune_and_trial_drivers_never_import_the_model_stack():
     assert out.stdout.strip() == ""
 
 
-def test_job_rejects_bad_config_with_exit_2(capsys):
+def test_job_rejects_bad_config_in_one_error_line(capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("jobs_tune", JOB)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(["--config", "llama31_8b_tune", "tune.search_space={lora.q: {type: choice, values: [1]}}"]) == 2
-    assert "lora.q" in capsys.readouterr().err
+    assert job.main(["--config", "llama31_8b_tune", "tune.search_space={lora.q: {type: choice, values: [1]}}"]) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith("error: ")
+    assert "lora.q" in line
 
 

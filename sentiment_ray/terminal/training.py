@@ -3,8 +3,9 @@ resumes, what was checked), the phases and the step bar (console.py, fed by the 
 events), the closing table, and what a failure means.
 
     terminal = TrainTerminal(CommandLine.from_args("python jobs/train.py", argv, "demo", overrides))
-    summary = run_training(cfg, observer=terminal)     # the recipe tells it its moments (train/observer.py)
-    terminal.finish(summary)                           # the table, where things are, the next command
+    run_job("train", lambda: run_training(cfg, observer=terminal), terminal.ending())
+    # the recipe tells it its moments (train/observer.py); the runner shows the closing table,
+    # where things are and the next command, or the failure
 
 Failures (`explain`): a mistake in the input is one line, `error: <message>`; an exception
 raised in the training worker is one line with its type and where its traceback is; a
@@ -18,20 +19,20 @@ import os
 import re
 import shlex
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sentiment_ray import cluster, compat, faults
-from sentiment_ray.config import ConfigError, ExperimentConfig
-from sentiment_ray.console import Display, RunLog, format_duration
+from sentiment_ray import cluster, compat
+from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
+from sentiment_ray.terminal import faults
+from sentiment_ray.terminal.console import Display, RunLog, format_duration
+from sentiment_ray.terminal.runner import Ending, stop_ray
 from sentiment_ray.io.storage import Storage
-from sentiment_ray.io.uris import StorageError, is_uri
-from sentiment_ray.io.values import DataError
-from sentiment_ray.models import ModelNotFoundError, cache_dir
+from sentiment_ray.io.uris import is_uri
 from sentiment_ray.train import layout
 from sentiment_ray.train.observer import TrainingObserver
 
@@ -39,8 +40,6 @@ from sentiment_ray.train.observer import TrainingObserver
 _CARRIED_PREFIXES = ("model.", "prompt.", "data.text_column=", "data.label_column=", "data.id_column=",
                      "data.lang_column=", "data.label_map=", "run.use_gpu=", "run.ray_address=")
 _CHECKPOINT = re.compile(r"^checkpoint[-_](\d+)$")
-# Mistakes in what the user gave: their message is the whole story.
-USER_ERRORS: tuple[type[BaseException], ...] = (DataError, ModelNotFoundError, ConfigError, StorageError, cluster.ClusterError)
 
 
 @dataclass
@@ -59,8 +58,8 @@ class CommandLine:
         """The launcher of another job the same way (`python jobs/label.py`, `sentiment-ray label`)."""
         if self.launcher.startswith("sentiment-ray"):
             return f"sentiment-ray {command}"
-        parts = self.launcher.rsplit("train.py", 1)
-        return f"{command}.py".join(parts) if len(parts) == 2 else f"python jobs/{command}.py"
+        script = re.fullmatch(r"(python .*?)\w+\.py", self.launcher)
+        return f"{script.group(1)}{command}.py" if script else f"python jobs/{command}.py"
 
 
 def short_path(path: str) -> str:
@@ -142,9 +141,9 @@ class TrainTerminal(TrainingObserver):
         self.log.capture_worker_output()
 
     def training_started(self, run_dir: str) -> None:
-        name = time.strftime("train-%Y%m%d-%H%M%S.log", time.gmtime())
+        name = faults.log_file_name("train")
         if is_uri(run_dir):
-            local = str(cache_dir() / "logs" / f"{self.cfg.run.name if self.cfg else 'run'}-{name}")
+            local = os.path.join(faults.logs_folder(), f"{self.cfg.run.name if self.cfg else 'run'}-{name}")
             target = Storage(run_dir)
             self.log.open(local, upload=lambda p: target.write_bytes(f"{layout.LOGS_DIR}/{name}", Path(p).read_bytes()))
             self.remote_log = target.path(layout.LOGS_DIR, name)
@@ -157,15 +156,17 @@ class TrainTerminal(TrainingObserver):
 
     # -- the end
 
+    def ending(self) -> Ending:
+        """How the job runner (terminal/runner.py) ends a training job on this terminal."""
+        return Ending(finished=self.closing_lines, interrupted=self.interrupted, failed=self.failed)
+
     def _stop_ray(self) -> None:
         """Stop forwarding (and a local cluster) so nothing Ray prints follows the summary."""
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        stop_ray()
 
-    def finish(self, summary: dict) -> None:
-        """The closing table, where the run lives and the next command; then the JSON line
-        (stdout, last)."""
+    def closing_lines(self, summary: dict) -> list[str]:
+        """The closing table, where the run lives and the next command (the runner prints
+        them, then the JSON line: stdout, last)."""
         self._stop_ray()
         self.log.release_worker_output()
         metrics = Storage(summary["run_dir"]).read_json_or_none(layout.METRICS_FILE) or {}
@@ -174,8 +175,7 @@ class TrainTerminal(TrainingObserver):
         lines.append(f"next     {self.next_command(summary)}")
         self.log.write_text("\n".join(lines))
         self.log.close()
-        for line in lines:
-            self.display.info(line)
+        return lines
 
     def next_command(self, summary: dict) -> str:
         """Label with this adapter: the same config and model overrides, the run's data,
@@ -192,30 +192,30 @@ class TrainTerminal(TrainingObserver):
         parts.append("label.write_submission=true")
         return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
 
-    def failed(self, err: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> int:
-        """Explain `err` on the terminal (and in the log); the exit code. `user_errors`:
-        more exception types whose message is the whole story. Re-raises what is not a
-        known kind of failure (a bug: its traceback is the useful output)."""
-        stopped_by = faults.interrupted() or (signal.SIGINT if isinstance(err, KeyboardInterrupt) else None)
-        if stopped_by is not None:
-            # Whatever Ray raised while its processes went down with the signal: the job was
-            # interrupted. Ray stops first, so the checkpoint named is the one Ray Train
-            # registered last (what a rerun restores), never one still being written.
-            self._stop_ray()
-            text = interrupted_line(stopped_by, run_dir=self.run_dir, command=self.command,
-                                    save_every=_save_every(self.cfg), at_step=self.display.last_step)
-            self.log.write_text("".join(traceback.format_exception(err)) + text)
-            self.log.release_worker_output()
-            self.log.close()
-            self.display.error(text)
-            return faults.exit_code(stopped_by)
+    def interrupted(self, sig: signal.Signals, err: BaseException) -> str:
+        """The line for a run a signal stopped. Ray stops first, so the checkpoint named is
+        the one Ray Train registered last (what a rerun restores), never one still being
+        written."""
+        self._stop_ray()
+        text = interrupted_line(sig, run_dir=self.run_dir, command=self.command,
+                                save_every=_save_every(self.cfg), at_step=self.display.last_step)
+        self.log.write_text("".join(traceback.format_exception(err)) + text)
+        self.log.release_worker_output()
+        self.log.close()
+        return text
+
+    def failed(self, err: BaseException) -> tuple[int, str] | None:
+        """(exit code, text) for a failure this terminal understands (a user error, a worker's
+        exception, Ray or a worker dying), also written to the log; None for any other (a
+        bug: the runner's line names the trace's file)."""
         explained = explain(err, run_dir=self.run_dir, command=self.command, log_path=self.shown_log_path(),
-                            save_every=_save_every(self.cfg), at_step=self.display.last_step,
-                            user_errors=USER_ERRORS + tuple(user_errors))
+                            save_every=_save_every(self.cfg), at_step=self.display.last_step)
         if explained is None:
             self.log.write_text("".join(traceback.format_exception(err)))
+            self._stop_ray()
+            self.log.release_worker_output()
             self.log.close()
-            raise err
+            return None
         code, text, details = explained
         if details:
             self.log.write_text(details)
@@ -223,8 +223,7 @@ class TrainTerminal(TrainingObserver):
         self._stop_ray()
         self.log.release_worker_output()
         self.log.close()
-        self.display.error(text)
-        return code
+        return code, text
 
 
 def _save_every(cfg: ExperimentConfig | None) -> int | None:
@@ -312,19 +311,22 @@ def _resume_hint(run_dir: str | None, save_every: int | None) -> tuple[str, int 
     return f"no checkpoint was saved yet{every}: rerunning the same command starts over", None
 
 
+def _is_user_error(err: BaseException) -> bool:
+    return isinstance(err, UserError) and not err.keeps_trace
+
+
 def explain(err: BaseException, *, run_dir: str | None, command: CommandLine, log_path: str | None,
-            save_every: int | None = None, at_step: tuple[int, int] | None = None,
-            user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> tuple[int, str, str | None] | None:
+            save_every: int | None = None, at_step: tuple[int, int] | None = None) -> tuple[int, str, str | None] | None:
     """(exit code, what to print, details for the log) for a failure; None for one that is
-    not understood (a bug)."""
-    if isinstance(err, user_errors):
+    not understood (a bug) or whose trace is worth a file (errors.UserError.keeps_trace)."""
+    if _is_user_error(err):
         return 1, f"error: {_one_line(err)}", None
     if isinstance(err, KeyboardInterrupt):
         return 130, interrupted_line(signal.SIGINT, run_dir=run_dir, command=command, save_every=save_every, at_step=at_step), None
     cause, trace = _worker_exception(err)
     where = f" (traceback: {log_path})" if log_path else ""
     if cause is not None:
-        if isinstance(cause, user_errors):
+        if _is_user_error(cause):
             return 1, f"error: {_one_line(cause)}{where}", trace
         hint, step = _resume_hint(run_dir, save_every) if run_dir else ("", None)
         resume = f"; {hint}" if step is not None else ""

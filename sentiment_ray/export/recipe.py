@@ -30,14 +30,15 @@ from sentiment_ray.backends.adapter_forms import merge_lora
 from sentiment_ray.backends.base import normalise_device
 from sentiment_ray.calibration import adapter_temperature
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
+from sentiment_ray.export.layout import EXPORT_INFO_FILE
 from sentiment_ray.weights import UnsafeWeightsError, check_adapter_weights
 
-EXPORT_INFO_FILE = "sentiment_ray_export.json"
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(UserError, RuntimeError):
+    """The adapter, the base or --output cannot be exported as asked (the message says why)."""
 
 
 def _prepare_output(output: str, overwrite: bool) -> None:

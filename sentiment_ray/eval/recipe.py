@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sentiment_ray.errors import UserError
+from sentiment_ray.eval.layout import METRICS_FILE, REPORT_FILE
 from sentiment_ray.io.files import expand_paths
 from sentiment_ray.io.readers import read_chunks
 from sentiment_ray.io.storage import Storage
@@ -31,13 +33,10 @@ from sentiment_ray.report import html
 from sentiment_ray.train import layout as train_layout
 from sentiment_ray.tune import layout as tune_layout
 
-# The files `eval` writes (into --output, by default the folder it read).
-REPORT_FILE = "eval-report.html"
-METRICS_FILE = "eval-metrics.json"
 PREDICTED_COLUMNS = ("pred_label", "predicted")
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The predictions or experiment folder cannot be read into a report."""
 
 

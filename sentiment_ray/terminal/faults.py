@@ -6,7 +6,8 @@
         print(f"error: {faults.report(err, 'label')}", file=sys.stderr)   # exit 1
 
 `report` writes the traceback (with its causes, and the traceback an actor or a training
-worker sent along) to `<cache>/logs/<command>-<UTC time>-<pid>.log` (the cache folder of
+worker sent along) to `<cache>/logs/<command>-<UTC time>-<pid>.log` (`log_file_name`, the
+name of every log a job writes; the cache folder of
 models.cache_dir: SENTIMENT_RAY_CACHE, else ~/.cache/sentiment-ray; the temp folder if that
 cannot be written) and returns `<what failed>: <cause> (full trace: <log>)`. For an error
 that came through Ray (an actor's, a Train worker's: Ray hands over the remote traceback as
@@ -75,12 +76,23 @@ def one_line(err: BaseException) -> str:
     return redact(first if ":" in first else f"{type(err).__name__}: {first}")
 
 
+def log_file_name(command: str) -> str:
+    """The name of a job's log file, the one way: `<command>-<UTC date-time>-<pid>.log`
+    (sorted by time within a command; two jobs started in the same second still differ)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', command) or 'job'}-{stamp}-{os.getpid()}.log"
+
+
+def logs_folder() -> str:
+    """Where a job's logs go when it has no run folder of its own: `<cache>/logs`."""
+    return os.path.join(cache_dir(), "logs")
+
+
 def write_trace(err: BaseException, command: str) -> str | None:
     """Write the full traceback of `err` into a new log file; its path, or None."""
     text = redact("".join(traceback.format_exception(err)))
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', command) or 'job'}-{stamp}-{os.getpid()}.log"
-    for folder in (os.path.join(cache_dir(), "logs"), tempfile.gettempdir()):
+    name = log_file_name(command)
+    for folder in (logs_folder(), tempfile.gettempdir()):
         try:
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, name)

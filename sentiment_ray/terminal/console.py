@@ -58,6 +58,16 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def hide_library_progress_bars() -> None:
+    """transformers' `Loading weights` and huggingface_hub's `Writing model shards` bars: a
+    job's terminal shows its own phases instead."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 # ============================================================================ events
 
 
