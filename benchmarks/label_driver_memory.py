@@ -26,8 +26,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-OVERRIDES = ["model.backend=hf", "model.dtype=float32", "model.max_seq_length=96", "run.use_gpu=false",
-             "label.num_actors=1", "label.write_submission=true"]
+OVERRIDES = [
+    "model.backend=hf",
+    "model.dtype=float32",
+    "model.max_seq_length=96",
+    "run.use_gpu=false",
+    "label.num_actors=1",
+    "label.write_submission=true",
+]
 
 
 def write_input(path: Path, rows: int) -> None:
@@ -65,8 +71,17 @@ def measure(rows: int, model_dir: str, work: Path) -> dict:
     data = work / f"in-{rows}.csv"
     write_input(data, rows)
     out = work / f"out-{rows}"
-    args = [sys.executable, str(REPO_ROOT / "jobs" / "label.py"), "--input", str(data), "--output", str(out),
-            "--overwrite", f"model.name={model_dir}", *OVERRIDES]
+    args = [
+        sys.executable,
+        str(REPO_ROOT / "jobs" / "label.py"),
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--overwrite",
+        f"model.name={model_dir}",
+        *OVERRIDES,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     started = time.perf_counter()
     with open(work / f"log-{rows}.txt", "w") as log:

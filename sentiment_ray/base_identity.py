@@ -29,8 +29,15 @@ from sentiment_ray.models import resolve_model_path
 BASE_FILE = "base_model.json"
 _SLICE_BYTES = 64 * 1024
 # config.json fields that decide whether the adapter's weights fit the base's.
-SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size")
+SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 class BaseMismatch(UserError, ValueError):
@@ -120,10 +127,18 @@ def check(adapter_dir: str, model_name: str, allow_mismatch: bool = False) -> No
     different = [k for k in SHAPE_FIELDS if k in shape_a and k in shape_b and shape_a[k] != shape_b[k]]
     if different:
         cause = ", ".join(f"{k} {shape_a[k]} vs {shape_b[k]}" for k in different)
-        raise BaseMismatch(f"--adapter {adapter_dir} was trained on {_describe(trained)} and cannot be applied to "
-                           f"model.name {_describe(base)}: another shape ({cause}); set model.name to the adapter's base")
-    same_arch = not trained.get("architectures") or not base.get("architectures") or trained["architectures"] == base["architectures"]
-    same_weights = not trained.get("weights_sha256") or not base.get("weights_sha256") or trained["weights_sha256"] == base["weights_sha256"]
+        raise BaseMismatch(
+            f"--adapter {adapter_dir} was trained on {_describe(trained)} and cannot be applied to "
+            f"model.name {_describe(base)}: another shape ({cause}); set model.name to the adapter's base"
+        )
+    same_arch = (
+        not trained.get("architectures") or not base.get("architectures") or trained["architectures"] == base["architectures"]
+    )
+    same_weights = (
+        not trained.get("weights_sha256") or not base.get("weights_sha256") or trained["weights_sha256"] == base["weights_sha256"]
+    )
     if (not same_arch or not same_weights) and not allow_mismatch:
-        raise BaseMismatch(f"--adapter {adapter_dir} was trained on {_describe(trained)}, not on model.name {_describe(base)}; "
-                           "set model.name to the adapter's base, or model.allow_base_mismatch=true to apply it anyway")
+        raise BaseMismatch(
+            f"--adapter {adapter_dir} was trained on {_describe(trained)}, not on model.name {_describe(base)}; "
+            "set model.name to the adapter's base, or model.allow_base_mismatch=true to apply it anyway"
+        )

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from sentiment_ray import cluster
 from sentiment_ray.bench import job as bench_job
 from sentiment_ray.config import ExperimentConfig, load_config
+from sentiment_ray.config_help import JOB_SECTIONS, config_help
 from sentiment_ray.eval import layout as eval_layout
 from sentiment_ray.eval import recipe as evaluate
 from sentiment_ray.export import recipe as export
-from sentiment_ray.config_help import JOB_SECTIONS, config_help
 from sentiment_ray.label import outputs as label_outputs
 from sentiment_ray.label.recipe import interrupted_line as label_interrupted_line
 from sentiment_ray.label.recipe import label_dataset
@@ -149,10 +149,10 @@ def config_parser(description: str, overrides_example: str, prog: str | None = N
     """A job's parser: --config, the overrides, and (its epilog) every config field the job reads."""
     parser = job_parser(description, prog)
     parser.epilog = config_help(JOB_SECTIONS[job])
-    parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path (default: %(default)s)")
     parser.add_argument(
-        "overrides", nargs="*", help=f"dotted config overrides key=value, validated, e.g. {overrides_example}"
+        "--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path (default: %(default)s)"
     )
+    parser.add_argument("overrides", nargs="*", help=f"dotted config overrides key=value, validated, e.g. {overrides_example}")
     return parser
 
 
@@ -184,7 +184,8 @@ def launcher(prog: str | None, script: str) -> str:
 
 def verbose_flag(parser: argparse.ArgumentParser, log_place: str) -> None:
     parser.add_argument(
-        "--verbose", action="store_true",
+        "--verbose",
+        action="store_true",
         help=f"print everything Ray, the libraries and the workers print (also {console.LOG_ENV}=debug); "
         f"the job's log file ({log_place}) has it either way",
     )
@@ -193,7 +194,8 @@ def verbose_flag(parser: argparse.ArgumentParser, log_place: str) -> None:
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog, job="train")
     parser.add_argument(
-        "--new-run", action="store_true",
+        "--new-run",
+        action="store_true",
         help="discard the checkpoints and outputs of an earlier run of the same run.name and start over "
         "(a rerun otherwise resumes it, refusing changed settings: docs/architecture.md)",
     )
@@ -222,9 +224,14 @@ def tune_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = config_parser(TUNE_DESCRIPTION, "tune.num_samples=8 train.max_steps=70", prog, job="tune")
     parser.set_defaults(config="llama31_8b_tune")
     parser.add_argument(
-        "--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster this job starts (not used when joining one)"
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of the local Ray cluster this job starts (not used when joining one)",
     )
-    parser.add_argument("--report-only", action="store_true", help="rebuild table, plot, report and best/ from the experiment folder")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild table, plot, report and best/ from the experiment folder"
+    )
     return parser
 
 
@@ -244,23 +251,42 @@ def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     def interrupted(sig, err) -> str:
         return f"Tuning interrupted by {sig.name}: finished trials are kept; rerun the same command to resume the rest: {command.text()}"
 
-    return run_job("tune", job, Ending(finished=lambda summary: tune_lines(summary, command), interrupted=interrupted,
-                                      closed=stop_ray, shown_as_json=tune_recipe.json_summary))
+    return run_job(
+        "tune",
+        job,
+        Ending(
+            finished=lambda summary: tune_lines(summary, command),
+            interrupted=interrupted,
+            closed=stop_ray,
+            shown_as_json=tune_recipe.json_summary,
+        ),
+    )
 
 
 def tune_lines(summary: dict, command: CommandLine) -> list[str]:
     """The tune job's closing lines: the best trial, where the report is, the next command."""
-    lines = [f"experiment  {short_path(summary['experiment'])}  ({summary['trials']} trials: "
-             + ", ".join(f"{n} {o}" for o, n in (summary.get("outcomes") or {}).items() if n) + ")"]
+    lines = [
+        f"experiment  {short_path(summary['experiment'])}  ({summary['trials']} trials: "
+        + ", ".join(f"{n} {o}" for o, n in (summary.get("outcomes") or {}).items() if n)
+        + ")"
+    ]
     if summary.get("best_dir"):
-        lines.append(f"best        trial {summary['best_trial']}: {summary['metric']} {summary['best_metric']}  "
-                     f"({short_path(summary['best_dir'])})")
+        lines.append(
+            f"best        trial {summary['best_trial']}: {summary['metric']} {summary['best_metric']}  "
+            f"({short_path(summary['best_dir'])})"
+        )
         lines.append(f"report      {short_path(summary['report'])}")
         parts = [command.sibling("label")]
         if command.config:
             parts += ["--config", command.config]
-        parts += ["--adapter", short_path(summary["best_dir"]) + "/adapter", "--input", "YOUR_DATA.csv",
-                  "--output", short_path(summary["experiment"]) + "-labels"]
+        parts += [
+            "--adapter",
+            short_path(summary["best_dir"]) + "/adapter",
+            "--input",
+            "YOUR_DATA.csv",
+            "--output",
+            short_path(summary["experiment"]) + "-labels",
+        ]
         lines.append("next        " + " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts)))
     else:
         lines.append("warning: no trial completed: nothing was promoted to best/")
@@ -277,7 +303,9 @@ def label_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (<run>/adapter); omit for zero-shot")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run's outputs in --output")
     parser.add_argument(
-        "--rows-per-unit", type=int, default=None,
+        "--rows-per-unit",
+        type=int,
+        default=None,
         help="rows per work unit (the unit of resume and of output shards); default: label.rows_per_unit, else about four units per actor",
     )
     verbose_flag(parser, "named in the summary")
@@ -328,8 +356,10 @@ def label_lines(summary: dict, command: CommandLine) -> list[str]:
     if summary.get("log"):
         lines.append(f"log        {short_path(summary['log'])}")
     if summary.get("truncated"):
-        lines.append(f"warning: {summary['truncated']:,} rows were cut to fit model.max_seq_length or label.max_text_chars "
-                     "(column `truncated`)")
+        lines.append(
+            f"warning: {summary['truncated']:,} rows were cut to fit model.max_seq_length or label.max_text_chars "
+            "(column `truncated`)"
+        )
     lines.append(f"next       {command.sibling('eval')} --predictions {shlex.quote(short_path(summary['output']))}")
     return lines
 
@@ -345,7 +375,9 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
         with label_log(console.verbose_requested(args.verbose)) as log:
             logs.append(log)
-            summary = label_dataset(cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit)
+            summary = label_dataset(
+                cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
+            )
         return {**summary, "log": log.path}
 
     def interrupted(sig, err) -> str:
@@ -360,10 +392,16 @@ def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def export_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = config_parser(EXPORT_DESCRIPTION, "model.name=/models/llama model.backend=hf", prog, job="export")
-    parser.add_argument("--adapter", required=True, help="LoRA adapter folder to merge (<run>/adapter or <experiment>/best/adapter)")
-    parser.add_argument("--output", required=True, help="folder for the merged Hugging Face model (created; must be empty or absent)")
     parser.add_argument(
-        "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+        "--adapter", required=True, help="LoRA adapter folder to merge (<run>/adapter or <experiment>/best/adapter)"
+    )
+    parser.add_argument(
+        "--output", required=True, help="folder for the merged Hugging Face model (created; must be empty or absent)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
         help="dtype of the saved weights (default: %(default)s; the unsloth backend always saves 16-bit)",
     )
     parser.add_argument("--device", default=None, help="where to merge: cpu, cuda, cuda:1 (default: the first GPU, else cpu)")
@@ -380,7 +418,9 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         cfg = job_config(args)
         args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
         console.hide_library_progress_bars()
-        return export.export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+        return export.export_merged(
+            cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite
+        )
 
     def finished(summary: dict) -> list[str]:
         merged = short_path(args.output)
@@ -388,8 +428,10 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if args.config != "demo":
             parts += ["--config", args.config]
         parts += ["--input", "YOUR_DATA.csv", "--output", f"{merged}-labels", f"model.name={merged}"]
-        return [f"merged     {short_path(args.adapter)} into {merged}  ({args.dtype})",
-                "next       " + " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))]
+        return [
+            f"merged     {short_path(args.adapter)} into {merged}  ({args.dtype})",
+            "next       " + " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts)),
+        ]
 
     return run_job("export", job, Ending(finished=finished))
 
@@ -400,21 +442,30 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def eval_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = job_parser(EVAL_DESCRIPTION, prog)
     parser.add_argument(
-        "--predictions", default=None,
+        "--predictions",
+        default=None,
         help="a label job's output folder, a training run folder, or a Parquet/CSV/JSONL file (or glob) of predictions",
     )
     parser.add_argument(
-        "--experiment", default=None, help="a tune experiment folder (<run.storage_path>/<tune.experiment_name>): adds the trial curves"
+        "--experiment",
+        default=None,
+        help="a tune experiment folder (<run.storage_path>/<tune.experiment_name>): adds the trial curves",
     )
     parser.add_argument(
-        "--output", default=None,
+        "--output",
+        default=None,
         help=f"folder for {eval_layout.REPORT_FILE} and {eval_layout.METRICS_FILE} (default: the --predictions folder, or the file's folder, or --experiment)",
     )
-    parser.add_argument("--labels", default=None, help="comma-separated label set in order (default: from the p_<label> columns or the data)")
-    parser.add_argument("--label-column", default=None, help="gold label column (default: the label job's, else label)")
-    parser.add_argument("--lang-column", default=None, help="language column for the per-language table (default: the label job's, else lang)")
     parser.add_argument(
-        "--label-map", default=None,
+        "--labels", default=None, help="comma-separated label set in order (default: from the p_<label> columns or the data)"
+    )
+    parser.add_argument("--label-column", default=None, help="gold label column (default: the label job's, else label)")
+    parser.add_argument(
+        "--lang-column", default=None, help="language column for the per-language table (default: the label job's, else lang)"
+    )
+    parser.add_argument(
+        "--label-map",
+        default=None,
         help='JSON map from raw gold values to labels, e.g. \'{"0": "Negative", "1": "Positive"}\' (default: the label job\'s data.label_map)',
     )
     parser.add_argument("--title", default=None, help="page title (default: from the input's name)")

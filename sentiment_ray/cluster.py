@@ -183,9 +183,7 @@ def start_local(num_cpus: int | None = None, **init_kwargs) -> None:
 
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
-        logging.getLogger(__name__).warning(
-            "RAY_AUTH_MODE=%s: the local Ray cluster starts without token authentication", mode
-        )
+        logging.getLogger(__name__).warning("RAY_AUTH_MODE=%s: the local Ray cluster starts without token authentication", mode)
     compat.ray_single_machine_node_ip()
     root = private_temp_root()
     ray.init(

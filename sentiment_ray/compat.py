@@ -150,8 +150,9 @@ def check() -> list[str]:
         if installed != version:
             problems.append(f"{name} {installed} is installed; sentiment_ray/compat.py was written for {version}: re-check it")
     try:
-        from transformers import Trainer
         import inspect
+
+        from transformers import Trainer
 
         if "_initial_num_input_tokens_seen" not in inspect.getsource(Trainer):
             problems.append("transformers.Trainer no longer sets _initial_num_input_tokens_seen")
@@ -193,7 +194,9 @@ def check() -> list[str]:
 
         with tempfile.TemporaryDirectory() as folder:
             written = write_ray_discovery_file(folder, "127.0.0.1:1")
-            if ray_common_utils.get_ray_address_file(None) != os.path.join(ray_common_utils.get_default_ray_temp_dir(), "ray_current_cluster"):
+            if ray_common_utils.get_ray_address_file(None) != os.path.join(
+                ray_common_utils.get_default_ray_temp_dir(), "ray_current_cluster"
+            ):
                 problems.append("Ray's discovery file is no longer <default temp dir>/ray_current_cluster")
             if services.find_bootstrap_address(folder) != "127.0.0.1:1" or not written.startswith(folder):
                 problems.append("ray._private.services.find_bootstrap_address does not read the discovery file written")

@@ -18,9 +18,7 @@ from sentiment_ray.io.uris import check_uri, redact
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
-DEFAULT_INSTRUCTION = (
-    "Classify the text into 'Positive', 'Negative', and return the answer as the predicted sentiment."
-)
+DEFAULT_INSTRUCTION = "Classify the text into 'Positive', 'Negative', and return the answer as the predicted sentiment."
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -217,7 +215,7 @@ class DataConfig(_Strict):
         return check_uri(v, "URI")
 
     @model_validator(mode="after")
-    def _one_source_each(self) -> "DataConfig":
+    def _one_source_each(self) -> DataConfig:
         for kind in ("train", "validation"):
             if getattr(self, f"{kind}_path") and getattr(self, f"{kind}_dataset") is not None:
                 raise ValueError(f"set data.{kind}_path or data.{kind}_dataset, not both")
@@ -301,7 +299,7 @@ class TrainConfig(_Strict):
     calibration.json), so the probabilities labelling gives are calibrated."""
 
     @model_validator(mode="after")
-    def _micro_batch_divides_the_share(self) -> "TrainConfig":
+    def _micro_batch_divides_the_share(self) -> TrainConfig:
         share = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if isinstance(self.micro_batch_size, int) and share % self.micro_batch_size:
             raise ValueError(
@@ -311,7 +309,7 @@ class TrainConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _choosing_needs_evaluations(self) -> "TrainConfig":
+    def _choosing_needs_evaluations(self) -> TrainConfig:
         if (self.keep_best or self.early_stopping_patience) and not self.eval_steps:
             raise ValueError("train.keep_best and train.early_stopping_patience need train.eval_steps > 0")
         return self
@@ -419,7 +417,7 @@ class LabelConfig(_Strict):
     labelled as they are."""
 
     @model_validator(mode="after")
-    def _batches_bounded(self) -> "LabelConfig":
+    def _batches_bounded(self) -> LabelConfig:
         if not self.batch_size and not self.max_batch_tokens:
             raise ValueError("label.max_batch_tokens=0 needs label.batch_size: a batch needs a bound")
         return self
@@ -513,9 +511,7 @@ def check_search_space_shape(space: dict[str, Any]) -> None:
         if field in NOT_SEARCHABLE:
             raise ConfigError(f"tune.search_space.{field}: cannot be searched: {NOT_SEARCHABLE[field]}")
         if field.split(".", 1)[0] not in SEARCHABLE_SECTIONS:
-            raise ConfigError(
-                f"tune.search_space.{field}: only fields under {', '.join(SEARCHABLE_SECTIONS)} can be searched"
-            )
+            raise ConfigError(f"tune.search_space.{field}: only fields under {', '.join(SEARCHABLE_SECTIONS)} can be searched")
         if not field_exists(field):
             raise ConfigError(f"tune.search_space.{field}: no such config field")
         _check_domain(field, entry)
@@ -564,7 +560,7 @@ class TuneConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _mode_matches_metric(self) -> "TuneConfig":
+    def _mode_matches_metric(self) -> TuneConfig:
         better = TUNE_METRICS[self.metric]
         if self.mode != better:
             direction = "higher" if better == "max" else "lower"
@@ -609,14 +605,12 @@ class ExperimentConfig(_Strict):
     """MLflow logging of training and tuning runs."""
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "ExperimentConfig":
+    def _cross_checks(self) -> ExperimentConfig:
         # Checks between sections (each section checks itself): labels that other sections
         # name must be in prompt.labels.
         default = self.label.default_label_on_parse_failure
         if default is not None and default not in self.prompt.labels:
-            raise ValueError(
-                f"label.default_label_on_parse_failure={default!r} is not in prompt.labels {self.prompt.labels}"
-            )
+            raise ValueError(f"label.default_label_on_parse_failure={default!r} is not in prompt.labels {self.prompt.labels}")
         unknown = sorted(set(self.data.label_map.values()) - set(self.prompt.labels))
         if unknown:
             raise ValueError(f"data.label_map maps to {unknown}, which are not in prompt.labels {self.prompt.labels}")
@@ -739,8 +733,14 @@ def merge_config(base: dict[str, Any], update: dict[str, Any], model: type[BaseM
         info = model.model_fields.get(key)
         sub = None
         if info is not None:
-            sub = next((a for a in (info.annotation, *getattr(info.annotation, "__args__", ()))
-                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            sub = next(
+                (
+                    a
+                    for a in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                    if isinstance(a, type) and issubclass(a, BaseModel)
+                ),
+                None,
+            )
         if sub is not None and isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge_config(out[key], value, sub)
         else:

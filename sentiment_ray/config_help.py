@@ -45,8 +45,8 @@ _BOUNDS = {"Gt": ("gt", ">"), "Ge": ("ge", ">="), "Lt": ("lt", "<"), "Le": ("le"
 def config_help(sections: Sequence[str] = ALL_SECTIONS, width: int = WIDTH) -> str:
     """The fields of `sections` (names of ExperimentConfig's sections), one block each:
 
-        lora.r: int (> 0) = 16
-            Rank of the LoRA update matrices: ...
+    lora.r: int (> 0) = 16
+        Rank of the LoRA update matrices: ...
     """
     unknown = [s for s in sections if s not in ExperimentConfig.model_fields]
     if unknown:
@@ -107,9 +107,7 @@ def _type_text(annotation: Any, metadata: Sequence[Any] = ()) -> str:
         return "mapping"
     text = annotation.__name__ if isinstance(annotation, type) and origin is None else str(annotation)
     text = text.replace("typing.", "")
-    bounds = [
-        f"{op} {getattr(m, attr)}" for m in metadata for attr, op in [_BOUNDS.get(type(m).__name__, (None, None))] if attr
-    ]
+    bounds = [f"{op} {getattr(m, attr)}" for m in metadata for attr, op in [_BOUNDS.get(type(m).__name__, (None, None))] if attr]
     return f"{text} ({', '.join(bounds)})" if bounds else text
 
 

@@ -79,8 +79,12 @@ def local_store(folder: str) -> str:
     """The local store's folder for a run or experiment folder (a fallback for URIs)."""
     if "://" in folder:
         fallback = str(FALLBACK_DIR.expanduser())
-        log.warning("the run folder %s is not local: MLflow logs to a local store in %s instead "
-                    "(set tracking.mlflow_tracking_uri or MLFLOW_TRACKING_URI to a server)", folder, fallback)
+        log.warning(
+            "the run folder %s is not local: MLflow logs to a local store in %s instead "
+            "(set tracking.mlflow_tracking_uri or MLFLOW_TRACKING_URI to a server)",
+            folder,
+            fallback,
+        )
         return fallback
     return os.path.join(os.path.abspath(folder), STORE_DIR)
 
@@ -169,7 +173,10 @@ class RunTracker:
         else:
             experiment_id = found.experiment_id
         previous = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{folder}'", order_by=["attributes.start_time DESC"], max_results=1
+            [experiment_id],
+            filter_string=f"tags.`{RUN_DIR_TAG}` = '{folder}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
         )
         if previous:
             run_id = previous[0].info.run_id
@@ -213,8 +220,7 @@ class RunTracker:
     def log_metric_history(self, entries: list[tuple[dict[str, Any], int, int]]) -> None:
         """Several steps' metrics, each entry (metrics, step, time in ms), in as few writes
         as MLflow allows (a batch holds at most 1,000 values)."""
-        values = [(k, float(v), when, int(step)) for metrics, step, when in entries
-                        for k, v in metrics.items() if _finite(v)]
+        values = [(k, float(v), when, int(step)) for metrics, step, when in entries for k, v in metrics.items() if _finite(v)]
         if not values:
             return
 
@@ -375,7 +381,14 @@ def _tune_parent(cfg: ExperimentConfig, exp_path: str) -> RunTracker | None:
 
 
 def finish_tune(
-    cfg: ExperimentConfig, exp_path: str, report: Storage, report_files: Sequence[str], *, metric: str, best: dict | None, trials: int
+    cfg: ExperimentConfig,
+    exp_path: str,
+    report: Storage,
+    report_files: Sequence[str],
+    *,
+    metric: str,
+    best: dict | None,
+    trials: int,
 ) -> None:
     """On the parent run: the best trial's final metric and id, the trial count, and the
     report files (trials table, plot, report.html, written into `report`) as artifacts; ends it."""

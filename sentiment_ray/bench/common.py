@@ -157,7 +157,11 @@ def environment(device: Any = None) -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    info: dict[str, Any] = {"python": sys.version.split()[0], "versions": versions, "device": str(device) if device is not None else None}
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "device": str(device) if device is not None else None,
+    }
     try:
         import torch
 
@@ -165,7 +169,11 @@ def environment(device: Any = None) -> dict[str, Any]:
         if torch.cuda.is_available():
             idx = torch.cuda.current_device()
             props = torch.cuda.get_device_properties(idx)
-            info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}"}
+            info["gpu"] = {
+                "name": props.name,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "capability": f"{props.major}.{props.minor}",
+            }
     except ImportError:
         pass
     return info
@@ -238,8 +246,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_measurement(module: str, spec: dict, spec_path: Path, result_path: Path, log_path: Path,
-                    timeout: float, backend: str, name: str, echo) -> dict:
+def run_measurement(
+    module: str, spec: dict, spec_path: Path, result_path: Path, log_path: Path, timeout: float, backend: str, name: str, echo
+) -> dict:
     """Write the spec, run `python -m module` on it in a child process, and return its
     result JSON with the child's run record; a failed or timed-out child becomes a result
     with an `error` (and the log's tail echoed), never an exception."""
@@ -266,8 +275,12 @@ def write_rows(data_path: str, rows: int, out_path: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([chunk.table if chunk.table is not None else pa.table(chunk.values)
-                              for chunk in read_chunks(data_path, columns=["sentence", "label", "lang"])])
+    table = pa.concat_tables(
+        [
+            chunk.table if chunk.table is not None else pa.table(chunk.values)
+            for chunk in read_chunks(data_path, columns=["sentence", "label", "lang"])
+        ]
+    )
     if table.num_rows == 0:
         raise BenchError(f"{data_path}: no rows")
     repeats = -(-rows // table.num_rows)

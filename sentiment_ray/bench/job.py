@@ -35,15 +35,26 @@ def _csv(text: str) -> list[str]:
 
 def benchmark_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="mode", required=True, metavar="mode",
-                                help="train: training speed, memory and MFU per backend; label: labelling throughput")
+    sub = parser.add_subparsers(
+        dest="mode",
+        required=True,
+        metavar="mode",
+        help="train: training speed, memory and MFU per backend; label: labelling throughput",
+    )
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("--model", default="smollm2-135m-instruct", help="shape name, alias or local folder")
     shared.add_argument("--out", default="runs/benchmarks", help="folder for the JSON results and child logs")
-    shared.add_argument("--backends", type=_csv, default=None, help="comma list of unsloth,hf (default: both on a GPU with unsloth, else hf)")
+    shared.add_argument(
+        "--backends", type=_csv, default=None, help="comma list of unsloth,hf (default: both on a GPU with unsloth, else hf)"
+    )
     shared.add_argument("--config", default=common.DEFAULT_CONFIG, help="config preset or YAML the runs start from")
     shared.add_argument("--data", default=None, help=f"labelled CSV/Parquet/JSONL (default: {common.DEFAULT_DATA})")
-    shared.add_argument("--peak-tflops", type=float, default=flops.H100_SXM_BF16_DENSE_TFLOPS, help="MFU denominator (default: H100 SXM dense bf16)")
+    shared.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=flops.H100_SXM_BF16_DENSE_TFLOPS,
+        help="MFU denominator (default: H100 SXM dense bf16)",
+    )
     shared.add_argument("--tokenizer", default="smollm2-135m-instruct", help="tokenizer saved with a random-weight shape")
     shared.add_argument("--cache-dir", default=None, help="where shapes are built (default: the sentiment-ray cache)")
     shared.add_argument("--child-timeout", type=float, default=480.0, help="seconds per child process")
@@ -53,26 +64,40 @@ def benchmark_parser(prog: str | None = None) -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[shared], help="training tokens/s, step time, peak memory, MFU, losses")
     train.add_argument("--warmup-steps", type=int, default=None, help="untimed optimizer steps first (default 3; smoke 1)")
     train.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 8; smoke 2)")
-    train.add_argument("--loop", choices=["trainer", "bare", "both"], default="trainer", help="TRL SFTTrainer loop, a bare loop, or both")
+    train.add_argument(
+        "--loop", choices=["trainer", "bare", "both"], default="trainer", help="TRL SFTTrainer loop, a bare loop, or both"
+    )
     train.add_argument("--max-rows", type=int, default=0, help="training rows (0: enough for the steps)")
 
     label = sub.add_parser("label", parents=[shared], help="scoring / batched generate / per-row generate throughput")
-    label.add_argument("--adapter", default=None, help="LoRA adapter folder to attach, or `random` (the preset's LoRA shape, random weights)")
-    label.add_argument("--pipeline-rows", type=int, default=0, help="also run the whole labelling job (jobs/label.py) on this many rows (0: no)")
     label.add_argument(
-        "--forms", type=_csv, default=None,
+        "--adapter", default=None, help="LoRA adapter folder to attach, or `random` (the preset's LoRA shape, random weights)"
+    )
+    label.add_argument(
+        "--pipeline-rows", type=int, default=0, help="also run the whole labelling job (jobs/label.py) on this many rows (0: no)"
+    )
+    label.add_argument(
+        "--forms",
+        type=_csv,
+        default=None,
         help="compare how the adapter is held instead of the batch sweep: any of none,unmerged,fused,merged,merged+compiled (or all)",
     )
-    label.add_argument("--max-lengths", type=_csv_ints, default=None, help="also score with prompts cut to these lengths (e.g. 192)")
+    label.add_argument(
+        "--max-lengths", type=_csv_ints, default=None, help="also score with prompts cut to these lengths (e.g. 192)"
+    )
     label.add_argument("--n", type=int, default=None, help="sentences scored per batch size (default 2048; smoke 24)")
     label.add_argument("--batch-sizes", type=_csv_ints, default=None, help="sweep (default 16,32,64,128,256; smoke 4,8)")
     label.add_argument(
-        "--token-budgets", type=_csv_ints, default=None,
+        "--token-budgets",
+        type=_csv_ints,
+        default=None,
         help="also score with these label.max_batch_tokens budgets (default 8192,16384,32768,65536; smoke 256)",
     )
     label.add_argument("--generate-n", type=int, default=None, help="sentences for batched generate (default 512; smoke 8)")
     label.add_argument("--per-row-n", type=int, default=None, help="sentences for per-row generate (default 64; smoke 4)")
-    label.add_argument("--max-new-tokens", type=int, default=None, help="generate length (default: label.max_new_tokens; smoke 2)")
+    label.add_argument(
+        "--max-new-tokens", type=int, default=None, help="generate length (default: label.max_new_tokens; smoke 2)"
+    )
     return parser
 
 
@@ -108,7 +133,9 @@ def run(args: argparse.Namespace) -> dict:
         result = label_bench.run_label_benchmark(
             adapter=args.adapter,
             pipeline_rows=args.pipeline_rows,
-            forms=None if args.forms is None else (["none", "unmerged", "fused", "merged", "merged+compiled"] if args.forms == ["all"] else args.forms),
+            forms=None
+            if args.forms is None
+            else (["none", "unmerged", "fused", "merged", "merged+compiled"] if args.forms == ["all"] else args.forms),
             max_lengths=args.max_lengths,
             n=args.n or (24 if args.smoke else 2048),
             batch_sizes=args.batch_sizes or ([4, 8] if args.smoke else [16, 32, 64, 128, 256]),
@@ -122,7 +149,9 @@ def run(args: argparse.Namespace) -> dict:
     runs = {name: ("failed" if "error" in outcome else "ok") for name, outcome in result["runs"].items()}
     failed = [name for name, outcome in runs.items() if outcome == "failed"]
     if failed:
-        raise common.BenchError(f"{len(failed)} of {len(runs)} benchmark runs failed ({', '.join(failed)}): their errors are in {results}")
+        raise common.BenchError(
+            f"{len(failed)} of {len(runs)} benchmark runs failed ({', '.join(failed)}): their errors are in {results}"
+        )
     return {"mode": args.mode, "model": args.model, "results": results, "runs": runs}
 
 

@@ -221,9 +221,16 @@ def write_random_adapter(model_dir: str, out_dir: str, lora: Any, seed: int = 0)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout, "bias": lora.bias, "target_modules": list(lora.target_modules),
-        "use_rslora": lora.use_rslora, "fan_in_fan_out": False, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "bias": lora.bias,
+        "target_modules": list(lora.target_modules),
+        "use_rslora": lora.use_rslora,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
         "base_model_name_or_path": str(model_dir),
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")

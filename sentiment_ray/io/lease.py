@@ -303,7 +303,9 @@ class Lease:
             raise LockHeld(self._held_message(current))
         self.taken_over = current
         log.warning(
-            "%s: taking over a stale lock (%s): %s", self.path, reason,
+            "%s: taking over a stale lock (%s): %s",
+            self.path,
+            reason,
             self.describe(current) if not current.get("unreadable") else "unreadable lock file",
         )
 

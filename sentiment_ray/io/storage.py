@@ -215,7 +215,9 @@ class Storage:
 
         self.makedirs(name)
         with self._faults(name, f"copy {local_dir} into it"):
-            pafs.copy_files(local_dir, self._inner(name), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            pafs.copy_files(
+                local_dir, self._inner(name), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
+            )
 
     def copy_dir(self, source: str, destination: str) -> None:
         """Copy a folder inside the root (created; existing files replaced)."""
@@ -223,7 +225,9 @@ class Storage:
 
         self.makedirs(destination)
         with self._faults(destination, f"copy {self.path(source)} into it"):
-            pafs.copy_files(self._inner(source), self._inner(destination), source_filesystem=self.fs, destination_filesystem=self.fs)
+            pafs.copy_files(
+                self._inner(source), self._inner(destination), source_filesystem=self.fs, destination_filesystem=self.fs
+            )
 
     def copy_file(self, source: str, destination: str) -> None:
         with self._faults(destination, f"copy {self.path(source)} to it"):
@@ -284,7 +288,6 @@ class Storage:
         return removed
 
 
-
 # ----------------------------------------------------------------------------- local folders
 
 
@@ -319,4 +322,3 @@ def local_atomic_dir(target: str | os.PathLike) -> Iterator[StagedDir]:
     finally:
         if stage.path.exists():
             shutil.rmtree(stage.path, ignore_errors=True)
-

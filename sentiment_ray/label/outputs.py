@@ -55,7 +55,9 @@ def read_markers(out: Storage, units: list[WorkUnit], plan_id: str | None = None
                 f"is {plan_id}): another job wrote here; rerun with --overwrite"
             )
         if marker["labelled"] + marker["bad_rows"] != unit.num_rows:
-            raise LabelRunError(f"{out.path(name)}: {marker['labelled']} + {marker['bad_rows']} rows, but the unit has {unit.num_rows}")
+            raise LabelRunError(
+                f"{out.path(name)}: {marker['labelled']} + {marker['bad_rows']} rows, but the unit has {unit.num_rows}"
+            )
         markers[unit.unit_id] = marker
     if missing:
         raise LabelRunError(f"{len(missing)} units have no commit marker after the run (first: {missing[:3]}); rerun the command")
@@ -209,12 +211,16 @@ def terminal_lines(summary: dict[str, Any]) -> list[str]:
     accepted = summary.get("accepted")
     if accepted:
         if accepted["threshold"] is None:
-            lines.append(f"accepted   none: an error rate of at most {accepted['max_error']:g} cannot be certified on the adapter's "
-                         f"{accepted['calibration_rows']:,} calibration rows")
+            lines.append(
+                f"accepted   none: an error rate of at most {accepted['max_error']:g} cannot be certified on the adapter's "
+                f"{accepted['calibration_rows']:,} calibration rows"
+            )
         else:
-            lines.append(f"accepted   {accepted['rows']:,} of {summary['labelled']:,} rows ({accepted['share']:.1%}): confidence >= "
-                         f"{accepted['threshold']:.4g} in {', '.join(accepted['calibrated_languages'])}; error at most "
-                         f"{accepted['max_error']:g} with probability {1 - accepted['failure_probability']:g}")
+            lines.append(
+                f"accepted   {accepted['rows']:,} of {summary['labelled']:,} rows ({accepted['share']:.1%}): confidence >= "
+                f"{accepted['threshold']:.4g} in {', '.join(accepted['calibrated_languages'])}; error at most "
+                f"{accepted['max_error']:g} with probability {1 - accepted['failure_probability']:g}"
+            )
     return lines
 
 
@@ -278,7 +284,9 @@ def report_details(manifest: dict[str, Any] | None, **known: Any) -> dict[str, A
     model = (manifest.get("prediction_config") or {}).get("model", {}).get("name")
     details = {
         "model": model,
-        "adapter": f"{adapter['path']} (sha256 {adapter['sha256'][:12]})" if adapter.get("path") else ("none (zero-shot)" if manifest else None),
+        "adapter": f"{adapter['path']} (sha256 {adapter['sha256'][:12]})"
+        if adapter.get("path")
+        else ("none (zero-shot)" if manifest else None),
         "input": manifest.get("input"),
         "rows": manifest.get("total_rows"),
         "labelled": manifest.get("created_utc"),
@@ -309,7 +317,13 @@ def describe_form(summary: dict[str, Any]) -> str | None:
 
 
 def evaluate(
-    out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "", held_as: str | None = None,
+    out: Storage,
+    units: list[WorkUnit],
+    cfg: ExperimentConfig,
+    *,
+    title: str,
+    subtitle: str = "",
+    held_as: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Metrics against the input's gold labels into metrics.json, report.png and report.html
@@ -391,8 +405,11 @@ def summary(run: LabelRun, plan: UnitPlan, label_seconds: float) -> dict[str, An
     result["submission"] = merge_submission(out, plan.units) if cfg.label.write_submission else None
     result["quarantine"] = merge_quarantine(out, plan.units, markers)
     risk_record = risk.read_scores(run.adapter_path)
-    extra = {"languages": result["languages"], "accepted": result["accepted"],
-             "risk_control": risk.summary(risk_record, cfg.label.max_error_delta) if risk_record else None}
+    extra = {
+        "languages": result["languages"],
+        "accepted": result["accepted"],
+        "risk_control": risk.summary(risk_record, cfg.label.max_error_delta) if risk_record else None,
+    }
     report = evaluate(out, plan.units, cfg, title=f"Labelling with {cfg.model.name}", extra=extra, held_as=describe_form(result))
     result["warnings"] = warning_lines(result, report)
     result["metrics_path"] = out.path(layout.METRICS_FILE) if report else None

@@ -191,7 +191,9 @@ def plan_units(
         grouped = _group(spans, target)
         digests = content_digests(path, fmt, [span["span"] for span in grouped])
         for span, digest in zip(grouped, digests):
-            units.append(WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, sha256=digest, **span))
+            units.append(
+                WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, sha256=digest, **span)
+            )
     return Plan(units=units, total_rows=total, files_without_ids=without_ids, rows_per_unit=target)
 
 
@@ -232,7 +234,11 @@ def _row_group_bytes(row_group) -> tuple[int, int]:
     starts, ends = [], []
     for c in range(row_group.num_columns):
         column = row_group.column(c)
-        first = column.dictionary_page_offset if column.has_dictionary_page and column.dictionary_page_offset else column.data_page_offset
+        first = (
+            column.dictionary_page_offset
+            if column.has_dictionary_page and column.dictionary_page_offset
+            else column.data_page_offset
+        )
         starts.append(first)
         ends.append(first + column.total_compressed_size)
     return min(starts), max(ends)
@@ -249,10 +255,15 @@ def _plan_text(path, fmt, text_column, id_column, granule, check_ids):
     position = Position()
     for chunk in read_chunks(path, columns=[id_column], chunk_rows=granule):
         end = None if whole_file or chunk.next is None else chunk.next.byte_offset
-        spans.append(dict(
-            start=chunk.first_row, stop=chunk.first_row + len(chunk), byte_offset=position.byte_offset,
-            first_line=position.line, span=(0 if whole_file else position.byte_offset, end),
-        ))
+        spans.append(
+            dict(
+                start=chunk.first_row,
+                stop=chunk.first_row + len(chunk),
+                byte_offset=position.byte_offset,
+                first_line=position.line,
+                span=(0 if whole_file else position.byte_offset, end),
+            )
+        )
         position = chunk.next or position
         if id_column in chunk.columns:
             has_ids = True  # JSON lines: any record with the key
@@ -352,8 +363,17 @@ def prediction_config(cfg: ExperimentConfig) -> dict[str, Any]:
         "model": cfg.model.model_dump(exclude={"allow_unsafe_weights", "allow_base_mismatch"}),
         "prompt": cfg.prompt.model_dump(),
         "label": cfg.label.model_dump(
-            include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids", "calibrate", "max_text_chars",
-                     "flag_prompt_markers", "max_error", "max_error_delta"}
+            include={
+                "mode",
+                "max_new_tokens",
+                "default_label_on_parse_failure",
+                "generate_ids",
+                "calibrate",
+                "max_text_chars",
+                "flag_prompt_markers",
+                "max_error",
+                "max_error_delta",
+            }
         ),
         "data": cfg.data.model_dump(include={"text_column", "id_column"}),
     }

@@ -102,7 +102,7 @@ class ProgressView:
         while not self._stop.wait(self.every):
             self._draw()
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self) -> ProgressView:
         self._thread.start()
         return self
 

@@ -77,8 +77,17 @@ def label_dataset(
     if inputs.not_read:
         log.warning("%s", not_read_warning(input_path, inputs.not_read))
     adapter = check_adapter_and_model(cfg, adapter_path)
-    run = LabelRun(cfg, input_path, inputs, out, adapter, adapter_path, overwrite=overwrite,
-                   rows_per_unit=rows_per_unit or cfg.label.rows_per_unit, started=started)
+    run = LabelRun(
+        cfg,
+        input_path,
+        inputs,
+        out,
+        adapter,
+        adapter_path,
+        overwrite=overwrite,
+        rows_per_unit=rows_per_unit or cfg.label.rows_per_unit,
+        started=started,
+    )
     # Held from before planning to the summary: --overwrite never deletes another job's
     # units, and the manifest, markers and summary all come from this one job.
     with Lease(out, purpose="label") as lease:
@@ -104,12 +113,24 @@ def plan_units(run: LabelRun) -> UnitPlan:
     cfg, out = run.cfg, run.out
     if run.overwrite:
         clear_outputs(out)
-    manifest = load_or_plan(out, cfg, run.input_path, run.files, run.adapter, run.rows_per_unit, sorted(output_columns(cfg)),
-                            actors=lambda: actor_count(cfg))
+    manifest = load_or_plan(
+        out,
+        cfg,
+        run.input_path,
+        run.files,
+        run.adapter,
+        run.rows_per_unit,
+        sorted(output_columns(cfg)),
+        actors=lambda: actor_count(cfg),
+    )
     # label.max_error: the threshold certified on the adapter's calibration rows, for the actors.
     accept = outputs.acceptance(cfg, run.adapter_path)
-    identity = {"model_name": cfg.model.name, "adapter_id": run.adapter["id"] if run.adapter else None,
-                "plan_id": manifest["plan_id"], "acceptance": accept}
+    identity = {
+        "model_name": cfg.model.name,
+        "adapter_id": run.adapter["id"] if run.adapter else None,
+        "plan_id": manifest["plan_id"],
+        "acceptance": accept,
+    }
     units = [WorkUnit.from_dict(d) for d in manifest["units"]]
     stale = out.remove_stale_temporaries(("", *layout.UNIT_DIRS))
     out.delete_dir(layout.FAILED_DIR)  # failures of an earlier attempt
@@ -119,8 +140,13 @@ def plan_units(run: LabelRun) -> UnitPlan:
     changed = changed_units([u for u in units if u.unit_id in plan.done])
     if changed:
         raise LabelRunError(f"{out.root}: {changed_message(changed)}")
-    log.info("%d units, %d done earlier, %d to label (%d stale temp files removed)", len(units), len(plan.done),
-             len(plan.pending), stale)
+    log.info(
+        "%d units, %d done earlier, %d to label (%d stale temp files removed)",
+        len(units),
+        len(plan.done),
+        len(plan.pending),
+        stale,
+    )
     return plan
 
 
@@ -132,8 +158,15 @@ def label_pending(run: LabelRun, plan: UnitPlan) -> float:
         return 0.0
     cluster.connect(run.cfg.run.ray_address)
     started = time.perf_counter()
-    run_on_ray(run.cfg, pending, run.adapter_path, run.out, plan.identity, total_rows=plan.manifest["total_rows"],
-               done_rows=plan.done_rows)
+    run_on_ray(
+        run.cfg,
+        pending,
+        run.adapter_path,
+        run.out,
+        plan.identity,
+        total_rows=plan.manifest["total_rows"],
+        done_rows=plan.done_rows,
+    )
     return time.perf_counter() - started
 
 
@@ -197,8 +230,14 @@ def actor_count(cfg: ExperimentConfig) -> int:
 
 
 def run_on_ray(
-    cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path: str | None, out: Storage, identity,
-    *, total_rows: int, done_rows: int,
+    cfg: ExperimentConfig,
+    pending: list[WorkUnit],
+    adapter_path: str | None,
+    out: Storage,
+    identity,
+    *,
+    total_rows: int,
+    done_rows: int,
 ) -> None:
     import ray
 
@@ -249,7 +288,9 @@ def unit_error(failure: dict) -> Exception:
     else:
         err = LabelRunError(f"{failure['where']}: {failure['type']}: {message}")
     if failure.get("traceback"):
-        err.add_note(f"in the actor labelling {failure['where']} ({failure.get('host')}, pid {failure.get('pid')}):\n{failure['traceback']}")
+        err.add_note(
+            f"in the actor labelling {failure['where']} ({failure.get('host')}, pid {failure.get('pid')}):\n{failure['traceback']}"
+        )
     return err
 
 
@@ -268,5 +309,7 @@ def interrupted_line(sig, output_dir: str, command: str) -> str:
         return f"Labelling interrupted by {sig.name} before any unit was planned: nothing was written; rerun the same command: {command}"
     units = [WorkUnit.from_dict(d) for d in manifest["units"]]
     rows = sum(u.num_rows for u in units if u.unit_id in done)
-    return (f"Labelling interrupted by {sig.name}: {len(done)} of {len(units)} units ({rows:,} of "
-            f"{manifest['total_rows']:,} rows) are committed in {out.root}; rerun the same command to label the rest: {command}")
+    return (
+        f"Labelling interrupted by {sig.name}: {len(done)} of {len(units)} units ({rows:,} of "
+        f"{manifest['total_rows']:,} rows) are committed in {out.root}; rerun the same command to label the rest: {command}"
+    )

@@ -81,7 +81,7 @@ def parse_event(line: str) -> dict | None:
     if at < 0:
         return None
     try:
-        event = json.loads(line[at + len(EVENT_PREFIX):].strip())
+        event = json.loads(line[at + len(EVENT_PREFIX) :].strip())
     except ValueError:
         return None
     return event if isinstance(event, dict) and "kind" in event else None
@@ -192,15 +192,26 @@ class Display:
     def progress_start(self, total: int, initial: int = 0, unit: str = "step") -> None:
         with self._lock:
             self.close_progress()
-            self._progress = {"total": max(int(total), 1), "initial": int(initial), "unit": unit,
-                              "started": time.monotonic(), "last_line_step": int(initial), "step": int(initial), "loss": None,
-                              "checkpoint": None}
+            self._progress = {
+                "total": max(int(total), 1),
+                "initial": int(initial),
+                "unit": unit,
+                "started": time.monotonic(),
+                "last_line_step": int(initial),
+                "step": int(initial),
+                "loss": None,
+                "checkpoint": None,
+            }
             if self.tty:
                 from tqdm import tqdm
 
                 self._bar = tqdm(
-                    total=self._progress["total"], initial=self._progress["initial"], file=self.stream, unit=unit,
-                    dynamic_ncols=True, leave=True,
+                    total=self._progress["total"],
+                    initial=self._progress["initial"],
+                    file=self.stream,
+                    unit=unit,
+                    dynamic_ncols=True,
+                    leave=True,
                     # tqdm puts ", " before a postfix: `[00:45<02:15, 3.00s/step, loss 0.6120, checkpoint 15]`
                     bar_format="  {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
                 )
@@ -261,7 +272,9 @@ class Display:
             parts.append(f"{per:.1f} s/{p.get('unit', 'step')}")
         if p.get("checkpoint"):
             parts.append(f"checkpoint {p['checkpoint']}")
-        parts.append(f"ETA {format_duration(remaining)}" if p.get("step", 0) < p.get("total", 0) else f"took {format_duration(elapsed)}")
+        parts.append(
+            f"ETA {format_duration(remaining)}" if p.get("step", 0) < p.get("total", 0) else f"took {format_duration(elapsed)}"
+        )
         return "  ".join(parts)
 
     def close_progress(self) -> None:
@@ -357,7 +370,7 @@ class RunLog:
 
     # -- set-up / tear-down
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         self.start()
         return self
 

@@ -39,11 +39,21 @@ from sentiment_ray.models import cache_dir
 
 # Ray's wrappers around the error that actually happened in a worker.
 _WRAPPERS = {
-    "RayTaskError", "UserCodeException", "RayActorError", "ActorDiedError", "TrainingFailedError",
-    "WorkerGroupError", "RayError", "TaskError", "ObjectRefStreamEndOfStreamError", "StopIteration",
+    "RayTaskError",
+    "UserCodeException",
+    "RayActorError",
+    "ActorDiedError",
+    "TrainingFailedError",
+    "WorkerGroupError",
+    "RayError",
+    "TaskError",
+    "ObjectRefStreamEndOfStreamError",
+    "StopIteration",
 }
 # `module.Type: message` at the start of a line of a traceback's text.
-_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*(?P<type>[A-Za-z_]\w*(?:Error|Exception|Exit|Fault|Held|Lost|Interrupt)): (?P<msg>.+)$")
+_ERROR_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w]*\.)*(?P<type>[A-Za-z_]\w*(?:Error|Exception|Exit|Fault|Held|Lost|Interrupt)): (?P<msg>.+)$"
+)
 
 
 def _is_ray_error(err: BaseException) -> bool:

@@ -28,17 +28,26 @@ from typing import Any
 from sentiment_ray import cluster, compat
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.errors import UserError
+from sentiment_ray.io.storage import Storage
+from sentiment_ray.io.uris import is_uri
 from sentiment_ray.terminal import faults
 from sentiment_ray.terminal.console import Display, RunLog, format_duration
 from sentiment_ray.terminal.runner import Ending, stop_ray
-from sentiment_ray.io.storage import Storage
-from sentiment_ray.io.uris import is_uri
 from sentiment_ray.train import layout
 from sentiment_ray.train.observer import TrainingObserver
 
 # Overrides that the label job needs to load and prompt the same model the run trained.
-_CARRIED_PREFIXES = ("model.", "prompt.", "data.text_column=", "data.label_column=", "data.id_column=",
-                     "data.lang_column=", "data.label_map=", "run.use_gpu=", "run.ray_address=")
+_CARRIED_PREFIXES = (
+    "model.",
+    "prompt.",
+    "data.text_column=",
+    "data.label_column=",
+    "data.id_column=",
+    "data.lang_column=",
+    "data.label_map=",
+    "run.use_gpu=",
+    "run.ray_address=",
+)
 _CHECKPOINT = re.compile(r"^checkpoint[-_](\d+)$")
 
 
@@ -88,7 +97,9 @@ def last_checkpoint(run_dir: str) -> tuple[int, str] | None:
         name = compat.latest_registered_checkpoint(snapshot)
         match = _CHECKPOINT.match(name or "")
         return (int(match.group(1)), storage.path(name)) if match and name in folders else None
-    found = sorted((int(m.group(1)), n) for n in folders if (m := _CHECKPOINT.match(n)) and storage.exists(f"{n}/trainer_state.json"))
+    found = sorted(
+        (int(m.group(1)), n) for n in folders if (m := _CHECKPOINT.match(n)) and storage.exists(f"{n}/trainer_state.json")
+    )
     return (found[-1][0], storage.path(found[-1][1])) if found else None
 
 
@@ -186,8 +197,14 @@ class TrainTerminal(TrainingObserver):
             parts += ["--config", self.command.config]
         data = (cfg.data.validation_path or cfg.data.train_path) if cfg else ""
         run_dir = short_path(summary["run_dir"])
-        parts += ["--input", short_path(data) if data else "YOUR_DATA.csv", "--output", f"{run_dir}-labels",
-                  "--adapter", short_path(summary["adapter"])]
+        parts += [
+            "--input",
+            short_path(data) if data else "YOUR_DATA.csv",
+            "--output",
+            f"{run_dir}-labels",
+            "--adapter",
+            short_path(summary["adapter"]),
+        ]
         parts += [o for o in self.command.overrides if o.startswith(_CARRIED_PREFIXES)]
         parts.append("label.write_submission=true")
         return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
@@ -197,8 +214,9 @@ class TrainTerminal(TrainingObserver):
         the one Ray Train registered last (what a rerun restores), never one still being
         written."""
         self._stop_ray()
-        text = interrupted_line(sig, run_dir=self.run_dir, command=self.command,
-                                save_every=_save_every(self.cfg), at_step=self.display.last_step)
+        text = interrupted_line(
+            sig, run_dir=self.run_dir, command=self.command, save_every=_save_every(self.cfg), at_step=self.display.last_step
+        )
         self.log.write_text("".join(traceback.format_exception(err)) + text)
         self.log.release_worker_output()
         self.log.close()
@@ -208,8 +226,14 @@ class TrainTerminal(TrainingObserver):
         """(exit code, text) for a failure this terminal understands (a user error, a worker's
         exception, Ray or a worker dying), also written to the log; None for any other (a
         bug: the runner's line names the trace's file)."""
-        explained = explain(err, run_dir=self.run_dir, command=self.command, log_path=self.shown_log_path(),
-                            save_every=_save_every(self.cfg), at_step=self.display.last_step)
+        explained = explain(
+            err,
+            run_dir=self.run_dir,
+            command=self.command,
+            log_path=self.shown_log_path(),
+            save_every=_save_every(self.cfg),
+            at_step=self.display.last_step,
+        )
         if explained is None:
             self.log.write_text("".join(traceback.format_exception(err)))
             self._stop_ray()
@@ -245,10 +269,13 @@ def summary_table(metrics: dict) -> list[str]:
     zs, ft = metrics.get("zero_shot") or {}, metrics.get("fine_tuned") or {}
     if not zs and not ft:
         return ["no validation rows: nothing was scored"]
-    rows: list[tuple[str, Any, Any, Any, Any, Any]] = [("all", (ft or zs).get("n"), zs.get("accuracy"), zs.get("macro_f1"),
-                                                        ft.get("accuracy"), ft.get("macro_f1"))]
-    langs = sorted(set(zs.get("per_language") or {}) | set(ft.get("per_language") or {}),
-                   key=lambda lang: -((ft.get("per_language") or zs.get("per_language") or {}).get(lang, {}).get("n") or 0))
+    rows: list[tuple[str, Any, Any, Any, Any, Any]] = [
+        ("all", (ft or zs).get("n"), zs.get("accuracy"), zs.get("macro_f1"), ft.get("accuracy"), ft.get("macro_f1"))
+    ]
+    langs = sorted(
+        set(zs.get("per_language") or {}) | set(ft.get("per_language") or {}),
+        key=lambda lang: -((ft.get("per_language") or zs.get("per_language") or {}).get(lang, {}).get("n") or 0),
+    )
     for lang in langs:
         z, f = (zs.get("per_language") or {}).get(lang, {}), (ft.get("per_language") or {}).get(lang, {})
         rows.append((f"  {lang}", (f or z).get("n"), z.get("accuracy"), z.get("macro_f1"), f.get("accuracy"), f.get("macro_f1")))
@@ -260,7 +287,9 @@ def summary_table(metrics: dict) -> list[str]:
     verdicts = {f"  {c['lang']}": c.get("verdict") for c in metrics.get("languages") or []}
     for name, n, za, zf, fa, ff in rows:
         mark = verdicts.get(name) if verdicts.get(name) in ("worse", "lower, within noise") else ""
-        out.append(f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}  {mark}")
+        out.append(
+            f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}  {mark}"
+        )
     # One ECE, defined once (train/evaluation.py calibrate_scores): fine_tuned.ece is the
     # model's own; the calibrated one is measured out of fold.
     calibration = metrics.get("calibration") or {}
@@ -272,7 +301,9 @@ def summary_table(metrics: dict) -> list[str]:
             note = f"temperature {temperature:.2f}, out of fold" if temperature is not None else "out of fold"
             out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {_num(ft['ece_calibrated']):>9}  {note}")
         else:
-            out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {'–':>9}  not applied: no temperature lowers the out-of-fold NLL")
+            out.append(
+                f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {'–':>9}  not applied: no temperature lowers the out-of-fold NLL"
+            )
     certified = [c for c in (metrics.get("risk_control") or {}).get("certified", []) if c.get("threshold") is not None]
     if certified:
         delta = metrics["risk_control"]["delta"]
@@ -287,8 +318,10 @@ def where_lines(summary: dict, log_path: str | None, seconds: float) -> list[str
     how = f"{steps} steps" if steps is not None else "trained"
     if resumed:
         how += f", resumed at step {resumed}"
-    lines = [f"run      {short_path(summary['run_dir'])}  ({how}, {format_duration(seconds)})",
-             f"adapter  {short_path(summary['adapter'])}"]
+    lines = [
+        f"run      {short_path(summary['run_dir'])}  ({how}, {format_duration(seconds)})",
+        f"adapter  {short_path(summary['adapter'])}",
+    ]
     if log_path:
         lines.append(f"log      {log_path}")
     return lines
@@ -315,14 +348,25 @@ def _is_user_error(err: BaseException) -> bool:
     return isinstance(err, UserError) and not err.keeps_trace
 
 
-def explain(err: BaseException, *, run_dir: str | None, command: CommandLine, log_path: str | None,
-            save_every: int | None = None, at_step: tuple[int, int] | None = None) -> tuple[int, str, str | None] | None:
+def explain(
+    err: BaseException,
+    *,
+    run_dir: str | None,
+    command: CommandLine,
+    log_path: str | None,
+    save_every: int | None = None,
+    at_step: tuple[int, int] | None = None,
+) -> tuple[int, str, str | None] | None:
     """(exit code, what to print, details for the log) for a failure; None for one that is
     not understood (a bug) or whose trace is worth a file (errors.UserError.keeps_trace)."""
     if _is_user_error(err):
         return 1, f"error: {_one_line(err)}", None
     if isinstance(err, KeyboardInterrupt):
-        return 130, interrupted_line(signal.SIGINT, run_dir=run_dir, command=command, save_every=save_every, at_step=at_step), None
+        return (
+            130,
+            interrupted_line(signal.SIGINT, run_dir=run_dir, command=command, save_every=save_every, at_step=at_step),
+            None,
+        )
     cause, trace = _worker_exception(err)
     where = f" (traceback: {log_path})" if log_path else ""
     if cause is not None:
@@ -345,8 +389,14 @@ def explain(err: BaseException, *, run_dir: str | None, command: CommandLine, lo
     return 1, "\n".join(lines), "".join(traceback.format_exception(err))
 
 
-def interrupted_line(sig: signal.Signals, *, run_dir: str | None, command: CommandLine, save_every: int | None = None,
-                     at_step: tuple[int, int] | None = None) -> str:
+def interrupted_line(
+    sig: signal.Signals,
+    *,
+    run_dir: str | None,
+    command: CommandLine,
+    save_every: int | None = None,
+    at_step: tuple[int, int] | None = None,
+) -> str:
     """One line: what stopped (the signal, the step), the checkpoint a rerun resumes from
     (Ray Train's registered one: a checkpoint folder written but not registered is not
     named, since a rerun would not use it) and the command."""

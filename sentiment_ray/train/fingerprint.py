@@ -49,10 +49,27 @@ RESUMABLE = {
     "model": {"allow_unsafe_weights", "allow_base_mismatch"},
     "lora": {"gradient_checkpointing"},
     "data": {"train_path", "validation_path", "quarantine_path"},
-    "train": {"max_steps", "eval_steps", "save_steps", "logging_steps", "eval_batch_size", "zero_shot_eval",
-              "per_device_train_batch_size", "gradient_accumulation_steps", "micro_batch_size"},
-    "run": {"name", "storage_path", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep", "ray_address",
-            "num_workers"},
+    "train": {
+        "max_steps",
+        "eval_steps",
+        "save_steps",
+        "logging_steps",
+        "eval_batch_size",
+        "zero_shot_eval",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "micro_batch_size",
+    },
+    "run": {
+        "name",
+        "storage_path",
+        "use_gpu",
+        "cpus_per_worker",
+        "max_failures",
+        "checkpoints_to_keep",
+        "ray_address",
+        "num_workers",
+    },
 }
 GLOBAL_BATCH = "train.global_batch_size"  # run.num_workers x per_device_train_batch_size x gradient_accumulation_steps
 

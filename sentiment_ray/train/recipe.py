@@ -26,14 +26,14 @@ from sentiment_ray.backends.base import gradient_checkpointing_for
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig, validate
 from sentiment_ray.errors import UserError
-from sentiment_ray.terminal import faults
-from sentiment_ray.terminal.console import WorkerEvents
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
 from sentiment_ray.report import html
 from sentiment_ray.scoring import LabelScorer
+from sentiment_ray.terminal import faults
+from sentiment_ray.terminal.console import WorkerEvents
 from sentiment_ray.train import layout, preflight
 from sentiment_ray.train.batching import BatchPlan
 from sentiment_ray.train.data import Splits, build_train_dataset, load_splits
@@ -393,9 +393,18 @@ def train_attempt(attempt: Attempt) -> None:
     evaluated = evaluate_and_calibrate(attempt, loaded, trained, scorer, splits, zero_shot)
     profile = save_adapter_and_records(attempt, loaded, splits, evaluated, outputs)
     training = training_stats(attempt, trained, loaded.batches)
-    write_reports(Storage(outputs), attempt, splits, zero_shot.report, evaluated.fine_tuned, training, evaluated.calibration,
-                  evaluated.drop_likelihood, profile=profile,
-                  risk_control=risk.summary(evaluated.risk_record) if evaluated.risk_record else None)
+    write_reports(
+        Storage(outputs),
+        attempt,
+        splits,
+        zero_shot.report,
+        evaluated.fine_tuned,
+        training,
+        evaluated.calibration,
+        evaluated.drop_likelihood,
+        profile=profile,
+        risk_control=risk.summary(evaluated.risk_record) if evaluated.risk_record else None,
+    )
     tracking.finish_training(attempt.tracker, outputs, zero_shot.report, evaluated.fine_tuned, training)
     publish(attempt, outputs)
 
@@ -440,8 +449,9 @@ def validation_scorer(attempt: Attempt, loaded: LoadedModel, splits: Splits) -> 
     if not attempt.is_rank_zero or not splits.validation.num_rows:
         return None
     cfg = attempt.cfg
-    return LabelScorer(loaded.model, loaded.tokenizer, attempt.template, attempt.labels, cfg.model.max_seq_length,
-                       cfg.train.eval_batch_size)
+    return LabelScorer(
+        loaded.model, loaded.tokenizer, attempt.template, attempt.labels, cfg.model.max_seq_length, cfg.train.eval_batch_size
+    )
 
 
 def score_zero_shot(attempt: Attempt, scorer: LabelScorer | None, splits: Splits, resume: Resume) -> ZeroShot:
@@ -456,8 +466,9 @@ def score_zero_shot(attempt: Attempt, scorer: LabelScorer | None, splits: Splits
     return ZeroShot(report, scores.predicted())  # the predictions: for the per-language comparison at the end
 
 
-def train(attempt: Attempt, loaded: LoadedModel, splits: Splits, scorer: LabelScorer | None, zero_shot: ZeroShot,
-          resume: Resume) -> Trained:
+def train(
+    attempt: Attempt, loaded: LoadedModel, splits: Splits, scorer: LabelScorer | None, zero_shot: ZeroShot, resume: Resume
+) -> Trained:
     """The HF trainer's run from the checkpoint (or step 0) to train.max_steps; the report
     callback evaluates, checkpoints and reports to Ray Train."""
     import torch
@@ -478,8 +489,12 @@ def train(attempt: Attempt, loaded: LoadedModel, splits: Splits, scorer: LabelSc
         loaded.tokenizer,
         callbacks=[
             # First: at the last step it announces the scoring the reporter then does.
-            progress_callback(attempt.events, checkpoint_every=checkpoint_every(cfg),
-                              validation_rows=splits.validation.num_rows if scorer else 0, eval_steps=cfg.train.eval_steps),
+            progress_callback(
+                attempt.events,
+                checkpoint_every=checkpoint_every(cfg),
+                validation_rows=splits.validation.num_rows if scorer else 0,
+                eval_steps=cfg.train.eval_steps,
+            ),
             reporter,
             *tracking.training_callbacks(attempt.tracker, reporter),
         ],
@@ -491,8 +506,9 @@ def train(attempt: Attempt, loaded: LoadedModel, splits: Splits, scorer: LabelSc
     return Trained(trainer, output, time.time() - started, reporter)
 
 
-def evaluate_and_calibrate(attempt: Attempt, loaded: LoadedModel, trained: Trained, scorer: LabelScorer | None,
-                           splits: Splits, zero_shot: ZeroShot) -> Evaluated:
+def evaluate_and_calibrate(
+    attempt: Attempt, loaded: LoadedModel, trained: Trained, scorer: LabelScorer | None, splits: Splits, zero_shot: ZeroShot
+) -> Evaluated:
     """The adapter to keep (the best evaluation's with train.keep_best), its validation
     scores (the callback scored the last step unless this attempt trained no step), and the
     temperature that calibrates its probabilities."""
@@ -508,15 +524,22 @@ def evaluate_and_calibrate(attempt: Attempt, loaded: LoadedModel, trained: Train
         fine_tuned, scores = evaluate_split(scorer, splits.validation)
     evaluated = Evaluated(fine_tuned, scores)
     if cfg.train.calibrate:
-        evaluated.calibration, evaluated.fine_tuned, evaluated.calibrated = calibrate_scores(splits.validation, scores, labels,
-                                                                                             fine_tuned)
+        evaluated.calibration, evaluated.fine_tuned, evaluated.calibrated = calibrate_scores(
+            splits.validation, scores, labels, fine_tuned
+        )
         calibration = evaluated.calibration
         if calibration["applied"]:
-            log.info("calibration: temperature %.3f, validation ECE %.3f -> %.3f (out-of-fold)",
-                     calibration["temperature"], calibration["ece_before"], calibration["ece_after"])
+            log.info(
+                "calibration: temperature %.3f, validation ECE %.3f -> %.3f (out-of-fold)",
+                calibration["temperature"],
+                calibration["ece_before"],
+                calibration["ece_after"],
+            )
         else:
-            log.info("calibration: no temperature lowers the out-of-fold NLL on %d rows; probabilities kept as they are",
-                     calibration["rows"])
+            log.info(
+                "calibration: no temperature lowers the out-of-fold NLL on %d rows; probabilities kept as they are",
+                calibration["rows"],
+            )
     # The calibrated confidences and whether each was right: what a label job certifies its
     # label.max_error on.
     temperature = evaluated.calibration["temperature"] if evaluated.calibration else 1.0
@@ -526,16 +549,17 @@ def evaluate_and_calibrate(attempt: Attempt, loaded: LoadedModel, trained: Train
     return evaluated
 
 
-def save_adapter_and_records(attempt: Attempt, loaded: LoadedModel, splits: Splits, evaluated: Evaluated,
-                             outputs: str) -> dict:
+def save_adapter_and_records(attempt: Attempt, loaded: LoadedModel, splits: Splits, evaluated: Evaluated, outputs: str) -> dict:
     """Into the attempt's outputs folder: the validation predictions, the adapter and what
     travels with it (its base, calibration, risk-control scores, data profile). Returns the
     data profile."""
     if evaluated.scores is not None:
         import pyarrow.parquet as pq
 
-        pq.write_table(predictions_table(splits.validation, evaluated.scores, evaluated.calibrated),
-                       os.path.join(outputs, layout.PREDICTIONS_FILE))
+        pq.write_table(
+            predictions_table(splits.validation, evaluated.scores, evaluated.calibrated),
+            os.path.join(outputs, layout.PREDICTIONS_FILE),
+        )
     attempt.events.phase("saving the adapter, metrics and predictions")
     loaded.backend.save_adapter(loaded.model, loaded.tokenizer, os.path.join(outputs, layout.ADAPTER_DIR))
     adapter_folder = Storage(os.path.join(outputs, layout.ADAPTER_DIR))
@@ -585,15 +609,28 @@ def training_stats(attempt: Attempt, trained: Trained, batches: BatchPlan) -> di
         "hf_train_metrics": trained.output.metrics,
         "log_history": state.log_history,
         "gradient_checkpointing": gradient_checkpointing_for(attempt.cfg, attempt.device),
-        "batches": {"global_batch_size": attempt.world_size * batches.rows_per_step,
-                    "micro_batch_size": batches.micro_batch_size,
-                    "gradient_accumulation_steps": batches.gradient_accumulation_steps,
-                    "chosen_by": batches.chosen_by},
+        "batches": {
+            "global_batch_size": attempt.world_size * batches.rows_per_step,
+            "micro_batch_size": batches.micro_batch_size,
+            "gradient_accumulation_steps": batches.gradient_accumulation_steps,
+            "chosen_by": batches.chosen_by,
+        },
     }
 
 
-def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot, fine_tuned, training: dict, calibration,
-                  drop_likelihood: dict[str, float], *, profile: dict | None = None, risk_control: dict | None = None) -> None:
+def write_reports(
+    outputs: Storage,
+    attempt: Attempt,
+    splits: Splits,
+    zero_shot,
+    fine_tuned,
+    training: dict,
+    calibration,
+    drop_likelihood: dict[str, float],
+    *,
+    profile: dict | None = None,
+    risk_control: dict | None = None,
+) -> None:
     """metrics.json, report.html and manifest.json into the attempt's outputs folder."""
     import torch
 
@@ -617,14 +654,18 @@ def write_reports(outputs: Storage, attempt: Attempt, splits: Splits, zero_shot,
     }
     outputs.write_json(layout.METRICS_FILE, metrics)
     d = cfg.data
-    details = html.dated({
-        "model": f"{cfg.model.name} ({attempt.backend_name} backend, {device})",
-        "training data": d.train_path or (d.train_dataset and d.train_dataset.name),
-        "adapter": os.path.join(attempt.run_dir, layout.ADAPTER_DIR),
-        "steps": training.get("global_step"),
-    })
-    outputs.write_text(layout.REPORT_FILE, html.training_report_html(
-        metrics, title=f"Training run {cfg.run.name}", subtitle=attempt.run_dir, details=details))
+    details = html.dated(
+        {
+            "model": f"{cfg.model.name} ({attempt.backend_name} backend, {device})",
+            "training data": d.train_path or (d.train_dataset and d.train_dataset.name),
+            "adapter": os.path.join(attempt.run_dir, layout.ADAPTER_DIR),
+            "steps": training.get("global_step"),
+        }
+    )
+    outputs.write_text(
+        layout.REPORT_FILE,
+        html.training_report_html(metrics, title=f"Training run {cfg.run.name}", subtitle=attempt.run_dir, details=details),
+    )
     record = provenance.build_manifest(
         cfg.model_dump(mode="json"),
         data_fingerprint=splits.fingerprints,

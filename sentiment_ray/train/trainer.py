@@ -40,6 +40,7 @@ _CUDA_ONLY_OPTIMIZER_MARKERS = ("8bit", "paged", "bnb")
 class CheckpointError(RuntimeError):
     pass
 
+
 # ---------------------------------------------------------------------------- trainer config
 
 
@@ -101,13 +102,17 @@ def plan_batches(cfg: ExperimentConfig, model, device, backend_name: str) -> bat
         agreed = torch.tensor([micro], device=device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         micro = int(agreed.item())
-    log.info("micro-batch %d x %d accumulation steps per optimizer step: %.1f GiB free for activations, "
-             "%.2f GiB per row (estimated)", micro, batching.worker_share(cfg.train) // micro, budget / 2**30, per_row / 2**30)
+    log.info(
+        "micro-batch %d x %d accumulation steps per optimizer step: %.1f GiB free for activations, %.2f GiB per row (estimated)",
+        micro,
+        batching.worker_share(cfg.train) // micro,
+        budget / 2**30,
+        per_row / 2**30,
+    )
     return batching.cut(cfg.train, micro, "memory")
 
 
-def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int,
-                     batches: batching.BatchPlan | None = None):
+def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int, batches: batching.BatchPlan | None = None):
     """TRL SFTConfig from cfg.train (and model.max_seq_length); micro-batches and gradient
     accumulation from `batches` (plan_batches), else as the config fixes them (on a GPU,
     `train.micro_batch_size: auto` needs a plan)."""
@@ -128,8 +133,7 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
         # per-sequence (block-diagonal) causal mask from such position_ids (masking_utils.
         # find_packed_sequence_indices) when no KV cache is passed, as in training (the
         # trainer forwards with use_cache=False); tests/integration/test_train.py checks packed == padded loss.
-        log.info("padding-free rows with %s attention: per-sequence masks come from position_ids",
-                 cfg.model.attn_implementation)
+        log.info("padding-free rows with %s attention: per-sequence masks come from position_ids", cfg.model.attn_implementation)
     return SFTConfig(
         output_dir=output_dir,
         max_steps=t.max_steps,
@@ -270,7 +274,9 @@ def _make_report_callback_class():
             if dist.is_available() and dist.is_initialized():
                 import torch
 
-                flag = torch.tensor([1 if stop else 0], device="cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu")
+                flag = torch.tensor(
+                    [1 if stop else 0], device="cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+                )
                 dist.broadcast(flag, src=0)
                 stop = bool(flag.item())
             return stop
@@ -297,7 +303,9 @@ def _make_report_callback_class():
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.fail_at_step is not None and state.global_step == self.fail_at_step:
-                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: test-injected failure after step {state.global_step}")
+                raise RuntimeError(
+                    f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: test-injected failure after step {state.global_step}"
+                )
             if not self._eval_due(state):
                 return control
             if self.scorer is not None:
@@ -322,7 +330,9 @@ def _make_report_callback_class():
                 with open(os.path.join(folder, layout.RUN_STATE_FILE), "w", encoding="utf-8") as f:
                     json.dump(self.run_state, f)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(self._metrics(state), checkpoint=checkpoint, checkpoint_dir_name=layout.checkpoint_dir_name(state.global_step))
+            ray.train.report(
+                self._metrics(state), checkpoint=checkpoint, checkpoint_dir_name=layout.checkpoint_dir_name(state.global_step)
+            )
             return control
 
     return _RayReportCallback
@@ -461,4 +471,3 @@ def report_callback_class():
     if _REPORT_CALLBACK_CLASS is None:
         _REPORT_CALLBACK_CLASS = _make_report_callback_class()
     return _REPORT_CALLBACK_CLASS
-

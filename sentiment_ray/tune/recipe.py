@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import time
-from typing import Any
 
 from sentiment_ray import cluster, rerun, tracking
 from sentiment_ray.config import ConfigError, ExperimentConfig
@@ -102,8 +101,7 @@ def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, dict]]:
     d = cfg.data
     if not d.validation_path and d.validation_dataset is None and d.validation_fraction <= 0:
         raise ConfigError(
-            "tuning needs a validation split: set data.validation_path, data.validation_dataset "
-            "or data.validation_fraction > 0"
+            "tuning needs a validation split: set data.validation_path, data.validation_dataset or data.validation_fraction > 0"
         )
     space = ss.validate_search_space(cfg)
     cfg = cfg.model_copy(deep=True)
@@ -264,9 +262,7 @@ def _fit(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, concurren
     restoring = tune.Tuner.can_restore(exp_path)
     log.info("%s experiment %s (%d concurrent trials)", "resuming" if restoring else "starting", exp_path, concurrency)
     if restoring:
-        tuner = tune.Tuner.restore(
-            exp_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
-        )
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space)
     else:
         if existed:
             log.info("%s has no Tune state yet (the driver died before Tune saved any); starting it", exp_path)
@@ -310,7 +306,9 @@ def finalize(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, *, st
     results.write_table(rows, experiment, layout.TABLE_CSV, layout.TABLE_PARQUET)
     png = plots.render_metric_plot(records, metric, title=f"{cfg.tune.experiment_name}: {metric} by step", best_id=best_id)
     experiment.write_bytes(layout.PLOT_FILE, png)
-    page = html.tune_report_html(records, rows, metric=metric, mode=mode, best=best, title=f"Tune experiment {cfg.tune.experiment_name}")
+    page = html.tune_report_html(
+        records, rows, metric=metric, mode=mode, best=best, title=f"Tune experiment {cfg.tune.experiment_name}"
+    )
     experiment.write_text(layout.REPORT_FILE, page)
     report_files = (layout.TABLE_CSV, layout.TABLE_PARQUET, layout.PLOT_FILE, layout.REPORT_FILE)
     tracking.finish_tune(cfg, exp_path, experiment, report_files, metric=metric, best=best, trials=len(rows))
@@ -439,7 +437,19 @@ def promote_best(exp_path: str, record: dict, row: dict, metric: str) -> str:
 
 def json_summary(summary: dict) -> dict:
     """What the tune job's JSON line holds (a metric that is not a finite number: null)."""
-    keep = ("experiment", "best_trial", "best_config", "metric", "best_metric", "best_dir", "trials", "outcomes", "table", "plot", "report")
+    keep = (
+        "experiment",
+        "best_trial",
+        "best_config",
+        "metric",
+        "best_metric",
+        "best_dir",
+        "trials",
+        "outcomes",
+        "table",
+        "plot",
+        "report",
+    )
     shown = {k: summary.get(k) for k in keep}
     if isinstance(shown["best_metric"], float) and not math.isfinite(shown["best_metric"]):
         shown["best_metric"] = None

@@ -32,8 +32,14 @@ def _run(demo_model_dir, out, overrides):
     from sentiment_ray.bench.train_bench import run_train_benchmark
 
     return run_train_benchmark(
-        model=demo_model_dir, out_dir=str(out), backends=["unsloth", "hf"], config="demo",
-        warmup=0, steps=20, overrides=["model.dtype=bfloat16", *overrides], child_timeout=300,
+        model=demo_model_dir,
+        out_dir=str(out),
+        backends=["unsloth", "hf"],
+        config="demo",
+        warmup=0,
+        steps=20,
+        overrides=["model.dtype=bfloat16", *overrides],
+        child_timeout=300,
     )
 
 

@@ -73,11 +73,24 @@ def test_label_job_on_gpu_labels_every_id_once(demo_model_dir, tmp_path):
     out = tmp_path / "out"
     summary = _run(
         [
-            sys.executable, "jobs/label.py", "--config", "demo", "--input", str(DEMO_CSV), "--output", str(out),
-            "--rows-per-unit", "1000", "run.use_gpu=true", "label.write_submission=true",
+            sys.executable,
+            "jobs/label.py",
+            "--config",
+            "demo",
+            "--input",
+            str(DEMO_CSV),
+            "--output",
+            str(out),
+            "--rows-per-unit",
+            "1000",
+            "run.use_gpu=true",
+            "label.write_submission=true",
         ]
     )
-    print("label job:", json.dumps({k: summary[k] for k in ("rows", "rows_per_s", "prompt_tokens_per_s", "prompt_tokens_per_predict_s")}))
+    print(
+        "label job:",
+        json.dumps({k: summary[k] for k in ("rows", "rows_per_s", "prompt_tokens_per_s", "prompt_tokens_per_predict_s")}),
+    )
     ids = pacsv.read_csv(DEMO_CSV, convert_options=pacsv.ConvertOptions(include_columns=["ID"])).column("ID").to_pylist()
     table = pq.read_table(out / "predictions", columns=["ID", "p_Positive", "p_Negative"])
     assert sorted(table.column("ID").to_pylist()) == sorted(ids)

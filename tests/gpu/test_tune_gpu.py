@@ -49,7 +49,11 @@ def test_tune_on_gpu(tiny_cfg, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "UNSLOTH_COMPILE_LOCATION")}
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "jobs" / "tune.py"), "--config", str(config_path)],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=1500,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=1500,
     )
     log = out.stdout + out.stderr
     (tmp_path / "tune.log").write_text(log)

@@ -92,10 +92,18 @@ def _run_unsloth(model_dir: str, tmp_path: Path) -> dict:
         pytest.skip("unsloth is not installed")
     script = tmp_path / "unsloth_check.py"
     script.write_text(UNSLOTH_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])), UNSLOTH_COMPILE_LOCATION=str(tmp_path / "unsloth_cache"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+        UNSLOTH_COMPILE_LOCATION=str(tmp_path / "unsloth_cache"),
+    )
     proc = subprocess.run(
         [sys.executable, str(script), model_dir, str(tmp_path / "adapter")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"

@@ -82,7 +82,9 @@ def test_a_forward_that_does_not_compile_falls_back_to_eager_with_one_warning(ti
         return forward
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(RuntimeWarning, match=r"did not compile \(RuntimeError: inductor: no C\+\+ compiler found\); scoring eagerly") as caught:
+    with pytest.warns(
+        RuntimeWarning, match=r"did not compile \(RuntimeError: inductor: no C\+\+ compiler found\); scoring eagerly"
+    ) as caught:
         labeler = _labeler(tiny_cfg, lora_adapter, compile="true")
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert labeler.scorer.compiled is False

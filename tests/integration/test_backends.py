@@ -20,9 +20,7 @@ SENTENCES = ["great value, works perfectly", "broke after a day", "so-so", "Me e
 def scores(model, tokenizer, cfg) -> np.ndarray:
     from sentiment_ray.scoring import LabelScorer
 
-    scorer = LabelScorer(
-        model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels), 128, batch_size=4
-    )
+    scorer = LabelScorer(model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels), 128, batch_size=4)
     return scorer.score(SENTENCES).probs
 
 
@@ -61,9 +59,7 @@ def _run_with_fake_unsloth(tmp_path, body: str, env_extra: dict | None = None) -
     env = {k: v for k, v in os.environ.items() if k != "UNSLOTH_COMPILE_LOCATION"}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "fake"), repo])
     env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True, env=env, timeout=120
-    )
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_early_import_sets_per_process_compile_dir_before_importing_unsloth(tmp_path):
@@ -176,8 +172,15 @@ def test_hf_gradient_checkpointing_trains_only_lora(tiny_cfg):
 
 @pytest.mark.parametrize(
     "setting, gib, expected",
-    [("auto", 79.2, "false"), ("auto", 40.0, "false"), ("auto", 23.6, "unsloth"), ("auto", None, "unsloth"),
-     ("unsloth", 79.2, "unsloth"), ("true", None, "true"), ("false", 8.0, "false")],
+    [
+        ("auto", 79.2, "false"),
+        ("auto", 40.0, "false"),
+        ("auto", 23.6, "unsloth"),
+        ("auto", None, "unsloth"),
+        ("unsloth", 79.2, "unsloth"),
+        ("true", None, "true"),
+        ("false", 8.0, "false"),
+    ],
 )
 def test_auto_gradient_checkpointing_is_off_only_on_big_gpus(setting, gib, expected):
     from sentiment_ray.backends.base import resolve_gradient_checkpointing

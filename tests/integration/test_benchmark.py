@@ -76,8 +76,13 @@ def test_token_counter_counts_real_tokens_and_pairs_without_host_sync():
 
     counter = train_bench._token_counter_class()()
     # Padding-free packed row: documents of 3 and 4 tokens.
-    counter.count({"input_ids": torch.ones(1, 7, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3]]),
-                   "labels": torch.tensor([[-100, -100, 5, -100, -100, 6, 7]])})
+    counter.count(
+        {
+            "input_ids": torch.ones(1, 7, dtype=torch.long),
+            "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3]]),
+            "labels": torch.tensor([[-100, -100, 5, -100, -100, 6, 7]]),
+        }
+    )
     # Right-padded batch with an attention mask: rows of 3 and 1 real tokens.
     counter.count({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])})
     got = counter.pop()
@@ -94,10 +99,17 @@ def test_padded_tokens_follow_the_scorers_longest_first_batches():
 
 
 def _fake_run(tps, step, alloc, resv, losses):
-    return {"tokens_per_s": tps, "step_time_s": {"mean": step}, "peak_memory_allocated_gib": alloc,
-            "peak_memory_reserved_gib": resv, "mfu": tps / 1e5, "losses": losses, "loss_last": losses[-1],
-            "warmup_time_s": 1.0, "setup": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
-                                           "max_length": 2048, "packing": True}}
+    return {
+        "tokens_per_s": tps,
+        "step_time_s": {"mean": step},
+        "peak_memory_allocated_gib": alloc,
+        "peak_memory_reserved_gib": resv,
+        "mfu": tps / 1e5,
+        "losses": losses,
+        "loss_last": losses[-1],
+        "warmup_time_s": 1.0,
+        "setup": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_length": 2048, "packing": True},
+    }
 
 
 def test_comparison_ratios_loss_agreement_and_targets():
@@ -116,8 +128,17 @@ def test_comparison_ratios_loss_agreement_and_targets():
     # A failed run gives no comparison, and the table says FAILED instead of crashing.
     failed = {"unsloth": {"error": "boom"}, "hf": runs["hf"]}
     assert train_bench.compare_runs(failed, ["trainer"]) == {}
-    table = train_bench.format_train_table({"model": "llama8b-shape", "warmup_steps": 3, "timed_steps": 8, "peak_tflops": 989.0,
-                                            "runs": failed, "comparisons": {}, "targets": train_bench.check_targets(None, runs["hf"])})
+    table = train_bench.format_train_table(
+        {
+            "model": "llama8b-shape",
+            "warmup_steps": 3,
+            "timed_steps": 8,
+            "peak_tflops": 989.0,
+            "runs": failed,
+            "comparisons": {},
+            "targets": train_bench.check_targets(None, runs["hf"]),
+        }
+    )
     assert "FAILED" in table
     assert "targets:" in table
 
@@ -225,7 +246,12 @@ def test_train_bare_loop_measures_in_process(tiny_model_dir):
     cfg = common.base_config(common.DEFAULT_CONFIG, train_bench.SMOKE_OVERRIDES)
     spec = {
         "config": train_bench.child_config(cfg, tiny_model_dir, "hf", 1, 1, DEMO_CSV),
-        "model_label": "tiny", "warmup_steps": 1, "timed_steps": 1, "loop": "bare", "max_rows": 64, "peak_tflops": 989.0,
+        "model_label": "tiny",
+        "warmup_steps": 1,
+        "timed_steps": 1,
+        "loop": "bare",
+        "max_rows": 64,
+        "peak_tflops": 989.0,
     }
     run = train_bench.measure(spec)
     assert run["loop"] == "bare"
@@ -238,8 +264,19 @@ def test_train_bare_loop_measures_in_process(tiny_model_dir):
 @pytest.mark.slow
 def test_label_smoke_writes_every_phase(tiny_model_dir, tmp_path):
     """With a random adapter of the preset's LoRA shape and the whole labelling job on 30 rows."""
-    proc = _run_job("label", "--model", tiny_model_dir, "--smoke", "--out", str(tmp_path), "--adapter", "random",
-                    "--pipeline-rows", "30", timeout=600)
+    proc = _run_job(
+        "label",
+        "--model",
+        tiny_model_dir,
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        "--adapter",
+        "random",
+        "--pipeline-rows",
+        "30",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "label benchmark" in proc.stdout
     result = json.loads((tmp_path / "label_benchmark.json").read_text())
@@ -248,7 +285,13 @@ def test_label_smoke_writes_every_phase(tiny_model_dir, tmp_path):
     assert run["n_examples"] == 24
     assert run["prompt_tokens"] > 0
     assert run["tokenisation"]["examples_per_s"] > 0
-    assert [p["batch_size"] for p in run["scoring"]] == ["4 rows", "8 rows", "<=256 tok", "<=256 tok, <=64 rows", "<=256 tok +prefix"]
+    assert [p["batch_size"] for p in run["scoring"]] == [
+        "4 rows",
+        "8 rows",
+        "<=256 tok",
+        "<=256 tok, <=64 rows",
+        "<=256 tok +prefix",
+    ]
     assert [p["max_batch_tokens"] for p in run["scoring"]] == [0, 0, 256, 256, 256]
     for p in run["scoring"]:
         assert p["examples_per_s"] > 0
@@ -304,8 +347,14 @@ def test_label_forms_compare_the_adapter_held_each_way_on_one_load(tiny_model_di
     cfg.model.name = tiny_model_dir
     adapter = shapes.write_random_adapter(tiny_model_dir, str(tmp_path / "adapter"), cfg.lora, seed=0)
     spec = {
-        "config": cfg.model_dump(mode="json"), "model_label": "tiny", "adapter": adapter, "data": str(DEMO_CSV),
-        "n": 24, "token_budgets": [256], "peak_tflops": 989.0, "forms": ["none", "unmerged", "fused", "merged"],
+        "config": cfg.model_dump(mode="json"),
+        "model_label": "tiny",
+        "adapter": adapter,
+        "data": str(DEMO_CSV),
+        "n": 24,
+        "token_budgets": [256],
+        "peak_tflops": 989.0,
+        "forms": ["none", "unmerged", "fused", "merged"],
     }
     run = measure(spec)
     forms = run["forms"]

@@ -26,7 +26,9 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -78,12 +80,31 @@ def test_export_float32_scores_like_base_plus_adapter(reference, adapter_dir, tm
     # What training saves with an adapter: its data profile and its calibration scores.
     from sentiment_ray import languages, risk
 
-    profile = languages.data_profile(["en"] * 8, ["Positive", "Negative"] * 4, ["en"] * 4, ["Positive", "Negative"] * 2, detected=False)
+    profile = languages.data_profile(
+        ["en"] * 8, ["Positive", "Negative"] * 4, ["en"] * 4, ["Positive", "Negative"] * 2, detected=False
+    )
     (Path(adapter_dir) / languages.PROFILE_FILE).write_text(json.dumps(profile))
     rng = np.random.default_rng(0)
     scores = risk.scores_record(rng.uniform(0.9, 1, 500), rng.uniform(size=500) < 0.99, temperature=1.0)
     (Path(adapter_dir) / risk.RISK_FILE).write_text(json.dumps(scores))
-    assert main(["export", "--config", str(config_path), "--adapter", adapter_dir, "--output", str(out), "--dtype", "float32", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--config",
+                str(config_path),
+                "--adapter",
+                adapter_dir,
+                "--output",
+                str(out),
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "tokenizer.json", "sentiment_ray_export.json"} <= files
     assert not any(name.startswith("adapter_") for name in files)  # a plain model, no peft files

@@ -66,8 +66,18 @@ def gcs(tmp_path_factory):
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = start_server(
-        ["-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-         "--default-bucket", BUCKET],
+        [
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--default-bucket",
+            BUCKET,
+        ],
         f"{endpoint}/storage/v1/b/{BUCKET}",
         tmp_path_factory.mktemp("gcs") / "emulator.log",
     )
@@ -122,16 +132,33 @@ def test_train_then_label_end_to_end_on_gcs(gcs, tiny_model_dir, tmp_path):
     assert summary["adapter"] == f"{run_dir}/adapter"
     assert summary["steps"] == 2
     run_keys = gcs.keys("runs/tiny-gcs/")
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json", "manifest.json",
-                 "validation_predictions.parquet"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.json",
+        "manifest.json",
+        "validation_predictions.parquet",
+    ):
         assert f"runs/tiny-gcs/{name}" in run_keys, run_keys
     assert any("/checkpoint-" in k for k in run_keys), "Ray Train's checkpoint is in GCS"
 
     unlabelled = demo_rows(40, start=500)
     gcs.put("unlabelled/part-0.csv", to_csv(unlabelled))
     label = run_job(
-        ["jobs/label.py", "--config", str(cfg_path), "--input", f"{ROOT}/unlabelled/", "--adapter", f"{run_dir}/adapter",
-         "--output", f"{ROOT}/labels", "--rows-per-unit", "20", "label.write_submission=true"],
+        [
+            "jobs/label.py",
+            "--config",
+            str(cfg_path),
+            "--input",
+            f"{ROOT}/unlabelled/",
+            "--adapter",
+            f"{run_dir}/adapter",
+            "--output",
+            f"{ROOT}/labels",
+            "--rows-per-unit",
+            "20",
+            "label.write_submission=true",
+        ],
         env,
     )
     assert label.returncode == 0, label.stderr[-4000:]

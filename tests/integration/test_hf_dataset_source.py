@@ -110,11 +110,14 @@ def test_a_hub_id_goes_to_load_dataset_with_config_split_and_revision(monkeypatc
 def test_the_training_splits_come_from_the_dataset_sources(imdb_like, tmp_path):
     from sentiment_ray.train.data import load_splits
 
-    cfg = ExperimentConfig(data={
-        "train_dataset": {"name": imdb_like, "split": "train", "load_from_disk": True},
-        "validation_dataset": {"name": imdb_like, "split": "test", "load_from_disk": True},
-        "text_column": "text", "label_map": IMDB_MAP,
-    })
+    cfg = ExperimentConfig(
+        data={
+            "train_dataset": {"name": imdb_like, "split": "train", "load_from_disk": True},
+            "validation_dataset": {"name": imdb_like, "split": "test", "load_from_disk": True},
+            "text_column": "text",
+            "label_map": IMDB_MAP,
+        }
+    )
     splits = load_splits(cfg, LABELS, str(tmp_path))
     assert splits.train.num_rows == 40
     assert splits.validation.num_rows == 10

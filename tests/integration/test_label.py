@@ -108,8 +108,12 @@ def test_report_png_has_both_panels_in_scoring_mode_only_matrix_otherwise():
     from sentiment_ray.report.plots import render_report_png
 
     confusion = {"labels": ["Positive", "Negative"], "matrix": [[5, 1], [2, 7]]}
-    bins = [{"lo": i / 10, "hi": (i + 1) / 10, "count": c, "accuracy": a, "confidence": m}
-            for i, (c, a, m) in enumerate([(0, None, None)] * 5 + [(4, 0.5, 0.55), (3, 0.67, 0.66), (0, None, None), (2, 1.0, 0.85), (6, 1.0, 0.97)])]
+    bins = [
+        {"lo": i / 10, "hi": (i + 1) / 10, "count": c, "accuracy": a, "confidence": m}
+        for i, (c, a, m) in enumerate(
+            [(0, None, None)] * 5 + [(4, 0.5, 0.55), (3, 0.67, 0.66), (0, None, None), (2, 1.0, 0.85), (6, 1.0, 0.97)]
+        )
+    ]
     both = render_report_png(confusion, bins, title="t", ece=0.05)
     matrix_only = render_report_png(confusion, None)
     for png in (both, matrix_only):
@@ -199,7 +203,9 @@ def test_scoring_gives_one_row_per_input_id_across_files_and_formats(clean_run, 
     assert table.column("pred_label").to_pylist() == [["Positive", "Negative"][i] for i in probs.argmax(axis=1)]
     np.testing.assert_allclose(table.column("confidence").to_numpy(), probs.max(axis=1), atol=1e-7)
     # Every input column is kept, plus identity and provenance.
-    assert {"ID", "sentence", "label", "lang", "source", "source_file", "source_row", "model_name", "adapter_id"} <= set(table.column_names)
+    assert {"ID", "sentence", "label", "lang", "source", "source_file", "source_row", "model_name", "adapter_id"} <= set(
+        table.column_names
+    )
     # submission.csv: ID,label, in input order (files sorted, then rows).
     lines = (out / "submission.csv").read_text().splitlines()
     assert lines[0] == "ID,label"
@@ -261,7 +267,9 @@ def test_bad_rows_are_quarantined_and_long_text_is_truncated(ray_address, tiny_m
     folder.mkdir()
     good = demo_rows(0, 4)
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows([["ID", "sentence", "label"]] + [[r["ID"], r["sentence"], r["label"]] for r in good])
+    csv.writer(buffer, lineterminator="\n").writerows(
+        [["ID", "sentence", "label"]] + [[r["ID"], r["sentence"], r["label"]] for r in good]
+    )
     (folder / "a.csv").write_bytes(
         buffer.getvalue().encode()
         + b"e1,,Positive\n"
@@ -270,8 +278,10 @@ def test_bad_rows_are_quarantined_and_long_text_is_truncated(ray_address, tiny_m
         + ("long1," + "word " * 300 + ",Negative\n").encode()
     )
     (folder / "b.jsonl").write_text(
-        json.dumps({"ID": "n1", "sentence": 42, "label": "Positive"}) + "\n"
-        + json.dumps({"ID": "n2", "sentence": "fine text", "label": "Negative"}) + "\n"
+        json.dumps({"ID": "n1", "sentence": 42, "label": "Positive"})
+        + "\n"
+        + json.dumps({"ID": "n2", "sentence": "fine text", "label": "Negative"})
+        + "\n"
     )
     summary = label_dataset(make_cfg(tiny_model_dir), str(folder), str(tmp_path / "out"), rows_per_unit=3)
     assert summary["rows"] == 10
@@ -280,7 +290,9 @@ def test_bad_rows_are_quarantined_and_long_text_is_truncated(ray_address, tiny_m
     assert summary["bad_by_kind"] == {"empty text": 1, "undecodable bytes": 1, "malformed row": 1, "text is not a string": 1}
     quarantined = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert [(Path(q["file"]).name, q["row"], q["kind"]) for q in quarantined] == [
-        ("a.csv", 5, "empty text"), ("a.csv", 6, "undecodable bytes"), ("a.csv", 7, "malformed row"),
+        ("a.csv", 5, "empty text"),
+        ("a.csv", 6, "undecodable bytes"),
+        ("a.csv", 7, "malformed row"),
         ("b.jsonl", 1, "text is not a string"),
     ]
     table = pa.concat_tables(outputs(tmp_path / "out")["predictions"])
@@ -328,8 +340,16 @@ def test_killed_driver_then_rerun_finishes_only_the_rest_with_the_same_output(
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(make_cfg(tiny_model_dir).model_dump()))
     command = [
-        sys.executable, str(REPO_ROOT / "jobs" / "label.py"), "--config", str(config),
-        "--input", str(inputs[0] / "in"), "--output", str(out), "--rows-per-unit", str(ROWS_PER_UNIT),
+        sys.executable,
+        str(REPO_ROOT / "jobs" / "label.py"),
+        "--config",
+        str(config),
+        "--input",
+        str(inputs[0] / "in"),
+        "--output",
+        str(out),
+        "--rows-per-unit",
+        str(ROWS_PER_UNIT),
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -379,12 +399,15 @@ def test_scoring_with_a_trained_adapter_agrees_with_the_training_validation(ray_
     from sentiment_ray.metrics import expected_calibration_error
 
     calibrated = np.stack([validation.column(f"calibrated_p_{label}").to_numpy() for label in ("Positive", "Negative")], axis=1)
-    right = validation.column("predicted").to_numpy(zero_copy_only=False) == validation.column("label").to_numpy(zero_copy_only=False)
+    right = validation.column("predicted").to_numpy(zero_copy_only=False) == validation.column("label").to_numpy(
+        zero_copy_only=False
+    )
     assert ours["ece"] == pytest.approx(expected_calibration_error(calibrated.max(axis=1), right)["ece"], abs=1e-5)
     assert ours["per_language"].keys() == metrics["per_language"].keys()
     for lang, row in metrics["per_language"].items():  # the ECE per language is, again, of other probabilities
         assert {k: v for k, v in ours["per_language"][lang].items() if k != "ece"} == pytest.approx(
-            {k: v for k, v in row.items() if k != "ece"})
+            {k: v for k, v in row.items() if k != "ece"}
+        )
     assert summary["adapter"].startswith("adapter@")
 
 
@@ -393,7 +416,10 @@ def test_an_input_error_inside_the_actor_stops_the_run_naming_file_and_column(ra
     from sentiment_ray.label.recipe import label_dataset
 
     (tmp_path / "in.jsonl").write_text(
-        json.dumps({"ID": "a", "sentence": "one", "stars": 5}) + "\n" + json.dumps({"ID": "b", "sentence": "two", "stars": "five"}) + "\n"
+        json.dumps({"ID": "a", "sentence": "one", "stars": 5})
+        + "\n"
+        + json.dumps({"ID": "b", "sentence": "two", "stars": "five"})
+        + "\n"
     )
     with pytest.raises(DataError, match=r"in\.jsonl: rows 1-2: column 'stars' mixes value types"):
         label_dataset(make_cfg(tiny_model_dir), str(tmp_path / "in.jsonl"), str(tmp_path / "out"))

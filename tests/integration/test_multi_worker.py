@@ -25,11 +25,29 @@ def make_cfg(model_dir: str, storage: Path, name: str, workers: int, batch: int,
         model={"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
         lora={"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
         data={"train_path": str(DEMO_CSV), "validation_fraction": 0.1, "max_train_rows": 64, "max_validation_rows": 16},
-        train={"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": 2, "warmup_steps": 0,
-               "optim": "adamw_torch", "packing": False, "eval_batch_size": 16, "zero_shot_eval": False, "seed": 0,
-               "learning_rate": 1e-3, "save_steps": 1, "calibrate": False, **train},
-        run={"name": name, "storage_path": str(storage), "use_gpu": "false", "num_workers": workers, "cpus_per_worker": 1,
-             "checkpoints_to_keep": 2},
+        train={
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "optim": "adamw_torch",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": False,
+            "seed": 0,
+            "learning_rate": 1e-3,
+            "save_steps": 1,
+            "calibrate": False,
+            **train,
+        },
+        run={
+            "name": name,
+            "storage_path": str(storage),
+            "use_gpu": "false",
+            "num_workers": workers,
+            "cpus_per_worker": 1,
+            "checkpoints_to_keep": 2,
+        },
     )
 
 
@@ -95,10 +113,18 @@ def s3_bucket(tmp_path, monkeypatch):
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(key, value)
-    server = start_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/", tmp_path / "moto.log")
+    server = start_server(
+        ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/", tmp_path / "moto.log"
+    )
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="two-nodes")
     try:

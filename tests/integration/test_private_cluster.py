@@ -45,11 +45,27 @@ def _free_port() -> int:
 def _start_second_head(env: dict, log_path: Path) -> subprocess.Popen:
     """`ray start --head --block` with free ports, no CPUs, in a session of its own."""
     cli = Path(sys.executable).parent / "ray"
-    ports = ["--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-             "--node-manager-port", "--object-manager-port"]
-    cmd = [str(cli) if cli.exists() else "ray", "start", "--head", "--block", "--num-cpus=0",
-           "--include-dashboard=true", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    ports = [
+        "--port",
+        "--dashboard-port",
+        "--ray-client-server-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    ]
+    cmd = [
+        str(cli) if cli.exists() else "ray",
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=0",
+        "--include-dashboard=true",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+    ]
     cmd += [f"{flag}={_free_port()}" for flag in ports]
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -84,8 +100,9 @@ def test_another_ray_start_on_the_host_changes_nothing_and_the_run_finishes(tiny
             time.sleep(0.2)
         assert discovery_file.exists(), (tmp_path / "head.log").read_text()[-3000:]
         other = discovery_file.read_text().strip()
-        run = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=REPO_ROOT, env=env, text=True,
-                             capture_output=True, timeout=600)
+        run = subprocess.run(
+            [sys.executable, "jobs/train.py", *args], cwd=REPO_ROOT, env=env, text=True, capture_output=True, timeout=600
+        )
         assert discovery_file.read_text().strip() == other  # the run did not claim the host's file
     finally:
         _stop(head)

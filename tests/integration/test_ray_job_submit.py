@@ -95,8 +95,17 @@ def ray_head():
         "--node-manager-port": _free_port(),
         "--object-manager-port": _free_port(),
     }
-    cmd = [_ray_cli(), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-           "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     cmd += [f"{flag}={port}" for flag, port in ports.items()]
     log = open(os.path.join(temp_dir, "head.log"), "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -120,8 +129,16 @@ def _tiny_config_file(tiny_model_dir: str, tmp_path: Path) -> Path:
             "max_train_rows": 64,
             "max_validation_rows": 32,
         },
-        "train": {"per_device_train_batch_size": 4, "max_steps": 2, "warmup_steps": 0, "optim": "adamw_8bit",
-                  "packing": False, "eval_batch_size": 16, "zero_shot_eval": True, "seed": 0},
+        "train": {
+            "per_device_train_batch_size": 4,
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "optim": "adamw_8bit",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": True,
+            "seed": 0,
+        },
         "run": {"name": "job-submit", "storage_path": str(tmp_path / "runs"), "use_gpu": "auto"},
     }
     path = tmp_path / "tiny.yaml"
@@ -143,11 +160,27 @@ def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tm
     submission_id = f"sentiment-train-{os.getpid()}-{int(time.time())}"
     submitted = subprocess.run(
         [
-            _ray_cli(), "job", "submit", "--address", url, "--submission-id", submission_id,
-            "--working-dir", ".", "--",
-            sys.executable, "jobs/train.py", "--config", str(config_path), "train.learning_rate=1e-3",
+            _ray_cli(),
+            "job",
+            "submit",
+            "--address",
+            url,
+            "--submission-id",
+            submission_id,
+            "--working-dir",
+            ".",
+            "--",
+            sys.executable,
+            "jobs/train.py",
+            "--config",
+            str(config_path),
+            "train.learning_rate=1e-3",
         ],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     status = _ray_job(env, "status", "--address", url, submission_id)
     logs = _ray_job(env, "logs", "--address", url, submission_id)

@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sentiment_ray.eval import recipe as evaluate
-from sentiment_ray.report import html
 from sentiment_ray.cli import main
+from sentiment_ray.eval import recipe as evaluate
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.metrics import classification_report
 from sentiment_ray.report import html
@@ -41,9 +40,19 @@ def render(page: Path) -> str:
     if browser is None:
         pytest.skip("no Chromium found (apt-get install chromium, or run scripts/install_browser.sh)")
     out = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=5000",
-         "--dump-dom", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=180,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "<html" in out.stdout, out.stderr[-3000:]
@@ -107,8 +116,15 @@ def _predictions(n: int = 240, seed: int = 0) -> dict[str, list]:
     p_pos = np.clip(np.where(np.array(gold) == "Positive", 0.7, 0.3) + rng.normal(0, 0.25, n), 0.01, 0.99)
     pred = ["Positive" if p > 0.5 else "Negative" for p in p_pos]
     langs = rng.choice(["en", "es", "zh"], n).tolist()
-    return {"ID": list(range(n)), "label": gold, "lang": langs, "pred_label": pred, "p_Positive": p_pos.tolist(),
-            "p_Negative": (1 - p_pos).tolist(), "confidence": np.maximum(p_pos, 1 - p_pos).tolist()}
+    return {
+        "ID": list(range(n)),
+        "label": gold,
+        "lang": langs,
+        "pred_label": pred,
+        "p_Positive": p_pos.tolist(),
+        "p_Negative": (1 - p_pos).tolist(),
+        "confidence": np.maximum(p_pos, 1 - p_pos).tolist(),
+    }
 
 
 def test_label_output_report_renders_metrics_languages_confusion_and_reliability(tmp_path):
@@ -118,7 +134,9 @@ def test_label_output_report_renders_metrics_languages_confusion_and_reliability
     half = len(data["ID"]) // 2
     for i, part in enumerate((slice(0, half), slice(half, None))):  # two shards, like a label job's units
         pq.write_table(pa.table({k: v[part] for k, v in data.items()}), folder / "predictions" / f"part-{i:05d}.parquet")
-    pq.write_table(pa.table({"ID": [999], "label": ["Positive"]}), folder / "predictions" / "part-00002.parquet")  # all quarantined
+    pq.write_table(
+        pa.table({"ID": [999], "label": ["Positive"]}), folder / "predictions" / "part-00002.parquet"
+    )  # all quarantined
 
     assert main(["eval", "--predictions", str(folder)]) == 0
     page = folder / evaluate.REPORT_FILE
@@ -176,16 +194,33 @@ def _fake_experiment(root: Path) -> tuple[Path, list[dict]]:
     exp = root / "exp"
     (exp / "trial_histories").mkdir(parents=True)
     records = []
-    for i, (lr, curve, status) in enumerate([(1e-3, [0.5, 0.6, 0.7, 0.8], "TERMINATED"), (1e-5, [0.4, 0.42], "TERMINATED"),
-                                             (3e-4, [0.5, 0.55, 0.62, 0.66], "TERMINATED")]):
+    for i, (lr, curve, status) in enumerate(
+        [
+            (1e-3, [0.5, 0.6, 0.7, 0.8], "TERMINATED"),
+            (1e-5, [0.4, 0.42], "TERMINATED"),
+            (3e-4, [0.5, 0.55, 0.62, 0.66], "TERMINATED"),
+        ]
+    ):
         trial_id = f"t{i}"
         history = [{"step": 2 * (k + 1), "val_macro_f1": v, "time_this_iter_s": 1.0} for k, v in enumerate(curve)]
         (exp / "trial_histories" / f"{trial_id}.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        records.append({"trial_id": trial_id, "status": status, "values": {"train.learning_rate": lr}, "max_steps": 8,
-                        "history": history, "run_dir": str(exp / trial_id), "adapter": "a", "finished": len(curve) == 4})
+        records.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "values": {"train.learning_rate": lr},
+                "max_steps": 8,
+                "history": history,
+                "run_dir": str(exp / trial_id),
+                "adapter": "a",
+                "finished": len(curve) == 4,
+            }
+        )
     rows = tune_report.trial_rows(records, "val_macro_f1", "max", ["train.learning_rate"])
     tune_report.write_table(rows, Storage(str(exp)), "trials.csv", "trials.parquet")
-    (exp / "sentiment_ray_tune.json").write_text(json.dumps({"config": {"tune": {"metric": "val_macro_f1", "mode": "max", "experiment_name": "lr-search"}}}))
+    (exp / "sentiment_ray_tune.json").write_text(
+        json.dumps({"config": {"tune": {"metric": "val_macro_f1", "mode": "max", "experiment_name": "lr-search"}}})
+    )
     (exp / "best").mkdir()
     (exp / "best" / "trial.json").write_text(json.dumps({"trial_id": "t0"}))
     data = _predictions(60, seed=1)
@@ -216,8 +251,14 @@ def test_tune_report_rendered_from_records_in_memory(tmp_path):
 
     exp, rows = _fake_experiment(tmp_path)
     records, _, _ = evaluate.experiment_records(str(exp))
-    text = html.tune_report_html(records, rows, metric="val_macro_f1", mode="max",
-                                 best=tune_report.best_row(rows, "val_macro_f1", "max"), title="Tune experiment in-memory")
+    text = html.tune_report_html(
+        records,
+        rows,
+        metric="val_macro_f1",
+        mode="max",
+        best=tune_report.best_row(rows, "val_macro_f1", "max"),
+        title="Tune experiment in-memory",
+    )
     assert 'id="trial-curves"' in text
     assert 'data-trial="t2"' in text
     assert "Tune experiment in-memory" in text

@@ -80,8 +80,11 @@ def s3(tmp_path_factory):
         "AWS_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    server = start_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/",
-                          tmp_path_factory.mktemp("moto") / "moto.log")
+    server = start_server(
+        ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        f"{endpoint}/moto-api/",
+        tmp_path_factory.mktemp("moto") / "moto.log",
+    )
     patch = pytest.MonkeyPatch()
     try:
         for key, value in env.items():
@@ -141,7 +144,10 @@ def test_manifests_and_json_outputs_mask_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     record = manifest.build_manifest(
         {"data": {"train_path": f"s3://k:{SECRET}@b/x"}, "note": f"key {SECRET}"},
-        data_fingerprint=None, backend="hf", device="cpu", code_version=None,
+        data_fingerprint=None,
+        backend="hf",
+        device="cpu",
+        code_version=None,
         extra={"run_dir": f"s3://b/runs?session_token={SECRET}"},
     )
     assert_no_secret("build_manifest", json.dumps(record))
@@ -247,8 +253,11 @@ def test_a_saved_hf_dataset_in_s3_loads_through_the_s3_extra(s3, tmp_path):
     assert loaded.table.column("sentence").to_pylist() == [r["sentence"] for r in rows]
     assert loaded.table.column("label").to_pylist() == [r["label"] for r in rows]
     with pytest.raises(DataError) as err:
-        load_labelled(HFDatasetConfig(name=f"s3://{BUCKET}/datasets/nothing", split="train", load_from_disk=True),
-                      cfg.data, LabelSet(cfg.prompt.labels))
+        load_labelled(
+            HFDatasetConfig(name=f"s3://{BUCKET}/datasets/nothing", split="train", load_from_disk=True),
+            cfg.data,
+            LabelSet(cfg.prompt.labels),
+        )
     assert str(err.value).startswith(f"hf:s3://{BUCKET}/datasets/nothing:train: cannot load the dataset")
     assert_no_secret("a DataError", str(err.value))
 
@@ -263,7 +272,9 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
 
     train_rows = demo_rows(120)
     s3.put("in/train.csv", to_csv(train_rows + [dict(train_rows[0], ID="bad-1", label="Neutral")]))
-    cfg_path = write_tiny_config(tmp_path / "tiny-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/train.csv", f"s3://{BUCKET}/runs", "tiny-s3")
+    cfg_path = write_tiny_config(
+        tmp_path / "tiny-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/train.csv", f"s3://{BUCKET}/runs", "tiny-s3"
+    )
     env = {**os.environ, **s3.env, "SENTIMENT_RAY_GIT_COMMIT": "test"}
 
     train = run_job(["jobs/train.py", "--config", str(cfg_path)], env)
@@ -274,8 +285,14 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
     assert summary["adapter"] == f"{run_dir}/adapter"
     assert summary["steps"] == 2
     run_keys = s3.keys("runs/tiny-s3/")
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json", "manifest.json",
-                 "quarantine.jsonl", "validation_predictions.parquet"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.json",
+        "manifest.json",
+        "quarantine.jsonl",
+        "validation_predictions.parquet",
+    ):
         assert f"runs/tiny-s3/{name}" in run_keys, run_keys
     assert any("/checkpoint-" in k for k in run_keys), "Ray Train's checkpoint is in S3"
     assert json.loads(s3.get("runs/tiny-s3/quarantine.jsonl"))["values"]["ID"] == "bad-1"
@@ -290,9 +307,20 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
     s3.put("unlabelled/part-0.parquet", pq_buffer.getvalue().to_pybytes())
     s3.put("unlabelled/part-1.csv", to_csv(unlabelled[30:]))
     label = run_job(
-        ["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/unlabelled/",
-         "--adapter", f"{run_dir}/adapter", "--output", f"s3://{BUCKET}/labels", "--rows-per-unit", "20",
-         "label.write_submission=true"],
+        [
+            "jobs/label.py",
+            "--config",
+            str(cfg_path),
+            "--input",
+            f"s3://{BUCKET}/unlabelled/",
+            "--adapter",
+            f"{run_dir}/adapter",
+            "--output",
+            f"s3://{BUCKET}/labels",
+            "--rows-per-unit",
+            "20",
+            "label.write_submission=true",
+        ],
         env,
     )
     assert label.returncode == 0, label.stderr[-4000:]
@@ -310,16 +338,32 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
     assert label_summary["metrics"]["n"] == 50
 
     # A failing read of a missing object: a clean error naming the URI, not the secret.
-    missing = run_job(["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/nowhere/*.csv",
-                    "--output", f"s3://{BUCKET}/labels-missing"], env, timeout=300)
+    missing = run_job(
+        [
+            "jobs/label.py",
+            "--config",
+            str(cfg_path),
+            "--input",
+            f"s3://{BUCKET}/nowhere/*.csv",
+            "--output",
+            f"s3://{BUCKET}/labels-missing",
+        ],
+        env,
+        timeout=300,
+    )
     assert missing.returncode == 1
     assert f"s3://{BUCKET}/nowhere/*.csv: no files match" in missing.stderr
 
     for name, proc in (("train", train), ("label", label), ("failing label", missing)):
         assert_no_secret(f"{name} stdout", proc.stdout)
         assert_no_secret(f"{name} stderr", proc.stderr)
-    for key in ("runs/tiny-s3/manifest.json", "runs/tiny-s3/metrics.json", "labels/_manifest.json",
-                "labels/summary.json", "labels/metrics.json"):
+    for key in (
+        "runs/tiny-s3/manifest.json",
+        "runs/tiny-s3/metrics.json",
+        "labels/_manifest.json",
+        "labels/summary.json",
+        "labels/metrics.json",
+    ):
         assert_no_secret(key, s3.get(key))
     assert run_manifest["config"]["run"]["storage_path"] == f"s3://{BUCKET}/runs"
 
@@ -328,9 +372,19 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
 def test_tune_experiment_and_best_adapter_live_in_s3(s3, tiny_model_dir, tmp_path):
     s3.put("in/tune.csv", to_csv(demo_rows(80)))
     cfg_path = write_tiny_config(
-        tmp_path / "tune-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/tune.csv", f"s3://{BUCKET}/runs", "tiny-s3",
-        tune={"num_samples": 2, "max_concurrent_trials": 1, "scheduler": "fifo", "experiment_name": "tune-s3",
-              "metric": "val_accuracy", "search_space": {"lora.r": {"type": "choice", "values": [2, 4]}}},
+        tmp_path / "tune-s3.yaml",
+        tiny_model_dir,
+        f"s3://{BUCKET}/in/tune.csv",
+        f"s3://{BUCKET}/runs",
+        "tiny-s3",
+        tune={
+            "num_samples": 2,
+            "max_concurrent_trials": 1,
+            "scheduler": "fifo",
+            "experiment_name": "tune-s3",
+            "metric": "val_accuracy",
+            "search_space": {"lora.r": {"type": "choice", "values": [2, 4]}},
+        },
     )
     env = {**os.environ, **s3.env}
     env.pop("RAY_ADDRESS", None)

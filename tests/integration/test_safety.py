@@ -157,7 +157,19 @@ def test_two_jobs_on_one_output_one_is_refused_and_the_others_output_is_exact(ra
     env = job_env(ray_address)
 
     def command(input_dir: str, *extra: str) -> list[str]:
-        return [sys.executable, LABEL_JOB, "--config", cfg, "--input", input_dir, "--output", str(out), "--rows-per-unit", "6", *extra]
+        return [
+            sys.executable,
+            LABEL_JOB,
+            "--config",
+            cfg,
+            "--input",
+            input_dir,
+            "--output",
+            str(out),
+            "--rows-per-unit",
+            "6",
+            *extra,
+        ]
 
     first = subprocess.Popen(command(str(tmp_path / "a")), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -167,7 +179,9 @@ def test_two_jobs_on_one_output_one_is_refused_and_the_others_output_is_exact(ra
         assert first.poll() is None, first.communicate()[1][-3000:]
         # While it runs: another input into the same folder, and the same input with --overwrite.
         other = subprocess.Popen(command(str(tmp_path / "b")), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        overwrite = subprocess.Popen(command(str(tmp_path / "a"), "--overwrite"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        overwrite = subprocess.Popen(
+            command(str(tmp_path / "a"), "--overwrite"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         committed_before = len(markers(out))
         results = [p.communicate(timeout=120) for p in (other, overwrite)]
         assert first.poll() is None, "the first job ended before the others tried: the race was not tested"
@@ -203,8 +217,18 @@ def test_a_killed_jobs_lock_is_taken_over_by_the_rerun(ray_address, tiny_model_d
     ids = write_csv(tmp_path / "in.csv", demo_rows(0, 120))
     out = tmp_path / "out"
     cfg = make_cfg(tiny_model_dir)
-    command = [sys.executable, LABEL_JOB, "--config", config_file(tmp_path, cfg), "--input", str(tmp_path / "in.csv"),
-               "--output", str(out), "--rows-per-unit", "6"]
+    command = [
+        sys.executable,
+        LABEL_JOB,
+        "--config",
+        config_file(tmp_path, cfg),
+        "--input",
+        str(tmp_path / "in.csv"),
+        "--output",
+        str(out),
+        "--rows-per-unit",
+        "6",
+    ]
     driver = subprocess.Popen(command, env=job_env(ray_address), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and driver.poll() is None and not markers(out):
@@ -243,7 +267,9 @@ def test_a_same_size_in_place_edit_of_the_input_is_detected(ray_address, tiny_mo
     label_dataset(cfg, str(source), str(out), rows_per_unit=10)
     old = rows[3]["sentence"].encode()
     edit_in_place(source, old, old.upper() if old.upper() != old else old[::-1])
-    with pytest.raises(LabelRunError, match=r"input changed since the run was planned .*in\.csv: rows 1-10; rerun with --overwrite"):
+    with pytest.raises(
+        LabelRunError, match=r"input changed since the run was planned .*in\.csv: rows 1-10; rerun with --overwrite"
+    ):
         label_dataset(cfg, str(source), str(out))
     assert label_dataset(cfg, str(source), str(out), overwrite=True, rows_per_unit=10)["units"]["labelled_now"] == 6
 
@@ -281,7 +307,10 @@ def test_unwritable_output_and_unreadable_input_are_one_line(tiny_model_dir, tmp
     unreadable.chmod(0o000)
     try:
         cases = {
-            "output": ([str(tmp_path / "in.csv"), str(locked)], f"error: {locked}/{LOCK_FILE}: cannot create the lock file: permission denied"),
+            "output": (
+                [str(tmp_path / "in.csv"), str(locked)],
+                f"error: {locked}/{LOCK_FILE}: cannot create the lock file: permission denied",
+            ),
             "input": ([str(unreadable), str(tmp_path / "out")], f"error: {unreadable}: permission denied (cannot read it)"),
         }
         for name, ((source, output), expected) in cases.items():
@@ -328,18 +357,29 @@ def test_a_full_disk_in_the_driver_is_one_line_with_the_trace_in_a_log(tiny_mode
     out = tmp_path / "out"
     monkeypatch.setenv("SENTIMENT_RAY_CACHE", str(tmp_path / "cache"))
     with failing_writes(monkeypatch, "_manifest.json", errno.ENOSPC):
-        rc = main(["label", "--config", config_file(tmp_path, make_cfg(tiny_model_dir)), "--input", str(tmp_path / "in.csv"),
-                   "--output", str(out)])
+        rc = main(
+            [
+                "label",
+                "--config",
+                config_file(tmp_path, make_cfg(tiny_model_dir)),
+                "--input",
+                str(tmp_path / "in.csv"),
+                "--output",
+                str(out),
+            ]
+        )
     err = capsys.readouterr().err
     assert rc == 1
     [line] = error_lines(err)
-    assert line.startswith(f"error: {out}/_manifest.json: cannot write: no space left on device (disk full) (full trace: {tmp_path}/cache/logs/label-")
+    assert line.startswith(
+        f"error: {out}/_manifest.json: cannot write: no space left on device (disk full) (full trace: {tmp_path}/cache/logs/label-"
+    )
     log = Path(line.rsplit("(full trace: ", 1)[1].rstrip(")"))
     assert "No space left on device" in log.read_text()
     assert not out.exists()  # no manifest, no temporary, the lock released: the folder it made is gone
 
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import contextlib, errno, os
 pattern = os.environ.get("SENTIMENT_RAY_TEST_FULL_DISK")
 if pattern:
@@ -355,7 +395,7 @@ if pattern:
             yield out
 
     storage.Storage.atomic_writer = writer
-'''
+"""
 
 
 def test_a_full_disk_in_an_actor_is_one_line_and_the_rerun_resumes(ray_address, tiny_model_dir, tmp_path):
@@ -371,8 +411,18 @@ def test_a_full_disk_in_an_actor_is_one_line_and_the_rerun_resumes(ray_address, 
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     cfg = make_cfg(tiny_model_dir)
-    command = [sys.executable, LABEL_JOB, "--config", config_file(tmp_path, cfg), "--input", str(tmp_path / "in.csv"),
-               "--output", str(out), "--rows-per-unit", "10"]
+    command = [
+        sys.executable,
+        LABEL_JOB,
+        "--config",
+        config_file(tmp_path, cfg),
+        "--input",
+        str(tmp_path / "in.csv"),
+        "--output",
+        str(out),
+        "--rows-per-unit",
+        "10",
+    ]
     env = job_env(
         None,  # its own local cluster, whose workers load the sitecustomize
         PYTHONPATH=os.pathsep.join([str(site), str(REPO_ROOT)]),
@@ -417,7 +467,9 @@ def test_a_5mb_field_is_labelled_with_bounded_actor_memory(ray_address, tiny_mod
     summary = label_dataset(cfg, str(tmp_path / "big.csv"), str(tmp_path / "out-big"))
     [small_marker], [big_marker] = markers(tmp_path / "out-small"), markers(tmp_path / "out-big")
     growth = big_marker["peak_rss_mb"] - small_marker["peak_rss_mb"]
-    print(f"actor peak RSS: {small_marker['peak_rss_mb']} MiB (a 20,000-character row), {big_marker['peak_rss_mb']} MiB (the 5 MB row)")
+    print(
+        f"actor peak RSS: {small_marker['peak_rss_mb']} MiB (a 20,000-character row), {big_marker['peak_rss_mb']} MiB (the 5 MB row)"
+    )
     assert growth < 200, f"the 5 MB field grew the actor by {growth:.0f} MiB"
     assert summary["text_cut"] == 1
     assert summary["truncated"] >= 1
@@ -447,7 +499,9 @@ def test_a_pickle_adapter_is_refused_before_anything_unpickles_it(tiny_model_dir
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
     write_csv(tmp_path / "in.csv", demo_rows(0, 4))
-    with pytest.raises(LabelRunError, match=r"adapter_model\.bin: the adapter's weights are a pickle file.*model\.allow_unsafe_weights=true"):
+    with pytest.raises(
+        LabelRunError, match=r"adapter_model\.bin: the adapter's weights are a pickle file.*model\.allow_unsafe_weights=true"
+    ):
         label_dataset(make_cfg(tiny_model_dir), str(tmp_path / "in.csv"), str(tmp_path / "out"), str(adapter))
     assert not (tmp_path / "payload-ran").exists()
     assert not (tmp_path / "out").exists()
@@ -461,9 +515,20 @@ def train_cfg(model_dir: str, storage: Path, **train) -> ExperimentConfig:
         model={"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
         lora={"r": 16, "alpha": 16, "gradient_checkpointing": "false"},
         data={"train_path": str(DEMO_CSV), "validation_fraction": 0.1, "max_train_rows": 32, "max_validation_rows": 16},
-        train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2, "warmup_steps": 0,
-               "optim": "adamw_torch", "packing": False, "eval_batch_size": 16, "zero_shot_eval": False, "seed": 0,
-               "learning_rate": 3e-4, "save_steps": 2, **train},
+        train={
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "optim": "adamw_torch",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": False,
+            "seed": 0,
+            "learning_rate": 3e-4,
+            "save_steps": 2,
+            **train,
+        },
         run={"name": "resume", "storage_path": str(storage), "use_gpu": "false", "num_workers": 1, "cpus_per_worker": 1},
     )
 

@@ -288,8 +288,9 @@ def test_the_shared_prefix_runs_once_and_gives_the_same_probabilities_as_whole_p
     sentences, _ = _demo_rows(40)
     sentences += SENTENCES + [" leading space", "\nleading newline"]
     reused = LabelScorer(model, tokenizer, TEMPLATE, LABELS, max_length=128, batch_size=None, max_batch_tokens=512)
-    whole = LabelScorer(model, tokenizer, TEMPLATE, LABELS, max_length=128, batch_size=None, max_batch_tokens=512,
-                        reuse_prefix=False)
+    whole = LabelScorer(
+        model, tokenizer, TEMPLATE, LABELS, max_length=128, batch_size=None, max_batch_tokens=512, reuse_prefix=False
+    )
     assert len(reused.prefix_ids) > 10
     assert whole.prefix_ids == []
     a, b = reused.score(sentences), whole.score(sentences)

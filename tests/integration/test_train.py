@@ -32,11 +32,27 @@ def make_cfg(model_dir: str, storage: Path, name: str = "tiny", **sections) -> E
         "model": {"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
         "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
         "data": {"train_path": str(DEMO_CSV), "validation_fraction": 0.1, "max_train_rows": 64, "max_validation_rows": 32},
-        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4, "warmup_steps": 0,
-                  "optim": "adamw_torch", "packing": False, "eval_batch_size": 16, "zero_shot_eval": True, "seed": 0,
-                  "learning_rate": 1e-3, "save_steps": 2},
-        "run": {"name": name, "storage_path": str(storage), "use_gpu": "false", "num_workers": 1, "cpus_per_worker": 1,
-                "checkpoints_to_keep": 2},
+        "train": {
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 4,
+            "warmup_steps": 0,
+            "optim": "adamw_torch",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": True,
+            "seed": 0,
+            "learning_rate": 1e-3,
+            "save_steps": 2,
+        },
+        "run": {
+            "name": name,
+            "storage_path": str(storage),
+            "use_gpu": "false",
+            "num_workers": 1,
+            "cpus_per_worker": 1,
+            "checkpoints_to_keep": 2,
+        },
     }
     for section, values in sections.items():
         raw[section].update(values)
@@ -67,8 +83,14 @@ def test_manifest_records_versions_commit_and_config(monkeypatch, tmp_path):
     import torch
 
     monkeypatch.setenv(manifest.GIT_COMMIT_ENV, "abc123")
-    m = manifest.build_manifest({"a": 1}, data_fingerprint={"train": "f"}, backend="hf", device="cpu",
-                                code_version=manifest.git_commit(), extra={"run_dir": "/x"})
+    m = manifest.build_manifest(
+        {"a": 1},
+        data_fingerprint={"train": "f"},
+        backend="hf",
+        device="cpu",
+        code_version=manifest.git_commit(),
+        extra={"run_dir": "/x"},
+    )
     assert m["git_commit"] == "abc123"
     assert m["config"] == {"a": 1}
     assert m["run_dir"] == "/x"
@@ -273,8 +295,9 @@ def test_lora_weights_are_float32_at_the_first_optimizer_step_over_a_4bit_base_w
     lora_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     with _marked_as_4bit(model):
-        sft_trainer_class()(model=model, args=trainer.args, train_dataset=trainer.train_dataset,
-                            processing_class=trainer.processing_class)
+        sft_trainer_class()(
+            model=model, args=trainer.args, train_dataset=trainer.train_dataset, processing_class=trainer.processing_class
+        )
     assert trainable_dtypes(model.parameters()) == {"bfloat16": lora_elements}, "TRL no longer casts"
 
     class FirstStepDtypes(TrainerCallback):
@@ -288,8 +311,7 @@ def test_lora_weights_are_float32_at_the_first_optimizer_step_over_a_4bit_base_w
 
     first_step = FirstStepDtypes()
     with _marked_as_4bit(model):
-        trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class,
-                                    callbacks=[first_step])
+        trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class, callbacks=[first_step])
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
     assert first_step.seen == {"float32": lora_elements}
@@ -329,8 +351,9 @@ def _lora_update_over_3_sgd_steps(cfg, output_dir, rows):
 
     cfg.train.optim, cfg.train.learning_rate, cfg.train.max_steps = "sgd", 0.5, 3
     model, trainer = _train_in_process(cfg, output_dir, rows=rows)
-    trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class,
-                                trainer_class=CountingTrainer)
+    trainer = build_sft_trainer(
+        model, trainer.args, trainer.train_dataset, trainer.processing_class, trainer_class=CountingTrainer
+    )
     assert len(trainer.train_dataset) >= 3 * 8  # three steps inside one epoch, whatever the cut
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
@@ -354,7 +377,7 @@ def test_the_update_is_the_same_however_the_global_batch_is_cut(tiny_cfg, tmp_pa
     whole, losses_1, tokens_1 = _lora_update_over_3_sgd_steps(tiny_cfg, tmp_path / "micro8", rows=64)
 
     assert (len(tokens_4), len(tokens_1)) == (12, 3)
-    assert [sum(tokens_4[i:i + 4]) for i in (0, 4, 8)] == tokens_1  # the same rows in each step
+    assert [sum(tokens_4[i : i + 4]) for i in (0, 4, 8)] == tokens_1  # the same rows in each step
     if packing or loss_on == "full_text":
         # Micro-batches of unequal label counts: a mean per micro-batch would weigh tokens otherwise.
         assert len(set(tokens_4)) > 1
@@ -384,8 +407,9 @@ def test_packed_batches_compute_the_same_loss_as_padded_ones(tiny_model_dir):
     def summed_nll(batch):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[:, :-1]
         labels = batch["labels"][:, 1:]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
 
     with torch.no_grad():
         assert torch.allclose(summed_nll(padded), summed_nll(packed), rtol=1e-5)
@@ -548,7 +572,12 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
     assert train["gradient_checkpointing"] == "false"
     assert train["tokens_this_attempt"] > 0
     assert train["tokens_per_second"] > 0
-    assert train["batches"] == {"global_batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "chosen_by": "config"}
+    assert train["batches"] == {
+        "global_batch_size": 4,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "chosen_by": "config",
+    }
     assert metrics["peak_gpu_memory_gb"] is None  # CPU
     # The temperature fitted on the validation split travels with the adapter; the report
     # compares zero-shot and fine-tuned, per language, and shows calibration before and after.
@@ -580,13 +609,25 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
     assert summary["calibration"]["temperature"] == calibration["temperature"]
     assert summary["languages_made_worse"] == [c["lang"] for c in metrics["languages"] if c["worse"]]
     report = (run_dir / "report.html").read_text()
-    assert all(f'id="{i}"' in report for i in ("comparison", "languages", "calibration", "reliability-before", "reliability-after",
-                                               "risk-coverage", "data-profile"))
+    assert all(
+        f'id="{i}"' in report
+        for i in (
+            "comparison",
+            "languages",
+            "calibration",
+            "reliability-before",
+            "reliability-after",
+            "risk-coverage",
+            "data-profile",
+        )
+    )
     assert 'id="run-details"' in report
     assert cfg.model.name in report
     assert " UTC" in report  # what the page is about
-    assert all(c["verdict"] in ("worse", "lower, within noise", "not worse") and 0 <= c["drop_likelihood"] <= 1
-               for c in metrics["languages"])  # the zero-shot predictions were kept for the comparison
+    assert all(
+        c["verdict"] in ("worse", "lower, within noise", "not worse") and 0 <= c["drop_likelihood"] <= 1
+        for c in metrics["languages"]
+    )  # the zero-shot predictions were kept for the comparison
 
     m = _read(summary["run_dir"], "manifest.json")
     assert m["config"]["model"]["name"] == cfg.model.name
@@ -630,8 +671,15 @@ def test_saved_adapter_reproduces_the_reported_validation_scores(baseline):
     model, tokenizer = get_backend("hf").load_for_inference(cfg, summary["adapter"], torch.device("cpu"))
     # The reported probabilities are calibrated: the adapter's temperature applies.
     temperature = json.loads(open(os.path.join(summary["adapter"], "calibration.json")).read())["temperature"]
-    scorer = LabelScorer(model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels),
-                         max_length=cfg.model.max_seq_length, batch_size=cfg.train.eval_batch_size, temperature=temperature)
+    scorer = LabelScorer(
+        model,
+        tokenizer,
+        PromptTemplate.from_config(cfg.prompt),
+        LabelSet(cfg.prompt.labels),
+        max_length=cfg.model.max_seq_length,
+        batch_size=cfg.train.eval_batch_size,
+        temperature=temperature,
+    )
     sentences = predictions.column("sentence").to_pylist()
     probs = scorer.score(sentences).probs
     reported = np.stack([predictions.column(f"calibrated_p_{label}").to_numpy() for label in cfg.prompt.labels], axis=1)
@@ -697,9 +745,21 @@ def test_keep_best_and_early_stopping_keep_the_best_evaluations_adapter(ray_loca
     saved adapter is the best evaluation's: its validation metrics are the best reported."""
     from sentiment_ray.train.recipe import run_training
 
-    cfg = make_cfg(tiny_model_dir, runs_root, name="keep-best",
-                   train={"max_steps": 12, "eval_steps": 1, "save_steps": 0, "learning_rate": 5e-3, "keep_best": True,
-                          "early_stopping_patience": 2, "calibrate": False, "zero_shot_eval": False})
+    cfg = make_cfg(
+        tiny_model_dir,
+        runs_root,
+        name="keep-best",
+        train={
+            "max_steps": 12,
+            "eval_steps": 1,
+            "save_steps": 0,
+            "learning_rate": 5e-3,
+            "keep_best": True,
+            "early_stopping_patience": 2,
+            "calibrate": False,
+            "zero_shot_eval": False,
+        },
+    )
     summary = run_training(cfg)
     metrics = _read(summary["run_dir"], "metrics.json")
     train = metrics["train"]

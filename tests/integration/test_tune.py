@@ -37,9 +37,7 @@ def _trial_states(exp: Path) -> dict[str, str]:
 
 
 def _tree_snapshot(path: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -63,7 +61,9 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def _run_to_end(cmd: list[str], *, env: dict, cwd: str, timeout: float) -> subprocess.CompletedProcess:
     """subprocess.run that, on a timeout, also ends the local Ray cluster the job started."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -225,8 +225,13 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
     predictions = pq.read_table(best_dir / "validation_predictions.parquet").to_pylist()
     temperature = json.loads((best_dir / "adapter" / "calibration.json").read_text())["temperature"]
     scorer = LabelScorer(
-        model, tokenizer, PromptTemplate.from_config(best_cfg.prompt), LabelSet(best_cfg.prompt.labels),
-        max_length=best_cfg.model.max_seq_length, batch_size=8, temperature=temperature,
+        model,
+        tokenizer,
+        PromptTemplate.from_config(best_cfg.prompt),
+        LabelSet(best_cfg.prompt.labels),
+        max_length=best_cfg.model.max_seq_length,
+        batch_size=8,
+        temperature=temperature,
     )
     result = scorer.score([p["sentence"] for p in predictions])
     expected = np.array([[p[f"p_{label}"] for label in result.labels] for p in predictions])

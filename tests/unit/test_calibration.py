@@ -54,14 +54,30 @@ def test_a_calibrated_model_keeps_a_temperature_near_one_and_noise_is_not_applie
 
 
 def test_a_language_fine_tuning_made_worse_is_flagged_in_one_line_and_a_drop_within_noise_is_named_as_such():
-    zero = {"per_language": {"de": {"n": 50, "macro_f1": 0.401}, "en": {"n": 90, "macro_f1": 0.30},
-                             "fr": {"n": 40, "macro_f1": 0.5}, "id": {"n": 7, "macro_f1": 0.364}}}
-    tuned = {"per_language": {"de": {"n": 50, "macro_f1": 0.284}, "en": {"n": 90, "macro_f1": 0.90},
-                              "fr": {"n": 40, "macro_f1": 0.498}, "id": {"n": 7, "macro_f1": 0.300}}}
+    zero = {
+        "per_language": {
+            "de": {"n": 50, "macro_f1": 0.401},
+            "en": {"n": 90, "macro_f1": 0.30},
+            "fr": {"n": 40, "macro_f1": 0.5},
+            "id": {"n": 7, "macro_f1": 0.364},
+        }
+    }
+    tuned = {
+        "per_language": {
+            "de": {"n": 50, "macro_f1": 0.284},
+            "en": {"n": 90, "macro_f1": 0.90},
+            "fr": {"n": 40, "macro_f1": 0.498},
+            "id": {"n": 7, "macro_f1": 0.300},
+        }
+    }
     sure = {"de": 0.991, "en": 0.0, "fr": 0.52, "id": 0.64}
     changes = {c["lang"]: c for c in language_changes(zero, tuned, sure)}
     assert {lang: c["verdict"] for lang, c in changes.items()} == {
-        "de": "worse", "en": "not worse", "fr": "not worse", "id": "lower, within noise"}  # fr: 0.002 lower
+        "de": "worse",
+        "en": "not worse",
+        "fr": "not worse",
+        "id": "lower, within noise",
+    }  # fr: 0.002 lower
     assert [lang for lang, c in changes.items() if c["worse"]] == ["de"]
     assert changes["de"]["change"] == pytest.approx(-0.117)
     assert worse_languages_line(list(changes.values())) == (

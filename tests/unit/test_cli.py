@@ -99,7 +99,10 @@ def test_a_mistyped_override_is_one_line_naming_it_and_the_closest_field(capsys)
 # Each is found before the command loads a model or starts Ray.
 USER_ERRORS = {
     "train": (["lora.q=1"], "error: override lora.q=1: lora.q is not a config field; did you mean lora.r?"),
-    "tune": (["--config", "demo", "tune.num_sample=3"], "error: override tune.num_sample=3: tune.num_sample is not a config field; did you mean tune.num_samples?"),
+    "tune": (
+        ["--config", "demo", "tune.num_sample=3"],
+        "error: override tune.num_sample=3: tune.num_sample is not a config field; did you mean tune.num_samples?",
+    ),
     "label": (["--input", "{tmp}/missing.csv", "--output", "{tmp}/out"], "error: "),
     "export": (["--adapter", "{tmp}/no-adapter", "--output", "{tmp}/merged"], "error: "),
     "eval": (["--predictions", "{tmp}/missing.parquet"], "error: no predictions at "),

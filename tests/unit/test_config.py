@@ -52,7 +52,10 @@ def test_dotted_overrides_parse_yaml_scalars():
 def test_unknown_key_fails_naming_the_override_and_the_closest_field():
     with pytest.raises(ConfigError) as raised:
         load_config("demo", ["train.learnin_rate=1e-4"])
-    assert str(raised.value) == "override train.learnin_rate=1e-4: train.learnin_rate is not a config field; did you mean train.learning_rate?"
+    assert (
+        str(raised.value)
+        == "override train.learnin_rate=1e-4: train.learnin_rate is not a config field; did you mean train.learning_rate?"
+    )
 
 
 def test_an_unknown_key_in_the_file_names_the_file(tmp_path):
@@ -127,7 +130,13 @@ def test_tune_preset_builds_on_the_reference_and_loads_as_before():
     r = cfg.run
     assert (r.name, r.storage_path, r.num_workers, r.use_gpu, r.max_failures) == ("llama31-8b-tune", "runs", 1, "true", 1)
     tu = cfg.tune
-    assert (tu.experiment_name, tu.num_samples, tu.metric, tu.mode, tu.scheduler) == ("llama31-8b-tune", 8, "val_macro_f1", "max", "asha")
+    assert (tu.experiment_name, tu.num_samples, tu.metric, tu.mode, tu.scheduler) == (
+        "llama31-8b-tune",
+        8,
+        "val_macro_f1",
+        "max",
+        "asha",
+    )
     assert (tu.grace_period, tu.reduction_factor, tu.max_concurrent_trials) == (2, 2, 0)
     assert tu.search_space == {
         "train.learning_rate": {"type": "loguniform", "lower": 1.5e-4, "upper": 6.0e-4},

@@ -56,7 +56,7 @@ def test_train_help_from_the_script(monkeypatch, capsys):
     assert "  lora.r: int (> 0) = 16\n      Rank of the LoRA update matrices" in text
     assert "  train.micro_batch_size: int (> 0) | {auto} | None = null\n" in text
     assert "  run.use_gpu: {auto,true,false} = auto\n" in text
-    assert "  data.quarantine_path: str = \"\"\n" in text
+    assert '  data.quarantine_path: str = ""\n' in text
     assert "label.mode" not in text and "tune.metric" not in text
 
 

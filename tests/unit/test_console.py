@@ -9,9 +9,9 @@ import logging
 import pytest
 
 from sentiment_ray import cluster
-from sentiment_ray.terminal import console
 from sentiment_ray.config import load_config
 from sentiment_ray.io.values import DataError
+from sentiment_ray.terminal import console
 from sentiment_ray.terminal import training as terminal
 
 
@@ -91,10 +91,23 @@ def test_package_warnings_reach_the_terminal_and_the_rest_waits_for_the_log(tmp_
 
 
 METRICS = {
-    "zero_shot": {"n": 200, "accuracy": 0.375, "macro_f1": 0.2727, "ece": 0.2104,
-                  "per_language": {"en": {"n": 120, "accuracy": 0.4, "macro_f1": 0.3}, "de": {"n": 80, "accuracy": 0.3375, "macro_f1": 0.25}}},
-    "fine_tuned": {"n": 200, "accuracy": 0.73, "macro_f1": 0.6721, "ece": 0.0452,
-                   "per_language": {"en": {"n": 120, "accuracy": 0.75, "macro_f1": 0.7}, "de": {"n": 80, "accuracy": 0.7, "macro_f1": 0.63}}},
+    "zero_shot": {
+        "n": 200,
+        "accuracy": 0.375,
+        "macro_f1": 0.2727,
+        "ece": 0.2104,
+        "per_language": {
+            "en": {"n": 120, "accuracy": 0.4, "macro_f1": 0.3},
+            "de": {"n": 80, "accuracy": 0.3375, "macro_f1": 0.25},
+        },
+    },
+    "fine_tuned": {
+        "n": 200,
+        "accuracy": 0.73,
+        "macro_f1": 0.6721,
+        "ece": 0.0452,
+        "per_language": {"en": {"n": 120, "accuracy": 0.75, "macro_f1": 0.7}, "de": {"n": 80, "accuracy": 0.7, "macro_f1": 0.63}},
+    },
 }
 
 
@@ -113,8 +126,13 @@ def test_summary_table_sets_zero_shot_against_fine_tuned_per_language_with_ece()
     calibrated = terminal.summary_table({**METRICS, "fine_tuned": fine_tuned, "calibration": calibration})
     assert calibrated[-2].split() == ["ECE", "0.210", "0.071", "the", "model's", "own"]
     assert calibrated[-1].split() == ["calibrated", "0.021", "temperature", "1.45,", "out", "of", "fold"]
-    kept = terminal.summary_table({**METRICS, "fine_tuned": fine_tuned,
-                                   "calibration": {**calibration, "applied": False, "temperature": 1.0, "ece_after": 0.0706}})
+    kept = terminal.summary_table(
+        {
+            **METRICS,
+            "fine_tuned": fine_tuned,
+            "calibration": {**calibration, "applied": False, "temperature": 1.0, "ece_after": 0.0706},
+        }
+    )
     assert kept[-1].split()[:3] == ["calibrated", "–", "not"]
     assert terminal.summary_table({"zero_shot": None, "fine_tuned": None}) == ["no validation rows: nothing was scored"]
 
@@ -136,7 +154,9 @@ class _FakeWorkerGroupError(Exception):
 
 def test_failures_are_one_line_or_one_paragraph(tmp_path):
     command = terminal.CommandLine("python jobs/train.py", ["data.train_path=x.csv"])
-    code, text, _ = terminal.explain(DataError("x.csv: missing column(s) ['sentence']"), run_dir=None, command=command, log_path=None)
+    code, text, _ = terminal.explain(
+        DataError("x.csv: missing column(s) ['sentence']"), run_dir=None, command=command, log_path=None
+    )
     assert (code, text) == (1, "error: x.csv: missing column(s) ['sentence']")
 
     run_dir = tmp_path / "run"
@@ -147,7 +167,9 @@ def test_failures_are_one_line_or_one_paragraph(tmp_path):
     code, text, _ = terminal.explain(raised, run_dir=str(run_dir), command=command, log_path="runs/x/logs/train.log")
     assert code == 1
     assert "\n" not in text
-    assert text.startswith("error: the training worker raised RuntimeError: CUDA error: out of memory (traceback: runs/x/logs/train.log)")
+    assert text.startswith(
+        "error: the training worker raised RuntimeError: CUDA error: out of memory (traceback: runs/x/logs/train.log)"
+    )
     assert "the last checkpoint is step 15" in text
     assert "resumes from it" in text
 
@@ -172,12 +194,18 @@ def test_the_checkpoint_a_rerun_resumes_from_is_the_one_ray_train_registered(tmp
 def test_next_command_labels_with_the_adapter_the_same_way(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("demo", ["model.name=/models/x", "train.max_steps=5"])
-    cmd = terminal.CommandLine("python jobs/train.py", ["model.name=/models/x", "train.max_steps=5"], "demo",
-                               ["model.name=/models/x", "train.max_steps=5"])
+    cmd = terminal.CommandLine(
+        "python jobs/train.py",
+        ["model.name=/models/x", "train.max_steps=5"],
+        "demo",
+        ["model.name=/models/x", "train.max_steps=5"],
+    )
     shown = terminal.TrainTerminal(cmd, display=console.Display(io.StringIO(), tty=False))
     try:
         shown.cfg = cfg
-        text = shown.next_command({"run_dir": str(tmp_path / "runs" / "demo"), "adapter": str(tmp_path / "runs" / "demo" / "adapter")})
+        text = shown.next_command(
+            {"run_dir": str(tmp_path / "runs" / "demo"), "adapter": str(tmp_path / "runs" / "demo" / "adapter")}
+        )
     finally:
         shown.log.close()
     assert text.startswith("python jobs/label.py --input ")
@@ -208,10 +236,17 @@ def test_durations(seconds, text):
 
 
 def test_summary_table_ends_with_the_shares_of_rows_accepted_at_each_certified_error():
-    certified = [{"max_error": 0.01, "threshold": None, "coverage": 0.0}, {"max_error": 0.05, "threshold": 0.99, "coverage": 0.62},
-                 {"max_error": 0.1, "threshold": 0.9, "coverage": 0.85}]
+    certified = [
+        {"max_error": 0.01, "threshold": None, "coverage": 0.0},
+        {"max_error": 0.05, "threshold": 0.99, "coverage": 0.62},
+        {"max_error": 0.1, "threshold": 0.9, "coverage": 0.85},
+    ]
     table = terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": certified}})
-    assert table[-1] == ("accepted with a guaranteed error (validation, failure probability 0.05): "
-                         "error <= 0.05: 62% of rows, error <= 0.1: 85% of rows")
+    assert table[-1] == (
+        "accepted with a guaranteed error (validation, failure probability 0.05): "
+        "error <= 0.05: 62% of rows, error <= 0.1: 85% of rows"
+    )
     nothing = [{**c, "threshold": None} for c in certified]
-    assert not terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": nothing}})[-1].startswith("accepted")
+    assert not terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": nothing}})[-1].startswith(
+        "accepted"
+    )

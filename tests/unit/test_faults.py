@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-from sentiment_ray.terminal import faults
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.uris import StorageIOError, error_cause, io_error, remove_orphaned_copies
+from sentiment_ray.terminal import faults
 
 RAY_TEXT = """\x1b[36mray::MapWorker(MapBatches(Labeler)).submit()\x1b[39m (pid=123, ip=127.0.0.1)
 Traceback (most recent call last):
@@ -32,7 +32,10 @@ def test_os_errors_read_as_path_and_cause():
     assert error_cause(OSError(errno.ENOSPC, "No space left on device")) == "no space left on device (disk full)"
     assert error_cause(PermissionError(errno.EACCES, "x")) == "permission denied"
     s3 = OSError("When uploading part for key 'out/x': AWS Error ACCESS_DENIED during UploadPart operation: Access Denied\nmore")
-    assert error_cause(s3) == "When uploading part for key 'out/x': AWS Error ACCESS_DENIED during UploadPart operation: Access Denied"
+    assert (
+        error_cause(s3)
+        == "When uploading part for key 'out/x': AWS Error ACCESS_DENIED during UploadPart operation: Access Denied"
+    )
     err = io_error("/out/x.parquet", OSError(errno.EROFS, "Read-only file system"), "write")
     assert isinstance(err, StorageIOError)
     assert str(err) == "/out/x.parquet: cannot write: read-only file system"

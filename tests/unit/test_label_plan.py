@@ -26,7 +26,9 @@ COLS = dict(text_column="sentence", id_column="ID")
 
 
 def plan(files, rows_per_unit, generate_ids=False, reserved=()):
-    return plan_units([str(f) for f in files], generate_ids=generate_ids, rows_per_unit=rows_per_unit, reserved_columns=reserved, **COLS)
+    return plan_units(
+        [str(f) for f in files], generate_ids=generate_ids, rows_per_unit=rows_per_unit, reserved_columns=reserved, **COLS
+    )
 
 
 def read_all(units, chunk_rows=4):
@@ -36,13 +38,17 @@ def read_all(units, chunk_rows=4):
     tables, bad = [], []
     for unit in units:
         read = 0
-        for chunk in read_chunks(unit.file, start=unit.position, stop_row=unit.stop, row_groups=unit.row_groups or None, chunk_rows=chunk_rows):
+        for chunk in read_chunks(
+            unit.file, start=unit.position, stop_row=unit.stop, row_groups=unit.row_groups or None, chunk_rows=chunk_rows
+        ):
             checked = validator.validate(chunk, has_ids=unit.has_ids, generated_ids=None if unit.has_ids else unit.id_name)
             tables.append(checked.table("ID"))
             bad.extend(checked.quarantined)
             read += len(chunk)
         if read != unit.num_rows:
-            raise DataError(f"{unit.describe()}: planned {unit.num_rows} rows, read {read}: the file changed since the run was planned")
+            raise DataError(
+                f"{unit.describe()}: planned {unit.num_rows} rows, read {read}: the file changed since the run was planned"
+            )
     return pa.concat_tables(tables, promote_options="permissive"), bad
 
 
@@ -117,14 +123,7 @@ def test_gzipped_jsonl_units_with_bad_lines(tmp_path):
 def test_each_bad_row_kind_is_quarantined_with_its_reason(tmp_path):
     csv_file = write_csv(
         tmp_path / "bad.csv",
-        b"ID,sentence,lang\n"
-        b"ok1,fine,en\n"
-        b"e1,,en\n"
-        b'w1,"   ",en\n'
-        b"u1,caf\xe9,en\n"
-        b"s1,short\n"
-        b",no id,en\n"
-        b"l1,lang bytes,\xff\n",
+        b'ID,sentence,lang\nok1,fine,en\ne1,,en\nw1,"   ",en\nu1,caf\xe9,en\ns1,short\n,no id,en\nl1,lang bytes,\xff\n',
     )
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text(
@@ -461,8 +460,10 @@ def test_a_driver_killed_while_planning_leaves_no_temporary(tmp_path):
     )
     repo = str(Path(__file__).resolve().parents[2])
     child = subprocess.Popen(
-        [sys.executable, "-c", code, str(source), repo], env={**os.environ, "TMPDIR": str(temp)},
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", code, str(source), repo],
+        env={**os.environ, "TMPDIR": str(temp)},
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout.readline().strip() == "indexing"  # the index is open and filled
@@ -522,16 +523,19 @@ def test_a_quote_never_closed_is_an_error_naming_its_line_and_the_lines_it_swall
         plan([f], rows_per_unit=100)
     assert str(err.value) == (
         f"{f}: line 3: a quote opens in row 2 and is never closed: the 998 lines after it, to the end of "
-        "the file, would be one field; close the quote, or double a quote inside a quoted field (\"\")"
+        'the file, would be one field; close the quote, or double a quote inside a quoted field ("")'
     )
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("body", [
-    b'ID,sentence\nx1,"a\nb"\nx2,last',  # no newline at the end
-    b'ID,sentence\nx1,a\nx2,"quoted\nat the end"\n',
-    b'ID,sentence\nx1,a\nx2,"quoted at the end"',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'ID,sentence\nx1,"a\nb"\nx2,last',  # no newline at the end
+        b'ID,sentence\nx1,a\nx2,"quoted\nat the end"\n',
+        b'ID,sentence\nx1,a\nx2,"quoted at the end"',
+    ],
+)
 def test_a_closed_quote_at_the_end_of_the_file_is_no_error(tmp_path, body):
     table, bad = read_all(plan([write_csv(tmp_path / "e.csv", body)], rows_per_unit=1).units)
     assert bad == []
@@ -542,7 +546,13 @@ def test_a_stray_quote_closed_by_a_later_one_is_quarantined_counting_the_lines_i
     f = write_csv(tmp_path / "s.csv", b'ID,sentence,label\nc1,"stray,Positive\nc2,b,Negative\nc3,c,"Positive"\nc4,d,Negative\n')
     table, bad = read_all(plan([f], rows_per_unit=10).units)
     assert table.column("ID").to_pylist() == ["c4"]
-    assert [(b["row"], b["line"], b["reason"]) for b in bad] == [(1, 2, (
-        "malformed row (has 2 fields, the header has 3; one quoted field runs over lines 2-4: "
-        "2 lines swallowed by an unbalanced quote?)"
-    ))]
+    assert [(b["row"], b["line"], b["reason"]) for b in bad] == [
+        (
+            1,
+            2,
+            (
+                "malformed row (has 2 fields, the header has 3; one quoted field runs over lines 2-4: "
+                "2 lines swallowed by an unbalanced quote?)"
+            ),
+        )
+    ]

@@ -100,14 +100,17 @@ def test_counts_of_rows_without_a_usable_gold_label_report_nothing():
     counts = EvaluationCounts(LabelSet(["Positive", "Negative"]))
     counts.add([None, "maybe"], ["Positive", None], confidence=[0.9, 0.5], langs=[None, "en"])
     assert counts.report() is None
+
+
 def test_gold_labels_outside_the_label_set_are_counted_and_named_and_ece_is_given_per_language():
     from sentiment_ray.metrics import unknown_labels_line
 
     labels = LabelSet(["Positive", "Negative"])
     gold = ["Positive", "Negative", "Neutral", None, "Neutral", "positive"]
     predicted = ["Positive", "Positive", "Negative", "Negative", "Positive", "Positive"]
-    report = evaluate_predictions(gold, predicted, labels, confidence=[0.9, 0.8, 0.7, 0.6, 0.9, 0.95],
-                                  langs=["en", "fr", "en", "en", "fr", "en"])
+    report = evaluate_predictions(
+        gold, predicted, labels, confidence=[0.9, 0.8, 0.7, 0.6, 0.9, 0.95], langs=["en", "fr", "en", "en", "fr", "en"]
+    )
     assert report["n"] == 3
     assert report["rows_without_label"] == 3
     assert report["unknown_labels"] == {"Neutral": 2}

@@ -59,7 +59,9 @@ def test_the_model_must_be_here_unless_the_driver_joins_a_cluster(tmp_path, monk
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     with pytest.raises(ModelNotFoundError, match="model folder '/nowhere/model' does not exist"):
         preflight.check_run(load_config("demo", ["model.name=/nowhere/model", f"data.train_path={data}"]))
-    joined = preflight.check_run(load_config("demo", ["model.name=/nowhere/model", f"data.train_path={data}", "run.ray_address=auto"]))
+    joined = preflight.check_run(
+        load_config("demo", ["model.name=/nowhere/model", f"data.train_path={data}", "run.ray_address=auto"])
+    )
     assert joined.warnings
     assert "the training workers must have it" in joined.warnings[0]
     hub = preflight.check_run(load_config("demo", ["model.name=org/some-model", f"data.train_path={data}"]))

@@ -70,7 +70,10 @@ def test_field_exists(field, ok):
         ({"lora.alpha": {"type": "ratio_of", "field": "lora.r", "values": [0, 2]}}, "positive numbers"),
         # alpha = 0.5 * r is not an int for r = 5
         (
-            {"lora.r": {"type": "choice", "values": [4, 5]}, "lora.alpha": {"type": "ratio_of", "field": "lora.r", "values": [0.5]}},
+            {
+                "lora.r": {"type": "choice", "values": [4, 5]},
+                "lora.alpha": {"type": "ratio_of", "field": "lora.r", "values": [0.5]},
+            },
             "lora.alpha",
         ),
     ],

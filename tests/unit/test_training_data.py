@@ -198,18 +198,60 @@ BAD_CASES = {
     "empty text": ("e.csv", HEADER + b"1,ok,Positive,en\n2,,Negative,en\n", 2, 3, r"empty text"),
     "whitespace text": ("w.csv", HEADER + b'1,ok,Positive,en\n2,"  \t ",Negative,en\n', 2, 3, r"empty text \(whitespace only\)"),
     "undecodable csv": ("u.csv", HEADER + b"1,ok,Positive,en\n2,caf\xe9 bad,Negative,en\n", 2, 3, r"undecodable bytes .*byte 3"),
-    "unknown label": ("l.csv", HEADER + b"1,ok,Positive,en\n2,meh,Neutral,en\n", 2, 3, r"unknown label \('Neutral'; expected one of Positive, Negative"),
+    "unknown label": (
+        "l.csv",
+        HEADER + b"1,ok,Positive,en\n2,meh,Neutral,en\n",
+        2,
+        3,
+        r"unknown label \('Neutral'; expected one of Positive, Negative",
+    ),
     "missing label csv": ("m.csv", HEADER + b"1,ok,Positive,en\n2,text,,en\n", 2, 3, r"missing label"),
     "duplicate id": ("d.csv", HEADER + b"1,ok,Positive,en\n1,again,Negative,en\n", 2, 3, r"duplicate ID \('1', first at row 1\)"),
     "missing id": ("i.csv", HEADER + b"1,ok,Positive,en\n,no id,Negative,en\n", 2, 3, r"missing ID"),
-    "short csv row": ("s.csv", HEADER + b"1,ok,Positive,en\n2,short\n", 2, 3, r"malformed row \(has 2 fields, the header has 4\)"),
+    "short csv row": (
+        "s.csv",
+        HEADER + b"1,ok,Positive,en\n2,short\n",
+        2,
+        3,
+        r"malformed row \(has 2 fields, the header has 4\)",
+    ),
     # A quoted newline in row 1 shifts row 2 to line 4: the line is counted, not derived.
     "line after multiline": ("n.csv", HEADER + b'1,"two\nlines",Positive,en\n2,x,Bad,en\n', 2, 4, r"unknown label"),
-    "null text jsonl": ("t.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence":null,"label":"Negative"}\n', 2, 2, r"missing text \(null\)"),
-    "number text jsonl": ("n.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence":42,"label":"Negative"}\n', 2, 2, r"text is not a string \(got int 42\)"),
-    "null label jsonl": ("l.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence":"x","label":null}\n', 2, 2, r"missing label"),
-    "undecodable jsonl": ("u.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence":"caf\xe9","label":"Negative"}\n', 2, 2, r"undecodable bytes"),
-    "invalid json": ("j.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence": "x", label}\n', 2, 2, r"malformed row \(invalid JSON"),
+    "null text jsonl": (
+        "t.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence":null,"label":"Negative"}\n',
+        2,
+        2,
+        r"missing text \(null\)",
+    ),
+    "number text jsonl": (
+        "n.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence":42,"label":"Negative"}\n',
+        2,
+        2,
+        r"text is not a string \(got int 42\)",
+    ),
+    "null label jsonl": (
+        "l.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence":"x","label":null}\n',
+        2,
+        2,
+        r"missing label",
+    ),
+    "undecodable jsonl": (
+        "u.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence":"caf\xe9","label":"Negative"}\n',
+        2,
+        2,
+        r"undecodable bytes",
+    ),
+    "invalid json": (
+        "j.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence": "x", label}\n',
+        2,
+        2,
+        r"malformed row \(invalid JSON",
+    ),
 }
 
 
@@ -244,7 +286,9 @@ def test_duplicate_ids_are_caught_across_files(tmp_path):
     write_bytes(tmp_path / "b.csv", HEADER + b"2,ok,Positive,en\n1,again,Negative,en\n")
     with pytest.raises(DataError) as err:
         load_labelled(str(tmp_path / "*.csv"), cfg(), LABELS)
-    assert str(err.value).startswith(f"{tmp_path / 'b.csv'}: row 2 (line 3): duplicate ID ('1', first at {tmp_path / 'a.csv'}: row 1)")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'b.csv'}: row 2 (line 3): duplicate ID ('1', first at {tmp_path / 'a.csv'}: row 1)"
+    )
 
 
 @pytest.mark.parametrize("mode", ["error", "skip"])

@@ -46,7 +46,9 @@ def test_prepare_sets_checkpoint_cadence_to_report_cadence():
 
 def test_prepare_default_cadence_from_shortest_max_steps():
     cfg, _ = st.prepare(
-        tune_cfg(train={"eval_steps": 0}, tune={"search_space": {**SPACE, "train.max_steps": {"type": "choice", "values": [40, 90]}}})
+        tune_cfg(
+            train={"eval_steps": 0}, tune={"search_space": {**SPACE, "train.max_steps": {"type": "choice", "values": [40, 90]}}}
+        )
     )
     assert cfg.train.eval_steps == cfg.train.save_steps == 40 // st.DEFAULT_REPORTS_PER_TRIAL
 
@@ -108,13 +110,24 @@ def test_experiment_state_guards_resume(tmp_path):
 
 def test_asha_rungs_in_steps():
     cfg, space = st.prepare(
-        tune_cfg(tune={"grace_period": 2, "reduction_factor": 2, "search_space": {**SPACE, "train.max_steps": {"type": "choice", "values": [50, 90]}}})
+        tune_cfg(
+            tune={
+                "grace_period": 2,
+                "reduction_factor": 2,
+                "search_space": {**SPACE, "train.max_steps": {"type": "choice", "values": [50, 90]}},
+            }
+        )
     )
     sched = scheduler.build_scheduler(cfg, space)
     assert sched._time_attr == "step"
     assert sched._max_t == 90
     assert sorted(m for m, _ in sched._brackets[0]._rungs) == [20, 40, 80]
-    assert type(scheduler.build_scheduler(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"scheduler": "fifo"})}), space)).__name__ == "FIFOScheduler"
+    assert (
+        type(
+            scheduler.build_scheduler(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"scheduler": "fifo"})}), space)
+        ).__name__
+        == "FIFOScheduler"
+    )
 
 
 def _trial(trial_id, max_steps=None):
@@ -201,15 +214,47 @@ def _hist(*pairs, metric="val_macro_f1", dt=1.0):
 
 
 RECORDS = [
-    {"trial_id": "a_00000", "status": "TERMINATED", "values": {"lora.r": 8}, "max_steps": 6,
-     "history": _hist((2, 0.5), (4, 0.7), (6, 0.6)), "finished": True, "adapter": "/x/a", "run_dir": "/x"},
+    {
+        "trial_id": "a_00000",
+        "status": "TERMINATED",
+        "values": {"lora.r": 8},
+        "max_steps": 6,
+        "history": _hist((2, 0.5), (4, 0.7), (6, 0.6)),
+        "finished": True,
+        "adapter": "/x/a",
+        "run_dir": "/x",
+    },
     # resumed from step 2 after a crash: steps 4 reported twice, the later report counts
-    {"trial_id": "a_00001", "status": "TERMINATED", "values": {"lora.r": 16}, "max_steps": 6,
-     "history": _hist((2, 0.4), (4, 0.1), (4, 0.65), (6, 0.8)), "finished": True, "adapter": "/x/b", "run_dir": "/y"},
-    {"trial_id": "a_00002", "status": "TERMINATED", "values": {"lora.r": [1, 2]}, "max_steps": 6,
-     "history": _hist((2, 0.2)), "finished": False, "adapter": "/x/c", "run_dir": "/z"},
-    {"trial_id": "a_00003", "status": "ERROR", "values": {"lora.r": 8}, "max_steps": 6, "history": [],
-     "error": "RuntimeError: boom", "finished": False, "adapter": "/x/d"},
+    {
+        "trial_id": "a_00001",
+        "status": "TERMINATED",
+        "values": {"lora.r": 16},
+        "max_steps": 6,
+        "history": _hist((2, 0.4), (4, 0.1), (4, 0.65), (6, 0.8)),
+        "finished": True,
+        "adapter": "/x/b",
+        "run_dir": "/y",
+    },
+    {
+        "trial_id": "a_00002",
+        "status": "TERMINATED",
+        "values": {"lora.r": [1, 2]},
+        "max_steps": 6,
+        "history": _hist((2, 0.2)),
+        "finished": False,
+        "adapter": "/x/c",
+        "run_dir": "/z",
+    },
+    {
+        "trial_id": "a_00003",
+        "status": "ERROR",
+        "values": {"lora.r": 8},
+        "max_steps": 6,
+        "history": [],
+        "error": "RuntimeError: boom",
+        "finished": False,
+        "adapter": "/x/d",
+    },
     {"trial_id": "a_00004", "status": "PENDING", "values": {}, "max_steps": 6, "history": [], "finished": False},
 ]
 
@@ -266,7 +311,9 @@ def test_metric_plot_is_a_png():
 
 
 def test_json_summary_is_valid_json_without_the_internal_fields():
-    shown = st.json_summary({"experiment": "/e", "best_trial": "x", "best_config": {"lora.r": 8}, "best_metric": float("nan"), "other": 1})
+    shown = st.json_summary(
+        {"experiment": "/e", "best_trial": "x", "best_config": {"lora.r": 8}, "best_metric": float("nan"), "other": 1}
+    )
     parsed = json.loads(json.dumps(shown, allow_nan=False))
     assert parsed["best_config"] == {"lora.r": 8}
     assert parsed["best_metric"] is None
@@ -325,5 +372,3 @@ def test_job_rejects_bad_config_in_one_error_line(capsys):
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert line.startswith("error: ")
     assert "lora.q" in line
-
-
