@@ -212,8 +212,11 @@ class Display:
                     unit=unit,
                     dynamic_ncols=True,
                     leave=True,
-                    # tqdm puts ", " before a postfix: `[00:45<02:15, 3.00s/step, loss 0.6120, checkpoint 15]`
-                    bar_format="  {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
+                    # tqdm puts ", " before a postfix: `[00:45<02:15, 3.00s/step, loss 0.6120, checkpoint 15]`;
+                    # rows come by the thousand: their rate reads as rows/s
+                    bar_format="  {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, "
+                    + ("{rate_fmt}" if unit == "row" else "{rate_inv_fmt}")
+                    + "{postfix}]",
                 )
                 self._bar.unit = unit
 
@@ -249,9 +252,17 @@ class Display:
                 if self._bar is not None:
                     self._bar.set_postfix_str(self._postfix())
 
+    def progress_postfix(self, text: str) -> None:
+        """Text shown beside the bar (the label job's bad rows)."""
+        with self._lock:
+            if self._progress is not None:
+                self._progress["postfix"] = text
+
     def _postfix(self) -> str:
         p = self._progress or {}
         parts = [f"loss {p['loss']:.4f}"] if p.get("loss") is not None else []
+        if p.get("postfix"):
+            parts.append(p["postfix"])
         if p.get("checkpoint"):
             parts.append(f"checkpoint {p['checkpoint']}")
         return ", ".join(parts)

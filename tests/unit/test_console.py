@@ -250,3 +250,22 @@ def test_summary_table_ends_with_the_shares_of_rows_accepted_at_each_certified_e
     assert not terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": nothing}})[-1].startswith(
         "accepted"
     )
+
+
+def test_the_label_job_draws_its_rows_with_the_training_bar_on_a_terminal():
+    from sentiment_ray.label.progress import ProgressView, Snapshot
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    view = ProgressView(board=None, total_rows=4000, done_before=1000, stream=screen)
+    view._draw_bar(Snapshot(done=2500, total=4000, bad=3, rate=750.0, eta_s=2.0), final=False)
+    view._draw_bar(Snapshot(done=4000, total=4000, bad=5, rate=800.0, eta_s=0.0), final=True)
+    drawn = screen.getvalue()
+    assert "row 1000/4000 |" in drawn  # the rows labelled before a resume count from the start
+    assert "row 4000/4000 |##########|" in drawn
+    assert "bad rows 5" in drawn
+    assert "row/s" in drawn  # a rate in rows per second, not seconds per row
+    assert view.display._bar is None  # closed: the summary lines come after it
