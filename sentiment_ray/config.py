@@ -689,9 +689,14 @@ def field_names(model: type[BaseModel] | None = None, prefix: str = "") -> list[
     """Every dotted field name of the schema (`train.max_steps`, `lora.r`, ...)."""
     names = []
     for name, info in (model or ExperimentConfig).model_fields.items():
-        kind = info.annotation
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            names += field_names(kind, f"{prefix}{name}.")
+        # A section, or an optional nested setting (`data.validation_dataset: X | None`).
+        nested = [
+            a
+            for a in (info.annotation, *getattr(info.annotation, "__args__", ()))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if nested:
+            names += field_names(nested[0], f"{prefix}{name}.")
         else:
             names.append(f"{prefix}{name}")
     return names
@@ -710,9 +715,12 @@ def _override_problem(err: ValidationError, overrides: list[str]) -> str | None:
         if key is None:
             continue
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.6)
+            # The unknown name is the error's own: the override's key, or a key inside its value.
+            close = difflib.get_close_matches(field, field_names(), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""
-            return redact(f"override {by_key[key]}: {key} is not a config field{hint}")
+            if field == key:
+                return redact(f"override {by_key[key]}: {key} is not a config field{hint}")
+            return redact(f"override {by_key[key]}: {field}: unknown field{hint}")
         return redact(f"override {by_key[key]}: {field}: {e['msg']}")
     return None
 
