@@ -234,7 +234,8 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
         temperature=temperature,
     )
     result = scorer.score([p["sentence"] for p in predictions])
-    expected = np.array([[p[f"p_{label}"] for label in result.labels] for p in predictions])
+    # The temperature applied: the calibrated probabilities (p_<label> are the model's own).
+    expected = np.array([[p[f"calibrated_p_{label}"] for label in result.labels] for p in predictions])
     np.testing.assert_allclose(result.probs, expected, atol=1e-4)
 
 
