@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (README.md): `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup demo test lint test-gpu clean
 setup:
 	@bash scripts/setup.sh
 
@@ -11,6 +11,10 @@ demo: setup            ## fine-tune the demo model on the demo data, on a local 
 test: setup            ## the CPU test suite (GPU tests skip without CUDA)
 	@bash scripts/install_browser.sh   # headless Chromium for the HTML report test
 	$(PY) -m pytest -q tests
+
+lint: setup            ## ruff: lint and format check (pyproject.toml [tool.ruff])
+	.venv/bin/ruff check sentiment_ray tests jobs benchmarks scripts
+	.venv/bin/ruff format --check sentiment_ray tests jobs benchmarks scripts
 
 test-gpu: setup        ## only the GPU tests (run them on a GPU machine)
 	$(PY) -m pytest -q tests/gpu

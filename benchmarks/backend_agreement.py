@@ -89,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.variants.split(","):
         result = run_train_benchmark(
-            model=args.model, out_dir=str(Path(args.out) / name.replace("/", "-")), backends=["unsloth", "hf"],
-            config="demo", warmup=0, steps=args.steps, overrides=BASE + VARIANTS[name], child_timeout=300,
+            model=args.model,
+            out_dir=str(Path(args.out) / name.replace("/", "-")),
+            backends=["unsloth", "hf"],
+            config="demo",
+            warmup=0,
+            steps=args.steps,
+            overrides=BASE + VARIANTS[name],
+            child_timeout=300,
         )
         rows.append(summarise(name, result))
         print(table(rows[-1:]), flush=True)

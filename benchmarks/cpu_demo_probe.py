@@ -27,13 +27,15 @@ def step_seconds(dtype: str, checkpointing: str = "false") -> dict:
 
     from sentiment_ray.backends import get_backend
     from sentiment_ray.config import load_config
-    from sentiment_ray.train.data import build_train_dataset, load_labelled
     from sentiment_ray.labels import LabelSet
     from sentiment_ray.prompts import PromptTemplate
+    from sentiment_ray.train.data import build_train_dataset, load_labelled
     from sentiment_ray.train.trainer import build_sft_config, build_sft_trainer
 
-    cfg = load_config("demo", [f"model.dtype={dtype}", "model.backend=hf", f"train.max_steps={STEPS}",
-                               f"lora.gradient_checkpointing={checkpointing}"])
+    cfg = load_config(
+        "demo",
+        [f"model.dtype={dtype}", "model.backend=hf", f"train.max_steps={STEPS}", f"lora.gradient_checkpointing={checkpointing}"],
+    )
     labels = LabelSet(cfg.prompt.labels)
     model, tokenizer = get_backend("hf").load_for_training(cfg, torch.device("cpu"))
     table = load_labelled(cfg.data.train_path, cfg.data, labels).table.slice(0, 8 * STEPS)
@@ -53,8 +55,13 @@ def step_seconds(dtype: str, checkpointing: str = "false") -> dict:
         trainer = build_sft_trainer(model, args, dataset, tokenizer, callbacks=[Timer()])
         trainer.train()
     tokens = trainer.state.num_input_tokens_seen
-    return {"dtype": dtype, "gradient_checkpointing": checkpointing, "step_s": [round(t, 2) for t in times], "median_step_s_after_warmup": round(statistics.median(times[2:]), 2),
-            "tokens_per_step": round(tokens / STEPS)}
+    return {
+        "dtype": dtype,
+        "gradient_checkpointing": checkpointing,
+        "step_s": [round(t, 2) for t in times],
+        "median_step_s_after_warmup": round(statistics.median(times[2:]), 2),
+        "tokens_per_step": round(tokens / STEPS),
+    }
 
 
 def scoring_tokens_per_s() -> list[dict]:
@@ -63,10 +70,10 @@ def scoring_tokens_per_s() -> list[dict]:
 
     from sentiment_ray.backends import get_backend
     from sentiment_ray.config import load_config
-    from sentiment_ray.train.data import build_train_dataset, load_labelled
     from sentiment_ray.labels import LabelSet
     from sentiment_ray.prompts import PromptTemplate
     from sentiment_ray.scoring import LabelScorer
+    from sentiment_ray.train.data import load_labelled
 
     cfg = load_config("demo", ["model.backend=hf"])
     labels = LabelSet(cfg.prompt.labels)
@@ -79,8 +86,14 @@ def scoring_tokens_per_s() -> list[dict]:
         t0 = time.perf_counter()
         result = scorer.score(sentences)
         seconds = time.perf_counter() - t0
-        out.append({"batch_size": batch, "rows": ROWS, "seconds": round(seconds, 1),
-                    "prompt_tokens_per_s": round(result.prompt_tokens / seconds)})
+        out.append(
+            {
+                "batch_size": batch,
+                "rows": ROWS,
+                "seconds": round(seconds, 1),
+                "prompt_tokens_per_s": round(result.prompt_tokens / seconds),
+            }
+        )
     return out
 
 

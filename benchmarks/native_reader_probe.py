@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "data" / "demo" / "sentiment_demo.csv"
 # What the unit design runs: all of label/, and the io/ modules it imports (shared with training).
 UNIT_MODULES = [f"label/{p.name}" for p in sorted((REPO / "sentiment_ray" / "label").glob("*.py")) if p.name != "__init__.py"] + [
-    f"io/{name}.py" for name in ("readers", "rows", "ids", "quarantine", "values", "files", "storage", "uris")]
+    f"io/{name}.py" for name in ("readers", "rows", "ids", "quarantine", "values", "files", "storage", "uris")
+]
 
 
 # ----------------------------------------------------------------------------- the native design
@@ -72,12 +73,18 @@ def native_pipeline(files: list[str], out: Path, cfg: dict, preserve_order: bool
     # The same window of rows per predict call as the unit design's actor reads at once.
     window = getattr(labeler, "CHUNK_ROWS", None) or cfg["label"]["batch_size"] * getattr(labeler, "CHUNK_BATCHES", 16)
     ctx = DataContext.get_current()
-    ctx.checkpoint_config = CheckpointConfig(id_column="ID", checkpoint_path=str(out / "_checkpoint"),
-                                             delete_checkpoint_on_success=not keep_checkpoint)
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column="ID", checkpoint_path=str(out / "_checkpoint"), delete_checkpoint_on_success=not keep_checkpoint
+    )
     ctx.execution_options.preserve_order = preserve_order
     ray.data.read_csv(files).map_batches(
-        NativeLabeler, fn_constructor_args=(cfg,), batch_size=window,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=0, num_cpus=1,
+        NativeLabeler,
+        fn_constructor_args=(cfg,),
+        batch_size=window,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=0,
+        num_cpus=1,
     ).write_parquet(str(out / "predictions"))
 
 
@@ -115,13 +122,17 @@ def run_job(args) -> None:
     from ray.job_config import JobConfig
 
     cfg, out, t_start = json.loads(Path(args.cfg).read_text()), Path(args.output), time.time()
-    context = ray.init(num_cpus=int(args.cpus), job_config=JobConfig(code_search_path=[str(REPO)]),
-                       logging_level="WARNING", log_to_driver=False)
+    context = ray.init(
+        num_cpus=int(args.cpus), job_config=JobConfig(code_search_path=[str(REPO)]), logging_level="WARNING", log_to_driver=False
+    )
     record = {"job": args.job, "cpus": int(args.cpus), "t0": time.time()}
     first_output = f"{out}/_done/*.json" if args.job == "units" else f"{out}/predictions/*.parquet"
     if args.kill_actor:
-        threading.Thread(target=kill_actor_when, daemon=True, args=(
-            lambda: glob.glob(first_output), "Labeler", record, f"http://{context.dashboard_url}")).start()
+        threading.Thread(
+            target=kill_actor_when,
+            daemon=True,
+            args=(lambda: glob.glob(first_output), "Labeler", record, f"http://{context.dashboard_url}"),
+        ).start()
     try:
         if args.job == "units":
             from sentiment_ray.config import ExperimentConfig
@@ -177,12 +188,40 @@ def write_bad_input(folder: Path, kinds) -> str:
     return str(path)
 
 
-def child(args, job: str, input_glob: str, output: Path, *, kill_actor=False, kill_driver=False,
-          preserve_order=False, keep_checkpoint=False, cpus=2, actors=1, timeout=None) -> dict:
+def child(
+    args,
+    job: str,
+    input_glob: str,
+    output: Path,
+    *,
+    kill_actor=False,
+    kill_driver=False,
+    preserve_order=False,
+    keep_checkpoint=False,
+    cpus=2,
+    actors=1,
+    timeout=None,
+) -> dict:
     """Run one job in a child process (its own session); SIGKILL it after its first output
     when `kill_driver`, or after `timeout` s (a hang); then end what its session left running."""
-    cmd = [sys.executable, __file__, "--job", job, "--input", input_glob, "--output", str(output), "--cfg",
-           args.cfg_path, "--cpus", str(cpus), "--actors", str(actors), "--rows-per-unit", str(args.rows // (2 * args.files))]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--job",
+        job,
+        "--input",
+        input_glob,
+        "--output",
+        str(output),
+        "--cfg",
+        args.cfg_path,
+        "--cpus",
+        str(cpus),
+        "--actors",
+        str(actors),
+        "--rows-per-unit",
+        str(args.rows // (2 * args.files)),
+    ]
     cmd += ["--kill-actor"] * kill_actor + ["--preserve-order"] * preserve_order + ["--keep-checkpoint"] * keep_checkpoint
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     log = open(f"{output}.{time.strftime('%H%M%S')}.log", "w")
@@ -228,10 +267,18 @@ def count_output(output: Path, input_ids: list[str]) -> dict | None:
     ids, seen, rank = [i for part in per_file for i in part], set(), {v: k for k, v in enumerate(input_ids)}
     seen.update(ids)
     expected = [i for i in input_ids if i in seen]
-    result = {"input_rows": len(input_ids), "output_rows": len(ids), "unique_ids": len(seen), "files": len(files),
-              "duplicated_rows": len(ids) - len(seen), "input_ids_missing": len(set(input_ids) - seen),
-              "in_input_order": ids == expected, "adjacent_pairs_in_order": round(
-                  sum(rank.get(a, 0) < rank.get(b, 0) for a, b in zip(ids, ids[1:])) / max(1, len(ids) - 1), 4)}
+    result = {
+        "input_rows": len(input_ids),
+        "output_rows": len(ids),
+        "unique_ids": len(seen),
+        "files": len(files),
+        "duplicated_rows": len(ids) - len(seen),
+        "input_ids_missing": len(set(input_ids) - seen),
+        "in_input_order": ids == expected,
+        "adjacent_pairs_in_order": round(
+            sum(rank.get(a, 0) < rank.get(b, 0) for a, b in zip(ids, ids[1:])) / max(1, len(ids) - 1), 4
+        ),
+    }
     result["file_first_rows"] = [rank.get(part[0]) for part in per_file if part][:12]  # input position of each file's 1st row
     if (output / "submission.csv").exists():
         with open(output / "submission.csv", newline="") as f:
@@ -279,9 +326,21 @@ def main() -> None:
     if not (out / "model" / "config.json").exists():
         build_tiny_model(out / "model")
     args.cfg_path = str(out / "cfg.json")
-    Path(args.cfg_path).write_text(json.dumps({  # tests/conftest.py's tiny_cfg, as the brief sets it
-        "model": {"name": str(out / "model"), "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 96},
-        "run": {"use_gpu": "false"}, "label": {"batch_size": 64, "num_actors": 1, "write_submission": True}}))
+    Path(args.cfg_path).write_text(
+        json.dumps(
+            {  # tests/conftest.py's tiny_cfg, as the brief sets it
+                "model": {
+                    "name": str(out / "model"),
+                    "backend": "hf",
+                    "load_in_4bit": False,
+                    "dtype": "float32",
+                    "max_seq_length": 96,
+                },
+                "run": {"use_gpu": "false"},
+                "label": {"batch_size": 64, "num_actors": 1, "write_submission": True},
+            }
+        )
+    )
     subprocess.run(["rm", "-rf", str(out / "input")], check=True)
     inputs = make_input(out / "input", args.rows, args.files)
     input_glob, input_ids = str(out / "input" / "*.csv"), ids_of(inputs)
@@ -296,30 +355,51 @@ def main() -> None:
 
     def throughput(what: str, folder: str, job: str, **options) -> None:
         r = child(args, job, input_glob, fresh(folder), **options)
-        report("2", f"throughput {what}", job_s=r.get("job_s"), pipeline_s=r.get("pipeline_s"),
-               rows_per_s_job=round(args.rows / r["job_s"], 1), tokens_per_s_job=round((r.get("prompt_tokens") or 0) / r["job_s"], 1),
-               rows_per_s_pipeline=round(args.rows / r["pipeline_s"], 1) if r.get("pipeline_s") else None,
-               prompt_tokens=r.get("prompt_tokens"), error=r.get("error"), output=count_output(out / folder, input_ids),
-               load_1min=round(os.getloadavg()[0], 2))
+        report(
+            "2",
+            f"throughput {what}",
+            job_s=r.get("job_s"),
+            pipeline_s=r.get("pipeline_s"),
+            rows_per_s_job=round(args.rows / r["job_s"], 1),
+            tokens_per_s_job=round((r.get("prompt_tokens") or 0) / r["job_s"], 1),
+            rows_per_s_pipeline=round(args.rows / r["pipeline_s"], 1) if r.get("pipeline_s") else None,
+            prompt_tokens=r.get("prompt_tokens"),
+            error=r.get("error"),
+            output=count_output(out / folder, input_ids),
+            load_1min=round(os.getloadavg()[0], 2),
+        )
 
     if "1" in only:
         per_module = {m: lines_of_code((REPO / "sentiment_ray" / m).read_text()) for m in UNIT_MODULES}
         source = Path(__file__).read_text()
-        native = source[source.index("class NativeLabeler"): source.index("# ---", source.index("def native_pipeline"))]
-        report("1", "lines of code (non-blank, non-comment)", units=sum(per_module.values()),
-               units_label_only=sum(v for m, v in per_module.items() if m.startswith("label/")),
-               native=lines_of_code(native), units_by_module=per_module)
+        native = source[source.index("class NativeLabeler") : source.index("# ---", source.index("def native_pipeline"))]
+        report(
+            "1",
+            "lines of code (non-blank, non-comment)",
+            units=sum(per_module.values()),
+            units_label_only=sum(v for m, v in per_module.items() if m.startswith("label/")),
+            native=lines_of_code(native),
+            units_by_module=per_module,
+        )
     if "2" in only:
         for k in range(args.repeat):
             for job, order in (("units", False), ("native", False), ("native", True)):
-                throughput(f"{job}{' preserve_order' * order} run {k + 1}", f"thr-{job}{'-ordered' * order}-{k}",
-                           job, preserve_order=order)
+                throughput(
+                    f"{job}{' preserve_order' * order} run {k + 1}",
+                    f"thr-{job}{'-ordered' * order}-{k}",
+                    job,
+                    preserve_order=order,
+                )
     if "3" in only:
         for job in ("units", "native"):
             o = fresh(f"kill-actor-{job}")
             r = child(args, job, input_glob, o, kill_actor=True)
-            report("3", f"actor SIGKILL {job}", **{k: r.get(k) for k in ("killed", "killed_pid", "killed_at_s", "error", "job_s")},
-                   output=count_output(o, input_ids))
+            report(
+                "3",
+                f"actor SIGKILL {job}",
+                **{k: r.get(k) for k in ("killed", "killed_pid", "killed_at_s", "error", "job_s")},
+                output=count_output(o, input_ids),
+            )
             o = fresh(f"kill-driver-{job}")
             first = child(args, job, input_glob, o, kill_driver=True)
             partial = count_output(o, input_ids)
@@ -327,22 +407,39 @@ def main() -> None:
                 hung = child(args, job, input_glob, o, timeout=args.hang_timeout)
                 report("3", "native rerun over a checkpoint, 2 CPUs", error=hung.get("error"), output=count_output(o, input_ids))
             second = child(args, job, input_glob, o, cpus=3 if job == "native" else 2)
-            report("3", f"driver SIGKILL + rerun {job}", killed_at_s=first["driver_killed_at_s"], after_kill=partial,
-                   rerun_cpus=second.get("cpus"), rerun_s=second.get("job_s"), error=second.get("error"),
-                   output=count_output(o, input_ids))
+            report(
+                "3",
+                f"driver SIGKILL + rerun {job}",
+                killed_at_s=first["driver_killed_at_s"],
+                after_kill=partial,
+                rerun_cpus=second.get("cpus"),
+                rerun_s=second.get("job_s"),
+                error=second.get("error"),
+                output=count_output(o, input_ids),
+            )
     if "4" in only:
         path = write_bad_input(out / "bad-input", list(BAD_ROWS))
         o = fresh("bad-units")
         r = child(args, "units", path, o)
         entries = [json.loads(x) for x in open(o / "quarantine.jsonl")] if (o / "quarantine.jsonl").exists() else []
-        report("4", "bad rows units (all kinds, one file)", error=r.get("error"), output=count_output(o, ids_of([path])),
-               quarantine=[{k: q.get(k) for k in ("file", "row", "line", "reason")} for q in entries])
+        report(
+            "4",
+            "bad rows units (all kinds, one file)",
+            error=r.get("error"),
+            output=count_output(o, ids_of([path])),
+            quarantine=[{k: q.get(k) for k in ("file", "row", "line", "reason")} for q in entries],
+        )
         for kind in BAD_ROWS:
             path = write_bad_input(out / "bad-input", [kind])
             o = fresh(f"bad-native-{kind}")
             r = child(args, "native", path, o)
-            report("4", f"bad rows native: {kind}", error=r.get("error"), pyarrow_alone=pyarrow_says(path),
-                   output=count_output(o, ids_of([path])))
+            report(
+                "4",
+                f"bad rows native: {kind}",
+                error=r.get("error"),
+                pyarrow_alone=pyarrow_says(path),
+                output=count_output(o, ids_of([path])),
+            )
         ids = out / "bad-input" / "leading-zero-ids.csv"
         ids.write_text("ID,sentence\n007,fine\n008,good\n")
         report("4", "ID types read_csv infers (pyarrow alone)", pyarrow_alone=pyarrow_says(str(ids)))
@@ -357,18 +454,40 @@ def main() -> None:
         o = fresh("dup-native-resume")
         child(args, "native", a, o, keep_checkpoint=True)  # the state of a run that died after file a's blocks
         r = child(args, "native", both, o, cpus=3)
-        report("5", "duplicate IDs: native rerun over a checkpoint holding a's IDs", error=r.get("error"),
-               output=count_output(o, both_ids))
+        report(
+            "5",
+            "duplicate IDs: native rerun over a checkpoint holding a's IDs",
+            error=r.get("error"),
+            output=count_output(o, both_ids),
+        )
         r = child(args, "native", both, o, cpus=3)
         report("5", "native: the same command again after success", error=r.get("error"), output=count_output(o, both_ids))
     if "6" in only:
         for order in (False, True):  # 2 model actors (4 logical CPUs on 2 cores): blocks may finish out of order
-            throughput(f"native 2 actors{' preserve_order' * order}", f"order-2actors{'-ordered' * order}", "native",
-                       preserve_order=order, cpus=4, actors=2)
-        report("6", "output order (parquet files in name order)", runs=[
-            {"what": r["what"], "pipeline_s": r["pipeline_s"], **{k: (r["output"] or {}).get(k) for k in (
-                "files", "in_input_order", "file_first_rows", "submission_in_input_order")}}
-            for r in results if r["point"] == "2"])
+            throughput(
+                f"native 2 actors{' preserve_order' * order}",
+                f"order-2actors{'-ordered' * order}",
+                "native",
+                preserve_order=order,
+                cpus=4,
+                actors=2,
+            )
+        report(
+            "6",
+            "output order (parquet files in name order)",
+            runs=[
+                {
+                    "what": r["what"],
+                    "pipeline_s": r["pipeline_s"],
+                    **{
+                        k: (r["output"] or {}).get(k)
+                        for k in ("files", "in_input_order", "file_first_rows", "submission_in_input_order")
+                    },
+                }
+                for r in results
+                if r["point"] == "2"
+            ],
+        )
 
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\n{'pt':<3}{'what':<58}headline")
@@ -379,9 +498,13 @@ def main() -> None:
 def headline(r: dict) -> str:
     o, parts = r.get("output") or {}, []
     if "rows_per_s_job" in r:
-        parts.append(f"{r['rows_per_s_job']} rows/s, {r['tokens_per_s_job']} tok/s (job {r['job_s']} s, pipeline {r['pipeline_s']} s)")
+        parts.append(
+            f"{r['rows_per_s_job']} rows/s, {r['tokens_per_s_job']} tok/s (job {r['job_s']} s, pipeline {r['pipeline_s']} s)"
+        )
     if o:
-        parts.append(f"out {o['output_rows']} rows / {o['unique_ids']} IDs of {o['input_rows']}, order kept: {o['in_input_order']}")
+        parts.append(
+            f"out {o['output_rows']} rows / {o['unique_ids']} IDs of {o['input_rows']}, order kept: {o['in_input_order']}"
+        )
     for key in ("units", "native", "killed", "pyarrow_alone", "error"):
         if r.get(key):
             parts.append(f"{key}: {str(r[key])[:90]}".replace("\n", " "))

@@ -27,6 +27,7 @@ import numpy as np
 
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.metrics import expected_calibration_error
+from sentiment_ray.scoring import softmax
 
 CALIBRATION_FILE = "calibration.json"
 SPLIT_SEED = 0
@@ -66,10 +67,6 @@ def fit_temperature(logits: np.ndarray, gold: np.ndarray) -> float:
     return temperature
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    return np.exp(_log_softmax(np.asarray(z, dtype=np.float64)))
-
-
 def _ece(probs: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
     predicted = probs.argmax(axis=1)
     return expected_calibration_error(probs.max(axis=1).tolist(), (predicted == gold).tolist())
@@ -83,13 +80,13 @@ def calibrate(logits: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
     n = len(gold)
     temperature = fit_temperature(logits, gold) if n else 1.0
     # Out-of-fold: each half scaled by the temperature fitted on the other half.
-    after = _softmax(logits / temperature)
+    after = softmax(logits / temperature, np.float64)
     if n >= 4:
         order = np.random.default_rng(SPLIT_SEED).permutation(n)
         halves = (order[: n // 2], order[n // 2 :])
         for fit_on, apply_to in (halves, halves[::-1]):
-            after[apply_to] = _softmax(logits[apply_to] / fit_temperature(logits[fit_on], gold[fit_on]))
-    before = _softmax(logits)
+            after[apply_to] = softmax(logits[apply_to] / fit_temperature(logits[fit_on], gold[fit_on]), np.float64)
+    before = softmax(logits, np.float64)
     nll_before = nll(logits, gold) if n else None
     nll_after = float(-np.log(np.clip(after[np.arange(n), gold], 1e-12, 1)).mean()) if n else None
     applied = bool(n) and nll_after < nll_before

@@ -5,10 +5,13 @@
     sentiment-ray label  --input PATH --output DIR [--adapter RUN/adapter] [key=value ...]
     sentiment-ray export --adapter RUN/adapter --output DIR [--dtype bfloat16] [key=value ...]
     sentiment-ray eval   --predictions LABEL_OUTPUT|FILE [--output DIR] [--experiment TUNE_DIR]
+    sentiment-ray benchmark train|label [--model SHAPE] [--out DIR] [key=value ...]
 
 Each command's parser and main function live here and are the same ones `jobs/<command>.py`
 runs (those scripts stay the `ray job submit -- python jobs/<command>.py` entry points: they
-need no installed package). `sentiment-ray <command> --help` lists every option.
+need no installed package). `sentiment-ray <command> --help` lists every option. Every
+command ends through `terminal.runner.run_job`: a short summary then one JSON line, or one
+`error:` line.
 
 Light at import time: the recipes import torch, transformers and ray inside their functions.
 """
@@ -20,21 +23,25 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sentiment_ray import cluster, console, evaluate, export, faults
-from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
-from sentiment_ray.io.lease import LockHeld, LockLost
-from sentiment_ray.io.values import DataError
+from sentiment_ray import cluster
+from sentiment_ray.bench import job as bench_job
+from sentiment_ray.config import ExperimentConfig, load_config
+from sentiment_ray.config_help import JOB_SECTIONS, config_help
+from sentiment_ray.eval import layout as eval_layout
+from sentiment_ray.eval import recipe as evaluate
+from sentiment_ray.export import recipe as export
 from sentiment_ray.label import outputs as label_outputs
-from sentiment_ray.label.plan import LabelRunError
+from sentiment_ray.label.recipe import interrupted_line as label_interrupted_line
 from sentiment_ray.label.recipe import label_dataset
-from sentiment_ray.models import cache_dir
-from sentiment_ray.train.recipe import TrainingError, run_training
-from sentiment_ray.train.terminal import CommandLine, TrainTerminal
+from sentiment_ray.terminal import console, faults
+from sentiment_ray.terminal.runner import Ending, run_job, stop_ray
+from sentiment_ray.terminal.training import CommandLine, TrainTerminal, short_path
+from sentiment_ray.train.recipe import run_training
 from sentiment_ray.tune import recipe as tune_recipe
 
 PROG = "sentiment-ray"
@@ -138,22 +145,21 @@ def job_parser(description: str, prog: str | None = None) -> argparse.ArgumentPa
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def config_parser(description: str, overrides_example: str, prog: str | None = None) -> argparse.ArgumentParser:
+def config_parser(description: str, overrides_example: str, prog: str | None = None, *, job: str) -> argparse.ArgumentParser:
+    """A job's parser: --config, the overrides, and (its epilog) every config field the job reads."""
     parser = job_parser(description, prog)
-    parser.add_argument("--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path (default: %(default)s)")
+    parser.epilog = config_help(JOB_SECTIONS[job])
     parser.add_argument(
-        "overrides", nargs="*", help=f"dotted config overrides key=value, validated, e.g. {overrides_example}"
+        "--config", default="demo", help="preset name (sentiment_ray/configs) or YAML path (default: %(default)s)"
     )
+    parser.add_argument("overrides", nargs="*", help=f"dotted config overrides key=value, validated, e.g. {overrides_example}")
     return parser
 
 
-def load_config_or_none(args: argparse.Namespace) -> ExperimentConfig | None:
-    """The validated config, or None after printing why it is invalid (exit code 2)."""
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return None
+def job_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The validated config of `--config` and the overrides (a ConfigError is a user error:
+    the runner prints its one line)."""
+    return load_config(args.config, args.overrides)
 
 
 def keep_storage_durable(cfg: ExperimentConfig) -> None:
@@ -176,35 +182,20 @@ def launcher(prog: str | None, script: str) -> str:
 # ----------------------------------------------------------------------------- train
 
 
-def _print_summary(run, errors, command: str = PROG) -> int:
-    """Run a job; print its summary as the one JSON line the jobs end with (exit 0), or on
-    stderr a job error's message, or for any other fault (permission, disk full, an object
-    store's error, in the driver or a worker) one line naming it with the full trace in a
-    log file (exit 1)."""
-    try:
-        summary = run()
-    except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # noqa: BLE001 - a fault: one line, the trace in a log file
-        print(f"error: {faults.report(err, command)}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, ensure_ascii=False, default=str), flush=True)
-    return 0
-
-
 def verbose_flag(parser: argparse.ArgumentParser, log_place: str) -> None:
     parser.add_argument(
-        "--verbose", action="store_true",
+        "--verbose",
+        action="store_true",
         help=f"print everything Ray, the libraries and the workers print (also {console.LOG_ENV}=debug); "
         f"the job's log file ({log_place}) has it either way",
     )
 
 
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog)
+    parser = config_parser(TRAIN_DESCRIPTION, "train.max_steps=120 run.name=demo-long", prog, job="train")
     parser.add_argument(
-        "--new-run", action="store_true",
+        "--new-run",
+        action="store_true",
         help="discard the checkpoints and outputs of an earlier run of the same run.name and start over "
         "(a rerun otherwise resumes it, refusing changed settings: docs/architecture.md)",
     )
@@ -215,78 +206,106 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = train_parser(prog).parse_args(argv)
-    cfg = load_config_or_none(args)
-    if cfg is None:
-        return 2
-    keep_storage_durable(cfg)
     command = CommandLine(launcher(prog, "train"), argv, args.config, list(args.overrides))
     terminal = TrainTerminal(command, verbose=console.verbose_requested(args.verbose))
-    try:
-        summary = run_training(cfg, terminal=terminal, new_run=args.new_run)
-    except BaseException as err:  # noqa: BLE001 - explained on the terminal, or re-raised
-        try:
-            return terminal.failed(err, user_errors=(TrainingError, LockHeld, LockLost))
-        except Exception as fault:  # noqa: BLE001 - a fault: one line, the trace in a log file
-            print(f"error: {faults.report(fault, 'train')}", file=sys.stderr)
-            return 1
-    terminal.finish(summary)
-    print(json.dumps(summary, sort_keys=False, ensure_ascii=False, default=str), flush=True)
-    return 0
+
+    def job() -> dict:
+        cfg = job_config(args)
+        keep_storage_durable(cfg)
+        return run_training(cfg, observer=terminal, new_run=args.new_run)
+
+    return run_job("train", job, terminal.ending(), display=terminal.display)
 
 
 # ----------------------------------------------------------------------------- tune
 
 
 def tune_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(TUNE_DESCRIPTION, "tune.num_samples=8 train.max_steps=70", prog)
+    parser = config_parser(TUNE_DESCRIPTION, "tune.num_samples=8 train.max_steps=70", prog, job="tune")
     parser.set_defaults(config="llama31_8b_tune")
     parser.add_argument(
-        "--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster this job starts (not used when joining one)"
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of the local Ray cluster this job starts (not used when joining one)",
     )
-    parser.add_argument("--report-only", action="store_true", help="rebuild table, plot, report and best/ from the experiment folder")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild table, plot, report and best/ from the experiment folder"
+    )
     return parser
 
 
 def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = tune_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config_or_none(args)
-    if cfg is None:
-        return 2
-    keep_storage_durable(cfg)
+    command = CommandLine(launcher(prog, "tune"), argv, args.config, list(args.overrides))
 
-    try:
+    def job() -> dict:
+        cfg = job_config(args)
+        keep_storage_durable(cfg)
         if args.report_only:
-            summary = tune_recipe.report_only(cfg)
-        else:
-            summary = tune_recipe.run_tune(cfg, num_cpus=args.num_cpus)
-    except (ConfigError, tune_recipe.TuneError) as err:
-        print(err, file=sys.stderr)
-        return 2
-    except (LockHeld, LockLost) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # noqa: BLE001 - a fault: one line, the trace in a log file
-        print(f"error: {faults.report(err, 'tune')}", file=sys.stderr)
-        return 1
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()  # stops worker log forwarding: the JSON line is the last line
-    print(tune_recipe.summary_line(summary), flush=True)
-    return 0
+            return tune_recipe.report_only(cfg)
+        return tune_recipe.run_tune(cfg, num_cpus=args.num_cpus)
+
+    def interrupted(sig, err) -> str:
+        return f"Tuning interrupted by {sig.name}: finished trials are kept; rerun the same command to resume the rest: {command.text()}"
+
+    return run_job(
+        "tune",
+        job,
+        Ending(
+            finished=lambda summary: tune_lines(summary, command),
+            interrupted=interrupted,
+            closed=stop_ray,
+            shown_as_json=tune_recipe.json_summary,
+        ),
+    )
+
+
+def tune_lines(summary: dict, command: CommandLine) -> list[str]:
+    """The tune job's closing lines: the best trial, where the report is, the next command."""
+    lines = [
+        f"experiment  {short_path(summary['experiment'])}  ({summary['trials']} trials: "
+        + ", ".join(f"{n} {o}" for o, n in (summary.get("outcomes") or {}).items() if n)
+        + ")"
+    ]
+    if summary.get("best_dir"):
+        lines.append(
+            f"best        trial {summary['best_trial']}: {summary['metric']} {summary['best_metric']}  "
+            f"({short_path(summary['best_dir'])})"
+        )
+        lines.append(f"report      {short_path(summary['report'])}")
+        parts = [command.sibling("label")]
+        if command.config:
+            parts += ["--config", command.config]
+        parts += [
+            "--adapter",
+            short_path(summary["best_dir"]) + "/adapter",
+            "--input",
+            "YOUR_DATA.csv",
+            "--output",
+            short_path(summary["experiment"]) + "-labels",
+        ]
+        lines.append("next        " + " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts)))
+    else:
+        lines.append("warning: no trial completed: nothing was promoted to best/")
+    return lines
 
 
 # ----------------------------------------------------------------------------- label
 
 
 def label_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(LABEL_DESCRIPTION, "label.max_batch_tokens=65536 label.mode=generate", prog)
+    parser = config_parser(LABEL_DESCRIPTION, "label.max_batch_tokens=65536 label.mode=generate", prog, job="label")
     parser.add_argument("--input", required=True, help="file, glob, directory or URI of CSV/Parquet/JSONL")
     parser.add_argument("--output", required=True, help="output folder (local, shared, or a URI)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (<run>/adapter); omit for zero-shot")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run's outputs in --output")
     parser.add_argument(
-        "--rows-per-unit", type=int, default=None,
+        "--rows-per-unit",
+        type=int,
+        default=None,
         help="rows per work unit (the unit of resume and of output shards); default: label.rows_per_unit, else about four units per actor",
     )
     verbose_flag(parser, "named in the summary")
@@ -303,7 +322,7 @@ def label_log(verbose: bool):
 
     log = console.RunLog(verbose=verbose)
     log.start()
-    path = str(cache_dir() / "logs" / time.strftime("label-%Y%m%d-%H%M%S.log", time.gmtime()))
+    path = os.path.join(faults.logs_folder(), faults.log_file_name("label"))
 
     def open_file() -> None:
         try:
@@ -318,43 +337,71 @@ def label_log(verbose: bool):
         yield log
     finally:
         cluster.after_connect(None)
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()  # while Ray's output still goes to the log
+        stop_ray()  # while Ray's output still goes to the log
         log.close()
 
 
-def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = label_parser(prog).parse_args(argv)
-    cfg = load_config_or_none(args)
-    if cfg is None:
-        return 2
-    args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
+def label_lines(summary: dict, command: CommandLine) -> list[str]:
+    """The label job's closing lines: what was labelled, where, its warnings, the next command."""
+    lines = label_outputs.terminal_lines(summary)
+    labelled, total = summary.get("labelled"), summary.get("rows")
+    counted = f"{labelled:,} rows labelled" if isinstance(labelled, int) else "labelled"
+    if isinstance(total, int) and total != labelled:
+        counted += f" of {total:,}"
+    lines.append(f"output     {short_path(summary['output'])}  ({counted}, {summary.get('seconds', 0):.0f}s)")
+    if summary.get("submission"):
+        lines.append(f"submission {short_path(summary['submission'])}")
+    if summary.get("metrics_path"):
+        lines.append(f"metrics    {short_path(summary['metrics_path'])}")
+    if summary.get("log"):
+        lines.append(f"log        {short_path(summary['log'])}")
+    if summary.get("truncated"):
+        lines.append(
+            f"warning: {summary['truncated']:,} rows were cut to fit model.max_seq_length or label.max_text_chars "
+            "(column `truncated`)"
+        )
+    lines.append(f"next       {command.sibling('eval')} --predictions {shlex.quote(short_path(summary['output']))}")
+    return lines
 
-    def run() -> dict:
-        summary = label_dataset(cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit)
-        display = console.Display()
-        for line in label_outputs.terminal_lines(summary):
-            display.info(line)
+
+def label_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = label_parser(prog).parse_args(argv)
+    command = CommandLine(launcher(prog, "label"), argv, args.config, list(args.overrides))
+    logs: list[console.RunLog] = []
+
+    def job() -> dict:
+        cfg = job_config(args)
+        args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
+        with label_log(console.verbose_requested(args.verbose)) as log:
+            logs.append(log)
+            summary = label_dataset(
+                cfg, args.input, args.output, args.adapter, overwrite=args.overwrite, rows_per_unit=args.rows_per_unit
+            )
         return {**summary, "log": log.path}
 
-    with label_log(console.verbose_requested(args.verbose)) as log:
-        return _print_summary(
-            run,
-            (DataError, LabelRunError, LockHeld, LockLost),
-            "label",
-        )
+    def interrupted(sig, err) -> str:
+        # Ray is stopped by now (label_log): the units counted are all the committed ones.
+        return label_interrupted_line(sig, cluster.durable_path(args.output), command.text())
+
+    return run_job("label", job, Ending(finished=lambda summary: label_lines(summary, command), interrupted=interrupted))
 
 
 # ----------------------------------------------------------------------------- export
 
 
 def export_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = config_parser(EXPORT_DESCRIPTION, "model.name=/models/llama model.backend=hf", prog)
-    parser.add_argument("--adapter", required=True, help="LoRA adapter folder to merge (<run>/adapter or <experiment>/best/adapter)")
-    parser.add_argument("--output", required=True, help="folder for the merged Hugging Face model (created; must be empty or absent)")
+    parser = config_parser(EXPORT_DESCRIPTION, "model.name=/models/llama model.backend=hf", prog, job="export")
     parser.add_argument(
-        "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+        "--adapter", required=True, help="LoRA adapter folder to merge (<run>/adapter or <experiment>/best/adapter)"
+    )
+    parser.add_argument(
+        "--output", required=True, help="folder for the merged Hugging Face model (created; must be empty or absent)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
         help="dtype of the saved weights (default: %(default)s; the unsloth backend always saves 16-bit)",
     )
     parser.add_argument("--device", default=None, help="where to merge: cpu, cuda, cuda:1 (default: the first GPU, else cpu)")
@@ -363,17 +410,30 @@ def export_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = export_parser(prog).parse_args(argv)
-    cfg = load_config_or_none(args)
-    if cfg is None:
-        return 2
-    args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
+    command = CommandLine(launcher(prog, "export"), argv, args.config, list(args.overrides))
 
-    return _print_summary(
-        lambda: export.export_merged(cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite),
-        export.ExportError,
-        "export",
-    )
+    def job() -> dict:
+        cfg = job_config(args)
+        args.output, args.adapter = cluster.durable_path(args.output), cluster.durable_input_path(args.adapter)
+        console.hide_library_progress_bars()
+        return export.export_merged(
+            cfg, args.adapter, args.output, dtype=args.dtype, device=args.device, overwrite=args.overwrite
+        )
+
+    def finished(summary: dict) -> list[str]:
+        merged = short_path(args.output)
+        parts = [command.sibling("label")]
+        if args.config != "demo":
+            parts += ["--config", args.config]
+        parts += ["--input", "YOUR_DATA.csv", "--output", f"{merged}-labels", f"model.name={merged}"]
+        return [
+            f"merged     {short_path(args.adapter)} into {merged}  ({args.dtype})",
+            "next       " + " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts)),
+        ]
+
+    return run_job("export", job, Ending(finished=finished))
 
 
 # ----------------------------------------------------------------------------- eval
@@ -382,21 +442,30 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def eval_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = job_parser(EVAL_DESCRIPTION, prog)
     parser.add_argument(
-        "--predictions", default=None,
+        "--predictions",
+        default=None,
         help="a label job's output folder, a training run folder, or a Parquet/CSV/JSONL file (or glob) of predictions",
     )
     parser.add_argument(
-        "--experiment", default=None, help="a tune experiment folder (<run.storage_path>/<tune.experiment_name>): adds the trial curves"
+        "--experiment",
+        default=None,
+        help="a tune experiment folder (<run.storage_path>/<tune.experiment_name>): adds the trial curves",
     )
     parser.add_argument(
-        "--output", default=None,
-        help=f"folder for {evaluate.REPORT_FILE} and {evaluate.METRICS_FILE} (default: the --predictions folder, or the file's folder, or --experiment)",
+        "--output",
+        default=None,
+        help=f"folder for {eval_layout.REPORT_FILE} and {eval_layout.METRICS_FILE} (default: the --predictions folder, or the file's folder, or --experiment)",
     )
-    parser.add_argument("--labels", default=None, help="comma-separated label set in order (default: from the p_<label> columns or the data)")
+    parser.add_argument(
+        "--labels", default=None, help="comma-separated label set in order (default: from the p_<label> columns or the data)"
+    )
     parser.add_argument("--label-column", default=None, help="gold label column (default: the label job's, else label)")
-    parser.add_argument("--lang-column", default=None, help="language column for the per-language table (default: the label job's, else lang)")
     parser.add_argument(
-        "--label-map", default=None,
+        "--lang-column", default=None, help="language column for the per-language table (default: the label job's, else lang)"
+    )
+    parser.add_argument(
+        "--label-map",
+        default=None,
         help='JSON map from raw gold values to labels, e.g. \'{"0": "Negative", "1": "Positive"}\' (default: the label job\'s data.label_map)',
     )
     parser.add_argument("--title", default=None, help="page title (default: from the input's name)")
@@ -413,8 +482,9 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         label_map = json.loads(args.label_map) if args.label_map else None
     except ValueError as err:
         parser.error(f"--label-map is not JSON: {err}")
-    return _print_summary(
-        lambda: evaluate.evaluate_to_report(
+
+    def job() -> dict:
+        return evaluate.evaluate_to_report(
             predictions=args.predictions,
             experiment=args.experiment,
             output=args.output,
@@ -423,10 +493,29 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             label_column=args.label_column,
             lang_column=args.lang_column,
             title=args.title,
-        ),
-        (evaluate.ReportError, DataError),
-        "eval",
-    )
+        )
+
+    def finished(summary: dict) -> list[str]:
+        lines = [f"report     {short_path(summary['report'])}"]
+        if summary.get("metrics"):
+            lines.append(f"metrics    {short_path(summary['metrics'])}")
+        return lines
+
+    return run_job("eval", job, Ending(finished=finished))
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def benchmark_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    return bench_job.benchmark_parser(prog)
+
+
+def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The benchmark job (jobs/benchmark.py's parser): its table as it runs, then one JSON
+    line naming its results; a run that failed is an `error:` line (exit 1)."""
+    args = bench_job.parse_args(argv, prog)
+    return run_job("benchmark", lambda: bench_job.run(args), Ending(finished=bench_job.closing_lines))
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -445,6 +534,7 @@ COMMANDS: dict[str, Command] = {
     "label": Command("label a dataset on Ray Data (jobs/label.py)", label_parser, label_main),
     "export": Command("merge an adapter into a standard HF model folder (jobs/export.py)", export_parser, export_main),
     "eval": Command("metrics + HTML report from predictions or a tune experiment", eval_parser, eval_main),
+    "benchmark": Command("training and labelling speed and memory (jobs/benchmark.py)", benchmark_parser, benchmark_main),
 }
 
 

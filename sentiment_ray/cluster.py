@@ -7,12 +7,17 @@ before they know whether Ray is needed).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from sentiment_ray import compat
+from sentiment_ray.errors import UserError
+from sentiment_ray.terminal import faults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +50,7 @@ JOB_HOME_DEFAULT = "~/sentiment-ray"
 _RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The Ray address is unusable or the cluster cannot provide what the config asks."""
 
 
@@ -141,6 +146,7 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
         ray.init(address=target, job_config=JobConfig(code_search_path=[str(REPO_ROOT)]), **common)
     else:
         start_local(num_cpus=num_cpus, job_config=JobConfig(code_search_path=[str(REPO_ROOT)]), **common)
+    faults.keep_signal_handlers()  # ray.init replaced the SIGTERM handler
     for callback in list(_after_connect):
         callback()
 
@@ -150,7 +156,8 @@ LOCAL_HOST = "127.0.0.1"
 
 
 def start_local(num_cpus: int | None = None, **init_kwargs) -> None:
-    """Start a private single-node cluster bound to 127.0.0.1, with token authentication.
+    """Start a private single-node cluster bound to 127.0.0.1, with token authentication,
+    in a temp folder of its own.
 
     Ray binds its gRPC servers (GCS, raylet, object manager, every worker), the dashboard
     agent and the metrics endpoints to all interfaces unless the node's address is the
@@ -160,22 +167,74 @@ def start_local(num_cpus: int | None = None, **init_kwargs) -> None:
     127.0.0.1 too. Token authentication: Ray 2.60 turns it on for a new local cluster
     (creating ~/.ray/auth_token if missing) unless RAY_AUTH_MODE says otherwise; an explicit
     RAY_AUTH_MODE=disabled is respected, with a warning.
+
+    Private, also from this host: Ray's processes that are given no address (the state API
+    that Ray Train's placement-group cleaner asks whether the controller lives, among
+    others) find "the" cluster through a discovery file in the host's Ray temp folder
+    (/tmp/ray/ray_current_cluster), which any `ray start --head` on the machine rewrites, or
+    by listing every GCS process on the host. Pointed at someone else's cluster, the
+    cleaner finds no controller there and removes this run's placement group; finding
+    several, it stops watching. So the cluster gets a temp folder of its own (its session,
+    logs and sockets), RAY_TMPDIR names it for the driver and every process Ray starts (they
+    inherit the driver's environment), and its discovery file names this cluster's GCS
+    (`private_temp_root`). The folder is removed when the process exits.
     """
     import ray
 
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
-        logging.getLogger(__name__).warning(
-            "RAY_AUTH_MODE=%s: the local Ray cluster starts without token authentication", mode
-        )
+        logging.getLogger(__name__).warning("RAY_AUTH_MODE=%s: the local Ray cluster starts without token authentication", mode)
     compat.ray_single_machine_node_ip()
+    root = private_temp_root()
     ray.init(
         address="local",
         num_cpus=num_cpus,
         _node_ip_address=LOCAL_HOST,
         dashboard_host=LOCAL_HOST,
+        _temp_dir=os.path.join(root, "ray"),
         **init_kwargs,
     )
+    compat.write_ray_discovery_file(os.path.join(root, "ray"), ray.get_runtime_context().gcs_address)
+
+
+# The private temp folders this process made for its local clusters (removed at exit).
+_private_roots: list[str] = []
+
+
+def private_temp_root() -> str:
+    """A new folder (mode 0700) for a local cluster's files, named by RAY_TMPDIR from now on
+    in this process and inherited by every process the cluster starts: Ray's default temp
+    folder becomes `<it>/ray`, so nothing of the cluster reads the host's /tmp/ray. Short
+    (`sray-` + 8 characters): Ray puts unix sockets below it, whose paths may not exceed 107
+    bytes. Folders of clusters this process started earlier and has stopped are removed."""
+    import ray
+
+    if not ray.is_initialized():
+        for old in _private_roots:
+            shutil.rmtree(old, ignore_errors=True)
+        _private_roots.clear()
+    root = tempfile.mkdtemp(prefix="sray-")
+    if not _private_roots:
+        atexit.unregister(_remove_private_roots)  # once, however many clusters
+        atexit.register(_remove_private_roots)
+    _private_roots.append(root)
+    os.environ["RAY_TMPDIR"] = root
+    return root
+
+
+def _remove_private_roots() -> None:
+    """At exit: stop the local cluster (Ray's own exit handler would, later), then remove
+    its folder."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - exiting: the folder is what matters here
+        pass
+    for root in _private_roots:
+        shutil.rmtree(root, ignore_errors=True)
+    _private_roots.clear()
 
 
 def cluster_gpu_count() -> int:

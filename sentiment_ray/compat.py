@@ -73,6 +73,21 @@ def ray_single_machine_node_ip() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def write_ray_discovery_file(ray_temp_dir: str, gcs_address: str) -> str:
+    """Write the file through which Ray's processes given no address find their cluster
+    (`ray._common.utils.get_ray_address_file(temp_dir)`: `<temp_dir>/ray_current_cluster`,
+    read by `ray._private.services.get_ray_address_from_environment`, which the state API,
+    `ray.init("auto")` and the CLI use; `ray start --head` writes it), naming `gcs_address`.
+    Its path."""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(ray_temp_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(gcs_address)
+    return path
+
+
 # ----------------------------------------------------------------------------- ray: worker output
 
 
@@ -135,8 +150,9 @@ def check() -> list[str]:
         if installed != version:
             problems.append(f"{name} {installed} is installed; sentiment_ray/compat.py was written for {version}: re-check it")
     try:
-        from transformers import Trainer
         import inspect
+
+        from transformers import Trainer
 
         if "_initial_num_input_tokens_seen" not in inspect.getsource(Trainer):
             problems.append("transformers.Trainer no longer sets _initial_num_input_tokens_seen")
@@ -169,6 +185,25 @@ def check() -> list[str]:
             problems.append("ray._private.services.get_node_ip_address no longer reads ray_constants.ENABLE_RAY_CLUSTER")
     except Exception as err:  # noqa: BLE001
         problems.append(f"ray._private.ray_constants: {err}")
+    try:
+        import inspect
+        import tempfile
+
+        from ray._common import utils as ray_common_utils
+        from ray._private import services
+
+        with tempfile.TemporaryDirectory() as folder:
+            written = write_ray_discovery_file(folder, "127.0.0.1:1")
+            if ray_common_utils.get_ray_address_file(None) != os.path.join(
+                ray_common_utils.get_default_ray_temp_dir(), "ray_current_cluster"
+            ):
+                problems.append("Ray's discovery file is no longer <default temp dir>/ray_current_cluster")
+            if services.find_bootstrap_address(folder) != "127.0.0.1:1" or not written.startswith(folder):
+                problems.append("ray._private.services.find_bootstrap_address does not read the discovery file written")
+        if "RAY_TMPDIR" not in inspect.getsource(ray_common_utils.get_default_system_temp_dir):
+            problems.append("Ray's default temp folder no longer follows RAY_TMPDIR")
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"ray discovery file: {err}")
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 

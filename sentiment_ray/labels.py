@@ -7,10 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.values import MISSING_LABEL, UNKNOWN_LABEL, as_key, value_problem
 
 
-class LabelSetError(ValueError):
+class LabelSetError(UserError, ValueError):
     pass
 
 

@@ -107,5 +107,7 @@ def uncalibrated_line(language_shares: dict[str, float], calibrated: Sequence[st
     share, outside = uncalibrated_share(language_shares, calibrated)
     if not outside:
         return None
-    return (f"{share:.1%} of rows are in languages the adapter was not calibrated on ({shares_text(outside)}; "
-            f"calibrated: {', '.join(calibrated) or 'none'}): their confidence is not calibrated")
+    return (
+        f"{share:.1%} of rows are in languages the adapter was not calibrated on ({shares_text(outside)}; "
+        f"calibrated: {', '.join(calibrated) or 'none'}): their confidence is not calibrated"
+    )

@@ -157,13 +157,20 @@ def unknown_labels_line(report: dict | None) -> str | None:
     named = ", ".join(f"{value!r} ({n:,})" for value, n in list(unknown.items())[:5])
     more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
     rows = sum(unknown.values())
-    return (f"{rows:,} row(s) have a gold label outside the label set, not scored: {named}{more}; "
-            "map them with data.label_map or fix the labels")
+    return (
+        f"{rows:,} row(s) have a gold label outside the label set, not scored: {named}{more}; "
+        "map them with data.label_map or fix the labels"
+    )
 
 
 def macro_f1_drop_likelihood(
-    gold: Sequence[str], before: Sequence[str | None], after: Sequence[str | None], labels: Sequence[str],
-    *, resamples: int = 2000, seed: int = 0,
+    gold: Sequence[str],
+    before: Sequence[str | None],
+    after: Sequence[str | None],
+    labels: Sequence[str],
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
 ) -> float:
     """How sure a drop in macro-F1 from `before` to `after` (two models' predictions of the
     same rows) is: the share of paired bootstrap resamples of the rows in which `after` scores
@@ -221,8 +228,14 @@ class EvaluationCounts:
         self.lang_bins: dict[str, _Bins] = {}
         """The same confidence bins per language: ECE per language."""
 
-    def add(self, gold: Sequence[Any], predicted: Sequence[str | None], *,
-            confidence: Sequence[float | None] | None = None, langs: Sequence[Any] | None = None) -> None:
+    def add(
+        self,
+        gold: Sequence[Any],
+        predicted: Sequence[str | None],
+        *,
+        confidence: Sequence[float | None] | None = None,
+        langs: Sequence[Any] | None = None,
+    ) -> None:
         if len(gold) != len(predicted):
             raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
         self.rows += len(gold)
@@ -269,7 +282,9 @@ class EvaluationCounts:
         if self.any_lang:
             by_lang = {}
             for lang in sorted({str(x) for (_, _, x) in self.cells if x is not None}):
-                part = _report_of_cells(Counter({k: c for k, c in self.cells.items() if k[2] is not None and str(k[2]) == lang}), labels)
+                part = _report_of_cells(
+                    Counter({k: c for k, c in self.cells.items() if k[2] is not None and str(k[2]) == lang}), labels
+                )
                 by_lang[lang] = {"n": part["n"], "accuracy": part["accuracy"], "macro_f1": part["macro_f1"]}
             report["per_language"] = by_lang
         report["rows_without_label"] = self.rows - n

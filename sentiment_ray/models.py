@@ -15,13 +15,16 @@ import logging
 import os
 from pathlib import Path
 
+from sentiment_ray.errors import UserError
+from sentiment_ray.io.storage import local_atomic_dir
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     pass
 
 
@@ -48,16 +51,11 @@ def smollm2_gguf_path() -> Path:
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF checkpoint into an HF folder (bf16). Atomic: a half-written
     folder is never left where a loader would take it for complete."""
-    import shutil
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     log.info("converting %s into a Hugging Face folder at %s (once)", gguf_path.name, out_dir)
-    try:
+    with local_atomic_dir(out_dir) as stage:
         # transformers draws a progress bar per GGUF load (tqdm on stderr, not switchable):
         # kept out of the terminal, in the debug log.
         captured = io.StringIO()
@@ -82,14 +80,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.clean_up_tokenization_spaces = False
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(stage.path), safe_serialization=True)
+        tokenizer.save_pretrained(str(stage.path))
     return out_dir
 
 

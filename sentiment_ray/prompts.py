@@ -24,7 +24,7 @@ class PromptTemplate:
     separator: str = "\n"
 
     @classmethod
-    def from_config(cls, cfg: PromptConfig) -> "PromptTemplate":
+    def from_config(cls, cfg: PromptConfig) -> PromptTemplate:
         return cls(cfg.instruction, cfg.input_template, cfg.response_header, cfg.separator)
 
     def prompt(self, sentence: str) -> str:

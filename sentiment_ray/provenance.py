@@ -63,7 +63,10 @@ def git_commit(repo_dir: Path = REPO_ROOT) -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(repo_dir), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

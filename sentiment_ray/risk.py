@@ -172,8 +172,14 @@ def risk_coverage_curve(confidence, correct, coverages=CURVE_COVERAGES) -> list[
     points = []
     for share in coverages:
         n = max(1, int(round(share * conf.size)))
-        points.append({"coverage": round(n / conf.size, 4), "error": round(float(wrong[n - 1]) / n, 4),
-                       "threshold": float(conf[order][n - 1]), "rows": n})
+        points.append(
+            {
+                "coverage": round(n / conf.size, 4),
+                "error": round(float(wrong[n - 1]) / n, 4),
+                "threshold": float(conf[order][n - 1]),
+                "rows": n,
+            }
+        )
     return points
 
 
@@ -225,4 +231,6 @@ def accepted_flags(confidence, langs, threshold: float | None, calibrated_langua
     if threshold is None:
         return [False] * len(confidence)
     known = set(calibrated_languages)
-    return [c is not None and c >= threshold and lang is not None and lang in known for c, lang in zip(confidence, langs, strict=True)]
+    return [
+        c is not None and c >= threshold and lang is not None and lang in known for c, lang in zip(confidence, langs, strict=True)
+    ]

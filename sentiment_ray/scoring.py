@@ -141,9 +141,7 @@ def fit_prompts(
     # (almost always one round).
     while pending:
         rows = list(pending)
-        cut_texts = tokenizer.batch_decode(
-            [pending[r][: max(budget[r], 0)] for r in rows], clean_up_tokenization_spaces=False
-        )
+        cut_texts = tokenizer.batch_decode([pending[r][: max(budget[r], 0)] for r in rows], clean_up_tokenization_spaces=False)
         # A cut inside a multi-byte character decodes to U+FFFD; drop the partial character.
         cut_texts = [t.rstrip("\ufffd") for t in cut_texts]
         new_prompts = [template.prompt(t) for t in cut_texts]
@@ -157,12 +155,13 @@ def fit_prompts(
     return prompts, ids, truncated
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, returned as float32."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
+def softmax(logits: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Row-wise softmax computed in float64, returned as `dtype` (float32: what predictions
+    carry; calibration keeps float64)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return (e / e.sum(axis=1, keepdims=True)).astype(dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -348,7 +347,11 @@ class LabelScorer:
             self._fall_back(err)
 
     def _fall_back(self, err: BaseException) -> None:
-        warnings.warn(f"the scoring forward did not compile ({type(err).__name__}: {_first_line(err)}); scoring eagerly", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"the scoring forward did not compile ({type(err).__name__}: {_first_line(err)}); scoring eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         self._forward = self.model
         self.compiled = False
 
@@ -397,7 +400,9 @@ class LabelScorer:
     def score(self, sentences: Sequence[str]) -> ScoreResult:
         return self.score_ids(*self.encode(sentences))
 
-    def score_ids(self, ids: list[list[int]], truncated: np.ndarray, on_batch: Callable[[int], None] | None = None) -> ScoreResult:
+    def score_ids(
+        self, ids: list[list[int]], truncated: np.ndarray, on_batch: Callable[[int], None] | None = None
+    ) -> ScoreResult:
         """`score` for prompts already encoded by `encode` (the labeller encodes the next
         chunk in a reader thread while the model scores this one). `on_batch(rows)` is
         called after each micro-batch is handed to the model (progress; no device sync)."""
@@ -433,8 +438,11 @@ class LabelScorer:
                         mask = torch.cat([torch.ones((len(rows), offset), dtype=mask.dtype, device=device), mask], dim=1)
                         cache = {"past_key_values": _expanded_cache(layers, len(rows)), "use_cache": True}
                     out = self._run(
-                        input_ids=input_ids, attention_mask=mask, position_ids=positions + offset,
-                        **(cache or {"use_cache": False}), **extra,
+                        input_ids=input_ids,
+                        attention_mask=mask,
+                        position_ids=positions + offset,
+                        **(cache or {"use_cache": False}),
+                        **extra,
                     )
                     batches.append(np.asarray(members)[rows])
                     # Kept on the device: a copy to the host per batch would wait for the GPU
@@ -466,7 +474,9 @@ class LabelScorer:
 
     # -- generate-and-parse (for comparison with scoring)
 
-    def generate(self, sentences: Sequence[str], max_new_tokens: int, on_batch: Callable[[int], None] | None = None) -> GenerateResult:
+    def generate(
+        self, sentences: Sequence[str], max_new_tokens: int, on_batch: Callable[[int], None] | None = None
+    ) -> GenerateResult:
         import torch
 
         ids, truncated = self.encode(sentences)

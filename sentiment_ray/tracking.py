@@ -33,11 +33,15 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
+from sentiment_ray.io.storage import Storage
 from sentiment_ray.train.evaluation import flat_validation_metrics
 
 log = logging.getLogger(__name__)
@@ -53,8 +57,8 @@ FALLBACK_DIR = Path("~/.cache/sentiment-ray/mlflow")
 MAX_PARAM_CHARS = 6000
 
 
-class TrackingError(RuntimeError):
-    pass
+class TrackingError(UserError, RuntimeError):
+    """MLflow cannot be used as the config asks (the message says why and what to set)."""
 
 
 # ============================================================================ settings
@@ -75,8 +79,12 @@ def local_store(folder: str) -> str:
     """The local store's folder for a run or experiment folder (a fallback for URIs)."""
     if "://" in folder:
         fallback = str(FALLBACK_DIR.expanduser())
-        log.warning("the run folder %s is not local: MLflow logs to a local store in %s instead "
-                    "(set tracking.mlflow_tracking_uri or MLFLOW_TRACKING_URI to a server)", folder, fallback)
+        log.warning(
+            "the run folder %s is not local: MLflow logs to a local store in %s instead "
+            "(set tracking.mlflow_tracking_uri or MLFLOW_TRACKING_URI to a server)",
+            folder,
+            fallback,
+        )
         return fallback
     return os.path.join(os.path.abspath(folder), STORE_DIR)
 
@@ -165,7 +173,10 @@ class RunTracker:
         else:
             experiment_id = found.experiment_id
         previous = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{folder}'", order_by=["attributes.start_time DESC"], max_results=1
+            [experiment_id],
+            filter_string=f"tags.`{RUN_DIR_TAG}` = '{folder}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
         )
         if previous:
             run_id = previous[0].info.run_id
@@ -209,8 +220,7 @@ class RunTracker:
     def log_metric_history(self, entries: list[tuple[dict[str, Any], int, int]]) -> None:
         """Several steps' metrics, each entry (metrics, step, time in ms), in as few writes
         as MLflow allows (a batch holds at most 1,000 values)."""
-        values = [(k, float(v), when, int(step)) for metrics, step, when in entries
-                        for k, v in metrics.items() if _finite(v)]
+        values = [(k, float(v), when, int(step)) for metrics, step, when in entries for k, v in metrics.items() if _finite(v)]
         if not values:
             return
 
@@ -370,9 +380,18 @@ def _tune_parent(cfg: ExperimentConfig, exp_path: str) -> RunTracker | None:
     )
 
 
-def finish_tune(cfg: ExperimentConfig, exp_path: str, report_dir: str, *, metric: str, best: dict | None, trials: int) -> None:
+def finish_tune(
+    cfg: ExperimentConfig,
+    exp_path: str,
+    report: Storage,
+    report_files: Sequence[str],
+    *,
+    metric: str,
+    best: dict | None,
+    trials: int,
+) -> None:
     """On the parent run: the best trial's final metric and id, the trial count, and the
-    report files in `report_dir` (trials table, plot, report.html) as artifacts; ends it."""
+    report files (trials table, plot, report.html, written into `report`) as artifacts; ends it."""
     if not enabled(cfg):
         return
     tracker = _tune_parent(cfg, exp_path)
@@ -381,5 +400,10 @@ def finish_tune(cfg: ExperimentConfig, exp_path: str, report_dir: str, *, metric
     tracker.log_metrics({"trials": trials, f"best_{metric}": best.get(f"final_{metric}") if best else None}, 0)
     if best is not None:
         tracker.set_tag("sentiment_ray.best_trial", best["trial_id"])
-    tracker.log_artifacts(report_dir)
+    # MLflow logs artifacts from a local folder; the experiment may be on an object store.
+    with tempfile.TemporaryDirectory(prefix="sentiment-ray-tune-report-") as local:
+        for name in report_files:
+            if report.is_file(name):
+                Storage(local).write_bytes(name, report.read_bytes(name))
+        tracker.log_artifacts(local)
     tracker.end("FINISHED")

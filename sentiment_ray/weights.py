@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import os
 
+from sentiment_ray.errors import UserError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 OPT_IN = "set model.allow_unsafe_weights=true only if you trust where the file came from"
 
 
-class UnsafeWeightsError(ValueError):
+class UnsafeWeightsError(UserError, ValueError):
     """A weight file would be unpickled without the user's opt-in (or there are no weights)."""
 
 

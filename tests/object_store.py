@@ -73,8 +73,8 @@ def check_globs_and_quarantine(store, root: str) -> list[str]:
     entry lands in the store naming file and row. Returns the expanded files."""
     from sentiment_ray.config import load_config
     from sentiment_ray.io.files import expand_paths
-    from sentiment_ray.train.data import load_labelled
     from sentiment_ray.labels import LabelSet
+    from sentiment_ray.train.data import load_labelled
 
     rows = demo_rows(30)
     store.put("data/part-1.csv", to_csv(rows[:20] + [dict(rows[0], ID="bad-1", label="Neutral")]))
@@ -86,16 +86,18 @@ def check_globs_and_quarantine(store, root: str) -> list[str]:
     cfg = load_config("demo", ["data.on_bad_rows=skip"])
     quarantine = f"{root}/q/quarantine.jsonl"
     data = load_labelled(f"{root}/data/*.csv", cfg.data, LabelSet(cfg.prompt.labels), quarantine_path=quarantine)
-    assert len(data) == 30 and data.bad_rows.count == 1 and data.bad_rows.quarantine_path == quarantine
+    assert len(data) == 30
+    assert data.bad_rows.count == 1
+    assert data.bad_rows.quarantine_path == quarantine
     entry = json.loads(store.get("q/quarantine.jsonl"))
-    assert entry["file"] == files[0] and entry["row"] == 21 and entry["kind"] == "unknown label"
+    assert entry["file"] == files[0]
+    assert entry["row"] == 21
+    assert entry["kind"] == "unknown label"
     return files
 
 
 def run_job(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def last_json_line(stdout: str) -> dict:
@@ -108,11 +110,18 @@ def write_tiny_config(path: Path, model_dir: str, train_uri: str, storage_path: 
         "model": {"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
         "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
         "data": {"train_path": train_uri, "validation_fraction": 0.1, "max_validation_rows": 16, "on_bad_rows": "skip"},
-        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
-                  "warmup_steps": 0, "optim": "adamw_torch", "packing": False, "eval_batch_size": 16,
-                  "zero_shot_eval": False, "seed": 0},
-        "run": {"name": name, "storage_path": storage_path, "use_gpu": "false", "num_workers": 1,
-                "cpus_per_worker": 1},
+        "train": {
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "optim": "adamw_torch",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": False,
+            "seed": 0,
+        },
+        "run": {"name": name, "storage_path": storage_path, "use_gpu": "false", "num_workers": 1, "cpus_per_worker": 1},
         "label": {"batch_size": 16, "num_actors": 1},
     }
     for section, values in sections.items():

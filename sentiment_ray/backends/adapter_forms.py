@@ -29,6 +29,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from sentiment_ray.errors import UserError
+
 AdapterForm = Literal["merged", "fused", "unmerged", "none"]
 MERGE_SETTINGS = ("auto", "true", "false")
 
@@ -42,7 +44,7 @@ ACTIVATION_SAFETY = 3.0
 MEMORY_MARGIN_BYTES = 2 * 2**30
 
 
-class AdapterFormError(ValueError):
+class AdapterFormError(UserError, ValueError):
     """An adapter cannot take the requested form (the message says why and what to set)."""
 
 

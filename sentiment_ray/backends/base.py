@@ -14,10 +14,11 @@ import zlib
 from typing import Any, Protocol, runtime_checkable
 
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.weights import UnsafeWeightsError, check_adapter_weights
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A backend cannot do what the config asks (missing GPU, package, module...)."""
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray.config import DataConfig, load_config
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.readers import read_chunks
+from sentiment_ray.io.storage import Storage
 from sentiment_ray.label.plan import MIN_AUTO_ROWS
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.train import data as train_data
@@ -28,7 +30,7 @@ DEFAULT_CONFIG = "llama31_8b_multilingual"  # the reference run: batch 2 x GA 4,
 DEFAULT_DATA = "data/demo/sentiment_demo.csv"  # the committed demo sample, when --data is not given
 
 
-class BenchError(RuntimeError):
+class BenchError(UserError, RuntimeError):
     pass
 
 
@@ -36,11 +38,10 @@ class BenchError(RuntimeError):
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, path)
+    """A result file, atomically (a parent reading it never sees half of it). Not redacted
+    like Storage.write_json: benchmark results hold no credentials, and NaN stays NaN."""
+    path = Path(path).absolute()
+    Storage(str(path.parent)).write_text(path.name, json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
 
 
 def _json_default(value: Any) -> Any:
@@ -156,7 +157,11 @@ def environment(device: Any = None) -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    info: dict[str, Any] = {"python": sys.version.split()[0], "versions": versions, "device": str(device) if device is not None else None}
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "device": str(device) if device is not None else None,
+    }
     try:
         import torch
 
@@ -164,7 +169,11 @@ def environment(device: Any = None) -> dict[str, Any]:
         if torch.cuda.is_available():
             idx = torch.cuda.current_device()
             props = torch.cuda.get_device_properties(idx)
-            info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}"}
+            info["gpu"] = {
+                "name": props.name,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "capability": f"{props.major}.{props.minor}",
+            }
     except ImportError:
         pass
     return info
@@ -237,8 +246,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_measurement(module: str, spec: dict, spec_path: Path, result_path: Path, log_path: Path,
-                    timeout: float, backend: str, name: str, echo) -> dict:
+def run_measurement(
+    module: str, spec: dict, spec_path: Path, result_path: Path, log_path: Path, timeout: float, backend: str, name: str, echo
+) -> dict:
     """Write the spec, run `python -m module` on it in a child process, and return its
     result JSON with the child's run record; a failed or timed-out child becomes a result
     with an `error` (and the log's tail echoed), never an exception."""
@@ -265,8 +275,12 @@ def write_rows(data_path: str, rows: int, out_path: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([chunk.table if chunk.table is not None else pa.table(chunk.values)
-                              for chunk in read_chunks(data_path, columns=["sentence", "label", "lang"])])
+    table = pa.concat_tables(
+        [
+            chunk.table if chunk.table is not None else pa.table(chunk.values)
+            for chunk in read_chunks(data_path, columns=["sentence", "label", "lang"])
+        ]
+    )
     if table.num_rows == 0:
         raise BenchError(f"{data_path}: no rows")
     repeats = -(-rows // table.num_rows)

@@ -65,7 +65,7 @@ class ModelShape:
     vocab_size: int
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | Any) -> "ModelShape":
+    def from_config(cls, config: Mapping[str, Any] | Any) -> ModelShape:
         """From an HF config object or its dict (config.json)."""
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         hidden = int(get("hidden_size"))

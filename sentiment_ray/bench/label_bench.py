@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray import backends
+from sentiment_ray.backends import adapter_forms
 from sentiment_ray.bench import common, flops, shapes
 from sentiment_ray.config import validate
-from sentiment_ray.backends import adapter_forms
 from sentiment_ray.label.labeler import WARM_UP_SENTENCES, Labeler
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
@@ -125,13 +125,22 @@ def run_label_benchmark(
         }
         echo(f"[bench] label/{backend}: {n} sentences, batch sizes {batch_sizes}, in a child process")
         result = common.run_measurement(
-            "sentiment_ray.bench.label_bench", spec, out / f"spec-label-{backend}.json", out / f"label-{backend}.json",
-            out / f"label-{backend}.log", child_timeout, backend, f"label/{backend}", echo,
+            "sentiment_ray.bench.label_bench",
+            spec,
+            out / f"spec-label-{backend}.json",
+            out / f"label-{backend}.json",
+            out / f"label-{backend}.log",
+            child_timeout,
+            backend,
+            f"label/{backend}",
+            echo,
         )
         runs[backend] = result
         if pipeline_rows:
             echo(f"[bench] label/{backend}: the whole labelling job on {pipeline_rows} rows, in a child process")
-            result["pipeline"] = run_pipeline(cfg, adapter, data_path, pipeline_rows, out / f"pipeline-{backend}", child_timeout, echo)
+            result["pipeline"] = run_pipeline(
+                cfg, adapter, data_path, pipeline_rows, out / f"pipeline-{backend}", child_timeout, echo
+            )
 
     combined = {
         "mode": "label",
@@ -157,25 +166,50 @@ def run_label_benchmark(
 def format_forms_table(result: dict[str, Any]) -> str:
     """One row per adapter form and setting: speed, MFU, memory, and agreement with peft's layers."""
     f = common.fmt
-    header = ["backend", "form", "budget", "prefix", "prompt tok/s", "computed tok/s", "MFU", "pad %", "peak GiB",
-              "x no adapter", "same label", "max |dp|", "set-up s"]
+    header = [
+        "backend",
+        "form",
+        "budget",
+        "prefix",
+        "prompt tok/s",
+        "computed tok/s",
+        "MFU",
+        "pad %",
+        "peak GiB",
+        "x no adapter",
+        "same label",
+        "max |dp|",
+        "set-up s",
+    ]
     rows: list[list[str]] = []
     for backend, r in result["runs"].items():
         forms = r.get("forms") or {}
-        base = {(x["max_batch_tokens"], x["reuse_prefix"]): x["prompt_tokens_per_s"] for x in (forms.get("none") or {}).get("runs", [])}
+        base = {
+            (x["max_batch_tokens"], x["reuse_prefix"]): x["prompt_tokens_per_s"]
+            for x in (forms.get("none") or {}).get("runs", [])
+        }
         for name, form in forms.items():
             if "error" in form:
                 rows.append([backend, name, "FAILED"] + ["-"] * 10)
                 continue
             for x in form["runs"]:
-                rows.append([
-                    backend, name + ("" if form.get("compiled") or "compiled" not in name else " (fell back)"),
-                    str(x["max_batch_tokens"]), "yes" if x["reuse_prefix"] else "no",
-                    f(x["prompt_tokens_per_s"], ".0f"), f(x["computed_tokens_per_s"], ".0f"), f(x["mfu"], ".3f"),
-                    f(100 * x["padding_fraction"], ".1f"), f(x.get("peak_memory_allocated_gib"), ".2f"),
-                    f(common.ratio(x["prompt_tokens_per_s"], base.get((x["max_batch_tokens"], x["reuse_prefix"]))), ".2f"),
-                    f(x.get("same_label_share"), ".4f"), f(x.get("max_prob_difference"), ".4f"), f(form.get("set_up_s"), ".1f"),
-                ])
+                rows.append(
+                    [
+                        backend,
+                        name + ("" if form.get("compiled") or "compiled" not in name else " (fell back)"),
+                        str(x["max_batch_tokens"]),
+                        "yes" if x["reuse_prefix"] else "no",
+                        f(x["prompt_tokens_per_s"], ".0f"),
+                        f(x["computed_tokens_per_s"], ".0f"),
+                        f(x["mfu"], ".3f"),
+                        f(100 * x["padding_fraction"], ".1f"),
+                        f(x.get("peak_memory_allocated_gib"), ".2f"),
+                        f(common.ratio(x["prompt_tokens_per_s"], base.get((x["max_batch_tokens"], x["reuse_prefix"]))), ".2f"),
+                        f(x.get("same_label_share"), ".4f"),
+                        f(x.get("max_prob_difference"), ".4f"),
+                        f(form.get("set_up_s"), ".1f"),
+                    ]
+                )
     return common.format_table(header, rows)
 
 
@@ -199,21 +233,36 @@ def format_label_table(result: dict[str, Any]) -> str:
                 rows.append([backend, mode, "FAILED"] + ["-"] * 7)
                 continue
             for p in phase or []:
-                rows.append([
-                    backend,
-                    "score" if mode == "scoring" else "generate",
-                    str(p["batch_size"]),
-                    f(p["examples_per_s"], ".1f"),
-                    f(p["prompt_tokens_per_s"], ".0f"),
-                    f(p.get("computed_tokens_per_s"), ".0f"),
-                    f(p.get("mfu"), ".3f"),
-                    f(None if p.get("tokenisation_share") is None else 100 * p["tokenisation_share"], ".1f"),
-                    f(None if p.get("padding_fraction") is None else 100 * p["padding_fraction"], ".1f"),
-                    f(p.get("peak_memory_allocated_gib"), ".2f"),
-                ])
+                rows.append(
+                    [
+                        backend,
+                        "score" if mode == "scoring" else "generate",
+                        str(p["batch_size"]),
+                        f(p["examples_per_s"], ".1f"),
+                        f(p["prompt_tokens_per_s"], ".0f"),
+                        f(p.get("computed_tokens_per_s"), ".0f"),
+                        f(p.get("mfu"), ".3f"),
+                        f(None if p.get("tokenisation_share") is None else 100 * p["tokenisation_share"], ".1f"),
+                        f(None if p.get("padding_fraction") is None else 100 * p["padding_fraction"], ".1f"),
+                        f(p.get("peak_memory_allocated_gib"), ".2f"),
+                    ]
+                )
         pr = r.get("generate_per_row")
         if isinstance(pr, dict) and "examples_per_s" in pr:
-            rows.append([backend, "per-row gen", "1", f(pr["examples_per_s"], ".2f"), f(pr["prompt_tokens_per_s"], ".0f"), "-", "-", "-", "0.0", f(pr.get("peak_memory_allocated_gib"), ".2f")])
+            rows.append(
+                [
+                    backend,
+                    "per-row gen",
+                    "1",
+                    f(pr["examples_per_s"], ".2f"),
+                    f(pr["prompt_tokens_per_s"], ".0f"),
+                    "-",
+                    "-",
+                    "-",
+                    "0.0",
+                    f(pr.get("peak_memory_allocated_gib"), ".2f"),
+                ]
+            )
         elif isinstance(pr, dict) and "error" in pr:
             rows.append([backend, "per-row gen", "FAILED"] + ["-"] * 7)
         pipe = r.get("pipeline")
@@ -226,7 +275,8 @@ def format_label_table(result: dict[str, Any]) -> str:
         elif isinstance(pipe, dict):
             notes.append(f"{backend} whole job: FAILED ({pipe['error']})")
     lines = [
-        f"== label benchmark: {result['model']}" + (f" + adapter {result['adapter']}" if result.get("adapter") else "")
+        f"== label benchmark: {result['model']}"
+        + (f" + adapter {result['adapter']}" if result.get("adapter") else "")
         + f" | MFU (scoring) vs {result['peak_tflops']:g} TFLOP/s",
         *notes,
         common.format_table(header, rows),
@@ -246,8 +296,16 @@ def run_pipeline(cfg, adapter: str | None, data_path: str, rows: int, out: Path,
     job_cfg.run.use_gpu = "auto"  # the GPUs there are, one actor each
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(job_cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    args = [str(common.REPO_ROOT / "jobs" / "label.py"), "--config", str(config_path), "--input", str(input_path),
-            "--output", str(out / "labels"), "--overwrite"]
+    args = [
+        str(common.REPO_ROOT / "jobs" / "label.py"),
+        "--config",
+        str(config_path),
+        "--input",
+        str(input_path),
+        "--output",
+        str(out / "labels"),
+        "--overwrite",
+    ]
     if adapter:
         args += ["--adapter", os.path.abspath(adapter)]
     run = common.run_script(args, out / "label.log", timeout)
@@ -255,8 +313,20 @@ def run_pipeline(cfg, adapter: str | None, data_path: str, rows: int, out: Path,
     if run["returncode"] != 0 or summary is None:
         echo(f"[bench] pipeline FAILED (rc {run['returncode']}):\n{common.log_tail(run['log'], 25)}")
         return {"error": f"jobs/label.py exited with {run['returncode']}", "child": run}
-    keep = ("rows", "labelled", "prompt_tokens", "label_seconds", "prompt_tokens_per_s", "prompt_tokens_per_s_in_window", "rows_per_s_in_window", "labelling_window_s", "actors_used",
-            "actor_startup_s_max", "actor_startup_s_mean", "units")
+    keep = (
+        "rows",
+        "labelled",
+        "prompt_tokens",
+        "label_seconds",
+        "prompt_tokens_per_s",
+        "prompt_tokens_per_s_in_window",
+        "rows_per_s_in_window",
+        "labelling_window_s",
+        "actors_used",
+        "actor_startup_s_max",
+        "actor_startup_s_mean",
+        "units",
+    )
     result = {k: summary.get(k) for k in keep}
     result["job_over_window"] = common.ratio(summary.get("prompt_tokens_per_s"), summary.get("prompt_tokens_per_s_in_window"))
     result["child"] = run
@@ -323,8 +393,15 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
         with context():
             t = time.perf_counter()
             scorer = LabelScorer(
-                model, tok, template, labels, cfg.model.max_seq_length, None, budgets[0],
-                reuse_prefix=True, compile=compile,
+                model,
+                tok,
+                template,
+                labels,
+                cfg.model.max_seq_length,
+                None,
+                budgets[0],
+                reuse_prefix=True,
+                compile=compile,
             )
             shared_prefix = scorer.prefix_ids
             scorer.warm_up(WARM_UP_SENTENCES)
@@ -333,7 +410,7 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
             fl = flops.scoring_flops(shape, lengths, lora_params if name in ("unmerged", "fused") else 0)
             out = {"compiled": scorer.compiled, "set_up_s": round(time.perf_counter() - t, 2), "runs": []}
             for budget in budgets:
-                for reuse in ([False, True] if shared_prefix else [False]):
+                for reuse in [False, True] if shared_prefix else [False]:
                     scorer.max_batch_tokens, scorer.prefix_ids = budget, shared_prefix if reuse else []
                     scorer.score(sentences[: min(len(sentences), 512)])  # this budget's shapes, once
                     if cuda:
@@ -345,24 +422,30 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
                     sync()
                     dt = time.perf_counter() - t
                     padded = padded_tokens(lengths if not reuse else [n - len(shared_prefix) for n in lengths], None, budget)
-                    out["runs"].append({
-                        "max_batch_tokens": budget,
-                        "reuse_prefix": reuse,
-                        "seconds": dt,
-                        "prompt_tokens_per_s": res.prompt_tokens / dt,
-                        "computed_tokens_per_s": res.computed_tokens / dt,
-                        "padding_fraction": 1 - (res.computed_tokens - (len(shared_prefix) if reuse else 0)) / padded if padded else 0.0,
-                        "mfu": flops.mfu(fl["model_flops"], dt, peak),
-                        "peak_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-                        "probs": res.probs,
-                    })
+                    out["runs"].append(
+                        {
+                            "max_batch_tokens": budget,
+                            "reuse_prefix": reuse,
+                            "seconds": dt,
+                            "prompt_tokens_per_s": res.prompt_tokens / dt,
+                            "computed_tokens_per_s": res.computed_tokens / dt,
+                            "padding_fraction": 1 - (res.computed_tokens - (len(shared_prefix) if reuse else 0)) / padded
+                            if padded
+                            else 0.0,
+                            "mfu": flops.mfu(fl["model_flops"], dt, peak),
+                            "peak_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                            "probs": res.probs,
+                        }
+                    )
             out["weights_gib"] = adapter_forms.weights_gib(model)
         return out
 
     results: dict[str, Any] = {}
     for name in wanted:
         if name == "none":
-            results[name] = _phase(lambda: run_form(name, context=model.disable_adapter if has_adapter else contextlib.nullcontext))
+            results[name] = _phase(
+                lambda: run_form(name, context=model.disable_adapter if has_adapter else contextlib.nullcontext)
+            )
         elif name == "unmerged" and has_adapter:
             results[name] = _phase(lambda: run_form(name))
         elif name == "fused" and has_adapter and backend.can_fuse(model):
@@ -378,8 +461,7 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
                 model = backend.apply_adapter_form(model, "merged")
             results[name] = _phase(lambda: run_form(name, compile=True))
     reference = {
-        (run["max_batch_tokens"], run["reuse_prefix"]): run["probs"]
-        for run in results.get("unmerged", {}).get("runs", [])
+        (run["max_batch_tokens"], run["reuse_prefix"]): run["probs"] for run in results.get("unmerged", {}).get("runs", [])
     }
     for form in results.values():
         for run in form.get("runs", []):
@@ -533,25 +615,27 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             padded = padded_tokens(run_lengths, scorer.batch_size, budget)
             label = f"{bs} rows" if not budget else f"<={budget} tok" + (f", <={bs} rows" if bs else "")
             label += (" +prefix" if reuse else "") + (f", cut at {cap}" if cap else "")
-            out.append({
-                "batch_size": label,
-                "max_length": cap or full_length,
-                "max_batch_tokens": budget,
-                "reuse_prefix": reuse,
-                "seconds": dt,
-                "examples_per_s": n / dt,
-                "prompt_tokens_per_s": res.prompt_tokens / dt,
-                "computed_tokens_per_s": res.computed_tokens / dt,
-                "padded_tokens": padded,
-                "padding_fraction": 1 - sum(run_lengths) / padded if padded else 0.0,
-                "tokenisation_share": tok_s / dt,
-                "model_flops": fl["model_flops"],
-                "achieved_tflops": fl["model_flops"] / dt / 1e12,
-                "mfu": flops.mfu(fl["model_flops"], dt, peak),
-                "peak_memory_allocated_gib": peak_gib(),
-                "finite": bool(torch.isfinite(torch.from_numpy(res.probs)).all()),
-                "predicted_share": {l: res.predicted().count(l) / n for l in labels},
-            })
+            out.append(
+                {
+                    "batch_size": label,
+                    "max_length": cap or full_length,
+                    "max_batch_tokens": budget,
+                    "reuse_prefix": reuse,
+                    "seconds": dt,
+                    "examples_per_s": n / dt,
+                    "prompt_tokens_per_s": res.prompt_tokens / dt,
+                    "computed_tokens_per_s": res.computed_tokens / dt,
+                    "padded_tokens": padded,
+                    "padding_fraction": 1 - sum(run_lengths) / padded if padded else 0.0,
+                    "tokenisation_share": tok_s / dt,
+                    "model_flops": fl["model_flops"],
+                    "achieved_tflops": fl["model_flops"] / dt / 1e12,
+                    "mfu": flops.mfu(fl["model_flops"], dt, peak),
+                    "peak_memory_allocated_gib": peak_gib(),
+                    "finite": bool(torch.isfinite(torch.from_numpy(res.probs)).all()),
+                    "predicted_share": {l: res.predicted().count(l) / n for l in labels},
+                }
+            )
         return out
 
     result["scoring"] = _phase(scoring)
@@ -575,17 +659,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             res = scorer.generate(gen_sentences, k)
             sync()
             dt = time.perf_counter() - t0
-            out.append({
-                "batch_size": bs,
-                "n": len(gen_sentences),
-                "max_new_tokens": k,
-                "seconds": dt,
-                "examples_per_s": len(gen_sentences) / dt,
-                "prompt_tokens_per_s": res.prompt_tokens / dt,
-                "padding_fraction": 1 - sum(gen_lengths) / max(1, padded_tokens(gen_lengths, bs)),
-                "parse_failed": int(res.parse_failed.sum()),
-                "peak_memory_allocated_gib": peak_gib(),
-            })
+            out.append(
+                {
+                    "batch_size": bs,
+                    "n": len(gen_sentences),
+                    "max_new_tokens": k,
+                    "seconds": dt,
+                    "examples_per_s": len(gen_sentences) / dt,
+                    "prompt_tokens_per_s": res.prompt_tokens / dt,
+                    "padding_fraction": 1 - sum(gen_lengths) / max(1, padded_tokens(gen_lengths, bs)),
+                    "parse_failed": int(res.parse_failed.sum()),
+                    "peak_memory_allocated_gib": peak_gib(),
+                }
+            )
         return out
 
     result["generate_batched"] = _phase(generate_batched)
@@ -628,7 +714,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     result["generate_per_row"] = _phase(generate_per_row)
     result["child_wall_time_s"] = time.perf_counter() - started
-    failed = [name for name in ("scoring", "generate_batched", "generate_per_row") if isinstance(result[name], dict) and "error" in result[name]]
+    failed = [
+        name
+        for name in ("scoring", "generate_batched", "generate_per_row")
+        if isinstance(result[name], dict) and "error" in result[name]
+    ]
     if failed:
         result["error"] = f"phases failed: {failed}"
     return result

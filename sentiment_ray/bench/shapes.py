@@ -30,14 +30,14 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from sentiment_ray.backends.base import ensure_pad_token
+from sentiment_ray.errors import UserError
+from sentiment_ray.io.storage import local_atomic_dir
 from sentiment_ray.models import cache_dir, resolve_model_path
 
 SHAPE_MARKER = "bench_shape.json"
@@ -96,8 +96,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-class ShapeError(ValueError):
-    pass
+class ShapeError(UserError, ValueError):
+    """A model shape cannot be built as named (the message says why)."""
 
 
 def is_shape(name: str) -> bool:
@@ -143,9 +143,8 @@ def build_shape(
     )
     config.architectures = ["LlamaForCausalLM"]
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with local_atomic_dir(out_dir) as stage:
+        tmp = stage.path
         torch.manual_seed(seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -170,12 +169,6 @@ def build_shape(
             "note": "random weights; tokenizer ids index the model's vocab directly (no remapping)",
         }
         (tmp / SHAPE_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -228,9 +221,16 @@ def write_random_adapter(model_dir: str, out_dir: str, lora: Any, seed: int = 0)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout, "bias": lora.bias, "target_modules": list(lora.target_modules),
-        "use_rslora": lora.use_rslora, "fan_in_fan_out": False, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "bias": lora.bias,
+        "target_modules": list(lora.target_modules),
+        "use_rslora": lora.use_rslora,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
         "base_model_name_or_path": str(model_dir),
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")

@@ -135,8 +135,15 @@ def run_train_benchmark(
             }
             echo(f"[bench] {key}: training {warmup} warm-up + {steps} timed steps in a child process")
             result = common.run_measurement(
-                "sentiment_ray.bench.train_bench", spec, out / f"spec-{key}.json", out / f"train-{key}.json",
-                out / f"train-{key}.log", child_timeout, backend, key, echo,
+                "sentiment_ray.bench.train_bench",
+                spec,
+                out / f"spec-{key}.json",
+                out / f"train-{key}.json",
+                out / f"train-{key}.log",
+                child_timeout,
+                backend,
+                key,
+                echo,
             )
             if "error" not in result:
                 echo(f"[bench] {key}: {common.fmt(result.get('tokens_per_s'), '.0f')} tokens/s ({result['child']['seconds']} s)")
@@ -212,9 +219,21 @@ def check_targets(u: dict | None, h: dict | None) -> dict[str, Any]:
     speed = common.ratio(tps, h.get("tokens_per_s")) if _ok(u) and _ok(h) else None
     mem = common.ratio(u.get("peak_memory_allocated_gib"), h.get("peak_memory_allocated_gib")) if _ok(u) and _ok(h) else None
     return {
-        "unsloth_tokens_per_s": {"value": tps, "target": f">= {TARGETS['unsloth_tokens_per_s']:.0f}", "pass": None if tps is None else tps >= TARGETS["unsloth_tokens_per_s"]},
-        "speedup_vs_hf": {"value": speed, "target": f">= {TARGETS['speedup_vs_hf']}", "pass": None if speed is None else speed >= TARGETS["speedup_vs_hf"]},
-        "memory_ratio_vs_hf": {"value": mem, "target": f"<= {TARGETS['memory_ratio_vs_hf']}", "pass": None if mem is None else mem <= TARGETS["memory_ratio_vs_hf"]},
+        "unsloth_tokens_per_s": {
+            "value": tps,
+            "target": f">= {TARGETS['unsloth_tokens_per_s']:.0f}",
+            "pass": None if tps is None else tps >= TARGETS["unsloth_tokens_per_s"],
+        },
+        "speedup_vs_hf": {
+            "value": speed,
+            "target": f">= {TARGETS['speedup_vs_hf']}",
+            "pass": None if speed is None else speed >= TARGETS["speedup_vs_hf"],
+        },
+        "memory_ratio_vs_hf": {
+            "value": mem,
+            "target": f"<= {TARGETS['memory_ratio_vs_hf']}",
+            "pass": None if mem is None else mem <= TARGETS["memory_ratio_vs_hf"],
+        },
     }
 
 
@@ -226,21 +245,27 @@ def format_train_table(result: dict[str, Any]) -> str:
         if not _ok(r):
             rows.append([key, "FAILED", "-", "-", "-", "-", "-", "-", "-"])
             continue
-        rows.append([
-            key,
-            f(r["tokens_per_s"], ".0f"),
-            f(r["step_time_s"]["mean"], ".3f"),
-            f(r["peak_memory_allocated_gib"], ".2f"),
-            f(r["peak_memory_reserved_gib"], ".2f"),
-            f(r.get("mfu"), ".3f"),
-            f(r["losses"][0] if r["losses"] else None, ".4f"),
-            f(r["loss_last"], ".4f"),
-            f(r["warmup_time_s"], ".1f"),
-        ])
+        rows.append(
+            [
+                key,
+                f(r["tokens_per_s"], ".0f"),
+                f(r["step_time_s"]["mean"], ".3f"),
+                f(r["peak_memory_allocated_gib"], ".2f"),
+                f(r["peak_memory_reserved_gib"], ".2f"),
+                f(r.get("mfu"), ".3f"),
+                f(r["losses"][0] if r["losses"] else None, ".4f"),
+                f(r["loss_last"], ".4f"),
+                f(r["warmup_time_s"], ".1f"),
+            ]
+        )
     cfg = next((r.get("setup") for r in result["runs"].values() if _ok(r)), None) or {}
     lines = [
         f"== train benchmark: {result['model']} | {result['warmup_steps']} warm-up + {result['timed_steps']} timed optimizer steps"
-        + (f" | batch {cfg.get('per_device_train_batch_size')} x GA {cfg.get('gradient_accumulation_steps')} x {cfg.get('max_length')} tokens, packing={cfg.get('packing')}" if cfg else "")
+        + (
+            f" | batch {cfg.get('per_device_train_batch_size')} x GA {cfg.get('gradient_accumulation_steps')} x {cfg.get('max_length')} tokens, packing={cfg.get('packing')}"
+            if cfg
+            else ""
+        )
         + f" | MFU vs {result['peak_tflops']:g} TFLOP/s",
         common.format_table(header, rows),
     ]
@@ -295,7 +320,9 @@ def _token_counter_class():
             # Sum over real tokens of (position in its document + 1) = sum of n(n+1)/2 per document.
             pairs = ((pos.to(torch.int64) + 1) * real).sum()
             labels = inputs.get("labels")
-            label_tokens = (labels[..., 1:] != -100).sum() if labels is not None else torch.zeros((), dtype=torch.int64, device=ids.device)
+            label_tokens = (
+                (labels[..., 1:] != -100).sum() if labels is not None else torch.zeros((), dtype=torch.int64, device=ids.device)
+            )
             positions = torch.tensor(ids.numel(), device=ids.device)
             row = torch.stack([tokens, pairs, label_tokens.to(torch.int64), positions])
             self._acc = row if self._acc is None else self._acc + row
@@ -308,7 +335,13 @@ def _token_counter_class():
                 values = [int(v) for v in self._acc.tolist()]
             micro = self.micro_batches
             self.reset()
-            return {"tokens": values[0], "pairs": values[1], "label_tokens": values[2], "positions": values[3], "micro_batches": micro}
+            return {
+                "tokens": values[0],
+                "pairs": values[1],
+                "label_tokens": values[2],
+                "positions": values[3],
+                "micro_batches": micro,
+            }
 
     return TokenCounter
 
@@ -393,7 +426,10 @@ def _estimate_rows(cfg, tokenizer, template, table, total_steps: int) -> int:
     """Rows enough to fill `total_steps` optimizer steps of packed sequences (+15 %), from the
     mean record length of a sample; the trainer starts another epoch if they run out."""
     sample = table.slice(0, min(256, table.num_rows))
-    texts = [template.full_text(s, l, tokenizer.eos_token) for s, l in zip(sample.column("sentence").to_pylist(), sample.column("label").to_pylist())]
+    texts = [
+        template.full_text(s, l, tokenizer.eos_token)
+        for s, l in zip(sample.column("sentence").to_pylist(), sample.column("label").to_pylist())
+    ]
     mean_len = max(1.0, sum(len(x) for x in tokenizer(texts)["input_ids"]) / max(1, len(texts)))
     t = cfg.train
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -425,9 +461,7 @@ def _bare_loop(trainer, model, counter, sync, device, total_steps: int, grad_acc
 
     it = batches()
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and trainer.args.bf16
-        else contextlib.nullcontext()
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and trainer.args.bf16 else contextlib.nullcontext()
     )
     model.train()
     steps, losses = [], []

@@ -100,7 +100,7 @@ class IdIndex:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "IdIndex":
+    def __enter__(self) -> IdIndex:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -42,8 +42,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
+
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.storage import Storage
-from sentiment_ray.io.uris import io_error, redact
+from sentiment_ray.io.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,11 @@ HEARTBEAT_S = 10.0
 SETTLE_S = 2.0
 
 
-class LockHeld(RuntimeError):
+class LockHeld(UserError, RuntimeError):
     """Another live job holds the folder's lock."""
 
 
-class LockLost(RuntimeError):
+class LockLost(UserError, RuntimeError):
     """This job's lock was taken over by another job (its heartbeat stopped for longer than
     the lease, or an object store's last writer won)."""
 
@@ -84,32 +87,42 @@ def _pid_namespace() -> str | None:
         return None
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot, from /proc), or None where
-    /proc does not say: with the boot id it tells a reused pid from the original."""
-    stat = _read_text(f"/proc/{pid}/stat")
-    if not stat:
+# psutil derives a start time from the boot time, which Linux reports to the second and
+# may round differently in two processes: starts this close are one process. A pid reused
+# within a second of the holder's own start would pass as the holder until its heartbeat
+# expires (ttl_s), when the lock is stale anyway.
+START_TOLERANCE_S = 1.0
+
+
+def process_start(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, psutil), or None where the
+    system does not say: with the boot id it tells a reused pid from the original."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
         return None
-    # Field 2 (the command) may contain spaces and parentheses: split after the last ')'.
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else None
 
 
-def process_runs(pid: int, start: str | None) -> bool:
+def process_runs(pid: int, start: float | str | None) -> bool:
     """Whether process `pid` (started at `start`, when known) still runs on this host."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        now = process.create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    if start is not None:
-        now = process_start(pid)
-        if now is not None and now != start:
-            return False  # the pid was reused
-        if now is None and os.path.isdir("/proc"):
-            return False
-    return True
+    except (psutil.AccessDenied, OSError):
+        return True  # exists, but its start time is not ours to read
+    if start is None:
+        return True
+    try:
+        recorded = float(start)
+    except (TypeError, ValueError):
+        return True  # not a start time this code wrote: the pid alone decides
+    return abs(now - recorded) <= START_TOLERANCE_S  # otherwise the pid was reused
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2) + "\n").encode("utf-8")
 
 
 def _iso(t: float) -> str:
@@ -243,30 +256,19 @@ class Lease:
 
     def _create_exclusive(self, record: dict[str, Any]) -> bool:
         """Create the lock file only if absent (local disks); False when it exists."""
-        path = self.folder.local_path(self.name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
+            return self.folder.create_exclusive(self.name, _encode(record), action="create the lock file")
         except FileNotFoundError:
             # Another job that had created this folder released it empty just now.
             self.folder.makedirs()
             return self._create_exclusive(record)
-        except OSError as err:
-            raise io_error(self.path, err, "create the lock file") from err
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        return True
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.folder.put(self.name, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+        self.folder.put(self.name, _encode(record))
 
     # -- taking and giving back
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         """Take the lock, or raise LockHeld naming the live holder. A stale lock is taken
         over with a warning (also in `taken_over`)."""
         self._created = self._first_missing_folder()
@@ -301,7 +303,9 @@ class Lease:
             raise LockHeld(self._held_message(current))
         self.taken_over = current
         log.warning(
-            "%s: taking over a stale lock (%s): %s", self.path, reason,
+            "%s: taking over a stale lock (%s): %s",
+            self.path,
+            reason,
             self.describe(current) if not current.get("unreadable") else "unreadable lock file",
         )
 
@@ -384,7 +388,7 @@ class Lease:
                 return
             path = os.path.dirname(path)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

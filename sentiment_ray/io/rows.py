@@ -105,9 +105,11 @@ class RowValidator:
         raw_ids = chunk.column_values(r.id_column) if has_ids else None
         raw_labels = chunk.column_values(r.label_column) if r.labels is not None and r.label_column else None
         # Parquet and datasets hold valid UTF-8 by construction; text formats may not.
-        others = [] if chunk.table is not None else [
-            c for c in chunk.values if c not in (r.text_column, r.id_column, r.label_column if r.labels else None)
-        ]
+        others = (
+            []
+            if chunk.table is not None
+            else [c for c in chunk.values if c not in (r.text_column, r.id_column, r.label_column if r.labels else None)]
+        )
         problems: list[str | None] = list(chunk.problems)
         ids: list[str | None] = [None] * n
         labels: list[str | None] = [None] * n
@@ -133,7 +135,9 @@ class RowValidator:
                 problems[dup.row - chunk.first_row] = dup.reason()
         good = [i for i in range(n) if problems[i] is None]
         bad = [
-            quarantine.entry(chunk.file, chunk.first_row + i, chunk.line(i), problems[i], chunk.row_values(i), chunk.raw_rows.get(i))
+            quarantine.entry(
+                chunk.file, chunk.first_row + i, chunk.line(i), problems[i], chunk.row_values(i), chunk.raw_rows.get(i)
+            )
             for i in range(n)
             if problems[i] is not None
         ]

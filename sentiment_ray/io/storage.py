@@ -6,6 +6,9 @@
         f.write(b"ID,label\\n")
     out.upload_dir("/tmp/outputs")                    # a local folder's files into the root
 
+    with local_atomic_dir(cache / "model") as tmp:    # a local folder filled, then moved into place
+        model.save_pretrained(tmp)
+
 Names are relative to the root (`predictions/part-000001.parquet`); `out.path(name)` gives
 the full path or URI. A write goes to a hidden temporary name in the same folder and is
 moved into place: a rename on local disks (atomic), a copy on object stores (where an object
@@ -23,8 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sentiment_ray.io.uris import StorageError, filesystem, io_error, is_uri, move_dir, redact
@@ -56,7 +63,7 @@ class Storage:
         name = name.strip("/")
         return f"{self._inner_root.rstrip('/')}/{name}" if name else self._inner_root
 
-    def child(self, name: str) -> "Storage":
+    def child(self, name: str) -> Storage:
         return Storage(self.path(name))
 
     @property
@@ -177,6 +184,26 @@ class Storage:
                     os.unlink(self._inner(tmp))
                 raise
 
+    def create_exclusive(self, name: str, data: bytes, *, action: str = "create") -> bool:
+        """Create `name` with `data` only if it does not exist (local folders: O_CREAT|O_EXCL,
+        then fsync, so the content is on disk before anyone acts on it); False when it
+        exists. A missing folder stays FileNotFoundError (the caller decides whether to
+        create it); any other failure is a StorageIOError saying it could not `action`."""
+        path = self.local_path(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            raise io_error(self.path(name), err, action) from err
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
     def write_json(self, name: str, payload: Any) -> None:
         """Indented JSON, atomically, credentials masked in every string."""
         text = json.dumps(payload, indent=2, ensure_ascii=False, default=str)
@@ -188,7 +215,9 @@ class Storage:
 
         self.makedirs(name)
         with self._faults(name, f"copy {local_dir} into it"):
-            pafs.copy_files(local_dir, self._inner(name), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            pafs.copy_files(
+                local_dir, self._inner(name), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
+            )
 
     def copy_dir(self, source: str, destination: str) -> None:
         """Copy a folder inside the root (created; existing files replaced)."""
@@ -196,7 +225,9 @@ class Storage:
 
         self.makedirs(destination)
         with self._faults(destination, f"copy {self.path(source)} into it"):
-            pafs.copy_files(self._inner(source), self._inner(destination), source_filesystem=self.fs, destination_filesystem=self.fs)
+            pafs.copy_files(
+                self._inner(source), self._inner(destination), source_filesystem=self.fs, destination_filesystem=self.fs
+            )
 
     def copy_file(self, source: str, destination: str) -> None:
         with self._faults(destination, f"copy {self.path(source)} to it"):
@@ -256,3 +287,38 @@ class Storage:
                     removed += 1
         return removed
 
+
+# ----------------------------------------------------------------------------- local folders
+
+
+@dataclass
+class StagedDir:
+    """A temporary folder (`path`) that `local_atomic_dir` moves to `target` when its block
+    ends. The block may set `target` once it knows the name (it must stay in the same folder,
+    so the move is a rename)."""
+
+    path: Path
+    target: Path
+
+
+@contextlib.contextmanager
+def local_atomic_dir(target: str | os.PathLike) -> Iterator[StagedDir]:
+    """A local folder that appears whole or not at all: filled under a temporary name beside
+    `target`, then renamed over it (an earlier `target` removed) when the block ends without
+    an exception. The temporary folder is removed on every path out.
+
+    For local caches written by libraries that take a folder path (save_pretrained, a Ray
+    checkpoint's to_directory), which `Storage.atomic_writer`'s single streams cannot hold."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = StagedDir(Path(tempfile.mkdtemp(prefix=target.name + TMP_MARK, dir=target.parent)), target)
+    try:
+        yield stage
+        if stage.target.parent.resolve() != stage.path.parent.resolve():
+            raise ValueError(f"{stage.target} is not beside its temporary folder {stage.path}")
+        if stage.target.exists():
+            shutil.rmtree(stage.target)
+        os.replace(stage.path, stage.target)
+    finally:
+        if stage.path.exists():
+            shutil.rmtree(stage.path, ignore_errors=True)

@@ -32,6 +32,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from sentiment_ray.errors import UserError
+
 MASK = "***"
 
 # Environment variables whose values are secrets: their values are masked wherever they
@@ -42,16 +44,14 @@ _SECRET_ENV_MIN_LENGTH = 8
 # `scheme://user[:password]@host`: the userinfo of a URI (pyarrow's S3 form is
 # `s3://KEY:SECRET@bucket/...`; AWS secrets may hold unescaped '/', so the password part may).
 # Arrow's `anonymous@` (`gs://anonymous@bucket/...`: no credentials at all) is not one.
-_URI_USERINFO = re.compile(
-    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?!anonymous@)(?P<userinfo>[^/@:\s'\"]+(?::[^@\s'\"]*)?)@"
-)
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?!anonymous@)(?P<userinfo>[^/@:\s'\"]+(?::[^@\s'\"]*)?)@")
 # Credential-like query parameters: access_key, secret_key, session_token, X-Amz-Signature,
 # X-Amz-Credential, X-Goog-Signature, sig (Azure SAS), password, ...
 _CREDENTIAL_QUERY_KEY = r"[\w.\-]*(?:key|secret|token|passw(?:or)?d|signature|credential|sig)[\w.\-]*"
 _URI_CREDENTIAL_QUERY = re.compile(rf"(?P<key>[?&;]{_CREDENTIAL_QUERY_KEY}=)(?P<value>[^&;#\s'\"]*)", re.I)
 
 
-class StorageError(ValueError):
+class StorageError(UserError, ValueError):
     """A path or URI cannot be used (inline credentials, missing folder, unreachable store).
     The message is redacted."""
 
@@ -62,7 +62,9 @@ class StorageError(ValueError):
 class StorageIOError(StorageError):
     """Reading or writing a file failed (permission, a missing folder, a full disk, an object
     store's error): one line naming the path and the cause. `errno` is the OS error number
-    when there was one."""
+    when there was one. Its trace is kept: which writer failed is in it, not in the line."""
+
+    keeps_trace = True
 
     def __init__(self, message: str, errno_: int | None = None):
         super().__init__(message)
@@ -107,9 +109,7 @@ def io_error(path: str, err: BaseException, action: str) -> StorageIOError:
 
 def _secret_env_values() -> list[str]:
     values = {
-        value
-        for name, value in os.environ.items()
-        if _SECRET_ENV_NAME.search(name) and len(value) >= _SECRET_ENV_MIN_LENGTH
+        value for name, value in os.environ.items() if _SECRET_ENV_NAME.search(name) and len(value) >= _SECRET_ENV_MIN_LENGTH
     }
     return sorted(values, key=len, reverse=True)  # longest first: no partial masks left
 
@@ -240,7 +240,7 @@ def remove_orphaned_copies(prefix: str) -> int:
     except OSError:
         return 0
     for name in names:
-        pid_text = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        pid_text = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue
         try:

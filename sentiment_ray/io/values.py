@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.uris import redact
 
 # Bad-row kinds.
@@ -26,7 +27,7 @@ DUPLICATE_ID = "duplicate ID"
 MALFORMED_ROW = "malformed row"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data. The message names the file, the row (and line) and the reason;
     credentials in it (a URI's userinfo, secret env values) are masked."""
 

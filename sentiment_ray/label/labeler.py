@@ -43,8 +43,16 @@ from sentiment_ray.scoring import LabelScorer, compile_scoring, model_device
 # Columns the labeller adds to every row besides SOURCE_COLUMNS and one `p_<label>` per
 # class; an input column with one of these names is an error.
 IDENTITY_COLUMNS = ("model_name", "adapter_id")
-PREDICTION_COLUMNS = ("pred_label", "confidence", "truncated", "parse_failed", "generated_text", "prompt_markers",
-                      "lang_detected", "accepted")
+PREDICTION_COLUMNS = (
+    "pred_label",
+    "confidence",
+    "truncated",
+    "parse_failed",
+    "generated_text",
+    "prompt_markers",
+    "lang_detected",
+    "accepted",
+)
 # Rows read, validated and tokenised together, then handed to the scorer, which sorts them
 # by length into token-budget batches: a wider window means less padding.
 CHUNK_ROWS = 4096
@@ -102,8 +110,15 @@ class Labeler:
         # Generation needs room for the new tokens inside the model's context.
         max_length = cfg.model.max_seq_length - (cfg.label.max_new_tokens if self.mode == "generate" else 0)
         self.scorer = LabelScorer(
-            model, tokenizer, PromptTemplate.from_config(cfg.prompt), self.labels, max_length,
-            cfg.label.batch_size, budget, reuse_prefix=cfg.label.reuse_prefix, temperature=self.temperature,
+            model,
+            tokenizer,
+            PromptTemplate.from_config(cfg.prompt),
+            self.labels,
+            max_length,
+            cfg.label.batch_size,
+            budget,
+            reuse_prefix=cfg.label.reuse_prefix,
+            temperature=self.temperature,
             compile=self.mode == "scoring" and compile_scoring(cfg.label.compile, model_device(model), self.adapter_form.form),
         )
         if self.mode == "scoring":

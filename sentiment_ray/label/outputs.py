@@ -1,9 +1,11 @@
 """What the driver makes of committed units: the markers' totals, the merged submission and
-quarantine files in input order, and the evaluation against the input's gold labels."""
+quarantine files in input order, the evaluation against the input's gold labels, and the
+job's summary."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -13,6 +15,7 @@ from sentiment_ray.io.storage import Storage
 from sentiment_ray.label import layout
 from sentiment_ray.label.labeler import submission_csv
 from sentiment_ray.label.plan import LabelRunError, WorkUnit
+from sentiment_ray.label.run import LabelRun, UnitPlan
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.metrics import EvaluationCounts, unknown_labels_line
 from sentiment_ray.report import html, plots
@@ -52,7 +55,9 @@ def read_markers(out: Storage, units: list[WorkUnit], plan_id: str | None = None
                 f"is {plan_id}): another job wrote here; rerun with --overwrite"
             )
         if marker["labelled"] + marker["bad_rows"] != unit.num_rows:
-            raise LabelRunError(f"{out.path(name)}: {marker['labelled']} + {marker['bad_rows']} rows, but the unit has {unit.num_rows}")
+            raise LabelRunError(
+                f"{out.path(name)}: {marker['labelled']} + {marker['bad_rows']} rows, but the unit has {unit.num_rows}"
+            )
         markers[unit.unit_id] = marker
     if missing:
         raise LabelRunError(f"{len(missing)} units have no commit marker after the run (first: {missing[:3]}); rerun the command")
@@ -206,12 +211,16 @@ def terminal_lines(summary: dict[str, Any]) -> list[str]:
     accepted = summary.get("accepted")
     if accepted:
         if accepted["threshold"] is None:
-            lines.append(f"accepted   none: an error rate of at most {accepted['max_error']:g} cannot be certified on the adapter's "
-                         f"{accepted['calibration_rows']:,} calibration rows")
+            lines.append(
+                f"accepted   none: an error rate of at most {accepted['max_error']:g} cannot be certified on the adapter's "
+                f"{accepted['calibration_rows']:,} calibration rows"
+            )
         else:
-            lines.append(f"accepted   {accepted['rows']:,} of {summary['labelled']:,} rows ({accepted['share']:.1%}): confidence >= "
-                         f"{accepted['threshold']:.4g} in {', '.join(accepted['calibrated_languages'])}; error at most "
-                         f"{accepted['max_error']:g} with probability {1 - accepted['failure_probability']:g}")
+            lines.append(
+                f"accepted   {accepted['rows']:,} of {summary['labelled']:,} rows ({accepted['share']:.1%}): confidence >= "
+                f"{accepted['threshold']:.4g} in {', '.join(accepted['calibrated_languages'])}; error at most "
+                f"{accepted['max_error']:g} with probability {1 - accepted['failure_probability']:g}"
+            )
     return lines
 
 
@@ -275,7 +284,9 @@ def report_details(manifest: dict[str, Any] | None, **known: Any) -> dict[str, A
     model = (manifest.get("prediction_config") or {}).get("model", {}).get("name")
     details = {
         "model": model,
-        "adapter": f"{adapter['path']} (sha256 {adapter['sha256'][:12]})" if adapter.get("path") else ("none (zero-shot)" if manifest else None),
+        "adapter": f"{adapter['path']} (sha256 {adapter['sha256'][:12]})"
+        if adapter.get("path")
+        else ("none (zero-shot)" if manifest else None),
         "input": manifest.get("input"),
         "rows": manifest.get("total_rows"),
         "labelled": manifest.get("created_utc"),
@@ -306,7 +317,13 @@ def describe_form(summary: dict[str, Any]) -> str | None:
 
 
 def evaluate(
-    out: Storage, units: list[WorkUnit], cfg: ExperimentConfig, *, title: str, subtitle: str = "", held_as: str | None = None,
+    out: Storage,
+    units: list[WorkUnit],
+    cfg: ExperimentConfig,
+    *,
+    title: str,
+    subtitle: str = "",
+    held_as: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Metrics against the input's gold labels into metrics.json, report.png and report.html
@@ -341,3 +358,62 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "unknown_labels": report.get("unknown_labels") or {},
         "per_language": report.get("per_language"),
     }
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def summary(run: LabelRun, plan: UnitPlan, label_seconds: float) -> dict[str, Any]:
+    """Merge the committed units' submission and quarantine files, evaluate against the
+    input's gold labels, and return the job's summary (what `jobs/label.py` prints and
+    summary.json holds). `label_seconds`: the labelling of this run's pending units, actor
+    start-up included (0 when none was pending)."""
+    cfg, out = run.cfg, run.out
+    markers = read_markers(out, plan.units, plan.plan_id)
+    pending = plan.pending
+    ran_now = [markers[u.unit_id] for u in pending]
+    counted = totals(markers.values())
+    rows_now = sum(m["rows"] for m in ran_now)
+    timed = bool(ran_now and label_seconds)
+    result: dict[str, Any] = {
+        "output": out.root,
+        "predictions": out.path(layout.PREDICTIONS_DIR),
+        "csv": out.path(layout.CSV_DIR),
+        "input": plan.manifest["input"],
+        "plan_id": plan.plan_id,
+        "files": len(run.files),
+        "files_not_read": run.inputs.not_read,
+        "model": cfg.model.name,
+        "adapter": run.adapter["id"] if run.adapter else None,
+        "mode": cfg.label.mode,
+        **counted,
+        "units": {"total": len(plan.units), "labelled_now": len(pending), "done_before": len(plan.units) - len(pending)},
+        "rows_labelled_now": rows_now,
+        "label_seconds": round(label_seconds, 3),
+        "rows_per_s": round(rows_now / label_seconds, 2) if timed else None,
+        "prompt_tokens_per_s": round(sum(m["prompt_tokens"] for m in ran_now) / label_seconds, 1) if timed else None,
+        "prompt_tokens_per_predict_s": (
+            round(counted["prompt_tokens"] / counted["predict_seconds"], 1) if counted["predict_seconds"] else None
+        ),
+        **labelling_window(ran_now),
+        **actor_startup(ran_now),
+        **model_form(ran_now),
+    }
+    profile = languages.read_profile(run.adapter_path)
+    result["languages"] = language_summary(counted, languages.calibrated_languages(profile) if profile else None)
+    result["accepted"] = accepted_summary(counted, plan.acceptance)
+    result["submission"] = merge_submission(out, plan.units) if cfg.label.write_submission else None
+    result["quarantine"] = merge_quarantine(out, plan.units, markers)
+    risk_record = risk.read_scores(run.adapter_path)
+    extra = {
+        "languages": result["languages"],
+        "accepted": result["accepted"],
+        "risk_control": risk.summary(risk_record, cfg.label.max_error_delta) if risk_record else None,
+    }
+    report = evaluate(out, plan.units, cfg, title=f"Labelling with {cfg.model.name}", extra=extra, held_as=describe_form(result))
+    result["warnings"] = warning_lines(result, report)
+    result["metrics_path"] = out.path(layout.METRICS_FILE) if report else None
+    result["report_png"] = out.path(layout.REPORT_PNG_FILE) if report else None
+    result["metrics"] = headline(report) if report else None
+    result["seconds"] = round(time.perf_counter() - run.started, 3)
+    return result

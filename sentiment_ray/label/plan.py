@@ -27,9 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sentiment_ray import provenance
+from sentiment_ray import provenance, rerun
 from sentiment_ray.calibration import CALIBRATION_FILE
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.files import describe_inputs, file_format, id_names, is_json_array_file, parquet_footer, span_digests
 from sentiment_ray.io.ids import IdIndex, duplicates_message
 from sentiment_ray.io.readers import Position, csv_header, csv_header_size, parquet_file, read_chunks
@@ -45,7 +46,7 @@ MIN_AUTO_ROWS = 500
 UNITS_PER_ACTOR = 4
 
 
-class LabelRunError(RuntimeError):
+class LabelRunError(UserError, RuntimeError):
     """The labelling run cannot proceed (changed inputs, a failed unit, ...)."""
 
 
@@ -100,7 +101,7 @@ class WorkUnit:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkUnit":
+    def from_dict(cls, d: dict[str, Any]) -> WorkUnit:
         return cls(**{**d, "row_groups": tuple(d.get("row_groups") or ()), "span": tuple(d.get("span") or (0, None))})
 
 
@@ -190,7 +191,9 @@ def plan_units(
         grouped = _group(spans, target)
         digests = content_digests(path, fmt, [span["span"] for span in grouped])
         for span, digest in zip(grouped, digests):
-            units.append(WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, sha256=digest, **span))
+            units.append(
+                WorkUnit(index=len(units), file=path, fmt=fmt, id_name=names[path], has_ids=has_ids, sha256=digest, **span)
+            )
     return Plan(units=units, total_rows=total, files_without_ids=without_ids, rows_per_unit=target)
 
 
@@ -231,7 +234,11 @@ def _row_group_bytes(row_group) -> tuple[int, int]:
     starts, ends = [], []
     for c in range(row_group.num_columns):
         column = row_group.column(c)
-        first = column.dictionary_page_offset if column.has_dictionary_page and column.dictionary_page_offset else column.data_page_offset
+        first = (
+            column.dictionary_page_offset
+            if column.has_dictionary_page and column.dictionary_page_offset
+            else column.data_page_offset
+        )
         starts.append(first)
         ends.append(first + column.total_compressed_size)
     return min(starts), max(ends)
@@ -248,10 +255,15 @@ def _plan_text(path, fmt, text_column, id_column, granule, check_ids):
     position = Position()
     for chunk in read_chunks(path, columns=[id_column], chunk_rows=granule):
         end = None if whole_file or chunk.next is None else chunk.next.byte_offset
-        spans.append(dict(
-            start=chunk.first_row, stop=chunk.first_row + len(chunk), byte_offset=position.byte_offset,
-            first_line=position.line, span=(0 if whole_file else position.byte_offset, end),
-        ))
+        spans.append(
+            dict(
+                start=chunk.first_row,
+                stop=chunk.first_row + len(chunk),
+                byte_offset=position.byte_offset,
+                first_line=position.line,
+                span=(0 if whole_file else position.byte_offset, end),
+            )
+        )
         position = chunk.next or position
         if id_column in chunk.columns:
             has_ids = True  # JSON lines: any record with the key
@@ -348,11 +360,20 @@ def prediction_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """The config fields that decide what the predictions are (not batch size or actor
     count, which may change between a crash and its rerun)."""
     return {
-        "model": cfg.model.model_dump(exclude={"allow_unsafe_weights"}),
+        "model": cfg.model.model_dump(exclude={"allow_unsafe_weights", "allow_base_mismatch"}),
         "prompt": cfg.prompt.model_dump(),
         "label": cfg.label.model_dump(
-            include={"mode", "max_new_tokens", "default_label_on_parse_failure", "generate_ids", "calibrate", "max_text_chars",
-                     "flag_prompt_markers", "max_error", "max_error_delta"}
+            include={
+                "mode",
+                "max_new_tokens",
+                "default_label_on_parse_failure",
+                "generate_ids",
+                "calibrate",
+                "max_text_chars",
+                "flag_prompt_markers",
+                "max_error",
+                "max_error_delta",
+            }
         ),
         "data": cfg.data.model_dump(include={"text_column", "id_column"}),
     }
@@ -449,14 +470,8 @@ def manifest_differences(existing: dict, wanted: dict, cfg: ExperimentConfig, ro
         if before[p]["size"] != now[p]["size"]:
             problems.append(f"input file changed (size {before[p]['size']} -> {now[p]['size']} bytes): {p}")
     if existing.get("config_fingerprint") != wanted["config_fingerprint"]:
-        old, new = existing.get("prediction_config", {}), prediction_config(cfg)
-        changed = [
-            f"{section}.{key}"
-            for section in sorted(set(old) | set(new))
-            for key in sorted(set(old.get(section, {})) | set(new.get(section, {})))
-            if old.get(section, {}).get(key) != new.get(section, {}).get(key)
-        ]
-        problems.append(f"settings that decide the predictions changed: {', '.join(changed) or 'unknown'}")
+        changed = rerun.changes(existing.get("prediction_config", {}), prediction_config(cfg))
+        problems.append(f"settings that decide the predictions changed: {'; '.join(changed) or 'unknown'}")
     if existing.get("adapter_sha256") != wanted["adapter_sha256"]:
         problems.append(f"adapter differs (was {(existing.get('adapter') or {}).get('id')})")
     if rows_per_unit and rows_per_unit != existing.get("rows_per_unit"):

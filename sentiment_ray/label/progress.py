@@ -5,8 +5,8 @@ Each actor reports, per work unit, how many of its rows it has read (labelled or
 quarantined) to one small Ray actor (`ProgressBoard`) after every piece it scores. The board
 keeps the largest count per unit, so a unit redone after an actor died never counts twice:
 the total reaches the input's row count exactly once per row. The driver polls the board and
-prints a line: redrawn in place every couple of seconds on a terminal, once every ~30 s in a
-log.
+shows it: on a terminal in training's tqdm bar (console.Display), every couple of seconds; in
+a log as a line every ~30 s.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from sentiment_ray.terminal.console import Display, format_duration
 
 TTY_EVERY_S = 2.0
 LOG_EVERY_S = 30.0
@@ -55,19 +57,14 @@ class Snapshot:
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         rate = f"{self.rate:,.0f} rows/s" if self.rate else "-- rows/s"
-        eta = _clock(self.eta_s) if self.eta_s is not None else "--:--"
+        eta = format_duration(self.eta_s)  # the training bar's format: 1m45s
         return f"labelling {self.done:,} / {self.total:,} rows ({pct:.0f}%)  {rate}  ETA {eta}  bad rows {self.bad:,}"
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 class ProgressView:
-    """Draws the board's totals for a person while the run goes on (a thread)."""
+    """Draws the board's totals for a person while the run goes on (a thread): on a terminal
+    the same tqdm bar as training's steps (console.Display), counting rows, with the bad rows
+    beside it; in a log a line every LOG_EVERY_S."""
 
     def __init__(self, board: Any, total_rows: int, done_before: int, stream: TextIO | None = None):
         self.board = board
@@ -76,6 +73,7 @@ class ProgressView:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = TTY_EVERY_S if self.tty else LOG_EVERY_S
+        self.display = Display(self.stream, tty=True) if self.tty else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="label-progress", daemon=True)
         self._started = time.monotonic()
@@ -96,18 +94,25 @@ class ProgressView:
             self.last = self.snapshot()
         except Exception:  # noqa: BLE001 - progress must never stop a run
             return
-        text = self.last.line()
-        if self.tty:
-            self.stream.write("\r" + text.ljust(100) + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
+        if self.display is not None:
+            self._draw_bar(self.last, final)
+            return
+        self.stream.write(self.last.line() + "\n")
         self.stream.flush()
+
+    def _draw_bar(self, snapshot: Snapshot, final: bool) -> None:
+        if self.display.last_step is None:
+            self.display.progress_start(snapshot.total, initial=self.done_before, unit="row")
+        self.display.progress_postfix(f"bad rows {snapshot.bad:,}")
+        self.display.progress(snapshot.done, snapshot.total)
+        if final:
+            self.display.close_progress()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             self._draw()
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self) -> ProgressView:
         self._thread.start()
         return self
 

@@ -35,7 +35,7 @@ import os
 import time
 from typing import Any
 
-from sentiment_ray import cluster, languages, risk
+from sentiment_ray import base_identity, cluster
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.files import expand_inputs, not_read_warning
 from sentiment_ray.io.lease import Lease
@@ -53,6 +53,7 @@ from sentiment_ray.label.plan import (
     load_or_plan,
 )
 from sentiment_ray.label.progress import ProgressView, start_board
+from sentiment_ray.label.run import LabelRun, UnitPlan
 from sentiment_ray.weights import UnsafeWeightsError, check_model_source
 
 log = logging.getLogger(__name__)
@@ -71,111 +72,124 @@ def label_dataset(
     the same folder. Returns the summary (what `jobs/label.py` prints)."""
     started = time.perf_counter()
     out = Storage(output_dir)
+    check_output_folder(cfg, output_dir, out)
+    inputs = expand_inputs(input_path)
+    if inputs.not_read:
+        log.warning("%s", not_read_warning(input_path, inputs.not_read))
+    adapter = check_adapter_and_model(cfg, adapter_path)
+    run = LabelRun(
+        cfg,
+        input_path,
+        inputs,
+        out,
+        adapter,
+        adapter_path,
+        overwrite=overwrite,
+        rows_per_unit=rows_per_unit or cfg.label.rows_per_unit,
+        started=started,
+    )
+    # Held from before planning to the summary: --overwrite never deletes another job's
+    # units, and the manifest, markers and summary all come from this one job.
+    with Lease(out, purpose="label") as lease:
+        return label_locked(run, lease)
+
+
+def label_locked(run: LabelRun, lease: Lease) -> dict[str, Any]:
+    """The steps under the output folder's lock."""
+    plan = plan_units(run)
+    label_seconds = label_pending(run, plan)
+    lease.check()
+    summary = outputs.summary(run, plan, label_seconds)
+    for line in summary["warnings"]:
+        log.warning("%s", line)
+    lease.check()
+    run.out.write_json(layout.SUMMARY_FILE, summary)
+    return summary
+
+
+def plan_units(run: LabelRun) -> UnitPlan:
+    """Plan the input into work units, or reuse the plan of an interrupted run (refusing one
+    whose committed units no longer describe the input)."""
+    cfg, out = run.cfg, run.out
+    if run.overwrite:
+        clear_outputs(out)
+    manifest = load_or_plan(
+        out,
+        cfg,
+        run.input_path,
+        run.files,
+        run.adapter,
+        run.rows_per_unit,
+        sorted(output_columns(cfg)),
+        actors=lambda: actor_count(cfg),
+    )
+    # label.max_error: the threshold certified on the adapter's calibration rows, for the actors.
+    accept = outputs.acceptance(cfg, run.adapter_path)
+    identity = {
+        "model_name": cfg.model.name,
+        "adapter_id": run.adapter["id"] if run.adapter else None,
+        "plan_id": manifest["plan_id"],
+        "acceptance": accept,
+    }
+    units = [WorkUnit.from_dict(d) for d in manifest["units"]]
+    stale = out.remove_stale_temporaries(("", *layout.UNIT_DIRS))
+    out.delete_dir(layout.FAILED_DIR)  # failures of an earlier attempt
+    plan = UnitPlan(manifest, units, outputs.done_unit_ids(out, manifest["plan_id"]), identity, accept)
+    # Units done earlier must still describe the input (an in-place edit keeps size and
+    # may keep the modification time); pending ones are checked by the actor labelling them.
+    changed = changed_units([u for u in units if u.unit_id in plan.done])
+    if changed:
+        raise LabelRunError(f"{out.root}: {changed_message(changed)}")
+    log.info(
+        "%d units, %d done earlier, %d to label (%d stale temp files removed)",
+        len(units),
+        len(plan.done),
+        len(plan.pending),
+        stale,
+    )
+    return plan
+
+
+def label_pending(run: LabelRun, plan: UnitPlan) -> float:
+    """Label the units without a commit marker on Ray; the seconds it took, actor start-up
+    (model load) included, cluster start-up not (0 when none was pending)."""
+    pending = plan.pending
+    if not pending:
+        return 0.0
+    cluster.connect(run.cfg.run.ray_address)
+    started = time.perf_counter()
+    run_on_ray(
+        run.cfg,
+        pending,
+        run.adapter_path,
+        run.out,
+        plan.identity,
+        total_rows=plan.manifest["total_rows"],
+        done_rows=plan.done_rows,
+    )
+    return time.perf_counter() - started
+
+
+def check_output_folder(cfg: ExperimentConfig, output_dir: str, out: Storage) -> None:
     if "://" not in output_dir and os.path.isfile(out.root):
         raise LabelRunError(f"--output {output_dir} is a file; give a folder")
     check_every_node_reaches(cfg, output_dir)
 
-    inputs = expand_inputs(input_path)
-    if inputs.not_read:
-        log.warning("%s", not_read_warning(input_path, inputs.not_read))
+
+def check_adapter_and_model(cfg: ExperimentConfig, adapter_path: str | None) -> dict[str, Any] | None:
+    """The adapter's identity (None: the base model) once the adapter and the model passed
+    their checks: before Ray starts, an adapter on another base or unsafe weights cost nothing."""
     adapter = adapter_identity(adapter_path, allow_unsafe=cfg.model.allow_unsafe_weights)
+    if adapter_path and "://" not in adapter_path:
+        try:
+            base_identity.check(adapter_path, cfg.model.name, cfg.model.allow_base_mismatch)
+        except base_identity.BaseMismatch as err:
+            raise LabelRunError(str(err)) from None
     try:
         check_model_source(cfg.model.name, allow_unsafe=cfg.model.allow_unsafe_weights)
     except UnsafeWeightsError as err:
         raise LabelRunError(f"model.name {err}") from None
-    # Held from before planning to the summary: --overwrite never deletes another job's
-    # units, and the manifest, markers and summary all come from this one job.
-    with Lease(out, purpose="label") as lease:
-        return _label_locked(cfg, input_path, inputs, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit)
-
-
-def _label_locked(cfg, input_path, inputs, out, adapter, adapter_path, lease, started, overwrite, rows_per_unit):
-    files = inputs.files
-    # 1. Plan (or reuse the plan of an interrupted run).
-    if overwrite:
-        clear_outputs(out)
-    rows_per_unit = rows_per_unit or cfg.label.rows_per_unit
-    manifest = load_or_plan(
-        out, cfg, input_path, files, adapter, rows_per_unit, sorted(output_columns(cfg)), actors=lambda: actor_count(cfg)
-    )
-    plan_id = manifest["plan_id"]
-    # label.max_error: the threshold certified on the adapter's calibration rows, for the actors.
-    accept = outputs.acceptance(cfg, adapter_path)
-    identity = {"model_name": cfg.model.name, "adapter_id": adapter["id"] if adapter else None, "plan_id": plan_id,
-                "acceptance": accept}
-    units = [WorkUnit.from_dict(d) for d in manifest["units"]]
-    stale = out.remove_stale_temporaries(("", *layout.UNIT_DIRS))
-    out.delete_dir(layout.FAILED_DIR)  # failures of an earlier attempt
-    done = outputs.done_unit_ids(out, plan_id)
-    # Units done earlier must still describe the input (an in-place edit keeps size and
-    # may keep the modification time); pending ones are checked by the actor labelling them.
-    changed = changed_units([u for u in units if u.unit_id in done])
-    if changed:
-        raise LabelRunError(f"{out.root}: {changed_message(changed)}")
-    pending = [u for u in units if u.unit_id not in done]
-    log.info("%d units, %d done earlier, %d to label (%d stale temp files removed)", len(units), len(done), len(pending), stale)
-
-    # 2. Label the pending units.
-    label_seconds = 0.0
-    if pending:
-        cluster.connect(cfg.run.ray_address)
-        label_started = time.perf_counter()  # actor start-up (model load) counts, cluster start-up not
-        done_rows = sum(u.num_rows for u in units if u.unit_id in done)
-        run_on_ray(cfg, pending, adapter_path, out, identity, total_rows=manifest["total_rows"], done_rows=done_rows)
-        label_seconds = time.perf_counter() - label_started
-
-    # 3. Merge, evaluate, summarise.
-    lease.check()
-    markers = outputs.read_markers(out, units, plan_id)
-    ran_now = [markers[u.unit_id] for u in pending]
-    totals = outputs.totals(markers.values())
-    rows_now = sum(m["rows"] for m in ran_now)
-    summary: dict[str, Any] = {
-        "output": out.root,
-        "predictions": out.path(layout.PREDICTIONS_DIR),
-        "csv": out.path(layout.CSV_DIR),
-        "input": manifest["input"],
-        "plan_id": plan_id,
-        "files": len(files),
-        "files_not_read": inputs.not_read,
-        "model": cfg.model.name,
-        "adapter": adapter["id"] if adapter else None,
-        "mode": cfg.label.mode,
-        **totals,
-        "units": {"total": len(units), "labelled_now": len(pending), "done_before": len(units) - len(pending)},
-        "rows_labelled_now": rows_now,
-        "label_seconds": round(label_seconds, 3),
-        "rows_per_s": round(rows_now / label_seconds, 2) if ran_now and label_seconds else None,
-        "prompt_tokens_per_s": (
-            round(sum(m["prompt_tokens"] for m in ran_now) / label_seconds, 1) if ran_now and label_seconds else None
-        ),
-        "prompt_tokens_per_predict_s": (
-            round(totals["prompt_tokens"] / totals["predict_seconds"], 1) if totals["predict_seconds"] else None
-        ),
-        **outputs.labelling_window(ran_now),
-        **outputs.actor_startup(ran_now),
-        **outputs.model_form(ran_now),
-    }
-    profile = languages.read_profile(adapter_path)
-    summary["languages"] = outputs.language_summary(totals, languages.calibrated_languages(profile) if profile else None)
-    summary["accepted"] = outputs.accepted_summary(totals, accept)
-    summary["submission"] = outputs.merge_submission(out, units) if cfg.label.write_submission else None
-    summary["quarantine"] = outputs.merge_quarantine(out, units, markers)
-    risk_record = risk.read_scores(adapter_path)
-    extra = {"languages": summary["languages"], "accepted": summary["accepted"],
-             "risk_control": risk.summary(risk_record, cfg.label.max_error_delta) if risk_record else None}
-    report = outputs.evaluate(out, units, cfg, title=f"Labelling with {cfg.model.name}", extra=extra,
-                                held_as=outputs.describe_form(summary))
-    summary["warnings"] = outputs.warning_lines(summary, report)
-    for line in summary["warnings"]:
-        log.warning("%s", line)
-    summary["metrics_path"] = out.path(layout.METRICS_FILE) if report else None
-    summary["report_png"] = out.path(layout.REPORT_PNG_FILE) if report else None
-    summary["metrics"] = outputs.headline(report) if report else None
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    lease.check()
-    out.write_json(layout.SUMMARY_FILE, summary)
-    return summary
+    return adapter
 
 
 def check_every_node_reaches(cfg: ExperimentConfig, output_dir: str) -> None:
@@ -216,8 +230,14 @@ def actor_count(cfg: ExperimentConfig) -> int:
 
 
 def run_on_ray(
-    cfg: ExperimentConfig, pending: list[WorkUnit], adapter_path: str | None, out: Storage, identity,
-    *, total_rows: int, done_rows: int,
+    cfg: ExperimentConfig,
+    pending: list[WorkUnit],
+    adapter_path: str | None,
+    out: Storage,
+    identity,
+    *,
+    total_rows: int,
+    done_rows: int,
 ) -> None:
     import ray
 
@@ -268,5 +288,28 @@ def unit_error(failure: dict) -> Exception:
     else:
         err = LabelRunError(f"{failure['where']}: {failure['type']}: {message}")
     if failure.get("traceback"):
-        err.add_note(f"in the actor labelling {failure['where']} ({failure.get('host')}, pid {failure.get('pid')}):\n{failure['traceback']}")
+        err.add_note(
+            f"in the actor labelling {failure['where']} ({failure.get('host')}, pid {failure.get('pid')}):\n{failure['traceback']}"
+        )
     return err
+
+
+def interrupted_line(sig, output_dir: str, command: str) -> str:
+    """One line for a label job a signal stopped: the units (and rows) committed in the
+    output folder, which stay, and the command that labels the rest. Read after Ray
+    stopped, from the commit markers of the folder's plan (a unit whose marker is missing
+    is labelled again by the rerun)."""
+    out = Storage(output_dir)
+    try:
+        manifest = out.read_json_or_none(layout.MANIFEST_FILE)
+        done = outputs.done_unit_ids(out, manifest["plan_id"]) if manifest else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        manifest, done = None, set()
+    if not manifest:
+        return f"Labelling interrupted by {sig.name} before any unit was planned: nothing was written; rerun the same command: {command}"
+    units = [WorkUnit.from_dict(d) for d in manifest["units"]]
+    rows = sum(u.num_rows for u in units if u.unit_id in done)
+    return (
+        f"Labelling interrupted by {sig.name}: {len(done)} of {len(units)} units ({rows:,} of "
+        f"{manifest['total_rows']:,} rows) are committed in {out.root}; rerun the same command to label the rest: {command}"
+    )

@@ -52,10 +52,6 @@ window.addEventListener("load", function () {
 """
 
 
-class ReportError(ValueError):
-    """The predictions or experiment folder cannot be read into a report."""
-
-
 # ============================================================================ html pieces
 
 
@@ -112,8 +108,10 @@ def metrics_sections(report: dict[str, Any]) -> list[str]:
     unknown = report.get("unknown_labels") or {}
     if unknown:
         named = ", ".join(f"{html.escape(repr(k))} ({v})" for k, v in unknown.items())
-        sections.append(f'<p id="unknown-labels" class=warning>{sum(unknown.values())} row(s) have a gold label outside '
-                        f"the label set and were not scored: {named}.</p>")
+        sections.append(
+            f'<p id="unknown-labels" class=warning>{sum(unknown.values())} row(s) have a gold label outside '
+            f"the label set and were not scored: {named}.</p>"
+        )
 
     per_language = report.get("per_language") or {}
     sections.append("<h2>Per language</h2>")
@@ -123,7 +121,9 @@ def metrics_sections(report: dict[str, Any]) -> list[str]:
             ({"data-lang": lang}, [lang, v.get("n"), v.get("accuracy"), v.get("macro_f1"), *([v.get("ece")] if with_ece else [])])
             for lang, v in sorted(per_language.items(), key=lambda kv: -kv[1].get("n", 0))
         ]
-        sections.append(_table("per-language", ["language", "n", "accuracy", "macro-F1", *(["ECE"] if with_ece else [])], lang_rows))
+        sections.append(
+            _table("per-language", ["language", "n", "accuracy", "macro-F1", *(["ECE"] if with_ece else [])], lang_rows)
+        )
     else:
         sections.append('<p id="per-language">No language column in the data.</p>')
 
@@ -148,7 +148,7 @@ def metrics_sections(report: dict[str, Any]) -> list[str]:
                 "Reliability: accuracy per confidence bin against the diagonal (bin row counts on the bars).",
             )
         )
-    sections += ["<h2>Errors and calibration</h2>", f'<div class=figures>{"".join(figures)}</div>']
+    sections += ["<h2>Errors and calibration</h2>", f"<div class=figures>{''.join(figures)}</div>"]
     return sections
 
 
@@ -184,20 +184,38 @@ def prediction_report_html(
 def language_sections(langs: dict[str, Any]) -> list[str]:
     """The share of rows per language, those outside the adapter's calibration languages marked."""
     calibrated = langs.get("calibrated_languages")
-    rows = [({"data-lang": k, **({"class": "worse"} if calibrated is not None and k not in calibrated else {})},
-             [k, v, "–" if calibrated is None else ("yes" if k in calibrated else "no: confidence not calibrated")])
-            for k, v in (langs.get("shares") or {}).items()]
+    rows = [
+        (
+            {"data-lang": k, **({"class": "worse"} if calibrated is not None and k not in calibrated else {})},
+            [k, v, "–" if calibrated is None else ("yes" if k in calibrated else "no: confidence not calibrated")],
+        )
+        for k, v in (langs.get("shares") or {}).items()
+    ]
     sections = ["<h2>Languages of the rows</h2>", _table("languages", ["language", "share of rows", "calibrated"], rows)]
     if langs.get("not_calibrated_share"):
-        sections.append(f'<p id="not-calibrated" class=warning>{langs["not_calibrated_share"]:.1%} of rows are in languages the '
-                        "adapter was not calibrated on: their confidence is not calibrated.</p>")
+        sections.append(
+            f'<p id="not-calibrated" class=warning>{langs["not_calibrated_share"]:.1%} of rows are in languages the '
+            "adapter was not calibrated on: their confidence is not calibrated.</p>"
+        )
     return sections
 
 
 def accepted_sections(accepted: dict[str, Any]) -> list[str]:
     """How many rows were accepted and at what guaranteed error (label.max_error)."""
-    rows = [(k, accepted.get(k)) for k in ("rows", "share", "max_error", "failure_probability", "threshold",
-                                            "calibrated_languages", "calibration_rows", "calibration_coverage", "calibration_error")]
+    rows = [
+        (k, accepted.get(k))
+        for k in (
+            "rows",
+            "share",
+            "max_error",
+            "failure_probability",
+            "threshold",
+            "calibrated_languages",
+            "calibration_rows",
+            "calibration_coverage",
+            "calibration_error",
+        )
+    ]
     return ["<h2>Accepted rows</h2>", _table("accepted", ["", "value"], [({"data-metric": k}, [k, v]) for k, v in rows])]
 
 
@@ -217,9 +235,14 @@ def tune_report_html(
     png = plots.render_metric_plot(records, metric, title=f"{metric} by step", best_id=best_id)
     sections = [
         "<h2>Trials</h2>",
-        _image("trial-curves", f"Trial curves: {metric} by training step, one line per trial", png, "image/png",
-               "Dashed lines: trials stopped by the scheduler, failed or unfinished; the best trial is drawn thicker.",
-               wide=True),
+        _image(
+            "trial-curves",
+            f"Trial curves: {metric} by training step, one line per trial",
+            png,
+            "image/png",
+            "Dashed lines: trials stopped by the scheduler, failed or unfinished; the best trial is drawn thicker.",
+            wide=True,
+        ),
     ]
     skip = {"run_dir", "adapter", "error", "status"}
     columns = [c for c in (rows[0] if rows else {}) if c not in skip]
@@ -230,7 +253,9 @@ def tune_report_html(
     sections.append(_table("trials", columns, table_rows))
     if best_report:
         sections += [f"<h2>Best trial {html.escape(str(best_id))}: validation</h2>"] + metrics_sections(best_report)[1:]
-    subtitle = f"{len(rows)} trials, metric {metric} ({mode})" + (f", best trial {best_id}" if best_id else ", no trial completed")
+    subtitle = f"{len(rows)} trials, metric {metric} ({mode})" + (
+        f", best trial {best_id}" if best_id else ", no trial completed"
+    )
     return page(title, subtitle, sections)
 
 
@@ -246,26 +271,37 @@ def calibration_sections(calibration: dict[str, Any]) -> list[str]:
         ("NLL after (out-of-fold)", calibration.get("nll_after")),
     ]
     figures = [
-        _image(f"reliability-{when}", f"Reliability diagram {when} calibration (ECE {calibration[f'ece_{when}']:.3f})",
-               plots.render_reliability(calibration[f"bins_{when}"], ece=calibration[f"ece_{when}"], fmt="svg"),
-               "image/svg+xml", f"{when.capitalize()} temperature scaling.")
-        for when in ("before", "after") if calibration.get(f"bins_{when}")
+        _image(
+            f"reliability-{when}",
+            f"Reliability diagram {when} calibration (ECE {calibration[f'ece_{when}']:.3f})",
+            plots.render_reliability(calibration[f"bins_{when}"], ece=calibration[f"ece_{when}"], fmt="svg"),
+            "image/svg+xml",
+            f"{when.capitalize()} temperature scaling.",
+        )
+        for when in ("before", "after")
+        if calibration.get(f"bins_{when}")
     ]
     return [
         "<h2>Calibration</h2>",
         _table("calibration", ["", "value"], [({"data-metric": k}, [k, v]) for k, v in rows]),
-        f'<div class=figures>{"".join(figures)}</div>',
+        f"<div class=figures>{''.join(figures)}</div>",
     ]
 
 
 def risk_control_sections(risk_control: dict[str, Any]) -> list[str]:
     """The risk-coverage curve observed on the validation rows, and the thresholds certified
     for a few error targets (risk.summary)."""
-    curve = [({"data-coverage": str(p["coverage"])}, [p["coverage"], p["error"], p["threshold"], p["rows"]])
-             for p in risk_control.get("curve", [])]
-    certified = [({"data-max-error": str(c["max_error"])},
-                  [c["max_error"], "none certified" if c["threshold"] is None else c["threshold"], c["coverage"], c["observed_error"]])
-                 for c in risk_control.get("certified", [])]
+    curve = [
+        ({"data-coverage": str(p["coverage"])}, [p["coverage"], p["error"], p["threshold"], p["rows"]])
+        for p in risk_control.get("curve", [])
+    ]
+    certified = [
+        (
+            {"data-max-error": str(c["max_error"])},
+            [c["max_error"], "none certified" if c["threshold"] is None else c["threshold"], c["coverage"], c["observed_error"]],
+        )
+        for c in risk_control.get("certified", [])
+    ]
     sections = [
         "<h2>Risk and coverage (validation)</h2>",
         "<p>The error rate among the most confident rows at each share of rows accepted, on the rows the adapter was "
@@ -289,11 +325,15 @@ def data_profile_sections(profile: dict[str, Any]) -> list[str]:
         for kind in ("languages", "labels"):
             text = ", ".join(f"{k} {v:.1%}" for k, v in (part.get(kind) or {}).items())
             rows.append(({"data-rows": which, "data-kind": kind}, [which, part.get("rows"), kind, text]))
-    return [f"<h2>What the adapter knows (languages: {html.escape(str(profile.get('languages_from', '')))})</h2>",
-            _table("data-profile", ["rows", "n", "", "shares"], rows)]
+    return [
+        f"<h2>What the adapter knows (languages: {html.escape(str(profile.get('languages_from', '')))})</h2>",
+        _table("data-profile", ["rows", "n", "", "shares"], rows),
+    ]
 
 
-def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str = "", details: dict[str, Any] | None = None) -> str:
+def training_report_html(
+    metrics: dict[str, Any], *, title: str, subtitle: str = "", details: dict[str, Any] | None = None
+) -> str:
     """The page of a training run: what it is (`details`: model, data, adapter, date), zero-shot
     against fine-tuned overall and per language (languages fine-tuning made worse marked), the
     calibration, then the fine-tuned model's validation metrics, confusion matrix and
@@ -302,8 +342,13 @@ def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str =
     calibration = metrics.get("calibration") or {}
     overall = [
         ({"data-metric": key}, [name, zero.get(key), tuned.get(key)])
-        for key, name in (("n", "n"), ("accuracy", "accuracy"), ("macro_f1", "macro_f1"), ("ece", "ece (the model's own)"),
-                          ("ece_calibrated", "ece calibrated (out-of-fold)"))
+        for key, name in (
+            ("n", "n"),
+            ("accuracy", "accuracy"),
+            ("macro_f1", "macro_f1"),
+            ("ece", "ece (the model's own)"),
+            ("ece_calibrated", "ece calibrated (out-of-fold)"),
+        )
         if key != "ece_calibrated" or tuned.get(key) is not None
     ]
     sections = [details_section(details)] if details else []
@@ -311,13 +356,23 @@ def training_report_html(metrics: dict[str, Any], *, title: str, subtitle: str =
     languages = metrics.get("languages") or []
     if languages:
         rows = [
-            ({"data-lang": c["lang"], **({"class": "worse"} if c["worse"] else {})},
-             [c["lang"], c["n"], c["zero_shot_macro_f1"], c["fine_tuned_macro_f1"], c["change"],
-              c.get("verdict", "worse" if c["worse"] else "")])
+            (
+                {"data-lang": c["lang"], **({"class": "worse"} if c["worse"] else {})},
+                [
+                    c["lang"],
+                    c["n"],
+                    c["zero_shot_macro_f1"],
+                    c["fine_tuned_macro_f1"],
+                    c["change"],
+                    c.get("verdict", "worse" if c["worse"] else ""),
+                ],
+            )
             for c in languages
         ]
-        sections += ["<h2>Per language (macro-F1)</h2>",
-                     _table("languages", ["language", "n", "zero-shot", "fine-tuned", "change", ""], rows)]
+        sections += [
+            "<h2>Per language (macro-F1)</h2>",
+            _table("languages", ["language", "n", "zero-shot", "fine-tuned", "change", ""], rows),
+        ]
     if calibration:
         sections += calibration_sections(calibration)
     if metrics.get("risk_control"):

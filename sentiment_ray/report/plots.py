@@ -45,8 +45,13 @@ def draw_confusion(fig, ax, confusion: dict[str, Any]) -> None:
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(
-            j, i, f"{count}\n{share[i, j]:.0%}", ha="center", va="center",
-            color="white" if share[i, j] > 0.6 else "black", fontsize=9,
+            j,
+            i,
+            f"{count}\n{share[i, j]:.0%}",
+            ha="center",
+            va="center",
+            color="white" if share[i, j] > 0.6 else "black",
+            fontsize=9,
         )
     ax.set_xticks(range(len(labels)), labels=labels, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels=labels)

@@ -92,7 +92,9 @@ def load_labelled(
         sink = QuarantineWriter(target)
     wanted = [d.text_column, d.label_column, d.id_column, d.lang_column]
     validator = RowValidator(
-        RowRules(text_column=d.text_column, id_column=d.id_column, label_column=d.label_column, labels=labels, label_map=d.label_map),
+        RowRules(
+            text_column=d.text_column, id_column=d.id_column, label_column=d.label_column, labels=labels, label_map=d.label_map
+        ),
         id_index=IdIndex(),
     )
     out: dict[str, list[Any]] = {k: [] for k in ("sentence", "label", "ID", "lang", "source_file", "source_row")}
@@ -114,7 +116,11 @@ def load_labelled(
                     has_id, has_lang = has_id or file_has_id, has_lang or file_has_lang
                     first = False
                 if digest is not None:
-                    digest.update(json.dumps({c: chunk.column_values(c) for c in wanted if c in chunk.columns}, sort_keys=True, default=str).encode())
+                    digest.update(
+                        json.dumps(
+                            {c: chunk.column_values(c) for c in wanted if c in chunk.columns}, sort_keys=True, default=str
+                        ).encode()
+                    )
                 checked = validator.validate(chunk, has_ids=file_has_id)
                 total += len(chunk)
                 if checked.quarantined:
@@ -324,8 +330,12 @@ def build_train_dataset(cfg: ExperimentConfig, table, tokenizer, template, label
     budget = cfg.model.max_seq_length - completion_token_budget(tokenizer, template, labels)
     prompts, _, truncated = fit_prompts(tokenizer, template, table.column("sentence").to_pylist(), budget)
     if truncated.any():
-        log.warning("%d of %d training sentences were cut to fit model.max_seq_length=%d",
-                    int(truncated.sum()), len(prompts), cfg.model.max_seq_length)
+        log.warning(
+            "%d of %d training sentences were cut to fit model.max_seq_length=%d",
+            int(truncated.sum()),
+            len(prompts),
+            cfg.model.max_seq_length,
+        )
     eos = tokenizer.eos_token
     completions = [template.completion(label, eos) for label in table.column("label").to_pylist()]
     if cfg.train.loss_on == "completion":

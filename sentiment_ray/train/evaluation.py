@@ -28,8 +28,11 @@ def evaluate_scores(table, scores: ScoreResult, labels: LabelSet) -> dict:
     token counts) of scores of a validation table."""
     langs = table.column("lang").to_pylist() if "lang" in table.column_names else None
     report = evaluate_predictions(
-        table.column("label").to_pylist(), scores.predicted(), labels,
-        confidence=scores.confidence().tolist(), langs=langs,
+        table.column("label").to_pylist(),
+        scores.predicted(),
+        labels,
+        confidence=scores.confidence().tolist(),
+        langs=langs,
     )
     report["truncated"] = int(scores.truncated.sum())
     report["prompt_tokens"] = scores.prompt_tokens
@@ -77,8 +80,13 @@ def data_profile(train, validation) -> dict:
             return table.column("lang").to_pylist()
         return languages.detect(table.column("sentence").to_pylist())
 
-    return languages.data_profile(langs(train), train.column("label").to_pylist(), langs(validation),
-                                  validation.column("label").to_pylist(), detected=not has_lang)
+    return languages.data_profile(
+        langs(train),
+        train.column("label").to_pylist(),
+        langs(validation),
+        validation.column("label").to_pylist(),
+        detected=not has_lang,
+    )
 
 
 def predictions_table(table, scores: ScoreResult, calibrated: ScoreResult | None = None):
@@ -115,11 +123,15 @@ def language_drop_likelihoods(table, before: list, after: list, labels: LabelSet
     out = {}
     for lang, rows in by_lang.items():
         rows = [i for i in rows if gold[i] is not None]
-        out[lang] = macro_f1_drop_likelihood([gold[i] for i in rows], [before[i] for i in rows], [after[i] for i in rows], list(labels))
+        out[lang] = macro_f1_drop_likelihood(
+            [gold[i] for i in rows], [before[i] for i in rows], [after[i] for i in rows], list(labels)
+        )
     return out
 
 
-def language_changes(zero_shot: dict | None, fine_tuned: dict | None, drop_likelihood: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def language_changes(
+    zero_shot: dict | None, fine_tuned: dict | None, drop_likelihood: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """Per language: zero-shot and fine-tuned macro-F1, the change, how sure a drop is
     (`drop_likelihood`, when the zero-shot predictions were kept), and the verdict: `worse`
     (lower, and the rows support it), `lower, within noise`, or `not worse`. Empty without both
@@ -132,17 +144,25 @@ def language_changes(zero_shot: dict | None, fine_tuned: dict | None, drop_likel
         sure = (drop_likelihood or {}).get(lang)
         lower = f < z - WORSE_BY_MORE_THAN
         worse = lower and (sure is None or sure >= SURE_DROP)
-        rows.append({
-            "lang": lang, "n": after[lang]["n"], "zero_shot_macro_f1": z, "fine_tuned_macro_f1": f,
-            "change": round(f - z, 6), "drop_likelihood": None if sure is None else round(sure, 3), "worse": worse,
-            "verdict": "worse" if worse else "lower, within noise" if lower else "not worse",
-        })
+        rows.append(
+            {
+                "lang": lang,
+                "n": after[lang]["n"],
+                "zero_shot_macro_f1": z,
+                "fine_tuned_macro_f1": f,
+                "change": round(f - z, 6),
+                "drop_likelihood": None if sure is None else round(sure, 3),
+                "worse": worse,
+                "verdict": "worse" if worse else "lower, within noise" if lower else "not worse",
+            }
+        )
     return rows
 
 
 def worse_languages_line(changes: list[dict[str, Any]]) -> str | None:
     """One line naming the languages fine-tuning made worse, and those lower by an amount
     their validation rows cannot tell from noise; None when there are neither."""
+
     def shown(c: dict) -> str:
         sure = f", lower in {c['drop_likelihood']:.0%} of resamples" if c.get("drop_likelihood") is not None else ""
         return f"{c['lang']} {c['zero_shot_macro_f1']:.3f} -> {c['fine_tuned_macro_f1']:.3f} ({c['n']} rows{sure})"
@@ -153,8 +173,10 @@ def worse_languages_line(changes: list[dict[str, Any]]) -> str | None:
     if worse:
         parts.append(f"fine-tuning lowered the validation macro-F1 of {len(worse)} language(s): {', '.join(map(shown, worse))}")
     if unsure:
-        parts.append(f"lower, but within what the validation rows can tell: {', '.join(map(shown, unsure))}; "
-                     "hold out more rows of it (data.validation_fraction, data.max_validation_rows) to know")
+        parts.append(
+            f"lower, but within what the validation rows can tell: {', '.join(map(shown, unsure))}; "
+            "hold out more rows of it (data.validation_fraction, data.max_validation_rows) to know"
+        )
     return "; ".join(parts) or None
 
 

@@ -35,7 +35,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from sentiment_ray import rerun
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.files import expand_paths, fingerprint
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.train import layout
@@ -44,18 +46,35 @@ DEFINITION_VERSION = 1
 # Sections that take part, and within them the fields that may change on resume.
 SECTIONS = ("model", "lora", "prompt", "data", "train", "run")
 RESUMABLE = {
-    "model": {"allow_unsafe_weights"},
+    "model": {"allow_unsafe_weights", "allow_base_mismatch"},
     "lora": {"gradient_checkpointing"},
     "data": {"train_path", "validation_path", "quarantine_path"},
-    "train": {"max_steps", "eval_steps", "save_steps", "logging_steps", "eval_batch_size", "zero_shot_eval",
-              "per_device_train_batch_size", "gradient_accumulation_steps", "micro_batch_size"},
-    "run": {"name", "storage_path", "use_gpu", "cpus_per_worker", "max_failures", "checkpoints_to_keep", "ray_address",
-            "num_workers"},
+    "train": {
+        "max_steps",
+        "eval_steps",
+        "save_steps",
+        "logging_steps",
+        "eval_batch_size",
+        "zero_shot_eval",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "micro_batch_size",
+    },
+    "run": {
+        "name",
+        "storage_path",
+        "use_gpu",
+        "cpus_per_worker",
+        "max_failures",
+        "checkpoints_to_keep",
+        "ray_address",
+        "num_workers",
+    },
 }
 GLOBAL_BATCH = "train.global_batch_size"  # run.num_workers x per_device_train_batch_size x gradient_accumulation_steps
 
 
-class RunChanged(RuntimeError):
+class RunChanged(UserError, RuntimeError):
     """A rerun would resume a run whose definition differs (or was never recorded)."""
 
 
@@ -110,8 +129,7 @@ def check_or_record(cfg: ExperimentConfig, run: Storage) -> dict[str, Any]:
                 "what it was trained with is unknown; start over with --new-run, or choose another run.name"
             )
         before = recorded.get("definition", {})
-        changed = sorted(k for k in set(before) | set(definition) if before.get(k) != definition.get(k))
-        problems = [f"{_name(k)} ({_show(before.get(k))} -> {_show(definition.get(k))})" for k in changed]
+        problems = rerun.changes(before, definition, name=_name)
         if max_steps < int(recorded.get("max_steps", 0)):
             problems.append(f"train.max_steps ({recorded['max_steps']} -> {max_steps}: it may only grow on resume)")
         if problems:
@@ -131,11 +149,6 @@ def _name(key: str) -> str:
     if key == GLOBAL_BATCH:
         return f"{key} (run.num_workers x train.per_device_train_batch_size x train.gradient_accumulation_steps)"
     return key
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _now() -> str:

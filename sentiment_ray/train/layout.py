@@ -1,19 +1,19 @@
 """The files of a training run: the one place that names them.
 
-    <run.storage_path>/<run.name>/
-        adapter/                        LoRA adapter + tokenizer + calibration.json (the temperature)
-        metrics.json                    zero-shot and fine-tuned validation metrics, training stats
-        manifest.json                   config, package versions, data fingerprint, backend, device
-        validation_predictions.parquet  per-row label probabilities of the fine-tuned model
-        report.html                     zero-shot vs fine-tuned, per language, calibration
-        quarantine.jsonl                rows skipped by data.on_bad_rows=skip (training source)
-        quarantine-validation.jsonl     the same for a separate validation source
-        checkpoint_<step>/              Ray Train's checkpoints (each an HF Trainer checkpoint
-                                        plus sentiment_ray_state.json)
-        run_definition.json             what defines the run (train/fingerprint.py), checked on resume
-        _lock.json                      the lock of the job writing the folder (io/lease.py)
-        logs/train-<date>.log           one per `jobs/train.py` run: everything Ray and the
-                                        workers printed (the terminal shows a summary)
+<run.storage_path>/<run.name>/
+    adapter/                        LoRA adapter + tokenizer + calibration.json (the temperature)
+    metrics.json                    zero-shot and fine-tuned validation metrics, training stats
+    manifest.json                   config, package versions, data fingerprint, backend, device
+    validation_predictions.parquet  per-row label probabilities of the fine-tuned model
+    report.html                     zero-shot vs fine-tuned, per language, calibration
+    quarantine.jsonl                rows skipped by data.on_bad_rows=skip (training source)
+    quarantine-validation.jsonl     the same for a separate validation source
+    checkpoint_<step>/              Ray Train's checkpoints (each an HF Trainer checkpoint
+                                    plus sentiment_ray_state.json)
+    run_definition.json             what defines the run (train/fingerprint.py), checked on resume
+    _lock.json                      the lock of the job writing the folder (io/lease.py)
+    logs/train-<date>.log           one per `jobs/train.py` run: everything Ray and the
+                                    workers printed (the terminal shows a summary)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ scoring that the report callback (train/trainer.py) then does. It reports from r
 
 from __future__ import annotations
 
-from sentiment_ray.console import WorkerEvents
+from sentiment_ray.terminal.console import WorkerEvents
 
 
 def progress_callback(events: WorkerEvents, *, checkpoint_every: int, validation_rows: int, eval_steps: int = 0):

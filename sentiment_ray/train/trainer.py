@@ -24,6 +24,7 @@ from sentiment_ray import compat
 from sentiment_ray.backends.base import gradient_checkpointing_for, resolve_dtype, train_lora_in_float32, trainable_dtypes
 from sentiment_ray.bench.flops import ModelShape
 from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.io.storage import local_atomic_dir
 from sentiment_ray.train import batching, layout
 from sentiment_ray.train.evaluation import evaluate_split, flat_validation_metrics
 
@@ -38,6 +39,7 @@ _CUDA_ONLY_OPTIMIZER_MARKERS = ("8bit", "paged", "bnb")
 
 class CheckpointError(RuntimeError):
     pass
+
 
 # ---------------------------------------------------------------------------- trainer config
 
@@ -100,13 +102,17 @@ def plan_batches(cfg: ExperimentConfig, model, device, backend_name: str) -> bat
         agreed = torch.tensor([micro], device=device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         micro = int(agreed.item())
-    log.info("micro-batch %d x %d accumulation steps per optimizer step: %.1f GiB free for activations, "
-             "%.2f GiB per row (estimated)", micro, batching.worker_share(cfg.train) // micro, budget / 2**30, per_row / 2**30)
+    log.info(
+        "micro-batch %d x %d accumulation steps per optimizer step: %.1f GiB free for activations, %.2f GiB per row (estimated)",
+        micro,
+        batching.worker_share(cfg.train) // micro,
+        budget / 2**30,
+        per_row / 2**30,
+    )
     return batching.cut(cfg.train, micro, "memory")
 
 
-def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int,
-                     batches: batching.BatchPlan | None = None):
+def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size: int, batches: batching.BatchPlan | None = None):
     """TRL SFTConfig from cfg.train (and model.max_seq_length); micro-batches and gradient
     accumulation from `batches` (plan_batches), else as the config fixes them (on a GPU,
     `train.micro_batch_size: auto` needs a plan)."""
@@ -127,8 +133,7 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
         # per-sequence (block-diagonal) causal mask from such position_ids (masking_utils.
         # find_packed_sequence_indices) when no KV cache is passed, as in training (the
         # trainer forwards with use_cache=False); tests/integration/test_train.py checks packed == padded loss.
-        log.info("padding-free rows with %s attention: per-sequence masks come from position_ids",
-                 cfg.model.attn_implementation)
+        log.info("padding-free rows with %s attention: per-sequence masks come from position_ids", cfg.model.attn_implementation)
     return SFTConfig(
         output_dir=output_dir,
         max_steps=t.max_steps,
@@ -185,15 +190,16 @@ def build_sft_config(cfg: ExperimentConfig, device, output_dir: str, world_size:
 def restore_checkpoint(checkpoint, output_dir: str) -> tuple[str, dict]:
     """Download a Ray checkpoint (an HF Trainer checkpoint folder) into the trainer's
     output dir as `checkpoint-<step>`; return (its path, the run state saved with it)."""
-    tmp = os.path.join(output_dir, "restoring")
-    checkpoint.to_directory(tmp)
-    trainer_state = os.path.join(tmp, "trainer_state.json")
-    if not os.path.isfile(trainer_state):
-        raise CheckpointError(f"checkpoint {checkpoint.path} has no trainer_state.json: not an HF Trainer checkpoint")
-    with open(trainer_state, encoding="utf-8") as f:
-        step = int(json.load(f)["global_step"])
-    target = os.path.join(output_dir, f"checkpoint-{step}")
-    os.replace(tmp, target)
+    # Downloaded beside its final name, which the step inside it decides: the HF Trainer
+    # never sees a half-downloaded checkpoint-<step>.
+    with local_atomic_dir(os.path.join(output_dir, "restoring")) as stage:
+        checkpoint.to_directory(str(stage.path))
+        trainer_state = stage.path / "trainer_state.json"
+        if not trainer_state.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint.path} has no trainer_state.json: not an HF Trainer checkpoint")
+        step = int(json.loads(trainer_state.read_text(encoding="utf-8"))["global_step"])
+        stage.target = stage.target.with_name(f"checkpoint-{step}")
+    target = str(stage.target)
     state = {}
     state_file = os.path.join(target, layout.RUN_STATE_FILE)
     if os.path.isfile(state_file):
@@ -268,7 +274,9 @@ def _make_report_callback_class():
             if dist.is_available() and dist.is_initialized():
                 import torch
 
-                flag = torch.tensor([1 if stop else 0], device="cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu")
+                flag = torch.tensor(
+                    [1 if stop else 0], device="cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+                )
                 dist.broadcast(flag, src=0)
                 stop = bool(flag.item())
             return stop
@@ -295,7 +303,9 @@ def _make_report_callback_class():
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.fail_at_step is not None and state.global_step == self.fail_at_step:
-                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: test-injected failure after step {state.global_step}")
+                raise RuntimeError(
+                    f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: test-injected failure after step {state.global_step}"
+                )
             if not self._eval_due(state):
                 return control
             if self.scorer is not None:
@@ -320,7 +330,9 @@ def _make_report_callback_class():
                 with open(os.path.join(folder, layout.RUN_STATE_FILE), "w", encoding="utf-8") as f:
                     json.dump(self.run_state, f)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(self._metrics(state), checkpoint=checkpoint, checkpoint_dir_name=layout.checkpoint_dir_name(state.global_step))
+            ray.train.report(
+                self._metrics(state), checkpoint=checkpoint, checkpoint_dir_name=layout.checkpoint_dir_name(state.global_step)
+            )
             return control
 
     return _RayReportCallback
@@ -459,4 +471,3 @@ def report_callback_class():
     if _REPORT_CALLBACK_CLASS is None:
         _REPORT_CALLBACK_CLASS = _make_report_callback_class()
     return _REPORT_CALLBACK_CLASS
-

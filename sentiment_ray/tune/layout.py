@@ -1,18 +1,18 @@
 """The files of a tune experiment: the one place that names them.
 
-    <run.storage_path>/<tune.experiment_name>/
-        experiment_state-*.json, tuner.pkl, trial_<id>/   Ray Tune's state and per-trial logs
-        train_runs/trial_<id>/                             each trial's Ray Train run (train/layout.py)
-        trial_histories/<id>.jsonl                         every report of each trial, all attempts
-        scheduler_state.json                               ASHA's rungs (restored on resume)
-        sentiment_ray_tune.json                            the experiment's config (resume check)
-        _lock.json                                         the running job's lock (io/lease.py)
-        trials.csv, trials.parquet                         one row per trial
-        metric_vs_step.png                                 the metric of every trial by step
-        report.html                                        trial curves + table
-        mlflow/                                            MLflow store, when tracking
-        best/                                              the best trial's adapter/, metrics.json,
-                                                           manifest.json, config.yaml, trial.json
+<run.storage_path>/<tune.experiment_name>/
+    experiment_state-*.json, tuner.pkl, trial_<id>/   Ray Tune's state and per-trial logs
+    train_runs/trial_<id>/                             each trial's Ray Train run (train/layout.py)
+    trial_histories/<id>.jsonl                         every report of each trial, all attempts
+    scheduler_state.json                               ASHA's rungs (restored on resume)
+    sentiment_ray_tune.json                            the experiment's config (resume check)
+    _lock.json                                         the running job's lock (io/lease.py)
+    trials.csv, trials.parquet                         one row per trial
+    metric_vs_step.png                                 the metric of every trial by step
+    report.html                                        trial curves + table
+    mlflow/                                            MLflow store, when tracking
+    best/                                              the best trial's adapter/, metrics.json,
+                                                       manifest.json, config.yaml, trial.json
 """
 
 from __future__ import annotations

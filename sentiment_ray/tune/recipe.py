@@ -42,13 +42,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
-from typing import Any
 
-from sentiment_ray import cluster, tracking
+from sentiment_ray import cluster, rerun, tracking
 from sentiment_ray.config import ConfigError, ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.lease import Lease
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.report import html, plots
@@ -68,11 +66,9 @@ TRIAL_DRIVER_CPUS = 0.01
 _EXPERIMENT_SECTIONS = ("model", "lora", "prompt", "data", "train", "tune")
 # Reports per trial (of the shortest max_steps) when train.eval_steps is 0.
 DEFAULT_REPORTS_PER_TRIAL = 4
-# Metrics every report of the training worker carries (train.py's report callback).
-REPORTED_METRICS = {"val_macro_f1": "max", "val_accuracy": "max", "val_ece": "min", "train_loss": "min"}
 
 
-class TuneError(RuntimeError):
+class TuneError(UserError, RuntimeError):
     pass
 
 
@@ -94,20 +90,19 @@ def trial_dirname(trial) -> str:
 def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, dict]]:
     """Validate a config for tuning; return (the config trials start from, the search space).
 
-    Checks: the search space (search_space.validate_search_space), a validation split
-    (every report must carry the metric), a metric the worker reports with a matching mode.
+    The config's own validation (TuneConfig) checked the search space's shape and the
+    metric; here: a search space to tune, a validation split (every report must carry the
+    metric), and every value the space can produce (search_space.validate_search_space).
     Sets the reporting cadence: `train.eval_steps`, or (0) the shortest possible
     `train.max_steps` // DEFAULT_REPORTS_PER_TRIAL; and `train.save_steps` to it
     (checkpoints at the reporting cadence)."""
-    t = cfg.tune
-    if not t.search_space:
+    if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: add at least one field to search")
-    if t.metric not in REPORTED_METRICS:
-        raise ConfigError(f"tune.metric={t.metric!r}: the training worker reports {', '.join(REPORTED_METRICS)}")
-    if t.mode != REPORTED_METRICS[t.metric]:
-        raise ConfigError(f"tune.metric={t.metric} is {'higher' if REPORTED_METRICS[t.metric] == 'max' else 'lower'}-is-better: set tune.mode={REPORTED_METRICS[t.metric]}")
-    if not cfg.data.validation_path and cfg.data.validation_fraction <= 0:
-        raise ConfigError("tuning needs a validation split: set data.validation_path or data.validation_fraction > 0")
+    d = cfg.data
+    if not d.validation_path and d.validation_dataset is None and d.validation_fraction <= 0:
+        raise ConfigError(
+            "tuning needs a validation split: set data.validation_path, data.validation_dataset or data.validation_fraction > 0"
+        )
     space = ss.validate_search_space(cfg)
     cfg = cfg.model_copy(deep=True)
     if cfg.train.eval_steps <= 0:
@@ -153,16 +148,12 @@ def check_experiment_state(exp_path: str, cfg: ExperimentConfig) -> bool:
     current = _experiment_fingerprint(cfg)
     previous = experiment.read_json_or_none(layout.STATE_FILE)
     if previous is not None:
-        changed = sorted(
-            f"{section}.{key}"
-            for section in _EXPERIMENT_SECTIONS
-            for key in set(previous["config"].get(section, {})) | set(current.get(section, {}))
-            if previous["config"].get(section, {}).get(key) != current.get(section, {}).get(key)
-        )
+        recorded = {section: previous["config"].get(section, {}) for section in _EXPERIMENT_SECTIONS}
+        changed = rerun.changes(recorded, current)
         if changed:
             raise TuneError(
-                f"{exp_path} holds an experiment started with a different config ({', '.join(changed)} differ); "
-                "rerun with the original config to resume it, or choose another tune.experiment_name"
+                f"{exp_path} holds an experiment started with a different config: {'; '.join(changed)}. "
+                "Rerun with the original config to resume it, or choose another tune.experiment_name"
             )
         return True
     experiment.write_json(layout.STATE_FILE, {"config": current, "created": time.time()})
@@ -216,7 +207,7 @@ def finished_run_report(run_dir: str, max_steps: int) -> dict | None:
 
 def run_tune(cfg: ExperimentConfig, *, num_cpus: int | None = None) -> dict:
     """Run (or resume) the experiment of `cfg.tune`, then write its report and promote the
-    best adapter. Returns the summary of `finalize` (jobs/tune.py prints `summary_line`).
+    best adapter. Returns the summary of `finalize` (the tune job prints `json_summary` of it).
     `num_cpus`: logical CPUs of a local cluster this call starts (ignored when joining one)."""
     import ray
 
@@ -271,9 +262,7 @@ def _fit(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, concurren
     restoring = tune.Tuner.can_restore(exp_path)
     log.info("%s experiment %s (%d concurrent trials)", "resuming" if restoring else "starting", exp_path, concurrency)
     if restoring:
-        tuner = tune.Tuner.restore(
-            exp_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
-        )
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space)
     else:
         if existed:
             log.info("%s has no Tune state yet (the driver died before Tune saved any); starting it", exp_path)
@@ -313,16 +302,16 @@ def finalize(cfg: ExperimentConfig, space: dict[str, dict], exp_path: str, *, st
     rows = results.trial_rows(records, metric, mode, list(space))
     best = results.best_row(rows, metric, mode)
     best_id = best["trial_id"] if best else None
-    with tempfile.TemporaryDirectory(prefix="sentiment-ray-tune-") as tmp:
-        results.write_table(rows, os.path.join(tmp, layout.TABLE_CSV), os.path.join(tmp, layout.TABLE_PARQUET))
-        png = plots.render_metric_plot(records, metric, title=f"{cfg.tune.experiment_name}: {metric} by step", best_id=best_id)
-        with open(os.path.join(tmp, layout.PLOT_FILE), "wb") as f:
-            f.write(png)
-        page = html.tune_report_html(records, rows, metric=metric, mode=mode, best=best, title=f"Tune experiment {cfg.tune.experiment_name}")
-        with open(os.path.join(tmp, layout.REPORT_FILE), "w", encoding="utf-8") as f:
-            f.write(page)
-        Storage(exp_path).upload_dir(tmp)
-        tracking.finish_tune(cfg, exp_path, tmp, metric=metric, best=best, trials=len(rows))
+    experiment = Storage(exp_path)
+    results.write_table(rows, experiment, layout.TABLE_CSV, layout.TABLE_PARQUET)
+    png = plots.render_metric_plot(records, metric, title=f"{cfg.tune.experiment_name}: {metric} by step", best_id=best_id)
+    experiment.write_bytes(layout.PLOT_FILE, png)
+    page = html.tune_report_html(
+        records, rows, metric=metric, mode=mode, best=best, title=f"Tune experiment {cfg.tune.experiment_name}"
+    )
+    experiment.write_text(layout.REPORT_FILE, page)
+    report_files = (layout.TABLE_CSV, layout.TABLE_PARQUET, layout.PLOT_FILE, layout.REPORT_FILE)
+    tracking.finish_tune(cfg, exp_path, experiment, report_files, metric=metric, best=best, trials=len(rows))
     print(results.format_table(rows, best_id=best_id), flush=True)
     best_dir = None
     if best is not None:
@@ -446,13 +435,22 @@ def promote_best(exp_path: str, record: dict, row: dict, metric: str) -> str:
     return experiment.path(layout.BEST_DIR)
 
 
-def summary_line(summary: dict) -> str:
-    """The one JSON line jobs/tune.py ends with."""
-    keep = ("experiment", "best_trial", "best_config", "metric", "best_metric", "best_dir", "trials", "outcomes", "table", "plot")
-    return json.dumps({k: summary.get(k) for k in keep}, default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
+def json_summary(summary: dict) -> dict:
+    """What the tune job's JSON line holds (a metric that is not a finite number: null)."""
+    keep = (
+        "experiment",
+        "best_trial",
+        "best_config",
+        "metric",
+        "best_metric",
+        "best_dir",
+        "trials",
+        "outcomes",
+        "table",
+        "plot",
+        "report",
+    )
+    shown = {k: summary.get(k) for k in keep}
+    if isinstance(shown["best_metric"], float) and not math.isfinite(shown["best_metric"]):
+        shown["best_metric"] = None
+    return shown

@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
+
+from sentiment_ray.io.storage import Storage
 
 OUTCOMES = ("completed", "stopped_by_scheduler", "error", "unfinished")
 
@@ -176,14 +179,16 @@ def to_arrow(rows: list[dict]):
     return pa.table(arrays)
 
 
-def write_table(rows: list[dict], csv_path: str, parquet_path: str) -> None:
-    """The trials table as CSV and Parquet (local paths)."""
+def write_table(rows: list[dict], folder: Storage, csv_name: str, parquet_name: str) -> None:
+    """The trials table as CSV and Parquet in `folder`, each file whole or not at all."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     table = to_arrow(rows)
-    pacsv.write_csv(table, csv_path)
-    pq.write_table(table, parquet_path)
+    with folder.atomic_writer(csv_name) as out:
+        pacsv.write_csv(table, out)
+    with folder.atomic_writer(parquet_name) as out:
+        pq.write_table(table, out)
 
 
 def _fmt(value: Any) -> str:

@@ -32,25 +32,20 @@ import copy
 import math
 from typing import Any
 
-from pydantic import BaseModel
+from sentiment_ray.config import (
+    NOT_SEARCHABLE,
+    SEARCH_DOMAIN_TYPES,
+    SEARCHABLE_SECTIONS,
+    ConfigError,
+    ExperimentConfig,
+    check_search_space_shape,
+    field_exists,
+    validate,
+)
 
-from sentiment_ray.config import ConfigError, ExperimentConfig, validate
+__all__ = ["NOT_SEARCHABLE", "SEARCH_DOMAIN_TYPES", "SEARCHABLE_SECTIONS", "field_exists"]
 
-DOMAIN_TYPES = ("loguniform", "uniform", "choice", "randint", "ratio_of")
-SEARCHABLE_SECTIONS = ("model", "lora", "prompt", "data", "train")
-NOT_SEARCHABLE = {
-    "train.eval_steps": "it is the reporting cadence: all trials report at the same steps for ASHA to compare them",
-    "train.save_steps": "checkpoints follow the reporting cadence (train.eval_steps) in a tune experiment",
-}
 RATIO_SUFFIX = ":ratio"
-
-_REQUIRED_KEYS = {
-    "loguniform": {"lower", "upper"},
-    "uniform": {"lower", "upper"},
-    "choice": {"values"},
-    "randint": {"lower", "upper"},
-    "ratio_of": {"field", "values"},
-}
 
 
 def ratio_key(field: str) -> str:
@@ -59,24 +54,6 @@ def ratio_key(field: str) -> str:
 
 
 # ----------------------------------------------------------------------------- schema
-
-
-def field_exists(field: str) -> bool:
-    """Whether a dotted path names a leaf field of ExperimentConfig (`train.learning_rate`)."""
-    model: type[BaseModel] = ExperimentConfig
-    parts = field.split(".")
-    for i, part in enumerate(parts):
-        info = model.model_fields.get(part)
-        if info is None:
-            return False
-        annotation = info.annotation
-        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        if i == len(parts) - 1:
-            return not is_section
-        if not is_section:
-            return False
-        model = annotation
-    return False
 
 
 def get_path(raw: dict, field: str) -> Any:
@@ -92,42 +69,6 @@ def set_path(raw: dict, field: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_entry(field: str, entry: Any) -> None:
-    where = f"tune.search_space.{field}"
-    if not isinstance(entry, dict):
-        raise ConfigError(f"{where}: expected a mapping like {{type: choice, values: [...]}}, got {entry!r}")
-    kind = entry.get("type")
-    if kind not in DOMAIN_TYPES:
-        raise ConfigError(f"{where}: type must be one of {', '.join(DOMAIN_TYPES)}, got {kind!r}")
-    keys = set(entry) - {"type"}
-    missing = _REQUIRED_KEYS[kind] - keys
-    extra = keys - _REQUIRED_KEYS[kind]
-    if missing:
-        raise ConfigError(f"{where}: type {kind} needs {', '.join(sorted(missing))}")
-    if extra:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(extra))} for type {kind}")
-    if kind in ("choice", "ratio_of"):
-        values = entry["values"]
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}: values must be a non-empty list, got {values!r}")
-        if kind == "ratio_of" and not all(_is_number(v) and v > 0 for v in values):
-            raise ConfigError(f"{where}: ratio values must be positive numbers, got {values!r}")
-    else:
-        lower, upper = entry["lower"], entry["upper"]
-        if not (_is_number(lower) and _is_number(upper)):
-            raise ConfigError(f"{where}: lower and upper must be numbers, got {lower!r}, {upper!r}")
-        if kind == "randint" and not (isinstance(lower, int) and isinstance(upper, int)):
-            raise ConfigError(f"{where}: randint bounds must be integers, got {lower!r}, {upper!r}")
-        if not lower < upper:
-            raise ConfigError(f"{where}: lower must be < upper (randint's upper is exclusive), got {lower!r}, {upper!r}")
-        if kind == "loguniform" and lower <= 0:
-            raise ConfigError(f"{where}: loguniform needs lower > 0, got {lower!r}")
 
 
 def _candidates(entry: dict) -> list[Any]:
@@ -149,28 +90,12 @@ def _candidates(entry: dict) -> list[Any]:
 def validate_search_space(cfg: ExperimentConfig) -> dict[str, dict]:
     """Check `cfg.tune.search_space` against the config schema; return it (a deep copy).
 
-    Every key must be a searchable leaf field, every entry a well-formed domain, and every
-    value a domain can produce must give a valid config (a float range on an int field,
-    a negative dropout, an unknown scheduler name... are errors here, not in a trial)."""
+    TuneConfig already checked its shape (searchable leaf fields, well-formed domains); here
+    every value a domain can produce must give a valid config (a float range on an int
+    field, a negative dropout, an unknown scheduler name... are errors here, not in a trial)."""
     space = copy.deepcopy(cfg.tune.search_space)
     base = cfg.model_dump(mode="json")
-    for field, entry in space.items():
-        if field in NOT_SEARCHABLE:
-            raise ConfigError(f"tune.search_space.{field}: cannot be searched: {NOT_SEARCHABLE[field]}")
-        section = field.split(".", 1)[0]
-        if section not in SEARCHABLE_SECTIONS:
-            raise ConfigError(
-                f"tune.search_space.{field}: only fields under {', '.join(SEARCHABLE_SECTIONS)} can be searched"
-            )
-        if not field_exists(field):
-            raise ConfigError(f"tune.search_space.{field}: no such config field")
-        _check_entry(field, entry)
-        if entry["type"] == "ratio_of":
-            source = entry["field"]
-            if not isinstance(source, str) or not field_exists(source):
-                raise ConfigError(f"tune.search_space.{field}: ratio_of field {source!r} is not a config field")
-            if source == field or space.get(source, {}).get("type") == "ratio_of":
-                raise ConfigError(f"tune.search_space.{field}: ratio_of must refer to a field that is not itself a ratio")
+    check_search_space_shape(space)  # TuneConfig checked it; a config built without validation too
     # Values: each candidate of each domain, the others at the base config's values
     # (ratio_of against every candidate of its source).
     for field, entry in space.items():

@@ -21,11 +21,30 @@ DEMO_CSV = REPO_ROOT / "data" / "demo" / "sentiment_demo.csv"
 def test_adapter_forms_label_the_demo_sample_alike(demo_model_dir, tmp_path):
     done = subprocess.run(
         [
-            sys.executable, "jobs/benchmark.py", "label", "--model", "smollm2-135m-instruct", "--config", "demo",
-            "--adapter", "random", "--forms", "unmerged,fused,merged,merged+compiled", "--data", str(DEMO_CSV),
-            "--n", "4000", "--token-budgets", "32768", "--out", str(tmp_path),
+            sys.executable,
+            "jobs/benchmark.py",
+            "label",
+            "--model",
+            "smollm2-135m-instruct",
+            "--config",
+            "demo",
+            "--adapter",
+            "random",
+            "--forms",
+            "unmerged,fused,merged,merged+compiled",
+            "--data",
+            str(DEMO_CSV),
+            "--n",
+            "4000",
+            "--token-budgets",
+            "32768",
+            "--out",
+            str(tmp_path),
         ],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     print(done.stdout[-3000:])

@@ -68,9 +68,12 @@ def _run(args: list[str]) -> str:
 def test_unsloth_merged_16bit_export_loads_in_plain_transformers(demo_model_dir, tmp_path):
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     _run(["-c", MAKE_ADAPTER, demo_model_dir, str(adapter)])
-    line = _run(["jobs/export.py", "--config", "demo", "model.backend=unsloth", "--adapter", str(adapter), "--output", str(merged)])
+    line = _run(
+        ["jobs/export.py", "--config", "demo", "model.backend=unsloth", "--adapter", str(adapter), "--output", str(merged)]
+    )
     summary = json.loads(line.strip().splitlines()[-1])
-    assert summary["backend"] == "unsloth" and (merged / "config.json").is_file()
+    assert summary["backend"] == "unsloth"
+    assert (merged / "config.json").is_file()
     assert not (merged / "adapter_config.json").exists()
     reference = np.array(json.loads(_run(["-c", SCORE, "-", str(adapter)]).strip().splitlines()[-1]))
     exported = np.array(json.loads(_run(["-c", SCORE, str(merged)]).strip().splitlines()[-1]))

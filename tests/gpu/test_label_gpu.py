@@ -64,7 +64,8 @@ def _run(args: list[str], timeout: int = 900) -> dict:
 def test_bare_labeler_throughput_on_the_demo_model(demo_model_dir):
     result = _run([sys.executable, "-c", BENCH_SCRIPT, str(DEMO_CSV)])
     print("label throughput:", json.dumps(result))
-    assert result["rows"] == 4000 and result["max_prob_sum_error"] < 1e-3
+    assert result["rows"] == 4000
+    assert result["max_prob_sum_error"] < 1e-3
     assert result["tokens_per_s"] >= MIN_TOKENS_PER_S, result
 
 
@@ -72,15 +73,30 @@ def test_label_job_on_gpu_labels_every_id_once(demo_model_dir, tmp_path):
     out = tmp_path / "out"
     summary = _run(
         [
-            sys.executable, "jobs/label.py", "--config", "demo", "--input", str(DEMO_CSV), "--output", str(out),
-            "--rows-per-unit", "1000", "run.use_gpu=true", "label.write_submission=true",
+            sys.executable,
+            "jobs/label.py",
+            "--config",
+            "demo",
+            "--input",
+            str(DEMO_CSV),
+            "--output",
+            str(out),
+            "--rows-per-unit",
+            "1000",
+            "run.use_gpu=true",
+            "label.write_submission=true",
         ]
     )
-    print("label job:", json.dumps({k: summary[k] for k in ("rows", "rows_per_s", "prompt_tokens_per_s", "prompt_tokens_per_predict_s")}))
+    print(
+        "label job:",
+        json.dumps({k: summary[k] for k in ("rows", "rows_per_s", "prompt_tokens_per_s", "prompt_tokens_per_predict_s")}),
+    )
     ids = pacsv.read_csv(DEMO_CSV, convert_options=pacsv.ConvertOptions(include_columns=["ID"])).column("ID").to_pylist()
     table = pq.read_table(out / "predictions", columns=["ID", "p_Positive", "p_Negative"])
-    assert sorted(table.column("ID").to_pylist()) == sorted(ids) and table.num_rows == len(ids)
-    assert summary["units"]["total"] == 4 and summary["bad_rows"] == 0
+    assert sorted(table.column("ID").to_pylist()) == sorted(ids)
+    assert table.num_rows == len(ids)
+    assert summary["units"]["total"] == 4
+    assert summary["bad_rows"] == 0
     submission = (out / "submission.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in submission[1:]] == ids
     assert summary["metrics"]["n"] == len(ids)

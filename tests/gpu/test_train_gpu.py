@@ -43,7 +43,11 @@ def test_demo_finetune_on_gpu_beats_zero_shot(demo_model_dir, tmp_path):
     assert metrics["peak_gpu_memory_gb"] > 0
     assert metrics["train"]["optimizer"] == "adamw_8bit"  # bitsandbytes' 8-bit AdamW on CUDA
     manifest = json.loads((Path(result["run_dir"]) / "manifest.json").read_text())
-    assert manifest["worker_env"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    assert manifest["worker_env"] == {
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }
     assert (Path(result["adapter"]) / "adapter_config.json").is_file()
 
 
@@ -58,7 +62,8 @@ def test_gpu_run_resumes_after_an_injected_failure(demo_model_dir, tmp_path):
     finally:
         del os.environ[env_key]
     result = _train(tmp_path, *overrides)
-    assert result["resumed_from_step"] == 4 and result["steps"] == 8
+    assert result["resumed_from_step"] == 4
+    assert result["steps"] == 8
 
 
 def test_auto_gradient_checkpointing_follows_the_gpu_memory(demo_model_dir, tmp_path):
@@ -69,8 +74,10 @@ def test_auto_gradient_checkpointing_follows_the_gpu_memory(demo_model_dir, tmp_
     from sentiment_ray.backends.base import resolve_gradient_checkpointing
 
     expected = resolve_gradient_checkpointing("auto", torch.cuda.get_device_properties(0).total_memory / 2**30)
-    result = _train(tmp_path, "run.name=gpu-auto-gc", "lora.gradient_checkpointing=auto", "train.max_steps=6",
-                    "train.zero_shot_eval=false")
+    result = _train(
+        tmp_path, "run.name=gpu-auto-gc", "lora.gradient_checkpointing=auto", "train.max_steps=6", "train.zero_shot_eval=false"
+    )
     metrics = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
-    assert result["steps"] == 6 and metrics["train"]["gradient_checkpointing"] == expected
+    assert result["steps"] == 6
+    assert metrics["train"]["gradient_checkpointing"] == expected
     assert metrics["train"]["loss_last"] < metrics["train"]["loss_first"]

@@ -49,7 +49,11 @@ def test_tune_on_gpu(tiny_cfg, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "UNSLOTH_COMPILE_LOCATION")}
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "jobs" / "tune.py"), "--config", str(config_path)],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=1500,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=1500,
     )
     log = out.stdout + out.stderr
     (tmp_path / "tune.log").write_text(log)
@@ -57,7 +61,8 @@ def test_tune_on_gpu(tiny_cfg, tmp_path):
     assert out.stdout.strip().splitlines()[-1].startswith("{")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     exp = Path(summary["experiment"])
-    assert summary["trials"] == 2 and summary["best_dir"]
+    assert summary["trials"] == 2
+    assert summary["best_dir"]
 
     # One GPU per trial: as many trials at once as there are GPUs.
     assert f"({gpus} concurrent trials)" in log
@@ -80,4 +85,5 @@ def test_tune_on_gpu(tiny_cfg, tmp_path):
     best = exp / "best"
     assert (best / "adapter" / "adapter_config.json").is_file()
     info = json.loads((best / "trial.json").read_text())
-    assert info["trial_id"] == summary["best_trial"] and info["metric"] == "val_macro_f1"
+    assert info["trial_id"] == summary["best_trial"]
+    assert info["metric"] == "val_macro_f1"

@@ -92,20 +92,31 @@ def _run_unsloth(model_dir: str, tmp_path: Path) -> dict:
         pytest.skip("unsloth is not installed")
     script = tmp_path / "unsloth_check.py"
     script.write_text(UNSLOTH_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])), UNSLOTH_COMPILE_LOCATION=str(tmp_path / "unsloth_cache"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+        UNSLOTH_COMPILE_LOCATION=str(tmp_path / "unsloth_cache"),
+    )
     proc = subprocess.run(
         [sys.executable, str(script), model_dir, str(tmp_path / "adapter")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    assert lines, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
     return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _check(out: dict) -> None:
-    assert out["trainable_all_lora"] and out["base_frozen"]
+    assert out["trainable_all_lora"]
+    assert out["base_frozen"]
     assert out["adapted_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    assert out["has_4bit"] and out["device"].startswith("cuda")
+    assert out["has_4bit"]
+    assert out["device"].startswith("cuda")
     trained = np.array(out["trained_probs"])
     np.testing.assert_allclose(trained.sum(axis=1), 1.0, atol=1e-4)
     assert ((trained > 0) & (trained < 1)).all()
@@ -139,7 +150,8 @@ def test_hf_backend_qlora_on_gpu(tiny_cfg):
     model, tokenizer = get_backend("hf").load_for_training(tiny_cfg, "cuda")
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable
+    assert all("lora_" in n for n in trainable)
     batch = tokenizer(["I love it", "terrible"], return_tensors="pt", padding=True).to("cuda")
     model.train()
     model(**batch, labels=batch["input_ids"]).loss.backward()

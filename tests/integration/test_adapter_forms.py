@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from test_scoring import SENTENCES  # the same multilingual sentences
 
 
@@ -83,7 +82,9 @@ def test_a_forward_that_does_not_compile_falls_back_to_eager_with_one_warning(ti
         return forward
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(RuntimeWarning, match=r"did not compile \(RuntimeError: inductor: no C\+\+ compiler found\); scoring eagerly") as caught:
+    with pytest.warns(
+        RuntimeWarning, match=r"did not compile \(RuntimeError: inductor: no C\+\+ compiler found\); scoring eagerly"
+    ) as caught:
         labeler = _labeler(tiny_cfg, lora_adapter, compile="true")
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert labeler.scorer.compiled is False
@@ -116,5 +117,6 @@ def test_when_the_fused_forwards_fail_the_adapter_runs_as_peft_layers_with_one_w
     model, _ = HFBackend().load_for_inference(tiny_cfg, lora_adapter, "cpu")
     with pytest.warns(RuntimeWarning, match=r"could not fuse .*\(NotImplementedError: phi3\); labelling with peft's LoRA layers"):
         model, choice = prepare_adapter(CannotFuse(), model, "false", 2048)
-    assert choice.form == "unmerged" and "the fused forwards failed" in choice.reason
+    assert choice.form == "unmerged"
+    assert "the fused forwards failed" in choice.reason
     assert hasattr(model, "peft_config")

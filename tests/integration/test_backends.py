@@ -20,9 +20,7 @@ SENTENCES = ["great value, works perfectly", "broke after a day", "so-so", "Me e
 def scores(model, tokenizer, cfg) -> np.ndarray:
     from sentiment_ray.scoring import LabelScorer
 
-    scorer = LabelScorer(
-        model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels), 128, batch_size=4
-    )
+    scorer = LabelScorer(model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels), 128, batch_size=4)
     return scorer.score(SENTENCES).probs
 
 
@@ -61,9 +59,7 @@ def _run_with_fake_unsloth(tmp_path, body: str, env_extra: dict | None = None) -
     env = {k: v for k, v in os.environ.items() if k != "UNSLOTH_COMPILE_LOCATION"}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "fake"), repo])
     env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True, env=env, timeout=120
-    )
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_early_import_sets_per_process_compile_dir_before_importing_unsloth(tmp_path):
@@ -124,13 +120,16 @@ def test_hf_training_model_has_trainable_lora_and_frozen_base(tiny_cfg):
     assert tokenizer.pad_token is not None
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
-    assert all("lora_" not in n for n in frozen) and any("embed_tokens" in n for n in frozen)
+    assert trainable
+    assert all("lora_" in n for n in trainable)
+    assert all("lora_" not in n for n in frozen)
+    assert any("embed_tokens" in n for n in frozen)
     # Every requested projection got an adapter, in every layer.
     for module in tiny_cfg.lora.target_modules:
         assert sum(f".{module}.lora_A." in n for n in trainable) == 2, module
     assert model.peft_config["default"].r == tiny_cfg.lora.r
-    assert next(model.parameters()).dtype.is_floating_point and str(next(model.parameters()).dtype) == "torch.float32"
+    assert next(model.parameters()).dtype.is_floating_point
+    assert str(next(model.parameters()).dtype) == "torch.float32"
 
 
 def test_seeded_lora_init_depends_on_the_seed_and_names_only(tiny_cfg):
@@ -146,7 +145,8 @@ def test_seeded_lora_init_depends_on_the_seed_and_names_only(tiny_cfg):
     torch.rand(1000)
     b, _ = get_backend("hf").load_for_training(tiny_cfg, "cpu")
     lora_a = {n: p for n, p in a.named_parameters() if ".lora_A." in n}
-    assert lora_a and all(float(p.abs().max()) > 0 for p in lora_a.values())
+    assert lora_a
+    assert all(float(p.abs().max()) > 0 for p in lora_a.values())
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         if "lora_" in name:
             assert torch.equal(p, q), name
@@ -166,13 +166,21 @@ def test_hf_gradient_checkpointing_trains_only_lora(tiny_cfg):
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and torch.any(p.grad != 0)}
-    assert grads and all("lora_B" in n or "lora_A" in n for n in grads)
+    assert grads
+    assert all("lora_B" in n or "lora_A" in n for n in grads)
 
 
 @pytest.mark.parametrize(
     "setting, gib, expected",
-    [("auto", 79.2, "false"), ("auto", 40.0, "false"), ("auto", 23.6, "unsloth"), ("auto", None, "unsloth"),
-     ("unsloth", 79.2, "unsloth"), ("true", None, "true"), ("false", 8.0, "false")],
+    [
+        ("auto", 79.2, "false"),
+        ("auto", 40.0, "false"),
+        ("auto", 23.6, "unsloth"),
+        ("auto", None, "unsloth"),
+        ("unsloth", 79.2, "unsloth"),
+        ("true", None, "true"),
+        ("false", 8.0, "false"),
+    ],
 )
 def test_auto_gradient_checkpointing_is_off_only_on_big_gpus(setting, gib, expected):
     from sentiment_ray.backends.base import resolve_gradient_checkpointing
@@ -218,11 +226,13 @@ def test_hf_save_adapter_and_load_for_inference_give_identical_scores(tiny_cfg, 
 
     out = tmp_path / "adapter"
     backend.save_adapter(model, tokenizer, str(out))
-    assert (out / "adapter_config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "tokenizer_config.json").is_file()
     assert not (out / "model.safetensors").exists()  # adapter only, never the base weights
 
     loaded, loaded_tok = backend.load_for_inference(tiny_cfg, str(out), "cpu")
-    assert not loaded.training and loaded.config.use_cache
+    assert not loaded.training
+    assert loaded.config.use_cache
     np.testing.assert_allclose(scores(loaded, loaded_tok, tiny_cfg), trained_probs, atol=1e-6)
 
     bare, bare_tok = backend.load_for_inference(tiny_cfg, None, "cpu")

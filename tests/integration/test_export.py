@@ -1,4 +1,4 @@
-"""Export (sentiment_ray/export.py, `sentiment-ray export`): an adapter merged into the
+"""Export (sentiment_ray/export/, `sentiment-ray export`): an adapter merged into the
 tiny random Llama on CPU (hf backend, peft merge_and_unload) gives a plain HF folder that
 transformers loads without peft and that scores like base + adapter."""
 
@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_scoring import SENTENCES  # the same multilingual sentences
 
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
-
-from test_scoring import SENTENCES  # the same multilingual sentences
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,9 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -79,21 +80,43 @@ def test_export_float32_scores_like_base_plus_adapter(reference, adapter_dir, tm
     # What training saves with an adapter: its data profile and its calibration scores.
     from sentiment_ray import languages, risk
 
-    profile = languages.data_profile(["en"] * 8, ["Positive", "Negative"] * 4, ["en"] * 4, ["Positive", "Negative"] * 2, detected=False)
+    profile = languages.data_profile(
+        ["en"] * 8, ["Positive", "Negative"] * 4, ["en"] * 4, ["Positive", "Negative"] * 2, detected=False
+    )
     (Path(adapter_dir) / languages.PROFILE_FILE).write_text(json.dumps(profile))
     rng = np.random.default_rng(0)
     scores = risk.scores_record(rng.uniform(0.9, 1, 500), rng.uniform(size=500) < 0.99, temperature=1.0)
     (Path(adapter_dir) / risk.RISK_FILE).write_text(json.dumps(scores))
-    assert main(["export", "--config", str(config_path), "--adapter", adapter_dir, "--output", str(out), "--dtype", "float32", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--config",
+                str(config_path),
+                "--adapter",
+                adapter_dir,
+                "--output",
+                str(out),
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "tokenizer.json", "sentiment_ray_export.json"} <= files
     assert not any(name.startswith("adapter_") for name in files)  # a plain model, no peft files
     info = json.loads((out / "sentiment_ray_export.json").read_text())
-    assert info["backend"] == "hf" and info["dtype"] == "float32" and info["prompt"]["labels"] == ["Positive", "Negative"]
+    assert info["backend"] == "hf"
+    assert info["dtype"] == "float32"
+    assert info["prompt"]["labels"] == ["Positive", "Negative"]
     # The metadata says what the adapter knows and which thresholds its calibration rows certify.
     assert info["data_profile"] == profile
     assert info["risk_control"] == json.loads(json.dumps(risk.summary(scores)))
-    assert info["risk_control"]["delta"] == 0.05 and info["risk_control"]["certified"][2]["threshold"] is not None
+    assert info["risk_control"]["delta"] == 0.05
+    assert info["risk_control"]["certified"][2]["threshold"] is not None
 
     model, tokenizer = _load_plain(str(out))
     assert type(model).__module__.startswith("transformers.")  # not a peft model
@@ -105,11 +128,12 @@ def test_export_float32_scores_like_base_plus_adapter(reference, adapter_dir, tm
 def test_export_bfloat16_by_default_within_tolerance(reference, adapter_dir, tmp_path):
     import torch
 
-    from sentiment_ray.export import export_merged
+    from sentiment_ray.export.recipe import export_merged
 
     cfg, with_adapter, _ = reference
     summary = export_merged(cfg, adapter_dir, str(tmp_path / "bf16"), device="cpu")
-    assert summary["dtype"] == "bfloat16" and summary["backend"] == "hf"
+    assert summary["dtype"] == "bfloat16"
+    assert summary["backend"] == "hf"
     # Every exported file is as readable as the others (the weights are not left private).
     umask = os.umask(0)
     os.umask(umask)
@@ -129,7 +153,7 @@ def test_export_bfloat16_by_default_within_tolerance(reference, adapter_dir, tmp
 
 
 def test_export_refuses_a_non_empty_output_and_a_non_adapter(reference, adapter_dir, tmp_path, tiny_model_dir):
-    from sentiment_ray.export import ExportError, export_merged
+    from sentiment_ray.export.recipe import ExportError, export_merged
 
     cfg = reference[0]
     (tmp_path / "full").mkdir()

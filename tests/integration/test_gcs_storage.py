@@ -14,10 +14,20 @@ import os
 from dataclasses import dataclass
 
 import pytest
-from object_store import check_globs_and_quarantine, demo_rows, free_port, last_json_line, run_job, start_server, stop_server, to_csv, write_tiny_config
+from object_store import (
+    check_globs_and_quarantine,
+    demo_rows,
+    free_port,
+    last_json_line,
+    run_job,
+    start_server,
+    stop_server,
+    to_csv,
+    write_tiny_config,
+)
 
-from sentiment_ray.io import uris as storage
 from sentiment_ray.config import ConfigError, load_config
+from sentiment_ray.io import uris as storage
 from sentiment_ray.io.files import expand_paths
 from sentiment_ray.io.values import DataError
 
@@ -56,8 +66,18 @@ def gcs(tmp_path_factory):
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = start_server(
-        ["-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-         "--default-bucket", BUCKET],
+        [
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--default-bucket",
+            BUCKET,
+        ],
         f"{endpoint}/storage/v1/b/{BUCKET}",
         tmp_path_factory.mktemp("gcs") / "emulator.log",
     )
@@ -76,7 +96,8 @@ def gcs(tmp_path_factory):
 def test_anonymous_gs_uris_are_usable_while_userinfo_and_queries_are_refused():
     assert storage.check_uri(f"{ROOT}/x.csv") == f"{ROOT}/x.csv"
     assert storage.redact(f"{ROOT}/x.csv") == f"{ROOT}/x.csv"
-    assert storage.uri_prefix(f"{ROOT}/x.csv") == "gs://anonymous@" and storage.uri_prefix("S3://b/x") == "s3://"
+    assert storage.uri_prefix(f"{ROOT}/x.csv") == "gs://anonymous@"
+    assert storage.uri_prefix("S3://b/x") == "s3://"
     assert storage.redact(f"gs://anonymous:hunter2-secret@{BUCKET}/x") == f"gs://***@{BUCKET}/x"
     with pytest.raises(ConfigError, match="carries credentials"):
         load_config("demo", [f"data.train_path=gs://svc:hunter2-secret@{BUCKET}/x.csv"])
@@ -107,18 +128,37 @@ def test_train_then_label_end_to_end_on_gcs(gcs, tiny_model_dir, tmp_path):
     assert train.returncode == 0, train.stderr[-4000:]
     summary = last_json_line(train.stdout)
     run_dir = f"{ROOT}/runs/tiny-gcs"
-    assert summary["run_dir"] == run_dir and summary["adapter"] == f"{run_dir}/adapter" and summary["steps"] == 2
+    assert summary["run_dir"] == run_dir
+    assert summary["adapter"] == f"{run_dir}/adapter"
+    assert summary["steps"] == 2
     run_keys = gcs.keys("runs/tiny-gcs/")
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json", "manifest.json",
-                 "validation_predictions.parquet"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.json",
+        "manifest.json",
+        "validation_predictions.parquet",
+    ):
         assert f"runs/tiny-gcs/{name}" in run_keys, run_keys
     assert any("/checkpoint-" in k for k in run_keys), "Ray Train's checkpoint is in GCS"
 
     unlabelled = demo_rows(40, start=500)
     gcs.put("unlabelled/part-0.csv", to_csv(unlabelled))
     label = run_job(
-        ["jobs/label.py", "--config", str(cfg_path), "--input", f"{ROOT}/unlabelled/", "--adapter", f"{run_dir}/adapter",
-         "--output", f"{ROOT}/labels", "--rows-per-unit", "20", "label.write_submission=true"],
+        [
+            "jobs/label.py",
+            "--config",
+            str(cfg_path),
+            "--input",
+            f"{ROOT}/unlabelled/",
+            "--adapter",
+            f"{run_dir}/adapter",
+            "--output",
+            f"{ROOT}/labels",
+            "--rows-per-unit",
+            "20",
+            "label.write_submission=true",
+        ],
         env,
     )
     assert label.returncode == 0, label.stderr[-4000:]
@@ -129,4 +169,5 @@ def test_train_then_label_end_to_end_on_gcs(gcs, tiny_model_dir, tmp_path):
         ids.extend(pq.read_table(pa.BufferReader(gcs.get(key))).column("ID").to_pylist())
     assert sorted(ids) == sorted(r["ID"] for r in unlabelled)  # every input ID exactly once
     submission = gcs.get("labels/submission.csv").decode().splitlines()
-    assert submission[0] == "ID,label" and [line.split(",")[0] for line in submission[1:]] == [r["ID"] for r in unlabelled]
+    assert submission[0] == "ID,label"
+    assert [line.split(",")[0] for line in submission[1:]] == [r["ID"] for r in unlabelled]

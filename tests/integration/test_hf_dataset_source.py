@@ -10,11 +10,10 @@ import json
 import datasets
 import pytest
 
-from sentiment_ray.train import data
 from sentiment_ray.config import ConfigError, ExperimentConfig, HFDatasetConfig, load_config
 from sentiment_ray.io.values import DataError
-from sentiment_ray.train.data import load_labelled
 from sentiment_ray.labels import LabelSet
+from sentiment_ray.train.data import load_labelled
 
 IMDB_MAP = {"0": "Negative", "1": "Positive"}
 LABELS = LabelSet(["Positive", "Negative"])
@@ -51,7 +50,8 @@ def data_cfg(**values):
 def test_a_saved_dataset_loads_with_labels_mapped_through_label_map(imdb_like):
     source = HFDatasetConfig(name=imdb_like, split="train", load_from_disk=True)
     loaded = load_labelled(source, data_cfg(train_dataset=source.model_dump()), LABELS)
-    assert len(loaded) == 40 and loaded.files == [f"hf:{imdb_like}:train"]
+    assert len(loaded) == 40
+    assert loaded.files == [f"hf:{imdb_like}:train"]
     assert loaded.table.column("label").to_pylist()[:4] == ["Negative", "Positive", "Negative", "Positive"]
     assert loaded.table.column("sentence").to_pylist()[1] == "review number 1: great film"
     assert loaded.table.column("source_row").to_pylist()[:2] == [1, 2]
@@ -71,9 +71,12 @@ def test_bad_rows_are_named_by_dataset_split_and_row_or_quarantined(tmp_path):
 
     quarantine = tmp_path / "q.jsonl"
     loaded = load_labelled(source, data_cfg(on_bad_rows="skip"), LABELS, quarantine_path=str(quarantine))
-    assert len(loaded) == 11 and loaded.bad_rows.by_reason == {"unknown label": 1}
+    assert len(loaded) == 11
+    assert loaded.bad_rows.by_reason == {"unknown label": 1}
     entry = json.loads(quarantine.read_text())
-    assert entry["file"] == f"hf:{folder}:train" and entry["row"] == 5 and entry["values"]["label"] == "7"
+    assert entry["file"] == f"hf:{folder}:train"
+    assert entry["row"] == 5
+    assert entry["values"]["label"] == "7"
 
 
 def test_missing_split_column_or_folder_is_a_clear_error(imdb_like, tmp_path):
@@ -95,7 +98,9 @@ def test_a_hub_id_goes_to_load_dataset_with_config_split_and_revision(monkeypatc
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     cfg = load_config("mistral7b_imdb")
     loaded = load_labelled(cfg.data.train_dataset, cfg.data, LabelSet(cfg.prompt.labels))
-    assert calls == [("imdb", None, "train", None)] and len(loaded) == 6 and loaded.files == ["hf:imdb:train"]
+    assert calls == [("imdb", None, "train", None)]
+    assert len(loaded) == 6
+    assert loaded.files == ["hf:imdb:train"]
     source = HFDatasetConfig(name="stanfordnlp/imdb", config="plain_text", split="test[:10]", revision="main")
     load_labelled(source, cfg.data, LABELS)
     assert calls[-1] == ("stanfordnlp/imdb", "plain_text", "test[:10]", "main")
@@ -105,19 +110,24 @@ def test_a_hub_id_goes_to_load_dataset_with_config_split_and_revision(monkeypatc
 def test_the_training_splits_come_from_the_dataset_sources(imdb_like, tmp_path):
     from sentiment_ray.train.data import load_splits
 
-    cfg = ExperimentConfig(data={
-        "train_dataset": {"name": imdb_like, "split": "train", "load_from_disk": True},
-        "validation_dataset": {"name": imdb_like, "split": "test", "load_from_disk": True},
-        "text_column": "text", "label_map": IMDB_MAP,
-    })
+    cfg = ExperimentConfig(
+        data={
+            "train_dataset": {"name": imdb_like, "split": "train", "load_from_disk": True},
+            "validation_dataset": {"name": imdb_like, "split": "test", "load_from_disk": True},
+            "text_column": "text",
+            "label_map": IMDB_MAP,
+        }
+    )
     splits = load_splits(cfg, LABELS, str(tmp_path))
-    assert splits.train.num_rows == 40 and splits.validation.num_rows == 10
+    assert splits.train.num_rows == 40
+    assert splits.validation.num_rows == 10
     assert splits.files == {"train": [f"hf:{imdb_like}:train"], "validation": [f"hf:{imdb_like}:test"]}
     assert set(splits.fingerprints) == {"train", "validation"}
     # Without a validation source, validation is split off the training dataset.
     cfg.data.validation_dataset = None
     splits = load_splits(cfg, LABELS, str(tmp_path))
-    assert splits.train.num_rows + splits.validation.num_rows == 40 and splits.validation.num_rows == 4
+    assert splits.train.num_rows + splits.validation.num_rows == 40
+    assert splits.validation.num_rows == 4
 
 
 def test_config_takes_one_source_per_split_and_validates_the_dataset_fields():
@@ -128,6 +138,8 @@ def test_config_takes_one_source_per_split_and_validates_the_dataset_fields():
     with pytest.raises(ConfigError, match=r"data.validation_dataset.splits: unknown field"):
         load_config("demo", ["data.validation_dataset={name: imdb, splits: test}"])
     cfg = load_config("mistral7b_imdb")
-    assert cfg.data.train_path == "" and cfg.data.train_dataset == HFDatasetConfig(name="imdb", split="train")
-    assert cfg.data.label_map == IMDB_MAP and cfg.data.text_column == "text"
+    assert cfg.data.train_path == ""
+    assert cfg.data.train_dataset == HFDatasetConfig(name="imdb", split="train")
+    assert cfg.data.label_map == IMDB_MAP
+    assert cfg.data.text_column == "text"
     assert LabelSet(cfg.prompt.labels).resolve(1, cfg.data.label_map) == ("Positive", None)

@@ -22,10 +22,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from tiny_model import demo_rows
 
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.values import DataError
-from tiny_model import demo_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROWS_PER_UNIT = 6
@@ -108,8 +108,12 @@ def test_report_png_has_both_panels_in_scoring_mode_only_matrix_otherwise():
     from sentiment_ray.report.plots import render_report_png
 
     confusion = {"labels": ["Positive", "Negative"], "matrix": [[5, 1], [2, 7]]}
-    bins = [{"lo": i / 10, "hi": (i + 1) / 10, "count": c, "accuracy": a, "confidence": m}
-            for i, (c, a, m) in enumerate([(0, None, None)] * 5 + [(4, 0.5, 0.55), (3, 0.67, 0.66), (0, None, None), (2, 1.0, 0.85), (6, 1.0, 0.97)])]
+    bins = [
+        {"lo": i / 10, "hi": (i + 1) / 10, "count": c, "accuracy": a, "confidence": m}
+        for i, (c, a, m) in enumerate(
+            [(0, None, None)] * 5 + [(4, 0.5, 0.55), (3, 0.67, 0.66), (0, None, None), (2, 1.0, 0.85), (6, 1.0, 0.97)]
+        )
+    ]
     both = render_report_png(confusion, bins, title="t", ece=0.05)
     matrix_only = render_report_png(confusion, None)
     for png in (both, matrix_only):
@@ -166,7 +170,8 @@ def test_progress_inside_a_unit_follows_the_scored_batches(tiny_model_dir, tmp_p
     board = Board()
     labeler = labeler_module.Labeler(make_cfg(tiny_model_dir, batch_size=8), output_dir=str(tmp_path / "out"), progress=board)
     assert labeler.label_unit(plan.units[0])["rows"] == 40
-    assert board.rows == sorted(board.rows) and board.rows[-1] == 40
+    assert board.rows == sorted(board.rows)
+    assert board.rows[-1] == 40
     assert {8, 16, 24, 32} <= set(board.rows)  # batches of 8 rows, each seen
 
 
@@ -198,15 +203,21 @@ def test_scoring_gives_one_row_per_input_id_across_files_and_formats(clean_run, 
     assert table.column("pred_label").to_pylist() == [["Positive", "Negative"][i] for i in probs.argmax(axis=1)]
     np.testing.assert_allclose(table.column("confidence").to_numpy(), probs.max(axis=1), atol=1e-7)
     # Every input column is kept, plus identity and provenance.
-    assert {"ID", "sentence", "label", "lang", "source", "source_file", "source_row", "model_name", "adapter_id"} <= set(table.column_names)
+    assert {"ID", "sentence", "label", "lang", "source", "source_file", "source_row", "model_name", "adapter_id"} <= set(
+        table.column_names
+    )
     # submission.csv: ID,label, in input order (files sorted, then rows).
     lines = (out / "submission.csv").read_text().splitlines()
-    assert lines[0] == "ID,label" and [x.split(",")[0] for x in lines[1:]] == ids
-    assert summary["rows"] == summary["labelled"] == 120 and summary["bad_rows"] == 0
+    assert lines[0] == "ID,label"
+    assert [x.split(",")[0] for x in lines[1:]] == ids
+    assert summary["rows"] == summary["labelled"] == 120
+    assert summary["bad_rows"] == 0
     assert summary["units"] == {"total": UNITS, "labelled_now": UNITS, "done_before": 0}
-    assert summary["metrics"]["n"] == 120 and set(summary["metrics"]["per_language"]) == {"en", "es", "id", "zh"}
+    assert summary["metrics"]["n"] == 120
+    assert set(summary["metrics"]["per_language"]) == {"en", "es", "id", "zh"}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["ece"] <= 1.0 and sum(map(sum, metrics["confusion_matrix"]["matrix"])) == 120
+    assert 0.0 <= metrics["ece"] <= 1.0
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == 120
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -218,7 +229,8 @@ def test_rerun_after_completion_does_nothing_and_changed_settings_are_refused(cl
     out, _ = clean_run
     before = outputs(out)
     summary = label_dataset(make_cfg(tiny_model_dir), str(inputs[0] / "in"), str(out))
-    assert summary["units"]["labelled_now"] == 0 and summary["rows"] == 120
+    assert summary["units"]["labelled_now"] == 0
+    assert summary["rows"] == 120
     assert_same_outputs(before, outputs(out))
     changed = make_cfg(tiny_model_dir)
     changed.prompt.instruction = "Is this positive or negative?"
@@ -234,14 +246,17 @@ def test_generate_mode_flags_unparsed_rows_with_null_labels(ray_address, tiny_mo
     cfg = make_cfg(tiny_model_dir, mode="generate", max_new_tokens=2)
     summary = label_dataset(cfg, str(inputs[0] / "in"), str(out), rows_per_unit=40)
     table = pa.concat_tables(outputs(out)["predictions"])
-    assert sorted(table.column("ID").to_pylist()) == sorted(inputs[1]) and table.num_rows == 120
+    assert sorted(table.column("ID").to_pylist()) == sorted(inputs[1])
+    assert table.num_rows == 120
     failed = np.array(table.column("parse_failed").to_pylist())
     labels = table.column("pred_label").to_pylist()
     # A random model seldom starts its answer with a label: those rows are flagged, never guessed.
-    assert failed.sum() > 0 and summary["parse_failed"] == failed.sum()
+    assert failed.sum() > 0
+    assert summary["parse_failed"] == failed.sum()
     assert all((lab is None) == f for lab, f in zip(labels, failed))
     assert all(isinstance(t, str) for t in table.column("generated_text").to_pylist())
-    assert "p_Positive" not in table.column_names and summary["metrics"]["unparsed"] == failed.sum()
+    assert "p_Positive" not in table.column_names
+    assert summary["metrics"]["unparsed"] == failed.sum()
 
 
 @pytest.mark.slow
@@ -252,7 +267,9 @@ def test_bad_rows_are_quarantined_and_long_text_is_truncated(ray_address, tiny_m
     folder.mkdir()
     good = demo_rows(0, 4)
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows([["ID", "sentence", "label"]] + [[r["ID"], r["sentence"], r["label"]] for r in good])
+    csv.writer(buffer, lineterminator="\n").writerows(
+        [["ID", "sentence", "label"]] + [[r["ID"], r["sentence"], r["label"]] for r in good]
+    )
     (folder / "a.csv").write_bytes(
         buffer.getvalue().encode()
         + b"e1,,Positive\n"
@@ -261,20 +278,27 @@ def test_bad_rows_are_quarantined_and_long_text_is_truncated(ray_address, tiny_m
         + ("long1," + "word " * 300 + ",Negative\n").encode()
     )
     (folder / "b.jsonl").write_text(
-        json.dumps({"ID": "n1", "sentence": 42, "label": "Positive"}) + "\n"
-        + json.dumps({"ID": "n2", "sentence": "fine text", "label": "Negative"}) + "\n"
+        json.dumps({"ID": "n1", "sentence": 42, "label": "Positive"})
+        + "\n"
+        + json.dumps({"ID": "n2", "sentence": "fine text", "label": "Negative"})
+        + "\n"
     )
     summary = label_dataset(make_cfg(tiny_model_dir), str(folder), str(tmp_path / "out"), rows_per_unit=3)
-    assert summary["rows"] == 10 and summary["labelled"] == 6 and summary["bad_rows"] == 4
+    assert summary["rows"] == 10
+    assert summary["labelled"] == 6
+    assert summary["bad_rows"] == 4
     assert summary["bad_by_kind"] == {"empty text": 1, "undecodable bytes": 1, "malformed row": 1, "text is not a string": 1}
     quarantined = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert [(Path(q["file"]).name, q["row"], q["kind"]) for q in quarantined] == [
-        ("a.csv", 5, "empty text"), ("a.csv", 6, "undecodable bytes"), ("a.csv", 7, "malformed row"),
+        ("a.csv", 5, "empty text"),
+        ("a.csv", 6, "undecodable bytes"),
+        ("a.csv", 7, "malformed row"),
         ("b.jsonl", 1, "text is not a string"),
     ]
     table = pa.concat_tables(outputs(tmp_path / "out")["predictions"])
     truncated = dict(zip(table.column("ID").to_pylist(), table.column("truncated").to_pylist()))
-    assert truncated["long1"] is True and summary["truncated"] == sum(truncated.values())
+    assert truncated["long1"] is True
+    assert summary["truncated"] == sum(truncated.values())
     submission = (tmp_path / "out" / "submission.csv").read_text().splitlines()[1:]
     assert [x.split(",")[0] for x in submission] == [r["ID"] for r in good] + ["long1", "n2"]
 
@@ -300,9 +324,11 @@ def test_killed_actor_is_replaced_and_the_output_matches_a_clean_run(clean_run, 
     watcher.start()
     summary = label_dataset(make_cfg(tiny_model_dir), str(inputs[0] / "in"), str(out), rows_per_unit=ROWS_PER_UNIT)
     watcher.join()
-    assert killed and killed[0][1] < summary["units"]["total"], "the actor was not killed mid-run"
+    assert killed, "the actor was not killed mid-run"
+    assert killed[0][1] < summary["units"]["total"], "the actor was not killed mid-run"
     pids = {m["pid"] for m in markers(out)}
-    assert killed[0][0] in pids and len(pids) >= 2, "no replacement actor finished the run"
+    assert killed[0][0] in pids, "no replacement actor finished the run"
+    assert len(pids) >= 2, "no replacement actor finished the run"
     assert_same_outputs(outputs(clean_run[0]), outputs(out))
 
 
@@ -314,8 +340,16 @@ def test_killed_driver_then_rerun_finishes_only_the_rest_with_the_same_output(
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(make_cfg(tiny_model_dir).model_dump()))
     command = [
-        sys.executable, str(REPO_ROOT / "jobs" / "label.py"), "--config", str(config),
-        "--input", str(inputs[0] / "in"), "--output", str(out), "--rows-per-unit", str(ROWS_PER_UNIT),
+        sys.executable,
+        str(REPO_ROOT / "jobs" / "label.py"),
+        "--config",
+        str(config),
+        "--input",
+        str(inputs[0] / "in"),
+        "--output",
+        str(out),
+        "--rows-per-unit",
+        str(ROWS_PER_UNIT),
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -330,7 +364,8 @@ def test_killed_driver_then_rerun_finishes_only_the_rest_with_the_same_output(
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert summary["units"]["total"] == UNITS and 0 < summary["units"]["labelled_now"] < UNITS
+    assert summary["units"]["total"] == UNITS
+    assert 0 < summary["units"]["labelled_now"] < UNITS
     assert summary["rows"] == summary["labelled"] == 120
     assert_same_outputs(outputs(clean_run[0]), outputs(out))
 
@@ -356,18 +391,23 @@ def test_scoring_with_a_trained_adapter_agrees_with_the_training_validation(ray_
         )
     assert labelled.column("pred_label").to_pylist() == validation.column("predicted").to_pylist()
     ours = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert ours["n"] == metrics["n"] and ours["confusion_matrix"] == metrics["confusion_matrix"]
-    assert ours["accuracy"] == pytest.approx(metrics["accuracy"]) and ours["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert ours["n"] == metrics["n"]
+    assert ours["confusion_matrix"] == metrics["confusion_matrix"]
+    assert ours["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert ours["macro_f1"] == pytest.approx(metrics["macro_f1"])
     # Its ECE is that of the probabilities it gives (calibrated), on these rows.
     from sentiment_ray.metrics import expected_calibration_error
 
     calibrated = np.stack([validation.column(f"calibrated_p_{label}").to_numpy() for label in ("Positive", "Negative")], axis=1)
-    right = validation.column("predicted").to_numpy(zero_copy_only=False) == validation.column("label").to_numpy(zero_copy_only=False)
+    right = validation.column("predicted").to_numpy(zero_copy_only=False) == validation.column("label").to_numpy(
+        zero_copy_only=False
+    )
     assert ours["ece"] == pytest.approx(expected_calibration_error(calibrated.max(axis=1), right)["ece"], abs=1e-5)
     assert ours["per_language"].keys() == metrics["per_language"].keys()
     for lang, row in metrics["per_language"].items():  # the ECE per language is, again, of other probabilities
         assert {k: v for k, v in ours["per_language"][lang].items() if k != "ece"} == pytest.approx(
-            {k: v for k, v in row.items() if k != "ece"})
+            {k: v for k, v in row.items() if k != "ece"}
+        )
     assert summary["adapter"].startswith("adapter@")
 
 
@@ -376,12 +416,16 @@ def test_an_input_error_inside_the_actor_stops_the_run_naming_file_and_column(ra
     from sentiment_ray.label.recipe import label_dataset
 
     (tmp_path / "in.jsonl").write_text(
-        json.dumps({"ID": "a", "sentence": "one", "stars": 5}) + "\n" + json.dumps({"ID": "b", "sentence": "two", "stars": "five"}) + "\n"
+        json.dumps({"ID": "a", "sentence": "one", "stars": 5})
+        + "\n"
+        + json.dumps({"ID": "b", "sentence": "two", "stars": "five"})
+        + "\n"
     )
     with pytest.raises(DataError, match=r"in\.jsonl: rows 1-2: column 'stars' mixes value types"):
         label_dataset(make_cfg(tiny_model_dir), str(tmp_path / "in.jsonl"), str(tmp_path / "out"))
     # Nothing of the failed unit looks committed.
-    assert committed(tmp_path / "out") == 0 and not list((tmp_path / "out").glob("predictions/part-*"))
+    assert committed(tmp_path / "out") == 0
+    assert not list((tmp_path / "out").glob("predictions/part-*"))
 
 
 def test_eval_of_a_label_output_reads_gold_labels_as_the_job_did(ray_address, tiny_model_dir, tmp_path):
@@ -389,7 +433,7 @@ def test_eval_of_a_label_output_reads_gold_labels_as_the_job_did(ray_address, ti
     output folder agree (both go through metrics.evaluate_predictions, the manifest tells eval
     how the job read its gold labels)."""
     from sentiment_ray.cli import main
-    from sentiment_ray.evaluate import METRICS_FILE
+    from sentiment_ray.eval.layout import METRICS_FILE
     from sentiment_ray.label.recipe import label_dataset
 
     rows = demo_rows(0, 30)
@@ -398,7 +442,8 @@ def test_eval_of_a_label_output_reads_gold_labels_as_the_job_did(ray_address, ti
     cfg = make_cfg(tiny_model_dir)
     cfg.data.label_map = {"0": "Negative", "1": "Positive"}
     summary = label_dataset(cfg, str(tmp_path / "coded.csv"), str(tmp_path / "out"))
-    assert summary["metrics"]["n"] == 30 and summary["metrics"]["rows_without_label"] == 0
+    assert summary["metrics"]["n"] == 30
+    assert summary["metrics"]["rows_without_label"] == 0
 
     assert main(["eval", "--predictions", str(tmp_path / "out")]) == 0
     job = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -410,8 +455,11 @@ def test_eval_of_a_label_output_reads_gold_labels_as_the_job_did(ray_address, ti
     # Both pages name the model, the adapter (none: zero-shot), the input and the date.
     for name in ("report.html", "eval-report.html"):
         page = (tmp_path / "out" / name).read_text()
-        assert 'id="run-details"' in page and cfg.model.name in page and "coded.csv" in page, name
-        assert "none (zero-shot)" in page and " UTC" in page, name
+        assert 'id="run-details"' in page, name
+        assert cfg.model.name in page, name
+        assert "coded.csv" in page, name
+        assert "none (zero-shot)" in page, name
+        assert " UTC" in page, name
 
 
 def test_progress_shows_rows_of_the_total_and_reaches_it_once(ray_address, tiny_model_dir, tmp_path, capfd):
@@ -422,7 +470,9 @@ def test_progress_shows_rows_of_the_total_and_reaches_it_once(ray_address, tiny_
     assert summary["units"]["total"] == 4
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("labelling ")]
-    assert lines and lines[-1].startswith("labelling 40 / 40 rows (100%)") and "bad rows 0" in lines[-1]
+    assert lines
+    assert lines[-1].startswith("labelling 40 / 40 rows (100%)")
+    assert "bad rows 0" in lines[-1]
     import re
 
     assert not re.search(r"MapBatches\(Labeler\)\S*: \d+/\d+", err)  # Ray Data's block counter is off

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from tiny_model import DEMO_CSV
 
 from sentiment_ray.config import ExperimentConfig
-from tiny_model import DEMO_CSV
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,29 @@ def make_cfg(model_dir: str, storage: Path, name: str, workers: int, batch: int,
         model={"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
         lora={"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
         data={"train_path": str(DEMO_CSV), "validation_fraction": 0.1, "max_train_rows": 64, "max_validation_rows": 16},
-        train={"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": 2, "warmup_steps": 0,
-               "optim": "adamw_torch", "packing": False, "eval_batch_size": 16, "zero_shot_eval": False, "seed": 0,
-               "learning_rate": 1e-3, "save_steps": 1, "calibrate": False, **train},
-        run={"name": name, "storage_path": str(storage), "use_gpu": "false", "num_workers": workers, "cpus_per_worker": 1,
-             "checkpoints_to_keep": 2},
+        train={
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "optim": "adamw_torch",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": False,
+            "seed": 0,
+            "learning_rate": 1e-3,
+            "save_steps": 1,
+            "calibrate": False,
+            **train,
+        },
+        run={
+            "name": name,
+            "storage_path": str(storage),
+            "use_gpu": "false",
+            "num_workers": workers,
+            "cpus_per_worker": 1,
+            "checkpoints_to_keep": 2,
+        },
     )
 
 
@@ -82,7 +100,8 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker(ray_two_cpus, tiny_model_
     cfg.run.num_workers, cfg.train.per_device_train_batch_size = 1, 8  # the same global batch
     summary = run_training(cfg)
     train = json.loads(Path(summary["run_dir"], "metrics.json").read_text())["train"]
-    assert train["resumed_from_step"] >= 1 and train["global_step"] == 3
+    assert train["resumed_from_step"] >= 1
+    assert train["global_step"] == 3
 
 
 @pytest.fixture
@@ -90,15 +109,22 @@ def s3_bucket(tmp_path, monkeypatch):
     """A moto S3 server on loopback and the AWS variables pointing at it (set before the
     cluster starts, so its nodes inherit them)."""
     import boto3
-
     from object_store import free_port, start_server, stop_server
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(key, value)
-    server = start_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/", tmp_path / "moto.log")
+    server = start_server(
+        ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/", tmp_path / "moto.log"
+    )
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="two-nodes")
     try:
@@ -111,9 +137,9 @@ def test_two_nodes_label_every_id_once_into_object_storage(tiny_model_dir, tmp_p
     """Actors on both nodes of a local two-node cluster write their units to a loopback S3
     server; a node-local output path is refused before anything runs."""
     import ray
+    from object_store import demo_rows
     from ray.cluster_utils import Cluster
 
-    from object_store import demo_rows
     from sentiment_ray.label.plan import LabelRunError
     from sentiment_ray.label.recipe import label_dataset
 
@@ -136,7 +162,8 @@ def test_two_nodes_label_every_id_once_into_object_storage(tiny_model_dir, tmp_p
         assert not (tmp_path / "local-out" / "_manifest.json").exists()
 
         summary = label_dataset(cfg, str(tmp_path / "part-*.csv"), "s3://two-nodes/labels")
-        assert summary["rows"] == summary["labelled"] == 60 and summary["units"]["total"] == 6
+        assert summary["rows"] == summary["labelled"] == 60
+        assert summary["units"]["total"] == 6
         listed = s3_bucket.list_objects_v2(Bucket="two-nodes", Prefix="labels/_done/")["Contents"]
         keys = [o["Key"] for o in listed if o["Key"].endswith(".json")]  # not the folder's own marker object
         markers = [json.loads(s3_bucket.get_object(Bucket="two-nodes", Key=k)["Body"].read()) for k in keys]

@@ -95,8 +95,17 @@ def ray_head():
         "--node-manager-port": _free_port(),
         "--object-manager-port": _free_port(),
     }
-    cmd = [_ray_cli(), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-           "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     cmd += [f"{flag}={port}" for flag, port in ports.items()]
     log = open(os.path.join(temp_dir, "head.log"), "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -120,8 +129,16 @@ def _tiny_config_file(tiny_model_dir: str, tmp_path: Path) -> Path:
             "max_train_rows": 64,
             "max_validation_rows": 32,
         },
-        "train": {"per_device_train_batch_size": 4, "max_steps": 2, "warmup_steps": 0, "optim": "adamw_8bit",
-                  "packing": False, "eval_batch_size": 16, "zero_shot_eval": True, "seed": 0},
+        "train": {
+            "per_device_train_batch_size": 4,
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "optim": "adamw_8bit",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": True,
+            "seed": 0,
+        },
         "run": {"name": "job-submit", "storage_path": str(tmp_path / "runs"), "use_gpu": "auto"},
     }
     path = tmp_path / "tiny.yaml"
@@ -143,15 +160,35 @@ def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tm
     submission_id = f"sentiment-train-{os.getpid()}-{int(time.time())}"
     submitted = subprocess.run(
         [
-            _ray_cli(), "job", "submit", "--address", url, "--submission-id", submission_id,
-            "--working-dir", ".", "--",
-            sys.executable, "jobs/train.py", "--config", str(config_path), "train.learning_rate=1e-3",
+            _ray_cli(),
+            "job",
+            "submit",
+            "--address",
+            url,
+            "--submission-id",
+            submission_id,
+            "--working-dir",
+            ".",
+            "--",
+            sys.executable,
+            "jobs/train.py",
+            "--config",
+            str(config_path),
+            "train.learning_rate=1e-3",
         ],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     status = _ray_job(env, "status", "--address", url, submission_id)
     logs = _ray_job(env, "logs", "--address", url, submission_id)
-    assert submitted.returncode == 0 and f"Job '{submission_id}' succeeded" in status, (
+    assert submitted.returncode == 0, (
+        f"{status}\n--- submit output ---\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}"
+        f"\n--- job logs ---\n{logs[-6000:]}"
+    )
+    assert f"Job '{submission_id}' succeeded" in status, (
         f"{status}\n--- submit output ---\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}"
         f"\n--- job logs ---\n{logs[-6000:]}"
     )
@@ -160,7 +197,8 @@ def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tm
     unpacked = [p for p in Path(temp_dir).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
     assert len(unpacked) == 1, unpacked
     names = {p.name for p in unpacked[0].iterdir()}
-    assert {"jobs", "sentiment_ray", "data"} <= names and not names & {".venv", ".git", "runs", ".pytest_cache"}
+    assert {"jobs", "sentiment_ray", "data"} <= names
+    assert not names & {".venv", ".git", "runs", ".pytest_cache"}
     size = sum(f.stat().st_size for f in unpacked[0].rglob("*") if f.is_file())
     assert size < 5 * 2**20, f"working-dir package is {size / 2**20:.1f} MiB"
 
@@ -170,10 +208,12 @@ def test_job_submit_trains_and_prints_one_json_line(ray_head, tiny_model_dir, tm
     run_dir = tmp_path / "runs" / "job-submit"
     assert result["run_dir"] == str(run_dir)
     assert result["adapter"] == str(run_dir / "adapter")
-    assert result["backend"] == "hf" and result["device"] == "cpu"
+    assert result["backend"] == "hf"
+    assert result["device"] == "cpu"
     assert result["steps"] == 2
     for key in ("zero_shot", "fine_tuned"):
-        assert 0.0 <= result[key]["accuracy"] <= 1.0 and result[key]["n"] == 32
+        assert 0.0 <= result[key]["accuracy"] <= 1.0
+        assert result[key]["n"] == 32
 
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())

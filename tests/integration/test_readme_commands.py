@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_ray_job_submit import _free_port, _stop_head
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,21 +34,22 @@ README = REPO_ROOT / "README.md"
 pytestmark = pytest.mark.slow
 
 
-def tested_blocks() -> list[str]:
+def _tested_blocks() -> list[str]:
     """The bash blocks marked `<!-- tested -->`, continuation lines joined."""
     blocks = re.findall(r"^<!-- tested -->\n```bash\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S)
     return [block.replace("\\\n", " ") for block in blocks]
 
 
 def _block(marker: str) -> str:
-    found = [b for b in tested_blocks() if marker in b]
+    found = [b for b in _tested_blocks() if marker in b]
     assert len(found) == 1, f"expected one tested README block with {marker!r}, found {len(found)}"
     return found[0]
 
 
 def test_the_readme_marks_its_walkthrough_and_cluster_blocks():
-    blocks = tested_blocks()
-    assert len(blocks) == 2 and any("jobs/label.py" in b and "label.write_submission=true" in b for b in blocks)
+    blocks = _tested_blocks()
+    assert len(blocks) == 2
+    assert any("jobs/label.py" in b and "label.write_submission=true" in b for b in blocks)
     assert any("ray start --head" in b and "RAY_AUTH_MODE=token" in b for b in blocks)
 
 
@@ -57,8 +57,16 @@ def test_the_readme_marks_its_walkthrough_and_cluster_blocks():
 def checkout(tmp_path, tiny_model_dir) -> Path:
     """A copy of the checkout whose demo preset trains the tiny model for 4 steps."""
     dest = tmp_path / "checkout"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO_ROOT / name
         if source.is_file():
@@ -85,9 +93,12 @@ def _env(checkout: Path, home: Path) -> dict[str, str]:
 
 
 def _bash(script: str, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    out = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    assert out.returncode == 0, f"README commands failed ({out.returncode}):\n{script}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-6000:]}"
+    out = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, (
+        f"README commands failed ({out.returncode}):\n{script}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-6000:]}"
+    )
     return out
 
 
@@ -99,22 +110,32 @@ def test_walkthrough_runs_as_written(checkout, tmp_path):
     run = checkout / "runs" / "mine"
     # Training: the closing table and the next command on the terminal, the run's files.
     assert re.search(r"^all +32 +\d\.\d{3} +\d\.\d{3} +\d\.\d{3} +\d\.\d{3}$", out.stderr, re.M), out.stderr[-3000:]
-    assert re.search(r"^next +python jobs/label\.py --input data/demo/sentiment_demo\.csv --output runs/mine-labels "
-                     r"--adapter runs/mine/adapter label\.write_submission=true$", out.stderr, re.M)
-    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "metrics.json").is_file()
+    assert re.search(
+        r"^next +python jobs/label\.py --input data/demo/sentiment_demo\.csv --output runs/mine-labels "
+        r"--adapter runs/mine/adapter label\.write_submission=true$",
+        out.stderr,
+        re.M,
+    )
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "metrics.json").is_file()
     assert list((run / "logs").glob("train-*.log"))
     # Labelling: every row in the submission, in input order, and a report naming what it is about.
     labels = checkout / "runs" / "mine-labels"
     submission = (labels / "submission.csv").read_text().splitlines()
     ids = [line.split(",", 1)[0] for line in (checkout / "runs" / "to-label.csv").read_text().splitlines()[1:]]
-    assert submission[0] == "ID,label" and [line.split(",")[0] for line in submission[1:]] == ids and len(ids) == 400
+    assert submission[0] == "ID,label"
+    assert [line.split(",")[0] for line in submission[1:]] == ids
+    assert len(ids) == 400
     page = (labels / "report.html").read_text()
     for text in ('id="run-details"', "runs/mine/adapter", "to-label.csv", " UTC"):
         assert text in page, text
     # eval wrote its report beside the run's files; export a plain model whose files are all readable.
-    assert (run / "eval-report.html").is_file() and (run / "eval-metrics.json").is_file()
+    assert (run / "eval-report.html").is_file()
+    assert (run / "eval-metrics.json").is_file()
     merged = run / "merged"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "sentiment_ray_export.json"} <= {p.name for p in merged.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "sentiment_ray_export.json"} <= {
+        p.name for p in merged.iterdir()
+    }
     umask = os.umask(0)
     os.umask(umask)
     assert {p.stat().st_mode & 0o777 for p in merged.iterdir()} == {0o666 & ~umask}
@@ -126,7 +147,9 @@ def test_cluster_section_runs_as_written(checkout, tmp_path):
     block = _block("ray start --head")
     lines = [line for line in block.splitlines() if line.strip()]
     head_at = next(i for i, line in enumerate(lines) if line.startswith("ray start --head"))
-    ports = {int(p): _free_port() for p in re.findall(r"--(?:port|dashboard-port|dashboard-agent-listen-port)=(\d+)", lines[head_at])}
+    ports = {
+        int(p): _free_port() for p in re.findall(r"--(?:port|dashboard-port|dashboard-agent-listen-port)=(\d+)", lines[head_at])
+    }
     assert len(ports) == 3, lines[head_at]
 
     def private(line: str) -> str:
@@ -137,15 +160,22 @@ def test_cluster_section_runs_as_written(checkout, tmp_path):
     _bash("\n".join(lines[:head_at]), checkout, env, timeout=120)
     temp_dir = tempfile.mkdtemp(prefix="rayrd-", dir="/tmp")  # short: Ray puts unix sockets here
     head_cmd = shlex.split(private(lines[head_at])) + [
-        "--block", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true", "--node-ip-address=127.0.0.1",
-        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+        "--block",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--include-dashboard=true",
+        "--node-ip-address=127.0.0.1",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
     ]
     log = open(os.path.join(temp_dir, "head.log"), "w")
     head = subprocess.Popen(head_cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        out = _bash("\n".join(private(line) for line in lines[head_at + 1:]), checkout, env, timeout=1500)
+        out = _bash("\n".join(private(line) for line in lines[head_at + 1 :]), checkout, env, timeout=1500)
     finally:
         _stop_head(head)
         log.close()
@@ -154,9 +184,11 @@ def test_cluster_section_runs_as_written(checkout, tmp_path):
     assert (home / ".ray" / "auth_token").is_file()
     # Relative outputs of the jobs went under ~/sentiment-ray, not into the jobs' temporary working dirs.
     run = home / "sentiment-ray" / "runs" / "on-cluster"
-    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "metrics.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "metrics.json").is_file()
     submission = home / "sentiment-ray" / "runs" / "on-cluster-labels" / "submission.csv"
     assert submission.read_text().count("\n") == 4001  # the header and every row of the demo sample
     assert f"run on-cluster: {run}" in out.stdout + out.stderr
     results = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.startswith('{"')]
-    assert results[0]["run_dir"] == str(run) and results[1]["submission"] == str(submission)
+    assert results[0]["run_dir"] == str(run)
+    assert results[1]["submission"] == str(submission)

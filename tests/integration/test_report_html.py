@@ -7,7 +7,6 @@ width), the trial curves and trials table of a tune experiment."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -18,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sentiment_ray import evaluate
-from sentiment_ray.report import html
 from sentiment_ray.cli import main
+from sentiment_ray.eval import recipe as evaluate
+from sentiment_ray.io.storage import Storage
 from sentiment_ray.metrics import classification_report
+from sentiment_ray.report import html
 
 LABELS = ["Positive", "Negative"]
 
@@ -40,11 +40,22 @@ def render(page: Path) -> str:
     if browser is None:
         pytest.skip("no Chromium found (apt-get install chromium, or run scripts/install_browser.sh)")
     out = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=5000",
-         "--dump-dom", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=180,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
-    assert out.returncode == 0 and "<html" in out.stdout, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "<html" in out.stdout, out.stderr[-3000:]
     return out.stdout
 
 
@@ -92,7 +103,8 @@ class Dom(HTMLParser):
 
 def _assert_rendered_image(dom: Dom, element_id: str, alt_word: str) -> None:
     tag, attrs = dom.by_id(f"{element_id}-img")
-    assert tag == "img" and alt_word.lower() in attrs["alt"].lower()
+    assert tag == "img"
+    assert alt_word.lower() in attrs["alt"].lower()
     assert attrs["src"].startswith("data:image/")
     assert int(attrs.get("data-rendered-width", "0")) > 100, f"{element_id} did not render: {attrs.get('data-rendered-width')}"
     assert dom.by_id(element_id)[0] == "figure"
@@ -104,8 +116,15 @@ def _predictions(n: int = 240, seed: int = 0) -> dict[str, list]:
     p_pos = np.clip(np.where(np.array(gold) == "Positive", 0.7, 0.3) + rng.normal(0, 0.25, n), 0.01, 0.99)
     pred = ["Positive" if p > 0.5 else "Negative" for p in p_pos]
     langs = rng.choice(["en", "es", "zh"], n).tolist()
-    return {"ID": list(range(n)), "label": gold, "lang": langs, "pred_label": pred, "p_Positive": p_pos.tolist(),
-            "p_Negative": (1 - p_pos).tolist(), "confidence": np.maximum(p_pos, 1 - p_pos).tolist()}
+    return {
+        "ID": list(range(n)),
+        "label": gold,
+        "lang": langs,
+        "pred_label": pred,
+        "p_Positive": p_pos.tolist(),
+        "p_Negative": (1 - p_pos).tolist(),
+        "confidence": np.maximum(p_pos, 1 - p_pos).tolist(),
+    }
 
 
 def test_label_output_report_renders_metrics_languages_confusion_and_reliability(tmp_path):
@@ -115,7 +134,9 @@ def test_label_output_report_renders_metrics_languages_confusion_and_reliability
     half = len(data["ID"]) // 2
     for i, part in enumerate((slice(0, half), slice(half, None))):  # two shards, like a label job's units
         pq.write_table(pa.table({k: v[part] for k, v in data.items()}), folder / "predictions" / f"part-{i:05d}.parquet")
-    pq.write_table(pa.table({"ID": [999], "label": ["Positive"]}), folder / "predictions" / "part-00002.parquet")  # all quarantined
+    pq.write_table(
+        pa.table({"ID": [999], "label": ["Positive"]}), folder / "predictions" / "part-00002.parquet"
+    )  # all quarantined
 
     assert main(["eval", "--predictions", str(folder)]) == 0
     page = folder / evaluate.REPORT_FILE
@@ -135,10 +156,12 @@ def test_label_output_report_renders_metrics_languages_confusion_and_reliability
     _assert_rendered_image(dom, "confusion-matrix", "confusion matrix")
     _assert_rendered_image(dom, "reliability-diagram", "reliability")
     saved = json.loads((folder / evaluate.METRICS_FILE).read_text())
-    assert saved["n"] == len(data["ID"]) and saved["rows_without_label"] == 0
+    assert saved["n"] == len(data["ID"])
+    assert saved["rows_without_label"] == 0
     # The page says what it is about: the predictions it read and when it was written.
     details = {attrs["data-detail"]: cells[-1] for attrs, cells in dom.rows["run-details"]}
-    assert details["predictions"] == str(folder) and details["date"].endswith("UTC")
+    assert details["predictions"] == str(folder)
+    assert details["date"].endswith("UTC")
 
 
 def test_csv_predictions_without_probabilities_or_languages(tmp_path):
@@ -152,10 +175,14 @@ def test_csv_predictions_without_probabilities_or_languages(tmp_path):
         writer.writerow(["label", "predicted"])
         writer.writerows([["positive", "Positive"], ["negative", "Positive"], ["Negative", "Negative"], ["???", "Negative"]])
     summary = evaluate.evaluate_to_report(predictions=str(path), output=str(tmp_path / "out"), labels=LABELS)
-    assert summary["n"] == 3 and summary["accuracy"] == pytest.approx(2 / 3) and summary["ece"] is None
+    assert summary["n"] == 3
+    assert summary["accuracy"] == pytest.approx(2 / 3)
+    assert summary["ece"] is None
     text = (tmp_path / "out" / evaluate.REPORT_FILE).read_text()
-    assert 'id="confusion-matrix"' in text and 'id="reliability-diagram"' not in text
-    assert 'id="per-language"' in text and "No language column" in text
+    assert 'id="confusion-matrix"' in text
+    assert 'id="reliability-diagram"' not in text
+    assert 'id="per-language"' in text
+    assert "No language column" in text
     with pytest.raises(evaluate.ReportError, match="gold label column 'gold'"):
         evaluate.evaluate_to_report(predictions=str(path), label_column="gold")
 
@@ -167,16 +194,33 @@ def _fake_experiment(root: Path) -> tuple[Path, list[dict]]:
     exp = root / "exp"
     (exp / "trial_histories").mkdir(parents=True)
     records = []
-    for i, (lr, curve, status) in enumerate([(1e-3, [0.5, 0.6, 0.7, 0.8], "TERMINATED"), (1e-5, [0.4, 0.42], "TERMINATED"),
-                                             (3e-4, [0.5, 0.55, 0.62, 0.66], "TERMINATED")]):
+    for i, (lr, curve, status) in enumerate(
+        [
+            (1e-3, [0.5, 0.6, 0.7, 0.8], "TERMINATED"),
+            (1e-5, [0.4, 0.42], "TERMINATED"),
+            (3e-4, [0.5, 0.55, 0.62, 0.66], "TERMINATED"),
+        ]
+    ):
         trial_id = f"t{i}"
         history = [{"step": 2 * (k + 1), "val_macro_f1": v, "time_this_iter_s": 1.0} for k, v in enumerate(curve)]
         (exp / "trial_histories" / f"{trial_id}.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        records.append({"trial_id": trial_id, "status": status, "values": {"train.learning_rate": lr}, "max_steps": 8,
-                        "history": history, "run_dir": str(exp / trial_id), "adapter": "a", "finished": len(curve) == 4})
+        records.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "values": {"train.learning_rate": lr},
+                "max_steps": 8,
+                "history": history,
+                "run_dir": str(exp / trial_id),
+                "adapter": "a",
+                "finished": len(curve) == 4,
+            }
+        )
     rows = tune_report.trial_rows(records, "val_macro_f1", "max", ["train.learning_rate"])
-    tune_report.write_table(rows, str(exp / "trials.csv"), str(exp / "trials.parquet"))
-    (exp / "sentiment_ray_tune.json").write_text(json.dumps({"config": {"tune": {"metric": "val_macro_f1", "mode": "max", "experiment_name": "lr-search"}}}))
+    tune_report.write_table(rows, Storage(str(exp)), "trials.csv", "trials.parquet")
+    (exp / "sentiment_ray_tune.json").write_text(
+        json.dumps({"config": {"tune": {"metric": "val_macro_f1", "mode": "max", "experiment_name": "lr-search"}}})
+    )
     (exp / "best").mkdir()
     (exp / "best" / "trial.json").write_text(json.dumps({"trial_id": "t0"}))
     data = _predictions(60, seed=1)
@@ -192,7 +236,8 @@ def test_tune_experiment_report_renders_trial_curves_and_table(tmp_path):
     dom = Dom(render(exp / evaluate.REPORT_FILE))
     _assert_rendered_image(dom, "trial-curves", "trial curves")
     trials = {attrs["data-trial"]: attrs for attrs, _ in dom.rows["trials"] if "data-trial" in attrs}
-    assert set(trials) == {"t0", "t1", "t2"} and trials["t0"].get("class") == "best"
+    assert set(trials) == {"t0", "t1", "t2"}
+    assert trials["t0"].get("class") == "best"
     assert "class" not in trials["t1"]
     # The best trial's validation metrics follow, with its confusion matrix.
     assert any(a.get("data-metric") == "accuracy" for a, _ in dom.rows["metrics"])
@@ -206,7 +251,15 @@ def test_tune_report_rendered_from_records_in_memory(tmp_path):
 
     exp, rows = _fake_experiment(tmp_path)
     records, _, _ = evaluate.experiment_records(str(exp))
-    text = html.tune_report_html(records, rows, metric="val_macro_f1", mode="max",
-                                 best=tune_report.best_row(rows, "val_macro_f1", "max"), title="Tune experiment in-memory")
-    assert 'id="trial-curves"' in text and 'data-trial="t2"' in text and "Tune experiment in-memory" in text
+    text = html.tune_report_html(
+        records,
+        rows,
+        metric="val_macro_f1",
+        mode="max",
+        best=tune_report.best_row(rows, "val_macro_f1", "max"),
+        title="Tune experiment in-memory",
+    )
+    assert 'id="trial-curves"' in text
+    assert 'data-trial="t2"' in text
+    assert "Tune experiment in-memory" in text
     assert len(text.encode()) < 2_000_000

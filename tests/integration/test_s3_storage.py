@@ -17,17 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from object_store import check_globs_and_quarantine, demo_rows, free_port, last_json_line, run_job, start_server, stop_server, to_csv, write_tiny_config
+from object_store import (
+    check_globs_and_quarantine,
+    demo_rows,
+    free_port,
+    last_json_line,
+    run_job,
+    start_server,
+    stop_server,
+    to_csv,
+    write_tiny_config,
+)
 
 from sentiment_ray import provenance as manifest
-from sentiment_ray.io import uris as storage
 from sentiment_ray.config import ConfigError, HFDatasetConfig, load_config
+from sentiment_ray.io import uris as storage
 from sentiment_ray.io.files import expand_paths, fingerprint
 from sentiment_ray.io.readers import read_chunks
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.values import DataError
-from sentiment_ray.train.data import load_labelled
 from sentiment_ray.labels import LabelSet
+from sentiment_ray.train.data import load_labelled
 
 pytest.importorskip("moto", reason="moto[server] (dev extra) runs the S3 server")
 boto3 = pytest.importorskip("boto3")
@@ -70,8 +80,11 @@ def s3(tmp_path_factory):
         "AWS_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    server = start_server(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/",
-                          tmp_path_factory.mktemp("moto") / "moto.log")
+    server = start_server(
+        ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        f"{endpoint}/moto-api/",
+        tmp_path_factory.mktemp("moto") / "moto.log",
+    )
     patch = pytest.MonkeyPatch()
     try:
         for key, value in env.items():
@@ -131,7 +144,10 @@ def test_manifests_and_json_outputs_mask_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     record = manifest.build_manifest(
         {"data": {"train_path": f"s3://k:{SECRET}@b/x"}, "note": f"key {SECRET}"},
-        data_fingerprint=None, backend="hf", device="cpu", code_version=None,
+        data_fingerprint=None,
+        backend="hf",
+        device="cpu",
+        code_version=None,
         extra={"run_dir": f"s3://b/runs?session_token={SECRET}"},
     )
     assert_no_secret("build_manifest", json.dumps(record))
@@ -164,7 +180,9 @@ def test_errors_for_missing_objects_name_the_uri_and_never_the_secret(s3):
         with pytest.raises(DataError) as err:
             call()
         errors.append(str(err.value))
-    assert "no such file" in errors[0] and "no files match" in errors[1] and "no such file" in errors[2]
+    assert "no such file" in errors[0]
+    assert "no files match" in errors[1]
+    assert "no such file" in errors[2]
     for message in errors:
         assert message.startswith("s3://")
         assert_no_secret("a DataError", message)
@@ -178,7 +196,10 @@ def test_an_object_store_write_fault_is_one_line_naming_the_uri_and_never_the_se
         Storage(missing).write_json("summary.json", {"a": 1})
     message = str(err.value)
     # pyarrow checks the bucket when making the folder: "<uri>: cannot create the folder: Bucket ... not found"
-    assert message.startswith(f"{missing}") and ": cannot " in message and "not found" in message and "\n" not in message
+    assert message.startswith(f"{missing}")
+    assert ": cannot " in message
+    assert "not found" in message
+    assert "\n" not in message
     assert_no_secret("a StorageIOError", message)
 
 
@@ -189,7 +210,8 @@ def test_the_lock_on_an_object_store_admits_one_job(s3):
 
     folder = Storage(f"s3://{BUCKET}/locked-{uuid.uuid4().hex[:6]}")
     with Lease(folder, purpose="label", settle_s=0.2) as first:
-        assert not first.local and json.loads(folder.read_bytes(LOCK_FILE))["owner"] == first.token
+        assert not first.local
+        assert json.loads(folder.read_bytes(LOCK_FILE))["owner"] == first.token
         with pytest.raises(LockHeld, match=f"pid {os.getpid()} on host"):
             Lease(folder, purpose="label", settle_s=0.2).acquire()
         first.renew()
@@ -231,8 +253,11 @@ def test_a_saved_hf_dataset_in_s3_loads_through_the_s3_extra(s3, tmp_path):
     assert loaded.table.column("sentence").to_pylist() == [r["sentence"] for r in rows]
     assert loaded.table.column("label").to_pylist() == [r["label"] for r in rows]
     with pytest.raises(DataError) as err:
-        load_labelled(HFDatasetConfig(name=f"s3://{BUCKET}/datasets/nothing", split="train", load_from_disk=True),
-                      cfg.data, LabelSet(cfg.prompt.labels))
+        load_labelled(
+            HFDatasetConfig(name=f"s3://{BUCKET}/datasets/nothing", split="train", load_from_disk=True),
+            cfg.data,
+            LabelSet(cfg.prompt.labels),
+        )
     assert str(err.value).startswith(f"hf:s3://{BUCKET}/datasets/nothing:train: cannot load the dataset")
     assert_no_secret("a DataError", str(err.value))
 
@@ -247,22 +272,33 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
 
     train_rows = demo_rows(120)
     s3.put("in/train.csv", to_csv(train_rows + [dict(train_rows[0], ID="bad-1", label="Neutral")]))
-    cfg_path = write_tiny_config(tmp_path / "tiny-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/train.csv", f"s3://{BUCKET}/runs", "tiny-s3")
+    cfg_path = write_tiny_config(
+        tmp_path / "tiny-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/train.csv", f"s3://{BUCKET}/runs", "tiny-s3"
+    )
     env = {**os.environ, **s3.env, "SENTIMENT_RAY_GIT_COMMIT": "test"}
 
     train = run_job(["jobs/train.py", "--config", str(cfg_path)], env)
     assert train.returncode == 0, train.stderr[-4000:]
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     run_dir = f"s3://{BUCKET}/runs/tiny-s3"
-    assert summary["run_dir"] == run_dir and summary["adapter"] == f"{run_dir}/adapter" and summary["steps"] == 2
+    assert summary["run_dir"] == run_dir
+    assert summary["adapter"] == f"{run_dir}/adapter"
+    assert summary["steps"] == 2
     run_keys = s3.keys("runs/tiny-s3/")
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json", "manifest.json",
-                 "quarantine.jsonl", "validation_predictions.parquet"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.json",
+        "manifest.json",
+        "quarantine.jsonl",
+        "validation_predictions.parquet",
+    ):
         assert f"runs/tiny-s3/{name}" in run_keys, run_keys
     assert any("/checkpoint-" in k for k in run_keys), "Ray Train's checkpoint is in S3"
     assert json.loads(s3.get("runs/tiny-s3/quarantine.jsonl"))["values"]["ID"] == "bad-1"
     run_manifest = json.loads(s3.get("runs/tiny-s3/manifest.json"))
-    assert run_manifest["run_dir"] == run_dir and run_manifest["data_files"]["train"] == [f"s3://{BUCKET}/in/train.csv"]
+    assert run_manifest["run_dir"] == run_dir
+    assert run_manifest["data_files"]["train"] == [f"s3://{BUCKET}/in/train.csv"]
 
     # Labelling: Parquet + CSV inputs in S3, the adapter from S3, the outputs into S3.
     unlabelled = demo_rows(50, start=500)
@@ -271,33 +307,63 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
     s3.put("unlabelled/part-0.parquet", pq_buffer.getvalue().to_pybytes())
     s3.put("unlabelled/part-1.csv", to_csv(unlabelled[30:]))
     label = run_job(
-        ["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/unlabelled/",
-         "--adapter", f"{run_dir}/adapter", "--output", f"s3://{BUCKET}/labels", "--rows-per-unit", "20",
-         "label.write_submission=true"],
+        [
+            "jobs/label.py",
+            "--config",
+            str(cfg_path),
+            "--input",
+            f"s3://{BUCKET}/unlabelled/",
+            "--adapter",
+            f"{run_dir}/adapter",
+            "--output",
+            f"s3://{BUCKET}/labels",
+            "--rows-per-unit",
+            "20",
+            "label.write_submission=true",
+        ],
         env,
     )
     assert label.returncode == 0, label.stderr[-4000:]
     label_summary = json.loads(label.stdout.strip().splitlines()[-1])
-    assert label_summary["rows"] == label_summary["labelled"] == 50 and label_summary["adapter"].startswith("adapter@")
+    assert label_summary["rows"] == label_summary["labelled"] == 50
+    assert label_summary["adapter"].startswith("adapter@")
     shards = [k for k in s3.keys("labels/predictions/") if k.endswith(".parquet")]
     ids = []
     for key in shards:
         ids.extend(pq.read_table(pa.BufferReader(s3.get(key))).column("ID").to_pylist())
     assert sorted(ids) == sorted(r["ID"] for r in unlabelled)  # every input ID exactly once
     submission = s3.get("labels/submission.csv").decode().splitlines()
-    assert submission[0] == "ID,label" and [line.split(",")[0] for line in submission[1:]] == [r["ID"] for r in unlabelled]
+    assert submission[0] == "ID,label"
+    assert [line.split(",")[0] for line in submission[1:]] == [r["ID"] for r in unlabelled]
     assert label_summary["metrics"]["n"] == 50
 
     # A failing read of a missing object: a clean error naming the URI, not the secret.
-    missing = run_job(["jobs/label.py", "--config", str(cfg_path), "--input", f"s3://{BUCKET}/nowhere/*.csv",
-                    "--output", f"s3://{BUCKET}/labels-missing"], env, timeout=300)
-    assert missing.returncode == 1 and f"s3://{BUCKET}/nowhere/*.csv: no files match" in missing.stderr
+    missing = run_job(
+        [
+            "jobs/label.py",
+            "--config",
+            str(cfg_path),
+            "--input",
+            f"s3://{BUCKET}/nowhere/*.csv",
+            "--output",
+            f"s3://{BUCKET}/labels-missing",
+        ],
+        env,
+        timeout=300,
+    )
+    assert missing.returncode == 1
+    assert f"s3://{BUCKET}/nowhere/*.csv: no files match" in missing.stderr
 
     for name, proc in (("train", train), ("label", label), ("failing label", missing)):
         assert_no_secret(f"{name} stdout", proc.stdout)
         assert_no_secret(f"{name} stderr", proc.stderr)
-    for key in ("runs/tiny-s3/manifest.json", "runs/tiny-s3/metrics.json", "labels/_manifest.json",
-                "labels/summary.json", "labels/metrics.json"):
+    for key in (
+        "runs/tiny-s3/manifest.json",
+        "runs/tiny-s3/metrics.json",
+        "labels/_manifest.json",
+        "labels/summary.json",
+        "labels/metrics.json",
+    ):
         assert_no_secret(key, s3.get(key))
     assert run_manifest["config"]["run"]["storage_path"] == f"s3://{BUCKET}/runs"
 
@@ -306,9 +372,19 @@ def test_train_then_label_end_to_end_on_s3_without_leaking_the_secret(s3, tiny_m
 def test_tune_experiment_and_best_adapter_live_in_s3(s3, tiny_model_dir, tmp_path):
     s3.put("in/tune.csv", to_csv(demo_rows(80)))
     cfg_path = write_tiny_config(
-        tmp_path / "tune-s3.yaml", tiny_model_dir, f"s3://{BUCKET}/in/tune.csv", f"s3://{BUCKET}/runs", "tiny-s3",
-        tune={"num_samples": 2, "max_concurrent_trials": 1, "scheduler": "fifo", "experiment_name": "tune-s3",
-              "metric": "val_accuracy", "search_space": {"lora.r": {"type": "choice", "values": [2, 4]}}},
+        tmp_path / "tune-s3.yaml",
+        tiny_model_dir,
+        f"s3://{BUCKET}/in/tune.csv",
+        f"s3://{BUCKET}/runs",
+        "tiny-s3",
+        tune={
+            "num_samples": 2,
+            "max_concurrent_trials": 1,
+            "scheduler": "fifo",
+            "experiment_name": "tune-s3",
+            "metric": "val_accuracy",
+            "search_space": {"lora.r": {"type": "choice", "values": [2, 4]}},
+        },
     )
     env = {**os.environ, **s3.env}
     env.pop("RAY_ADDRESS", None)
@@ -316,7 +392,8 @@ def test_tune_experiment_and_best_adapter_live_in_s3(s3, tiny_model_dir, tmp_pat
     assert tune.returncode == 0, tune.stderr[-4000:]
     summary = last_json_line(tune.stdout)
     exp = f"s3://{BUCKET}/runs/tune-s3"
-    assert summary["experiment"] == exp and summary["best_dir"] == f"{exp}/best"
+    assert summary["experiment"] == exp
+    assert summary["best_dir"] == f"{exp}/best"
     assert summary["outcomes"].get("completed") == 2, summary
     keys = s3.keys("runs/tune-s3/")
     for name in ("trials.csv", "metric_vs_step.png", "best/adapter/adapter_config.json", "best/trial.json"):

@@ -25,12 +25,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from tiny_model import DEMO_CSV, demo_rows
 
 from sentiment_ray.config import ExperimentConfig
 from sentiment_ray.io.lease import LOCK_FILE
 from sentiment_ray.io.values import DataError
 from sentiment_ray.label.plan import LabelRunError
-from tiny_model import DEMO_CSV, demo_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_JOB = str(REPO_ROOT / "jobs" / "label.py")
@@ -134,14 +134,16 @@ def test_a_local_run_listens_on_loopback_only_and_flags_prompt_markers(ray_addre
         watcher.join()
     seen.update(listening(cluster_pids()))
     exposed = sorted((ip, port) for ip, port, _ in seen if not is_loopback(ip))
-    assert seen and exposed == [], f"listening beyond loopback: {exposed}"
+    assert seen, f"listening beyond loopback: {exposed}"
+    assert exposed == [], f"listening beyond loopback: {exposed}"
     assert len({pid for *_, pid in seen}) >= 5  # GCS, raylet, dashboard, agents, workers, the actor
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     assert os.environ.get("RAY_AUTH_MODE") == "token"  # Ray's token authentication is on
 
     table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out" / "predictions").glob("*.parquet"))])
     flagged = [i for i, f in zip(table.column("ID").to_pylist(), table.column("prompt_markers").to_pylist()) if f]
-    assert flagged == [rows[5]["ID"]] and summary["prompt_markers"] == 1
+    assert flagged == [rows[5]["ID"]]
+    assert summary["prompt_markers"] == 1
 
 
 # ----------------------------------------------------------------------------- one writer per output
@@ -155,7 +157,19 @@ def test_two_jobs_on_one_output_one_is_refused_and_the_others_output_is_exact(ra
     env = job_env(ray_address)
 
     def command(input_dir: str, *extra: str) -> list[str]:
-        return [sys.executable, LABEL_JOB, "--config", cfg, "--input", input_dir, "--output", str(out), "--rows-per-unit", "6", *extra]
+        return [
+            sys.executable,
+            LABEL_JOB,
+            "--config",
+            cfg,
+            "--input",
+            input_dir,
+            "--output",
+            str(out),
+            "--rows-per-unit",
+            "6",
+            *extra,
+        ]
 
     first = subprocess.Popen(command(str(tmp_path / "a")), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -165,7 +179,9 @@ def test_two_jobs_on_one_output_one_is_refused_and_the_others_output_is_exact(ra
         assert first.poll() is None, first.communicate()[1][-3000:]
         # While it runs: another input into the same folder, and the same input with --overwrite.
         other = subprocess.Popen(command(str(tmp_path / "b")), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        overwrite = subprocess.Popen(command(str(tmp_path / "a"), "--overwrite"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        overwrite = subprocess.Popen(
+            command(str(tmp_path / "a"), "--overwrite"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         committed_before = len(markers(out))
         results = [p.communicate(timeout=120) for p in (other, overwrite)]
         assert first.poll() is None, "the first job ended before the others tried: the race was not tested"
@@ -173,7 +189,8 @@ def test_two_jobs_on_one_output_one_is_refused_and_the_others_output_is_exact(ra
     finally:
         stdout, stderr = first.communicate(timeout=300)
     for proc, (o, e) in zip((other, overwrite), results):
-        assert proc.returncode == 1 and o == ""
+        assert proc.returncode == 1
+        assert o == ""
         [line] = error_lines(e)
         assert f"error: {out} is in use by another label job, pid {first.pid} on host " in line
     assert committed_after >= committed_before  # --overwrite deleted nothing under the live job
@@ -182,9 +199,11 @@ def test_two_jobs_on_one_output_one_is_refused_and_the_others_output_is_exact(ra
     summary = json.loads(stdout.strip().splitlines()[-1])
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["input"] == summary["input"] == str(tmp_path / "a")
-    assert sorted(predicted_ids(out)) == sorted(a_ids) and len(predicted_ids(out)) == 1200
+    assert sorted(predicted_ids(out)) == sorted(a_ids)
+    assert len(predicted_ids(out)) == 1200
     assert {m["plan_id"] for m in markers(out)} == {manifest["plan_id"]} == {summary["plan_id"]}
-    assert summary["rows"] == 1200 and not (out / LOCK_FILE).exists()
+    assert summary["rows"] == 1200
+    assert not (out / LOCK_FILE).exists()
 
 
 def test_a_killed_jobs_lock_is_taken_over_by_the_rerun(ray_address, tiny_model_dir, tmp_path, caplog):
@@ -198,8 +217,18 @@ def test_a_killed_jobs_lock_is_taken_over_by_the_rerun(ray_address, tiny_model_d
     ids = write_csv(tmp_path / "in.csv", demo_rows(0, 120))
     out = tmp_path / "out"
     cfg = make_cfg(tiny_model_dir)
-    command = [sys.executable, LABEL_JOB, "--config", config_file(tmp_path, cfg), "--input", str(tmp_path / "in.csv"),
-               "--output", str(out), "--rows-per-unit", "6"]
+    command = [
+        sys.executable,
+        LABEL_JOB,
+        "--config",
+        config_file(tmp_path, cfg),
+        "--input",
+        str(tmp_path / "in.csv"),
+        "--output",
+        str(out),
+        "--rows-per-unit",
+        "6",
+    ]
     driver = subprocess.Popen(command, env=job_env(ray_address), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and driver.poll() is None and not markers(out):
@@ -210,7 +239,8 @@ def test_a_killed_jobs_lock_is_taken_over_by_the_rerun(ray_address, tiny_model_d
     with caplog.at_level(logging.WARNING):
         summary = label_dataset(cfg, str(tmp_path / "in.csv"), str(out), rows_per_unit=6)
     assert f"process {driver.pid} no longer runs" in caplog.text
-    assert 0 < summary["units"]["labelled_now"] < summary["units"]["total"] and sorted(predicted_ids(out)) == sorted(ids)
+    assert 0 < summary["units"]["labelled_now"] < summary["units"]["total"]
+    assert sorted(predicted_ids(out)) == sorted(ids)
 
 
 # ----------------------------------------------------------------------------- input content
@@ -219,7 +249,8 @@ def test_a_killed_jobs_lock_is_taken_over_by_the_rerun(ray_address, tiny_model_d
 def edit_in_place(path: Path, old: bytes, new: bytes) -> None:
     stat = path.stat()
     data = path.read_bytes()
-    assert len(old) == len(new) and data.count(old) == 1
+    assert len(old) == len(new)
+    assert data.count(old) == 1
     path.write_bytes(data.replace(old, new))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
@@ -236,7 +267,9 @@ def test_a_same_size_in_place_edit_of_the_input_is_detected(ray_address, tiny_mo
     label_dataset(cfg, str(source), str(out), rows_per_unit=10)
     old = rows[3]["sentence"].encode()
     edit_in_place(source, old, old.upper() if old.upper() != old else old[::-1])
-    with pytest.raises(LabelRunError, match=r"input changed since the run was planned .*in\.csv: rows 1-10; rerun with --overwrite"):
+    with pytest.raises(
+        LabelRunError, match=r"input changed since the run was planned .*in\.csv: rows 1-10; rerun with --overwrite"
+    ):
         label_dataset(cfg, str(source), str(out))
     assert label_dataset(cfg, str(source), str(out), overwrite=True, rows_per_unit=10)["units"]["labelled_now"] == 6
 
@@ -274,13 +307,17 @@ def test_unwritable_output_and_unreadable_input_are_one_line(tiny_model_dir, tmp
     unreadable.chmod(0o000)
     try:
         cases = {
-            "output": ([str(tmp_path / "in.csv"), str(locked)], f"error: {locked}/{LOCK_FILE}: cannot create the lock file: permission denied"),
+            "output": (
+                [str(tmp_path / "in.csv"), str(locked)],
+                f"error: {locked}/{LOCK_FILE}: cannot create the lock file: permission denied",
+            ),
             "input": ([str(unreadable), str(tmp_path / "out")], f"error: {unreadable}: permission denied (cannot read it)"),
         }
         for name, ((source, output), expected) in cases.items():
             command = [sys.executable, LABEL_JOB, "--config", cfg, "--input", source, "--output", output]
             done = subprocess.run(without_root_override(command), env=env, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 1 and done.stdout == "", (name, done.stderr[-2000:])
+            assert done.returncode == 1, (name, done.stderr[-2000:])
+            assert done.stdout == "", (name, done.stderr[-2000:])
             [line] = error_lines(done.stderr)
             assert line.startswith(expected), (name, line)
             assert "Traceback" not in done.stderr, name
@@ -320,18 +357,29 @@ def test_a_full_disk_in_the_driver_is_one_line_with_the_trace_in_a_log(tiny_mode
     out = tmp_path / "out"
     monkeypatch.setenv("SENTIMENT_RAY_CACHE", str(tmp_path / "cache"))
     with failing_writes(monkeypatch, "_manifest.json", errno.ENOSPC):
-        rc = main(["label", "--config", config_file(tmp_path, make_cfg(tiny_model_dir)), "--input", str(tmp_path / "in.csv"),
-                   "--output", str(out)])
+        rc = main(
+            [
+                "label",
+                "--config",
+                config_file(tmp_path, make_cfg(tiny_model_dir)),
+                "--input",
+                str(tmp_path / "in.csv"),
+                "--output",
+                str(out),
+            ]
+        )
     err = capsys.readouterr().err
     assert rc == 1
     [line] = error_lines(err)
-    assert line.startswith(f"error: {out}/_manifest.json: cannot write: no space left on device (disk full) (full trace: {tmp_path}/cache/logs/label-")
+    assert line.startswith(
+        f"error: {out}/_manifest.json: cannot write: no space left on device (disk full) (full trace: {tmp_path}/cache/logs/label-"
+    )
     log = Path(line.rsplit("(full trace: ", 1)[1].rstrip(")"))
     assert "No space left on device" in log.read_text()
     assert not out.exists()  # no manifest, no temporary, the lock released: the folder it made is gone
 
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import contextlib, errno, os
 pattern = os.environ.get("SENTIMENT_RAY_TEST_FULL_DISK")
 if pattern:
@@ -347,7 +395,7 @@ if pattern:
             yield out
 
     storage.Storage.atomic_writer = writer
-'''
+"""
 
 
 def test_a_full_disk_in_an_actor_is_one_line_and_the_rerun_resumes(ray_address, tiny_model_dir, tmp_path):
@@ -363,8 +411,18 @@ def test_a_full_disk_in_an_actor_is_one_line_and_the_rerun_resumes(ray_address, 
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     cfg = make_cfg(tiny_model_dir)
-    command = [sys.executable, LABEL_JOB, "--config", config_file(tmp_path, cfg), "--input", str(tmp_path / "in.csv"),
-               "--output", str(out), "--rows-per-unit", "10"]
+    command = [
+        sys.executable,
+        LABEL_JOB,
+        "--config",
+        config_file(tmp_path, cfg),
+        "--input",
+        str(tmp_path / "in.csv"),
+        "--output",
+        str(out),
+        "--rows-per-unit",
+        "10",
+    ]
     env = job_env(
         None,  # its own local cluster, whose workers load the sitecustomize
         PYTHONPATH=os.pathsep.join([str(site), str(REPO_ROOT)]),
@@ -372,19 +430,22 @@ def test_a_full_disk_in_an_actor_is_one_line_and_the_rerun_resumes(ray_address, 
         SENTIMENT_RAY_CACHE=str(tmp_path / "cache"),
     )
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 1 and done.stdout == "", done.stderr[-3000:]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stdout == "", done.stderr[-3000:]
     [line] = error_lines(done.stderr)
     assert line.startswith(f"error: {out}/predictions/part-000003-"), line
     assert ".parquet: cannot write: no space left on device (disk full) (full trace: " in line
     log = Path(line.rsplit("(full trace: ", 1)[1].rstrip(")")).read_text()
-    assert "in the actor labelling" in log and "No space left on device" in log
+    assert "in the actor labelling" in log
+    assert "No space left on device" in log
     assert "UserCodeException" not in done.stderr
 
     committed = {m["unit_id"] for m in markers(out)}
     assert not any(u.startswith("part-000003-") for u in committed)
     assert not list((out / "predictions").glob(".*tmp-*"))  # the failed write left no temporary
     summary = label_dataset(cfg, str(tmp_path / "in.csv"), str(out))
-    assert summary["units"]["labelled_now"] == 6 - len(committed) and sorted(predicted_ids(out)) == sorted(ids)
+    assert summary["units"]["labelled_now"] == 6 - len(committed)
+    assert sorted(predicted_ids(out)) == sorted(ids)
 
 
 # ----------------------------------------------------------------------------- bounded fields
@@ -406,13 +467,19 @@ def test_a_5mb_field_is_labelled_with_bounded_actor_memory(ray_address, tiny_mod
     summary = label_dataset(cfg, str(tmp_path / "big.csv"), str(tmp_path / "out-big"))
     [small_marker], [big_marker] = markers(tmp_path / "out-small"), markers(tmp_path / "out-big")
     growth = big_marker["peak_rss_mb"] - small_marker["peak_rss_mb"]
-    print(f"actor peak RSS: {small_marker['peak_rss_mb']} MiB (a 20,000-character row), {big_marker['peak_rss_mb']} MiB (the 5 MB row)")
+    print(
+        f"actor peak RSS: {small_marker['peak_rss_mb']} MiB (a 20,000-character row), {big_marker['peak_rss_mb']} MiB (the 5 MB row)"
+    )
     assert growth < 200, f"the 5 MB field grew the actor by {growth:.0f} MiB"
-    assert summary["text_cut"] == 1 and summary["truncated"] >= 1 and summary["labelled"] == 8
-    assert baseline["text_cut"] == 0 and baseline["truncated"] == 1
+    assert summary["text_cut"] == 1
+    assert summary["truncated"] >= 1
+    assert summary["labelled"] == 8
+    assert baseline["text_cut"] == 0
+    assert baseline["truncated"] == 1
     table = pq.read_table(next((tmp_path / "out-big" / "predictions").glob("*.parquet")))
     row = table.column("ID").to_pylist().index(big[2]["ID"])
-    assert len(table.column("sentence")[row].as_py()) == 5_000_000 and table.column("truncated")[row].as_py()
+    assert len(table.column("sentence")[row].as_py()) == 5_000_000
+    assert table.column("truncated")[row].as_py()
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -432,9 +499,12 @@ def test_a_pickle_adapter_is_refused_before_anything_unpickles_it(tiny_model_dir
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
     write_csv(tmp_path / "in.csv", demo_rows(0, 4))
-    with pytest.raises(LabelRunError, match=r"adapter_model\.bin: the adapter's weights are a pickle file.*model\.allow_unsafe_weights=true"):
+    with pytest.raises(
+        LabelRunError, match=r"adapter_model\.bin: the adapter's weights are a pickle file.*model\.allow_unsafe_weights=true"
+    ):
         label_dataset(make_cfg(tiny_model_dir), str(tmp_path / "in.csv"), str(tmp_path / "out"), str(adapter))
-    assert not (tmp_path / "payload-ran").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "payload-ran").exists()
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- training resume
@@ -445,9 +515,20 @@ def train_cfg(model_dir: str, storage: Path, **train) -> ExperimentConfig:
         model={"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
         lora={"r": 16, "alpha": 16, "gradient_checkpointing": "false"},
         data={"train_path": str(DEMO_CSV), "validation_fraction": 0.1, "max_train_rows": 32, "max_validation_rows": 16},
-        train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2, "warmup_steps": 0,
-               "optim": "adamw_torch", "packing": False, "eval_batch_size": 16, "zero_shot_eval": False, "seed": 0,
-               "learning_rate": 3e-4, "save_steps": 2, **train},
+        train={
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "optim": "adamw_torch",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": False,
+            "seed": 0,
+            "learning_rate": 3e-4,
+            "save_steps": 2,
+            **train,
+        },
         run={"name": "resume", "storage_path": str(storage), "use_gpu": "false", "num_workers": 1, "cpus_per_worker": 1},
     )
 
@@ -469,14 +550,18 @@ def test_a_resume_with_changed_settings_is_refused_and_a_larger_max_steps_resume
     path = config_file(tmp_path, cfg)
     assert main(["train", "--config", path, "lora.r=8"]) == 1
     [line] = error_lines(capsys.readouterr().err)
-    assert "holds a run trained with other settings" in line and "lora.r (16 -> 8)" in line and "--new-run" in line
+    assert "holds a run trained with other settings" in line
+    assert "lora.r (16 -> 8)" in line
+    assert "--new-run" in line
     assert json.loads((run_dir / "manifest.json").read_text()) == manifest
 
     longer = run_training(train_cfg(tiny_model_dir, tmp_path / "runs", max_steps=4))
-    assert longer["resumed_from_step"] == 2 and longer["steps"] == 4
+    assert longer["resumed_from_step"] == 2
+    assert longer["steps"] == 4
     assert json.loads((run_dir / "manifest.json").read_text())["config"]["train"]["learning_rate"] == 3e-4
 
     fresh = run_training(changed, new_run=True)  # --new-run: the changed settings from step 0
-    assert fresh["resumed_from_step"] == 0 and fresh["steps"] == 4
+    assert fresh["resumed_from_step"] == 0
+    assert fresh["steps"] == 4
     assert json.loads((run_dir / "run_definition.json").read_text())["definition"]["train.learning_rate"] == 1e-3
     assert not (run_dir / LOCK_FILE).exists()

@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_model import DEMO_CSV
 
 from sentiment_ray.config import PromptConfig
 from sentiment_ray.labels import LabelSet
 from sentiment_ray.prompts import PromptTemplate
-from tiny_model import DEMO_CSV
 
 TEMPLATE = PromptTemplate.from_config(PromptConfig())
 LABELS = LabelSet(["Positive", "Negative"])
@@ -56,7 +56,8 @@ def test_probs_are_distributions_in_label_order(tiny):
 
     scorer = make_scorer(tiny)
     result = scorer.score(SENTENCES)
-    assert result.probs.dtype == np.float32 and result.probs.shape == (len(SENTENCES), 2)
+    assert result.probs.dtype == np.float32
+    assert result.probs.shape == (len(SENTENCES), 2)
     np.testing.assert_allclose(result.probs.sum(axis=1), 1.0, atol=1e-6)
     assert ((result.probs > 0) & (result.probs < 1)).all()
     assert not result.truncated.any()
@@ -154,7 +155,8 @@ def test_truncation_cuts_only_the_sentence_of_long_rows(tiny):
     # The kept sentence text is a prefix of the original.
     kept = prompts[1][len(TEMPLATE.prompt("")) - len(TEMPLATE.separator + TEMPLATE.response_header) :]
     kept = kept[: -len(TEMPLATE.separator + TEMPLATE.response_header)]
-    assert long_sentence.startswith(kept) and 10 < len(kept) < len(long_sentence)
+    assert long_sentence.startswith(kept)
+    assert 10 < len(kept) < len(long_sentence)
 
     scorer = make_scorer(tiny, max_length=max_length)
     result = scorer.score(sentences)
@@ -178,7 +180,8 @@ def test_non_text_input_names_the_row(tiny):
 
 def test_empty_input(tiny):
     result = make_scorer(tiny).score([])
-    assert result.probs.shape == (0, 2) and result.prompt_tokens == 0
+    assert result.probs.shape == (0, 2)
+    assert result.prompt_tokens == 0
 
 
 def test_generate_counts_parse_failures(tiny):
@@ -213,14 +216,17 @@ def test_validation_scoring_reports_metrics_and_ece(tiny):
     assert scores.predicted() == predicted
     assert report["n"] == 16
     assert report["accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(predicted, labels)]))
-    assert 0.0 <= report["ece"] <= 1.0 and sum(b["count"] for b in report["calibration_bins"]) == 16
+    assert 0.0 <= report["ece"] <= 1.0
+    assert sum(b["count"] for b in report["calibration_bins"]) == 16
     assert set(report["per_language"]) == {"en", "es"}
-    assert report["prompt_tokens"] == scores.prompt_tokens and report["truncated"] == int(scores.truncated.sum())
+    assert report["prompt_tokens"] == scores.prompt_tokens
+    assert report["truncated"] == int(scores.truncated.sum())
 
 
 @pytest.mark.slow
 def test_demo_model_scores_demo_sentences(demo_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from sentiment_ray.scoring import LabelScorer
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
@@ -238,6 +244,7 @@ def test_demo_model_scores_demo_sentences(demo_model_dir):
 def test_non_finite_logits_error_names_the_rows(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from sentiment_ray.scoring import ScoringError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -281,9 +288,11 @@ def test_the_shared_prefix_runs_once_and_gives_the_same_probabilities_as_whole_p
     sentences, _ = _demo_rows(40)
     sentences += SENTENCES + [" leading space", "\nleading newline"]
     reused = LabelScorer(model, tokenizer, TEMPLATE, LABELS, max_length=128, batch_size=None, max_batch_tokens=512)
-    whole = LabelScorer(model, tokenizer, TEMPLATE, LABELS, max_length=128, batch_size=None, max_batch_tokens=512,
-                        reuse_prefix=False)
-    assert len(reused.prefix_ids) > 10 and whole.prefix_ids == []
+    whole = LabelScorer(
+        model, tokenizer, TEMPLATE, LABELS, max_length=128, batch_size=None, max_batch_tokens=512, reuse_prefix=False
+    )
+    assert len(reused.prefix_ids) > 10
+    assert whole.prefix_ids == []
     a, b = reused.score(sentences), whole.score(sentences)
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)

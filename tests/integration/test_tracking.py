@@ -20,7 +20,8 @@ def test_store_resolution(tiny_cfg, tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = str(tmp_path / "runs" / "x")
     uri, artifacts = tracking.resolve_store(tiny_cfg, run_dir)
-    assert uri == f"sqlite:///{run_dir}/mlflow/mlflow.db" and artifacts == Path(run_dir, "mlflow", "artifacts").as_uri()
+    assert uri == f"sqlite:///{run_dir}/mlflow/mlflow.db"
+    assert artifacts == Path(run_dir, "mlflow", "artifacts").as_uri()
     assert os.path.isdir(os.path.join(run_dir, "mlflow"))
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
@@ -35,7 +36,8 @@ def test_store_resolution(tiny_cfg, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(tracking, "FALLBACK_DIR", tmp_path / "fallback")
     with caplog.at_level("WARNING"):
         uri, _ = tracking.resolve_store(tiny_cfg, "s3://bucket/runs/x")
-    assert uri == f"sqlite:///{tmp_path}/fallback/mlflow.db" and "not local" in caplog.text
+    assert uri == f"sqlite:///{tmp_path}/fallback/mlflow.db"
+    assert "not local" in caplog.text
 
 
 def test_enabled_modes_and_params(tiny_cfg, monkeypatch):
@@ -50,8 +52,10 @@ def test_enabled_modes_and_params(tiny_cfg, monkeypatch):
     assert not tracking.enabled(tiny_cfg)
 
     params = tracking.flatten(tiny_cfg.model_dump(mode="json"))
-    assert params["train.learning_rate"] == str(tiny_cfg.train.learning_rate) and params["lora.r"] == "4"
-    assert params["prompt.labels"] == '["Positive", "Negative"]' and params["run.name"] == "tiny"
+    assert params["train.learning_rate"] == str(tiny_cfg.train.learning_rate)
+    assert params["lora.r"] == "4"
+    assert params["prompt.labels"] == '["Positive", "Negative"]'
+    assert params["run.name"] == "tiny"
 
 
 def test_tracking_errors_never_stop_training(tiny_cfg, tmp_path, caplog):
@@ -86,7 +90,8 @@ def test_step_metrics_reach_mlflow_in_batches_at_checkpoints_evaluations_and_the
     assert writes == [[({"loss": 1.0}, 1), ({"loss": 0.5}, 2), ({"loss": 1 / 3}, 3)]]
     reporter.last_eval_step, reporter.last_eval = 4, {"accuracy": 0.5, "macro_f1": 0.4, "ece": 0.1, "n": 8}
     step(4)
-    assert writes[1][0][1] == 4 and writes[1][0][0]["val_accuracy"] == 0.5  # an evaluation is written at once
+    assert writes[1][0][1] == 4
+    assert writes[1][0][0]["val_accuracy"] == 0.5  # an evaluation is written at once
     state = step(5)
     callback.on_train_end(None, state, None)
     assert [entries for entries in writes[2:]] == [[({"loss": 0.25}, 4), ({"loss": 0.2}, 5)]]
@@ -126,8 +131,10 @@ def _assert_training_run(client, run, cfg, steps: int) -> None:
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["lora.r"] == str(cfg.lora.r) and "train.learning_rate" in params
-    assert params["train.max_steps"] == str(steps) and params["model.backend"] == "hf"
+    assert params["lora.r"] == str(cfg.lora.r)
+    assert "train.learning_rate" in params
+    assert params["train.max_steps"] == str(steps)
+    assert params["model.backend"] == "hf"
     loss = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in loss) == list(range(1, steps + 1))  # logging_steps=1
     val = client.get_metric_history(run_id, "val_macro_f1")
@@ -156,8 +163,10 @@ def test_training_run_logs_params_step_metrics_final_metrics_and_adapter(ray_loc
     client = _client(run_dir)
     experiment = client.get_experiment_by_name("tracked")
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1 and runs[0].info.run_name == "tracked"
-    assert runs[0].data.tags[tracking.RUN_DIR_TAG] == str(run_dir) and runs[0].data.tags[tracking.KIND_TAG] == "train"
+    assert len(runs) == 1
+    assert runs[0].info.run_name == "tracked"
+    assert runs[0].data.tags[tracking.RUN_DIR_TAG] == str(run_dir)
+    assert runs[0].data.tags[tracking.KIND_TAG] == "train"
     _assert_training_run(client, runs[0], cfg, 4)
     assert runs[0].data.params["train.learning_rate"] == str(cfg.train.learning_rate)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -168,10 +177,11 @@ def test_training_run_logs_params_step_metrics_final_metrics_and_adapter(ray_loc
     assert Path(local).read_text() == (run_dir / "adapter" / "adapter_config.json").read_text()
 
     # `sentiment-ray eval` on the run folder reads validation_predictions.parquet: same metrics.
-    from sentiment_ray.evaluate import evaluate_to_report
+    from sentiment_ray.eval.recipe import evaluate_to_report
 
     evaluated = evaluate_to_report(predictions=str(run_dir))
-    assert evaluated["report"] == str(run_dir / "eval-report.html") and evaluated["n"] == metrics["fine_tuned"]["n"]
+    assert evaluated["report"] == str(run_dir / "eval-report.html")
+    assert evaluated["n"] == metrics["fine_tuned"]["n"]
     assert evaluated["accuracy"] == pytest.approx(metrics["fine_tuned"]["accuracy"])
     assert evaluated["ece"] == pytest.approx(metrics["fine_tuned"]["ece"], abs=1e-6)
 
@@ -194,10 +204,13 @@ def test_tune_logs_a_parent_run_with_one_nested_run_per_trial(ray_local, tiny_cf
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "tune"]
     trials = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "tune_trial"]
-    assert len(parents) == 1 and len(trials) == 2
+    assert len(parents) == 1
+    assert len(trials) == 2
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "tracked-tune"
-    assert parent.data.metrics["trials"] == 2 and "best_val_macro_f1" in parent.data.metrics
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "tracked-tune"
+    assert parent.data.metrics["trials"] == 2
+    assert "best_val_macro_f1" in parent.data.metrics
     assert parent.data.tags["sentiment_ray.best_trial"] == summary["best_trial"]
     assert "train.learning_rate" in parent.data.params["tune.search_space"]
     assert {"trials.csv", "metric_vs_step.png"} <= _artifact_paths(client, parent.info.run_id)

@@ -32,11 +32,27 @@ def make_cfg(model_dir: str, storage: Path, name: str = "tiny", **sections) -> E
         "model": {"name": model_dir, "backend": "hf", "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
         "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "false"},
         "data": {"train_path": str(DEMO_CSV), "validation_fraction": 0.1, "max_train_rows": 64, "max_validation_rows": 32},
-        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4, "warmup_steps": 0,
-                  "optim": "adamw_torch", "packing": False, "eval_batch_size": 16, "zero_shot_eval": True, "seed": 0,
-                  "learning_rate": 1e-3, "save_steps": 2},
-        "run": {"name": name, "storage_path": str(storage), "use_gpu": "false", "num_workers": 1, "cpus_per_worker": 1,
-                "checkpoints_to_keep": 2},
+        "train": {
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 4,
+            "warmup_steps": 0,
+            "optim": "adamw_torch",
+            "packing": False,
+            "eval_batch_size": 16,
+            "zero_shot_eval": True,
+            "seed": 0,
+            "learning_rate": 1e-3,
+            "save_steps": 2,
+        },
+        "run": {
+            "name": name,
+            "storage_path": str(storage),
+            "use_gpu": "false",
+            "num_workers": 1,
+            "cpus_per_worker": 1,
+            "checkpoints_to_keep": 2,
+        },
     }
     for section, values in sections.items():
         raw[section].update(values)
@@ -67,10 +83,19 @@ def test_manifest_records_versions_commit_and_config(monkeypatch, tmp_path):
     import torch
 
     monkeypatch.setenv(manifest.GIT_COMMIT_ENV, "abc123")
-    m = manifest.build_manifest({"a": 1}, data_fingerprint={"train": "f"}, backend="hf", device="cpu",
-                                code_version=manifest.git_commit(), extra={"run_dir": "/x"})
-    assert m["git_commit"] == "abc123" and m["config"] == {"a": 1} and m["run_dir"] == "/x"
-    assert m["packages"]["torch"] == torch.__version__ and m["packages"]["unsloth"] is None
+    m = manifest.build_manifest(
+        {"a": 1},
+        data_fingerprint={"train": "f"},
+        backend="hf",
+        device="cpu",
+        code_version=manifest.git_commit(),
+        extra={"run_dir": "/x"},
+    )
+    assert m["git_commit"] == "abc123"
+    assert m["config"] == {"a": 1}
+    assert m["run_dir"] == "/x"
+    assert m["packages"]["torch"] == torch.__version__
+    assert m["packages"]["unsloth"] is None
     Storage(str(tmp_path)).write_json("m.json", m)
     assert json.loads((tmp_path / "m.json").read_text())["data_fingerprint"] == {"train": "f"}
     monkeypatch.delenv(manifest.GIT_COMMIT_ENV)
@@ -91,24 +116,34 @@ def test_sft_config_on_cpu(tiny_cfg, tmp_path):
     tiny_cfg.train.eval_steps = 5
     args = build_sft_config(tiny_cfg, cpu, str(tmp_path), world_size=1)
     assert args.optim == "adamw_torch"  # 8-bit AdamW needs bitsandbytes on CUDA
-    assert not args.bf16 and not args.fp16 and args.use_cpu  # TRL would default bf16 on
+    assert not args.bf16
+    assert not args.fp16
+    assert args.use_cpu  # TRL would default bf16 on
     assert not args.gradient_checkpointing  # the backend owns it
-    assert args.completion_only_loss is True and args.report_to == []
+    assert args.completion_only_loss is True
+    assert args.report_to == []
     assert args.save_steps == 5  # no save_steps: checkpoint at the evaluation cadence
     # padding_free=auto on CPU: padding-free rows; the records are pre-fitted to
     # max_seq_length, so TRL gets no max_length (it refuses one for unpacked padding-free rows).
-    assert args.padding_free and not args.packing and args.max_length is None and args.pad_to_multiple_of is None
+    assert args.padding_free
+    assert not args.packing
+    assert args.max_length is None
+    assert args.pad_to_multiple_of is None
 
     tiny_cfg.train.save_steps, tiny_cfg.train.loss_on, tiny_cfg.train.padding_free = 2, "full_text", "false"
     args = build_sft_config(tiny_cfg, cpu, str(tmp_path), world_size=1)
-    assert args.save_steps == 2 and args.completion_only_loss is None
-    assert not args.padding_free and args.max_length == tiny_cfg.model.max_seq_length
+    assert args.save_steps == 2
+    assert args.completion_only_loss is None
+    assert not args.padding_free
+    assert args.max_length == tiny_cfg.model.max_seq_length
     assert args.pad_to_multiple_of == tiny_cfg.train.pad_to_multiple_of
     tiny_cfg.train.save_steps = tiny_cfg.train.eval_steps = 0
     tiny_cfg.train.packing, tiny_cfg.train.padding_free = True, "auto"
     args = build_sft_config(tiny_cfg, cpu, str(tmp_path), 1)
     assert args.save_steps == tiny_cfg.train.max_steps
-    assert args.packing and args.padding_free and args.max_length == tiny_cfg.model.max_seq_length
+    assert args.packing
+    assert args.padding_free
+    assert args.max_length == tiny_cfg.model.max_seq_length
 
 
 def test_padding_free_resolution():
@@ -129,6 +164,7 @@ def _tiny_table(rows):
 
 def test_train_records_keep_the_label_of_overlong_sentences(tiny_cfg):
     from transformers import AutoTokenizer
+
     from sentiment_ray.train.data import build_train_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_cfg.model.name)
@@ -165,11 +201,13 @@ def test_bad_rows_are_quarantined_under_the_run_dir(tiny_cfg, tmp_path):
     assert splits.bad_rows == {"train": 1}
     assert splits.train.num_rows + splits.validation.num_rows == 20
     [entry] = [json.loads(line) for line in (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()]
-    assert entry["row"] == 21 and "label" in entry["reason"]
+    assert entry["row"] == 21
+    assert "label" in entry["reason"]
     # A configured quarantine path is used by rank 0 only; other ranks keep theirs local.
     tiny_cfg.data.quarantine_path = str(tmp_path / "q.jsonl")
     load_splits(tiny_cfg, labels, str(tmp_path / "rank1"), use_configured_quarantine=False)
-    assert (tmp_path / "rank1" / "quarantine.jsonl").is_file() and not (tmp_path / "q.jsonl").exists()
+    assert (tmp_path / "rank1" / "quarantine.jsonl").is_file()
+    assert not (tmp_path / "q.jsonl").exists()
     load_splits(tiny_cfg, labels, str(tmp_path / "run"))
     assert (tmp_path / "q.jsonl").is_file()
 
@@ -179,8 +217,7 @@ def _train_in_process(cfg, output_dir, rows=32):
     import torch
 
     from sentiment_ray.backends import get_backend
-    from sentiment_ray.train.data import load_labelled
-    from sentiment_ray.train.data import build_train_dataset
+    from sentiment_ray.train.data import build_train_dataset, load_labelled
     from sentiment_ray.train.trainer import build_sft_config, build_sft_trainer
 
     labels = LabelSet(cfg.prompt.labels)
@@ -207,7 +244,8 @@ def test_lora_weights_change_and_base_weights_match_the_model_file(tiny_cfg, tmp
     trainer.train()
     assert trainer.state.global_step == tiny_cfg.train.max_steps
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert len(losses) == tiny_cfg.train.max_steps and all(np.isfinite(losses))
+    assert len(losses) == tiny_cfg.train.max_steps
+    assert all(np.isfinite(losses))
 
     base_file = load_file(os.path.join(tiny_cfg.model.name, "model.safetensors"))
     checked = 0
@@ -257,8 +295,9 @@ def test_lora_weights_are_float32_at_the_first_optimizer_step_over_a_4bit_base_w
     lora_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     with _marked_as_4bit(model):
-        sft_trainer_class()(model=model, args=trainer.args, train_dataset=trainer.train_dataset,
-                            processing_class=trainer.processing_class)
+        sft_trainer_class()(
+            model=model, args=trainer.args, train_dataset=trainer.train_dataset, processing_class=trainer.processing_class
+        )
     assert trainable_dtypes(model.parameters()) == {"bfloat16": lora_elements}, "TRL no longer casts"
 
     class FirstStepDtypes(TrainerCallback):
@@ -272,8 +311,7 @@ def test_lora_weights_are_float32_at_the_first_optimizer_step_over_a_4bit_base_w
 
     first_step = FirstStepDtypes()
     with _marked_as_4bit(model):
-        trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class,
-                                    callbacks=[first_step])
+        trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class, callbacks=[first_step])
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
     assert first_step.seen == {"float32": lora_elements}
@@ -301,7 +339,6 @@ def _lora_update_over_3_sgd_steps(cfg, output_dir, rows):
     tokens of each micro-batch) of the project's trainer on `cfg`. Plain SGD: the update is
     the learning rate times the gradient, so a loss scaled differently shows (Adam's first
     steps would hide it)."""
-    import torch
 
     from sentiment_ray.train.trainer import build_sft_trainer, sft_trainer_class
 
@@ -314,8 +351,9 @@ def _lora_update_over_3_sgd_steps(cfg, output_dir, rows):
 
     cfg.train.optim, cfg.train.learning_rate, cfg.train.max_steps = "sgd", 0.5, 3
     model, trainer = _train_in_process(cfg, output_dir, rows=rows)
-    trainer = build_sft_trainer(model, trainer.args, trainer.train_dataset, trainer.processing_class,
-                                trainer_class=CountingTrainer)
+    trainer = build_sft_trainer(
+        model, trainer.args, trainer.train_dataset, trainer.processing_class, trainer_class=CountingTrainer
+    )
     assert len(trainer.train_dataset) >= 3 * 8  # three steps inside one epoch, whatever the cut
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
@@ -339,7 +377,7 @@ def test_the_update_is_the_same_however_the_global_batch_is_cut(tiny_cfg, tmp_pa
     whole, losses_1, tokens_1 = _lora_update_over_3_sgd_steps(tiny_cfg, tmp_path / "micro8", rows=64)
 
     assert (len(tokens_4), len(tokens_1)) == (12, 3)
-    assert [sum(tokens_4[i:i + 4]) for i in (0, 4, 8)] == tokens_1  # the same rows in each step
+    assert [sum(tokens_4[i : i + 4]) for i in (0, 4, 8)] == tokens_1  # the same rows in each step
     if packing or loss_on == "full_text":
         # Micro-batches of unequal label counts: a mean per micro-batch would weigh tokens otherwise.
         assert len(set(tokens_4)) > 1
@@ -363,13 +401,15 @@ def test_packed_batches_compute_the_same_loss_as_padded_ones(tiny_model_dir):
     rows = [{"input_ids": list(range(5, 17))}, {"input_ids": list(range(40, 47))}, {"input_ids": list(range(90, 110))}]
     padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
     packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
-    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    assert "attention_mask" not in packed
+    assert packed["input_ids"].shape[0] == 1
 
     def summed_nll(batch):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[:, :-1]
         labels = batch["labels"][:, 1:]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
 
     with torch.no_grad():
         assert torch.allclose(summed_nll(padded), summed_nll(packed), rtol=1e-5)
@@ -388,7 +428,8 @@ def test_padding_free_training_loss_equals_padded(tiny_cfg, tmp_path):
     _, padded = _train_in_process(tiny_cfg, tmp_path / "padded", rows=8)
     rows = [free.train_dataset[i] for i in range(8)]
     free_batch, padded_batch = free.data_collator(rows), padded.data_collator(rows)
-    assert free_batch["input_ids"].shape[0] == 1 and "attention_mask" not in free_batch
+    assert free_batch["input_ids"].shape[0] == 1
+    assert "attention_mask" not in free_batch
     assert padded_batch["input_ids"].shape[0] == 8
     model.eval()
     with torch.no_grad():
@@ -434,7 +475,8 @@ def test_packing_trains_on_cpu(tiny_cfg, tmp_path):
     tiny_cfg.train.max_steps = 2
     _, trainer = _train_in_process(tiny_cfg, tmp_path / "out", rows=48)
     batch = next(iter(trainer.get_train_dataloader()))
-    assert "position_ids" in batch and "attention_mask" not in batch  # padding-free packed rows
+    assert "position_ids" in batch
+    assert "attention_mask" not in batch  # padding-free packed rows
     trainer.train()
     assert trainer.state.global_step == 2
 
@@ -505,58 +547,96 @@ def test_run_writes_metrics_manifest_and_adapter(baseline):
 
     cfg, summary = baseline
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    assert summary["run_dir"] == str(run_dir) and summary["adapter"] == str(run_dir / "adapter")
-    assert summary["backend"] == "hf" and summary["device"] == "cpu" and summary["steps"] == 4
+    assert summary["run_dir"] == str(run_dir)
+    assert summary["adapter"] == str(run_dir / "adapter")
+    assert summary["backend"] == "hf"
+    assert summary["device"] == "cpu"
+    assert summary["steps"] == 4
 
     metrics = _read(summary["run_dir"], "metrics.json")
-    assert metrics["rows"]["validation"] == 32 and metrics["rows"]["train"] == 64
+    assert metrics["rows"]["validation"] == 32
+    assert metrics["rows"]["train"] == 64
     for key in ("zero_shot", "fine_tuned"):
         report = metrics[key]
-        assert report["n"] == 32 and 0 <= report["accuracy"] <= 1 and 0 <= report["macro_f1"] <= 1
+        assert report["n"] == 32
+        assert 0 <= report["accuracy"] <= 1
+        assert 0 <= report["macro_f1"] <= 1
         assert sum(v["n"] for v in report["per_language"].values()) == 32
     assert summary["fine_tuned"]["accuracy"] == metrics["fine_tuned"]["accuracy"]
     train = metrics["train"]
-    assert train["global_step"] == 4 and train["resumed_from_step"] == 0 and train["steps_this_attempt"] == 4
+    assert train["global_step"] == 4
+    assert train["resumed_from_step"] == 0
+    assert train["steps_this_attempt"] == 4
     assert [e["step"] for e in train["log_history"] if "loss" in e] == [1, 2, 3, 4]
-    assert train["optimizer"] == "adamw_torch" and train["gradient_checkpointing"] == "false" and train["tokens_this_attempt"] > 0 and train["tokens_per_second"] > 0
-    assert train["batches"] == {"global_batch_size": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "chosen_by": "config"}
+    assert train["optimizer"] == "adamw_torch"
+    assert train["gradient_checkpointing"] == "false"
+    assert train["tokens_this_attempt"] > 0
+    assert train["tokens_per_second"] > 0
+    assert train["batches"] == {
+        "global_batch_size": 4,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "chosen_by": "config",
+    }
     assert metrics["peak_gpu_memory_gb"] is None  # CPU
     # The temperature fitted on the validation split travels with the adapter; the report
     # compares zero-shot and fine-tuned, per language, and shows calibration before and after.
     calibration = json.loads((run_dir / "adapter" / "calibration.json").read_text())
-    assert calibration["temperature"] > 0 and calibration["rows"] == 32
+    assert calibration["temperature"] > 0
+    assert calibration["rows"] == 32
     assert metrics["calibration"]["temperature"] == calibration["temperature"]
-    assert metrics["calibration"]["ece_before"] >= 0 and metrics["calibration"]["ece_after"] >= 0
+    assert metrics["calibration"]["ece_before"] >= 0
+    assert metrics["calibration"]["ece_after"] >= 0
     # One ECE: fine_tuned.ece is the model's own, ece_calibrated the out-of-fold calibrated one.
     assert metrics["fine_tuned"]["ece"] == pytest.approx(metrics["calibration"]["ece_before"])
     assert metrics["fine_tuned"]["ece_calibrated"] == metrics["calibration"]["ece_after"]
     # What the adapter knows: the languages and labels of its training and calibration rows,
     # and the calibration rows' scores, from which a label job certifies its label.max_error.
     profile = json.loads((run_dir / "adapter" / "data_profile.json").read_text())
-    assert profile["train"]["rows"] == 64 and profile["calibration"]["rows"] == 32
+    assert profile["train"]["rows"] == 64
+    assert profile["calibration"]["rows"] == 32
     assert set(profile["calibration"]["languages"]) == set(metrics["fine_tuned"]["per_language"])
     assert sum(profile["train"]["labels"].values()) == pytest.approx(1.0, abs=1e-3)
-    assert profile["languages_from"] == "the data's language column" and metrics["data_profile"] == profile
+    assert profile["languages_from"] == "the data's language column"
+    assert metrics["data_profile"] == profile
     scores = json.loads((run_dir / "adapter" / "risk_control.json").read_text())
-    assert scores["rows"] == 32 and scores["confidence"] == sorted(scores["confidence"], reverse=True)
+    assert scores["rows"] == 32
+    assert scores["confidence"] == sorted(scores["confidence"], reverse=True)
     assert sum(scores["correct"]) == round(metrics["fine_tuned"]["accuracy"] * 32)
-    assert metrics["risk_control"]["delta"] == 0.05 and [p["coverage"] for p in metrics["risk_control"]["curve"]][-1] == 1.0
+    assert metrics["risk_control"]["delta"] == 0.05
+    assert [p["coverage"] for p in metrics["risk_control"]["curve"]][-1] == 1.0
     assert {c["lang"] for c in metrics["languages"]} == set(metrics["fine_tuned"]["per_language"])
     assert summary["calibration"]["temperature"] == calibration["temperature"]
     assert summary["languages_made_worse"] == [c["lang"] for c in metrics["languages"] if c["worse"]]
     report = (run_dir / "report.html").read_text()
-    assert all(f'id="{i}"' in report for i in ("comparison", "languages", "calibration", "reliability-before", "reliability-after",
-                                               "risk-coverage", "data-profile"))
-    assert 'id="run-details"' in report and cfg.model.name in report and " UTC" in report  # what the page is about
-    assert all(c["verdict"] in ("worse", "lower, within noise", "not worse") and 0 <= c["drop_likelihood"] <= 1
-               for c in metrics["languages"])  # the zero-shot predictions were kept for the comparison
+    assert all(
+        f'id="{i}"' in report
+        for i in (
+            "comparison",
+            "languages",
+            "calibration",
+            "reliability-before",
+            "reliability-after",
+            "risk-coverage",
+            "data-profile",
+        )
+    )
+    assert 'id="run-details"' in report
+    assert cfg.model.name in report
+    assert " UTC" in report  # what the page is about
+    assert all(
+        c["verdict"] in ("worse", "lower, within noise", "not worse") and 0 <= c["drop_likelihood"] <= 1
+        for c in metrics["languages"]
+    )  # the zero-shot predictions were kept for the comparison
 
     m = _read(summary["run_dir"], "manifest.json")
     assert m["config"]["model"]["name"] == cfg.model.name
     assert m["config"]["run"]["storage_path"] == cfg.run.storage_path
     assert m["data_fingerprint"] == {"train": fingerprint([str(DEMO_CSV)])}
-    assert m["backend"] == "hf" and m["device"] == "cpu"
-    assert m["packages"]["ray"] == "2.60.0" and m["packages"]["trl"]
+    assert m["backend"] == "hf"
+    assert m["device"] == "cpu"
+    assert m["packages"]["ray"] == "2.60.0"
+    assert m["packages"]["trl"]
     # NVLink multicast is the user's setting: recorded as the worker saw it, never forced.
     assert m["worker_env"] == {name: os.environ.get(name) for name in ray_cluster.NVLINK_MULTICAST_VARS}
     # Ray Train kept the last two checkpoints in the run folder.
@@ -569,9 +649,11 @@ def test_adapter_holds_only_trained_lora_weights(baseline):
 
     _, summary = baseline
     weights = load_file(os.path.join(summary["adapter"], "adapter_model.safetensors"))
-    assert weights and all("lora_" in name for name in weights)  # no base weights saved
+    assert weights
+    assert all("lora_" in name for name in weights)  # no base weights saved
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
-    assert lora_b and all(float(w.abs().max()) > 0 for w in lora_b)  # B starts at zero: it trained
+    assert lora_b
+    assert all(float(w.abs().max()) > 0 for w in lora_b)  # B starts at zero: it trained
 
 
 @pytest.mark.slow
@@ -589,8 +671,15 @@ def test_saved_adapter_reproduces_the_reported_validation_scores(baseline):
     model, tokenizer = get_backend("hf").load_for_inference(cfg, summary["adapter"], torch.device("cpu"))
     # The reported probabilities are calibrated: the adapter's temperature applies.
     temperature = json.loads(open(os.path.join(summary["adapter"], "calibration.json")).read())["temperature"]
-    scorer = LabelScorer(model, tokenizer, PromptTemplate.from_config(cfg.prompt), LabelSet(cfg.prompt.labels),
-                         max_length=cfg.model.max_seq_length, batch_size=cfg.train.eval_batch_size, temperature=temperature)
+    scorer = LabelScorer(
+        model,
+        tokenizer,
+        PromptTemplate.from_config(cfg.prompt),
+        LabelSet(cfg.prompt.labels),
+        max_length=cfg.model.max_seq_length,
+        batch_size=cfg.train.eval_batch_size,
+        temperature=temperature,
+    )
     sentences = predictions.column("sentence").to_pylist()
     probs = scorer.score(sentences).probs
     reported = np.stack([predictions.column(f"calibrated_p_{label}").to_numpy() for label in cfg.prompt.labels], axis=1)
@@ -609,6 +698,7 @@ def test_saved_adapter_reproduces_the_reported_validation_scores(baseline):
 def test_interrupted_run_resumes_from_its_checkpoint(baseline, tiny_model_dir, runs_root, monkeypatch):
     import ray.train
     from safetensors.torch import load_file
+
     from sentiment_ray.train.recipe import run_training
     from sentiment_ray.train.trainer import FAIL_AT_STEP_ENV
 
@@ -627,7 +717,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(baseline, tiny_model_dir, r
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
     summary = run_training(cfg)
     train = _read(summary["run_dir"], "metrics.json")["train"]
-    assert train["resumed_from_step"] == 2 and train["steps_this_attempt"] == 2 and train["global_step"] == 4
+    assert train["resumed_from_step"] == 2
+    assert train["steps_this_attempt"] == 2
+    assert train["global_step"] == 4
     with open(run_dir / "checkpoint-000002" / "trainer_state.json") as f:
         assert json.load(f)["global_step"] == 2
 
@@ -653,13 +745,26 @@ def test_keep_best_and_early_stopping_keep_the_best_evaluations_adapter(ray_loca
     saved adapter is the best evaluation's: its validation metrics are the best reported."""
     from sentiment_ray.train.recipe import run_training
 
-    cfg = make_cfg(tiny_model_dir, runs_root, name="keep-best",
-                   train={"max_steps": 12, "eval_steps": 1, "save_steps": 0, "learning_rate": 5e-3, "keep_best": True,
-                          "early_stopping_patience": 2, "calibrate": False, "zero_shot_eval": False})
+    cfg = make_cfg(
+        tiny_model_dir,
+        runs_root,
+        name="keep-best",
+        train={
+            "max_steps": 12,
+            "eval_steps": 1,
+            "save_steps": 0,
+            "learning_rate": 5e-3,
+            "keep_best": True,
+            "early_stopping_patience": 2,
+            "calibrate": False,
+            "zero_shot_eval": False,
+        },
+    )
     summary = run_training(cfg)
     metrics = _read(summary["run_dir"], "metrics.json")
     train = metrics["train"]
-    assert train["kept"] == "best" and train["best_step"] is not None
+    assert train["kept"] == "best"
+    assert train["best_step"] is not None
     if train["stopped_early_at_step"] is not None:
         assert train["global_step"] == train["stopped_early_at_step"] < 12
         assert train["stopped_early_at_step"] - train["best_step"] >= 2

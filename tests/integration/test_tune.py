@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sentiment_ray.config import TuneConfig
 from sentiment_ray.tune import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +37,7 @@ def _trial_states(exp: Path) -> dict[str, str]:
 
 
 def _tree_snapshot(path: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -62,7 +61,9 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def _run_to_end(cmd: list[str], *, env: dict, cwd: str, timeout: float) -> subprocess.CompletedProcess:
     """subprocess.run that, on a timeout, also ends the local Ray cluster the job started."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -89,8 +90,7 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
     cfg.data.max_validation_rows = 16
     cfg.tune.num_samples = 3
     cfg.tune.max_concurrent_trials = 2
-    cfg.tune.metric = "train_loss"
-    cfg.tune.mode = "min"
+    cfg.tune = TuneConfig(**{**cfg.tune.model_dump(), "metric": "train_loss", "mode": "min"})  # a pair, checked together
     cfg.tune.scheduler = "asha"
     cfg.tune.grace_period = 1
     cfg.tune.reduction_factor = 2
@@ -158,20 +158,26 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
     csv_ids = [line.split(",")[0].strip('"') for line in (exp / "trials.csv").read_text().splitlines()[1:]]
     by_id = {r["trial_id"]: r for r in rows}
     # The same trials, all of them, each reported, finished one way or the other.
-    assert sorted(by_id) == sorted(states_at_kill) and len(rows) == 3 and sorted(csv_ids) == sorted(by_id)
+    assert sorted(by_id) == sorted(states_at_kill)
+    assert len(rows) == 3
+    assert sorted(csv_ids) == sorted(by_id)
     assert summary["trials"] == 3
     for r in rows:
-        assert r["reports"] >= 1 and r["final_train_loss"] is not None, r
+        assert r["reports"] >= 1, r
+        assert r["final_train_loss"] is not None, r
         assert r["outcome"] in ("completed", "stopped_by_scheduler"), r
         assert r["lora.alpha"] in (r["lora.r"], 2 * r["lora.r"])
         if r["outcome"] == "completed":
             # (>=: a run killed between its last checkpoint and writing its outputs resumes
             # from that checkpoint, and HF's Trainer then takes one more step.)
-            assert r["steps"] >= r["max_steps"] == 4 and r["adapter"]
+            assert r["steps"] >= r["max_steps"] == 4
+            assert r["adapter"]
         else:  # ASHA's decision, visible in the table
-            assert r["stopped_at_step"] == r["steps"] == 2 and r["max_steps"] == 4
+            assert r["stopped_at_step"] == r["steps"] == 2
+            assert r["max_steps"] == 4
     drawn = [by_id[t]["train.learning_rate"] for t in sorted(by_id)]
-    assert drawn[2] == 1e-5 and 1e-2 in drawn[:2], f"seed 1 no longer draws high, low, low learning rates: {drawn}"
+    assert drawn[2] == 1e-5, f"seed 1 no longer draws high, low, low learning rates: {drawn}"
+    assert 1e-2 in drawn[:2], f"seed 1 no longer draws high, low, low learning rates: {drawn}"
     assert any(r["outcome"] == "stopped_by_scheduler" for r in rows), rows
     assert summary["outcomes"]["stopped_by_scheduler"] >= 1
 
@@ -197,7 +203,8 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
     assert summary["best_config"]["train.learning_rate"] == best["train.learning_rate"]
     best_dir = exp / "best"
     info = json.loads((best_dir / "trial.json").read_text())
-    assert info["trial_id"] == best["trial_id"] and info["metric"] == "train_loss"
+    assert info["trial_id"] == best["trial_id"]
+    assert info["metric"] == "train_loss"
     assert json.loads((best_dir / "metrics.json").read_text())["run_name"] == f"trial_{best['trial_id']}"
     assert (exp / layout.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
 
@@ -212,16 +219,23 @@ def test_tune_end_to_end_kill_and_resume(tiny_cfg, tmp_path):
     from sentiment_ray.scoring import LabelScorer
 
     best_cfg = validate(yaml.safe_load((best_dir / "config.yaml").read_text()))
-    assert best_cfg.train.learning_rate == best["train.learning_rate"] and best_cfg.lora.r == best["lora.r"]
+    assert best_cfg.train.learning_rate == best["train.learning_rate"]
+    assert best_cfg.lora.r == best["lora.r"]
     model, tokenizer = get_backend("hf").load_for_inference(best_cfg, str(best_dir / "adapter"), torch.device("cpu"))
     predictions = pq.read_table(best_dir / "validation_predictions.parquet").to_pylist()
     temperature = json.loads((best_dir / "adapter" / "calibration.json").read_text())["temperature"]
     scorer = LabelScorer(
-        model, tokenizer, PromptTemplate.from_config(best_cfg.prompt), LabelSet(best_cfg.prompt.labels),
-        max_length=best_cfg.model.max_seq_length, batch_size=8, temperature=temperature,
+        model,
+        tokenizer,
+        PromptTemplate.from_config(best_cfg.prompt),
+        LabelSet(best_cfg.prompt.labels),
+        max_length=best_cfg.model.max_seq_length,
+        batch_size=8,
+        temperature=temperature,
     )
     result = scorer.score([p["sentence"] for p in predictions])
-    expected = np.array([[p[f"p_{label}"] for label in result.labels] for p in predictions])
+    # The temperature applied: the calibrated probabilities (p_<label> are the model's own).
+    expected = np.array([[p[f"calibrated_p_{label}"] for label in result.labels] for p in predictions])
     np.testing.assert_allclose(result.probs, expected, atol=1e-4)
 
 
@@ -257,10 +271,12 @@ def test_a_second_job_on_an_experiment_is_refused_and_a_killed_holders_lock_is_t
         # The same command beside it: refused in one line naming the first, before any Ray.
         started = time.time()
         second = _run_to_end(cmd, env=env, cwd=str(tmp_path), timeout=120)
-        assert second.returncode == 1 and second.stdout == ""
+        assert second.returncode == 1
+        assert second.stdout == ""
         last = second.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: {exp} is in use by another tune job, pid {first.pid} on host "), second.stderr[-3000:]
-        assert "Traceback" not in second.stderr and "Started a local Ray instance" not in second.stderr
+        assert "Traceback" not in second.stderr
+        assert "Started a local Ray instance" not in second.stderr
         assert time.time() - started < 60
         assert json.loads(lock.read_text())["pid"] == first.pid  # the refused job left the lock alone
     finally:
@@ -270,5 +286,6 @@ def test_a_second_job_on_an_experiment_is_refused_and_a_killed_holders_lock_is_t
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-6000:]
     assert f"taking over a stale lock (process {first.pid} no longer runs)" in rerun.stderr
     summary = _json_line(rerun.stdout)
-    assert summary["trials"] == 1 and summary["outcomes"]["completed"] == 1
+    assert summary["trials"] == 1
+    assert summary["outcomes"]["completed"] == 1
     assert not lock.exists()  # released at the end

@@ -26,12 +26,14 @@ def train(**fields) -> TrainConfig:
     return TrainConfig(per_device_train_batch_size=2, gradient_accumulation_steps=4, **fields)
 
 
-def auto_micro_batch(gpu_gib: float, *, backend="unsloth", checkpointing="false", weights_gib=5.5, attention="sdpa",
-                     seq_len=2048, share=8) -> int:
+def auto_micro_batch(
+    gpu_gib: float, *, backend="unsloth", checkpointing="false", weights_gib=5.5, attention="sdpa", seq_len=2048, share=8
+) -> int:
     """What `auto` picks for the 8B shape on a GPU of `gpu_gib` with the 4-bit model loaded."""
     budget = activation_budget((gpu_gib - weights_gib) * GIB, LORA_8B, eight_bit_optimizer=True)
-    per_row = activation_bytes_per_row(LLAMA_8B, seq_len=seq_len, backend=backend,
-                                       gradient_checkpointing=checkpointing, attention=attention)
+    per_row = activation_bytes_per_row(
+        LLAMA_8B, seq_len=seq_len, backend=backend, gradient_checkpointing=checkpointing, attention=attention
+    )
     return micro_batch_that_fits(share, budget_bytes=budget, bytes_per_row=per_row)
 
 
@@ -69,7 +71,8 @@ def test_the_reference_recipe_on_an_h200_takes_its_whole_share_in_one_pass():
 
 def test_more_memory_never_gives_a_narrower_micro_batch():
     picks = [auto_micro_batch(gib, backend=b) for b in ("unsloth", "hf") for gib in range(16, 160, 4)]
-    assert all(a <= b for a, b in zip(picks[:36], picks[1:36])) and all(a <= b for a, b in zip(picks[36:], picks[37:]))
+    assert all(a <= b for a, b in zip(picks[:36], picks[1:36]))
+    assert all(a <= b for a, b in zip(picks[36:], picks[37:]))
 
 
 def test_the_estimate_covers_the_measured_peaks_of_the_8b_shape():
@@ -78,8 +81,9 @@ def test_the_estimate_covers_the_measured_peaks_of_the_8b_shape():
     LoRA optimizer state. The estimate must not be below what was measured."""
     for backend, peak, weights in (("unsloth", 20.87, 5.3), ("hf", 46.16, 7.3)):
         measured_activations = (peak - weights - 0.4) * GIB
-        estimate = 2 * activation_bytes_per_row(LLAMA_8B, seq_len=2048, backend=backend,
-                                                gradient_checkpointing="false", attention="sdpa")
+        estimate = 2 * activation_bytes_per_row(
+            LLAMA_8B, seq_len=2048, backend=backend, gradient_checkpointing="false", attention="sdpa"
+        )
         assert measured_activations <= estimate <= 1.15 * measured_activations, backend
 
 

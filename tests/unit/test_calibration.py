@@ -31,8 +31,11 @@ def test_the_temperature_lowers_the_nll_of_an_overconfident_model_and_keeps_ever
     assert nll(logits, gold, t) < nll(logits, gold) - 0.3
     assert (softmax(logits / t).argmax(axis=1) == softmax(logits).argmax(axis=1)).all()
     fit = calibrate(logits, gold)
-    assert fit["temperature"] == pytest.approx(t, rel=1e-3) and fit["rows"] == 2000 and fit["applied"]
-    assert fit["ece_before"] > 0.2 and fit["ece_after"] < 0.03  # out-of-fold
+    assert fit["temperature"] == pytest.approx(t, rel=1e-3)
+    assert fit["rows"] == 2000
+    assert fit["applied"]
+    assert fit["ece_before"] > 0.2
+    assert fit["ece_after"] < 0.03  # out-of-fold
     assert fit["nll_after"] < fit["nll_before"]
     assert sum(b["count"] for b in fit["bins_after"]) == 2000
 
@@ -44,20 +47,37 @@ def test_a_calibrated_model_keeps_a_temperature_near_one_and_noise_is_not_applie
     assert fit_temperature(logits, gold) == pytest.approx(1.0, abs=0.1)
     small = calibrate(logits[:60], gold[:60])  # a few rows: a fitted temperature is noise
     if not small["applied"]:
-        assert small["temperature"] == 1.0 and small["ece_after"] == small["ece_before"]
+        assert small["temperature"] == 1.0
+        assert small["ece_after"] == small["ece_before"]
     else:
         assert small["nll_after"] < small["nll_before"]
 
 
 def test_a_language_fine_tuning_made_worse_is_flagged_in_one_line_and_a_drop_within_noise_is_named_as_such():
-    zero = {"per_language": {"de": {"n": 50, "macro_f1": 0.401}, "en": {"n": 90, "macro_f1": 0.30},
-                             "fr": {"n": 40, "macro_f1": 0.5}, "id": {"n": 7, "macro_f1": 0.364}}}
-    tuned = {"per_language": {"de": {"n": 50, "macro_f1": 0.284}, "en": {"n": 90, "macro_f1": 0.90},
-                              "fr": {"n": 40, "macro_f1": 0.498}, "id": {"n": 7, "macro_f1": 0.300}}}
+    zero = {
+        "per_language": {
+            "de": {"n": 50, "macro_f1": 0.401},
+            "en": {"n": 90, "macro_f1": 0.30},
+            "fr": {"n": 40, "macro_f1": 0.5},
+            "id": {"n": 7, "macro_f1": 0.364},
+        }
+    }
+    tuned = {
+        "per_language": {
+            "de": {"n": 50, "macro_f1": 0.284},
+            "en": {"n": 90, "macro_f1": 0.90},
+            "fr": {"n": 40, "macro_f1": 0.498},
+            "id": {"n": 7, "macro_f1": 0.300},
+        }
+    }
     sure = {"de": 0.991, "en": 0.0, "fr": 0.52, "id": 0.64}
     changes = {c["lang"]: c for c in language_changes(zero, tuned, sure)}
     assert {lang: c["verdict"] for lang, c in changes.items()} == {
-        "de": "worse", "en": "not worse", "fr": "not worse", "id": "lower, within noise"}  # fr: 0.002 lower
+        "de": "worse",
+        "en": "not worse",
+        "fr": "not worse",
+        "id": "lower, within noise",
+    }  # fr: 0.002 lower
     assert [lang for lang, c in changes.items() if c["worse"]] == ["de"]
     assert changes["de"]["change"] == pytest.approx(-0.117)
     assert worse_languages_line(list(changes.values())) == (

@@ -8,10 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from sentiment_ray import cli
 
@@ -31,7 +31,7 @@ def _help_text(command: list[str]) -> str:
 def test_console_script_is_declared_in_pyproject():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["sentiment-ray"] == "sentiment_ray.cli:main"
-    assert set(cli.COMMANDS) == {"train", "tune", "label", "export", "eval"}
+    assert set(cli.COMMANDS) == {"train", "tune", "label", "export", "eval", "benchmark"}
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
@@ -40,7 +40,8 @@ def test_every_option_has_help_and_appears_in_help_output(command):
     options = _options(parser)
     assert options
     for action in options:
-        assert action.help and action.help.strip(), f"{command}: {action.option_strings or action.dest} has no help"
+        assert action.help, f"{command}: {action.option_strings or action.dest} has no help"
+        assert action.help.strip(), f"{command}: {action.option_strings or action.dest} has no help"
     launchers = [[sys.executable, "-m", "sentiment_ray.cli"]]
     installed = shutil.which("sentiment-ray", path=os.path.dirname(sys.executable))
     if installed:  # `pip install -e .` puts the console script next to the interpreter
@@ -57,14 +58,15 @@ def test_every_option_has_help_and_appears_in_help_output(command):
             assert expected in "".join(text.split()), f"{command} --help lacks the help of {names[0]}"
 
 
-@pytest.mark.parametrize("command", ["train", "tune", "label", "export", "eval"])
+@pytest.mark.parametrize("command", ["train", "tune", "label", "export", "eval", "benchmark"])
 def test_job_scripts_use_the_same_parser_and_main(command):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"jobs_{command}", REPO_ROOT / "jobs" / f"{command}.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main is cli.COMMANDS[command].main and job.parser is cli.COMMANDS[command].parser
+    assert job.main is cli.COMMANDS[command].main
+    assert job.parser is cli.COMMANDS[command].parser
     text = " ".join(_help_text([sys.executable, f"jobs/{command}.py", "--help"]).split())
     for action in _options(cli.COMMANDS[command].parser(None)):
         for name in action.option_strings or [action.dest]:
@@ -76,9 +78,75 @@ def test_top_level_help_and_unknown_command():
     for command in cli.COMMANDS:
         assert command in text
     out = subprocess.run([sys.executable, "-m", "sentiment_ray.cli", "fly"], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
 
 
-def test_bad_config_exits_2_naming_the_field(capsys):
-    assert cli.main(["train", "lora.q=1"]) == 2
-    assert "lora.q" in capsys.readouterr().err
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def test_a_mistyped_override_is_one_line_naming_it_and_the_closest_field(capsys):
+    assert cli.main(["train", "train.max_step=10"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert _error_lines(captured.err) == [
+        "error: override train.max_step=10: train.max_step is not a config field; did you mean train.max_steps?"
+    ]
+
+
+# A user error in each command: one `error:` line on stderr, nothing on stdout, exit code 1.
+# Each is found before the command loads a model or starts Ray.
+USER_ERRORS = {
+    "train": (["lora.q=1"], "error: override lora.q=1: lora.q is not a config field; did you mean lora.r?"),
+    "tune": (
+        ["--config", "demo", "tune.num_sample=3"],
+        "error: override tune.num_sample=3: tune.num_sample is not a config field; did you mean tune.num_samples?",
+    ),
+    "label": (["--input", "{tmp}/missing.csv", "--output", "{tmp}/out"], "error: "),
+    "export": (["--adapter", "{tmp}/no-adapter", "--output", "{tmp}/merged"], "error: "),
+    "eval": (["--predictions", "{tmp}/missing.parquet"], "error: no predictions at "),
+    "benchmark": (["train", "--out", "{tmp}/bench", "--config", "{tmp}/missing.yaml"], "error: config file not found: "),
+}
+
+
+@pytest.mark.parametrize("command", sorted(USER_ERRORS))
+def test_a_user_error_is_one_error_line_and_exit_1(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SENTIMENT_RAY_CACHE", str(tmp_path / "cache"))
+    args, expected = USER_ERRORS[command]
+    assert command in cli.COMMANDS
+    code = cli.main([command, *(a.format(tmp=tmp_path) for a in args)])
+    captured = capsys.readouterr()
+    lines = _error_lines(captured.err)
+    assert code == 1, captured.err
+    assert captured.out == ""
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(expected), lines[0]
+    assert "full trace" not in lines[0], lines[0]
+
+
+def test_a_fault_is_one_line_naming_its_trace_file(tmp_path, capsys, monkeypatch):
+    """Anything that is not a user error: one line, the traceback in the cache's logs."""
+    from sentiment_ray.terminal import runner
+
+    monkeypatch.setenv("SENTIMENT_RAY_CACHE", str(tmp_path / "cache"))
+
+    def job() -> dict:
+        raise KeyError("boom")
+
+    assert runner.run_job("eval", job) == 1
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line.startswith("error: KeyError: 'boom' (full trace: ")
+    log = Path(line.rsplit("(full trace: ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / "cache" / "logs" and log.name.startswith("eval-")
+    assert "Traceback" in log.read_text()
+
+
+def test_a_finished_job_prints_its_summary_then_the_json_line_last(capsys):
+    from sentiment_ray.terminal import runner
+
+    ending = runner.Ending(finished=lambda summary: [f"report     {summary['report']}"])
+    assert runner.run_job("eval", lambda: {"report": "out/eval-report.html"}, ending) == 0
+    captured = capsys.readouterr()
+    assert "report     out/eval-report.html" in captured.err
+    assert captured.out.splitlines()[-1] == '{"report": "out/eval-report.html"}'

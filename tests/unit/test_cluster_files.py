@@ -50,7 +50,8 @@ def test_rayignore_matches_ray_cluster():
 
 def test_rayjob_runs_a_shipped_preset_with_gpu_workers():
     job = _load("rayjob-train.yaml")
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["kind"] == "RayJob"
     script, config_name, overrides = _train_command(job["spec"]["entrypoint"])
     assert (REPO_ROOT / script).is_file(), f"entrypoint runs {script}, which is not in the repo"
     assert config_name in preset_names()
@@ -69,7 +70,8 @@ def test_rayjob_runs_a_shipped_preset_with_gpu_workers():
         for group in cluster["workerGroupSpecs"]
         for c in group["template"]["spec"]["containers"]
     ]
-    assert gpus and all(int(n) >= 1 for n in gpus)
+    assert gpus
+    assert all(int(n) >= 1 for n in gpus)
 
 
 def test_dockerfile_copies_what_exists():
@@ -88,7 +90,8 @@ def test_cluster_launcher_has_a_gpu_worker_type_and_installs_the_gpu_extra():
     gpu_types = [name for name, spec in node_types.items() if spec.get("resources", {}).get("GPU", 0) >= 1]
     assert gpu_types, "no worker node type declares a GPU"
     setup = " ".join(cluster["setup_commands"])
-    assert "[gpu]" in setup and "sentiment-ray" in setup
+    assert "[gpu]" in setup
+    assert "sentiment-ray" in setup
     # The synced folder is this checkout.
     assert "." in cluster["file_mounts"].values()
     # Every command starts Ray from the project's venv, where the packages are.
@@ -102,11 +105,13 @@ def test_the_cluster_files_expose_nothing_and_say_what_to_open():
     ports to open, between whom and why."""
     launcher = _load("gpu-cluster.yaml")
     starts = " ".join(launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"])
-    assert "0.0.0.0" not in starts and "--dashboard-host=127.0.0.1" in starts
+    assert "0.0.0.0" not in starts
+    assert "--dashboard-host=127.0.0.1" in starts
     for name in ("gpu-cluster.yaml", "rayjob-train.yaml"):
         text = (CLUSTER / name).read_text(encoding="utf-8")
         assert "# Network:" in text, name
         for port in ("8265", "6379", "52365", "10001", "RAY_AUTH_MODE=token"):
             assert port in text, (name, port)
     job = (CLUSTER / "rayjob-train.yaml").read_text(encoding="utf-8")
-    assert "NetworkPolicy" in job and "ClusterIP" in job
+    assert "NetworkPolicy" in job
+    assert "ClusterIP" in job

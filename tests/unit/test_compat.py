@@ -16,7 +16,8 @@ def test_compat_is_the_only_module_that_reaches_into_private_internals():
     package = Path(compat.__file__).parent
     private = re.compile(r"_initial_num_input_tokens_seen|_ChunkedLogProbFunction|\._brackets\b|\._rungs\b")
     users = sorted(
-        str(p.relative_to(package)) for p in package.rglob("*.py")
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
         if p.name != "compat.py" and private.search(p.read_text(encoding="utf-8"))
     )
     assert users == []

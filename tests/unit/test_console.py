@@ -8,10 +8,11 @@ import logging
 
 import pytest
 
-from sentiment_ray import cluster, console
+from sentiment_ray import cluster
 from sentiment_ray.config import load_config
 from sentiment_ray.io.values import DataError
-from sentiment_ray.train import terminal
+from sentiment_ray.terminal import console
+from sentiment_ray.terminal import training as terminal
 
 
 def test_events_survive_rays_prefix_and_colours(capsys):
@@ -63,8 +64,12 @@ def test_line_mode_progress_prints_every_tenth_with_loss_eta_and_checkpoint():
     assert lines[0] == "training 60 steps"
     steps = [line.split()[1] for line in lines[1:]]
     assert steps == [f"{k}/60" for k in range(6, 61, 6)]
-    assert "checkpoint 15" in lines[3] and "ETA" in lines[3] and "loss 0.0556" in lines[3] and "checkpoint" not in lines[2]
-    assert "took" in lines[-1] and display.last_step == (60, 60)
+    assert "checkpoint 15" in lines[3]
+    assert "ETA" in lines[3]
+    assert "loss 0.0556" in lines[3]
+    assert "checkpoint" not in lines[2]
+    assert "took" in lines[-1]
+    assert display.last_step == (60, 60)
 
 
 def test_package_warnings_reach_the_terminal_and_the_rest_waits_for_the_log(tmp_path):
@@ -86,10 +91,23 @@ def test_package_warnings_reach_the_terminal_and_the_rest_waits_for_the_log(tmp_
 
 
 METRICS = {
-    "zero_shot": {"n": 200, "accuracy": 0.375, "macro_f1": 0.2727, "ece": 0.2104,
-                  "per_language": {"en": {"n": 120, "accuracy": 0.4, "macro_f1": 0.3}, "de": {"n": 80, "accuracy": 0.3375, "macro_f1": 0.25}}},
-    "fine_tuned": {"n": 200, "accuracy": 0.73, "macro_f1": 0.6721, "ece": 0.0452,
-                   "per_language": {"en": {"n": 120, "accuracy": 0.75, "macro_f1": 0.7}, "de": {"n": 80, "accuracy": 0.7, "macro_f1": 0.63}}},
+    "zero_shot": {
+        "n": 200,
+        "accuracy": 0.375,
+        "macro_f1": 0.2727,
+        "ece": 0.2104,
+        "per_language": {
+            "en": {"n": 120, "accuracy": 0.4, "macro_f1": 0.3},
+            "de": {"n": 80, "accuracy": 0.3375, "macro_f1": 0.25},
+        },
+    },
+    "fine_tuned": {
+        "n": 200,
+        "accuracy": 0.73,
+        "macro_f1": 0.6721,
+        "ece": 0.0452,
+        "per_language": {"en": {"n": 120, "accuracy": 0.75, "macro_f1": 0.7}, "de": {"n": 80, "accuracy": 0.7, "macro_f1": 0.63}},
+    },
 }
 
 
@@ -108,8 +126,13 @@ def test_summary_table_sets_zero_shot_against_fine_tuned_per_language_with_ece()
     calibrated = terminal.summary_table({**METRICS, "fine_tuned": fine_tuned, "calibration": calibration})
     assert calibrated[-2].split() == ["ECE", "0.210", "0.071", "the", "model's", "own"]
     assert calibrated[-1].split() == ["calibrated", "0.021", "temperature", "1.45,", "out", "of", "fold"]
-    kept = terminal.summary_table({**METRICS, "fine_tuned": fine_tuned,
-                                   "calibration": {**calibration, "applied": False, "temperature": 1.0, "ece_after": 0.0706}})
+    kept = terminal.summary_table(
+        {
+            **METRICS,
+            "fine_tuned": fine_tuned,
+            "calibration": {**calibration, "applied": False, "temperature": 1.0, "ece_after": 0.0706},
+        }
+    )
     assert kept[-1].split()[:3] == ["calibrated", "–", "not"]
     assert terminal.summary_table({"zero_shot": None, "fine_tuned": None}) == ["no validation rows: nothing was scored"]
 
@@ -131,7 +154,9 @@ class _FakeWorkerGroupError(Exception):
 
 def test_failures_are_one_line_or_one_paragraph(tmp_path):
     command = terminal.CommandLine("python jobs/train.py", ["data.train_path=x.csv"])
-    code, text, _ = terminal.explain(DataError("x.csv: missing column(s) ['sentence']"), run_dir=None, command=command, log_path=None)
+    code, text, _ = terminal.explain(
+        DataError("x.csv: missing column(s) ['sentence']"), run_dir=None, command=command, log_path=None
+    )
     assert (code, text) == (1, "error: x.csv: missing column(s) ['sentence']")
 
     run_dir = tmp_path / "run"
@@ -140,12 +165,18 @@ def test_failures_are_one_line_or_one_paragraph(tmp_path):
     (run_dir / "checkpoint-000030").mkdir()  # incomplete: no trainer_state.json
     raised = _FakeWorkerGroupError({0: RuntimeError("CUDA error: out of memory")})
     code, text, _ = terminal.explain(raised, run_dir=str(run_dir), command=command, log_path="runs/x/logs/train.log")
-    assert code == 1 and "\n" not in text
-    assert text.startswith("error: the training worker raised RuntimeError: CUDA error: out of memory (traceback: runs/x/logs/train.log)")
-    assert "the last checkpoint is step 15" in text and "resumes from it" in text
+    assert code == 1
+    assert "\n" not in text
+    assert text.startswith(
+        "error: the training worker raised RuntimeError: CUDA error: out of memory (traceback: runs/x/logs/train.log)"
+    )
+    assert "the last checkpoint is step 15" in text
+    assert "resumes from it" in text
 
     code, text, _ = terminal.explain(KeyboardInterrupt(), run_dir=str(run_dir), command=command, log_path=None)
-    assert code == 130 and "step 15" in text and text.endswith("python jobs/train.py data.train_path=x.csv")
+    assert code == 130
+    assert "step 15" in text
+    assert text.endswith("python jobs/train.py data.train_path=x.csv")
 
 
 def test_the_checkpoint_a_rerun_resumes_from_is_the_one_ray_train_registered(tmp_path):
@@ -163,12 +194,18 @@ def test_the_checkpoint_a_rerun_resumes_from_is_the_one_ray_train_registered(tmp
 def test_next_command_labels_with_the_adapter_the_same_way(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("demo", ["model.name=/models/x", "train.max_steps=5"])
-    cmd = terminal.CommandLine("python jobs/train.py", ["model.name=/models/x", "train.max_steps=5"], "demo",
-                               ["model.name=/models/x", "train.max_steps=5"])
+    cmd = terminal.CommandLine(
+        "python jobs/train.py",
+        ["model.name=/models/x", "train.max_steps=5"],
+        "demo",
+        ["model.name=/models/x", "train.max_steps=5"],
+    )
     shown = terminal.TrainTerminal(cmd, display=console.Display(io.StringIO(), tty=False))
     try:
         shown.cfg = cfg
-        text = shown.next_command({"run_dir": str(tmp_path / "runs" / "demo"), "adapter": str(tmp_path / "runs" / "demo" / "adapter")})
+        text = shown.next_command(
+            {"run_dir": str(tmp_path / "runs" / "demo"), "adapter": str(tmp_path / "runs" / "demo" / "adapter")}
+        )
     finally:
         shown.log.close()
     assert text.startswith("python jobs/label.py --input ")
@@ -183,7 +220,8 @@ def test_relative_outputs_inside_a_ray_job_go_under_the_durable_home(monkeypatch
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     monkeypatch.setenv(cluster.JOB_HOME_ENV, str(tmp_path / "home"))
     assert cluster.durable_path("runs") == str(tmp_path / "home" / "runs")
-    assert cluster.durable_path("/abs/runs") == "/abs/runs" and cluster.durable_path("s3://b/runs") == "s3://b/runs"
+    assert cluster.durable_path("/abs/runs") == "/abs/runs"
+    assert cluster.durable_path("s3://b/runs") == "s3://b/runs"
     (tmp_path / "home" / "runs" / "demo" / "adapter").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert cluster.durable_input_path("runs/demo/adapter") == str(tmp_path / "home" / "runs" / "demo" / "adapter")
@@ -198,10 +236,36 @@ def test_durations(seconds, text):
 
 
 def test_summary_table_ends_with_the_shares_of_rows_accepted_at_each_certified_error():
-    certified = [{"max_error": 0.01, "threshold": None, "coverage": 0.0}, {"max_error": 0.05, "threshold": 0.99, "coverage": 0.62},
-                 {"max_error": 0.1, "threshold": 0.9, "coverage": 0.85}]
+    certified = [
+        {"max_error": 0.01, "threshold": None, "coverage": 0.0},
+        {"max_error": 0.05, "threshold": 0.99, "coverage": 0.62},
+        {"max_error": 0.1, "threshold": 0.9, "coverage": 0.85},
+    ]
     table = terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": certified}})
-    assert table[-1] == ("accepted with a guaranteed error (validation, failure probability 0.05): "
-                         "error <= 0.05: 62% of rows, error <= 0.1: 85% of rows")
+    assert table[-1] == (
+        "accepted with a guaranteed error (validation, failure probability 0.05): "
+        "error <= 0.05: 62% of rows, error <= 0.1: 85% of rows"
+    )
     nothing = [{**c, "threshold": None} for c in certified]
-    assert not terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": nothing}})[-1].startswith("accepted")
+    assert not terminal.summary_table({**METRICS, "risk_control": {"delta": 0.05, "certified": nothing}})[-1].startswith(
+        "accepted"
+    )
+
+
+def test_the_label_job_draws_its_rows_with_the_training_bar_on_a_terminal():
+    from sentiment_ray.label.progress import ProgressView, Snapshot
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    view = ProgressView(board=None, total_rows=4000, done_before=1000, stream=screen)
+    view._draw_bar(Snapshot(done=2500, total=4000, bad=3, rate=750.0, eta_s=2.0), final=False)
+    view._draw_bar(Snapshot(done=4000, total=4000, bad=5, rate=800.0, eta_s=0.0), final=True)
+    drawn = screen.getvalue()
+    assert "row 1000/4000 |" in drawn  # the rows labelled before a resume count from the start
+    assert "row 4000/4000 |##########|" in drawn
+    assert "bad rows 5" in drawn
+    assert "row/s" in drawn  # a rate in rows per second, not seconds per row
+    assert view.display._bar is None  # closed: the summary lines come after it

@@ -1,4 +1,4 @@
-"""One line per fault (faults.py, io/uris.py): the path and the cause, the trace in a log
+"""One line per fault (terminal/faults.py, io/uris.py): the path and the cause, the trace in a log
 file; Ray's wrappers looked through to the worker's own error."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-from sentiment_ray import faults
 from sentiment_ray.io.storage import Storage
 from sentiment_ray.io.uris import StorageIOError, error_cause, io_error, remove_orphaned_copies
+from sentiment_ray.terminal import faults
 
 RAY_TEXT = """\x1b[36mray::MapWorker(MapBatches(Labeler)).submit()\x1b[39m (pid=123, ip=127.0.0.1)
 Traceback (most recent call last):
@@ -32,9 +32,13 @@ def test_os_errors_read_as_path_and_cause():
     assert error_cause(OSError(errno.ENOSPC, "No space left on device")) == "no space left on device (disk full)"
     assert error_cause(PermissionError(errno.EACCES, "x")) == "permission denied"
     s3 = OSError("When uploading part for key 'out/x': AWS Error ACCESS_DENIED during UploadPart operation: Access Denied\nmore")
-    assert error_cause(s3) == "When uploading part for key 'out/x': AWS Error ACCESS_DENIED during UploadPart operation: Access Denied"
+    assert (
+        error_cause(s3)
+        == "When uploading part for key 'out/x': AWS Error ACCESS_DENIED during UploadPart operation: Access Denied"
+    )
     err = io_error("/out/x.parquet", OSError(errno.EROFS, "Read-only file system"), "write")
-    assert isinstance(err, StorageIOError) and str(err) == "/out/x.parquet: cannot write: read-only file system"
+    assert isinstance(err, StorageIOError)
+    assert str(err) == "/out/x.parquet: cannot write: read-only file system"
     assert faults.one_line(FileNotFoundError(errno.ENOENT, "No such file", "/in/a.csv")) == "/in/a.csv: no such file or directory"
 
 
@@ -57,7 +61,8 @@ def test_report_writes_the_trace_to_a_log_named_in_the_line(tmp_path, monkeypatc
         line = faults.report(err, "label")
     assert line.startswith("/out/_manifest.json: cannot write: no space left on device (disk full) (full trace: ")
     log = Path(line.rsplit("(full trace: ", 1)[1].rstrip(")"))
-    assert log.parent == tmp_path / "logs" and "Traceback" in log.read_text()
+    assert log.parent == tmp_path / "logs"
+    assert "Traceback" in log.read_text()
 
 
 def test_copies_left_by_killed_processes_are_removed(tmp_path, monkeypatch):
@@ -75,3 +80,36 @@ def test_copies_left_by_killed_processes_are_removed(tmp_path, monkeypatch):
     (tmp_path / "sentiment-ray-123-rank0-x").mkdir()  # not a copy: kept
     assert remove_orphaned_copies("sentiment-ray-copy-") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine, "sentiment-ray-123-rank0-x"])
+
+
+def test_a_stop_signal_is_a_keyboard_interrupt_and_is_remembered():
+    import os
+    import signal
+
+    import pytest
+
+    with pytest.raises(KeyboardInterrupt):
+        with faults.on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+    assert faults.interrupted() == signal.SIGTERM
+    assert faults.exit_code(signal.SIGTERM) == 143
+
+
+def test_a_signal_a_library_handled_itself_is_still_noted():
+    """Ray Train's fit() installs its own SIGINT handler: the signal is noted all the same."""
+    import os
+    import signal
+
+    seen = []
+    before = signal.getsignal(signal.SIGINT)  # whatever an earlier test in this process left
+    with faults.on_signals():
+        signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+    assert seen == [signal.SIGINT]
+    assert faults.interrupted() == signal.SIGINT
+    assert faults.exit_code(signal.SIGINT) == 130
+    assert signal.getsignal(signal.SIGINT) is before  # put back

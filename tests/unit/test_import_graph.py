@@ -57,8 +57,9 @@ def imports(module: str) -> tuple[set[str], list[tuple[int, str]]]:
 
 
 def test_every_import_of_an_own_module_is_at_module_level():
-    misplaced = [f"{MODULES[m].relative_to(PACKAGE.parent)}:{line} imports {target}"
-                 for m in MODULES for line, target in imports(m)[1]]
+    misplaced = [
+        f"{MODULES[m].relative_to(PACKAGE.parent)}:{line} imports {target}" for m in MODULES for line, target in imports(m)[1]
+    ]
     assert misplaced == [], "import the package's own modules at module level:\n" + "\n".join(misplaced)
 
 
@@ -73,7 +74,7 @@ def test_the_import_graph_has_no_cycle():
         stack.append(m)
         for n in graph.get(m, []):
             if state.get(n) == 1:
-                cycles.append(stack[stack.index(n):] + [n])
+                cycles.append(stack[stack.index(n) :] + [n])
             elif n not in state:
                 visit(n)
         stack.pop()

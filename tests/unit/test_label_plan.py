@@ -26,7 +26,9 @@ COLS = dict(text_column="sentence", id_column="ID")
 
 
 def plan(files, rows_per_unit, generate_ids=False, reserved=()):
-    return plan_units([str(f) for f in files], generate_ids=generate_ids, rows_per_unit=rows_per_unit, reserved_columns=reserved, **COLS)
+    return plan_units(
+        [str(f) for f in files], generate_ids=generate_ids, rows_per_unit=rows_per_unit, reserved_columns=reserved, **COLS
+    )
 
 
 def read_all(units, chunk_rows=4):
@@ -36,13 +38,17 @@ def read_all(units, chunk_rows=4):
     tables, bad = [], []
     for unit in units:
         read = 0
-        for chunk in read_chunks(unit.file, start=unit.position, stop_row=unit.stop, row_groups=unit.row_groups or None, chunk_rows=chunk_rows):
+        for chunk in read_chunks(
+            unit.file, start=unit.position, stop_row=unit.stop, row_groups=unit.row_groups or None, chunk_rows=chunk_rows
+        ):
             checked = validator.validate(chunk, has_ids=unit.has_ids, generated_ids=None if unit.has_ids else unit.id_name)
             tables.append(checked.table("ID"))
             bad.extend(checked.quarantined)
             read += len(chunk)
         if read != unit.num_rows:
-            raise DataError(f"{unit.describe()}: planned {unit.num_rows} rows, read {read}: the file changed since the run was planned")
+            raise DataError(
+                f"{unit.describe()}: planned {unit.num_rows} rows, read {read}: the file changed since the run was planned"
+            )
     return pa.concat_tables(tables, promote_options="permissive"), bad
 
 
@@ -117,14 +123,7 @@ def test_gzipped_jsonl_units_with_bad_lines(tmp_path):
 def test_each_bad_row_kind_is_quarantined_with_its_reason(tmp_path):
     csv_file = write_csv(
         tmp_path / "bad.csv",
-        b"ID,sentence,lang\n"
-        b"ok1,fine,en\n"
-        b"e1,,en\n"
-        b'w1,"   ",en\n'
-        b"u1,caf\xe9,en\n"
-        b"s1,short\n"
-        b",no id,en\n"
-        b"l1,lang bytes,\xff\n",
+        b'ID,sentence,lang\nok1,fine,en\ne1,,en\nw1,"   ",en\nu1,caf\xe9,en\ns1,short\n,no id,en\nl1,lang bytes,\xff\n',
     )
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text(
@@ -159,7 +158,8 @@ def test_each_bad_row_kind_is_quarantined_with_its_reason(tmp_path):
         ("bad.jsonl", 6, "missing ID"),
         ("bad.jsonl", 7, "malformed row"),
     ]
-    assert "whitespace only" in bad[1]["reason"] and "column 'lang'" in bad[5]["reason"]
+    assert "whitespace only" in bad[1]["reason"]
+    assert "column 'lang'" in bad[5]["reason"]
     # Quarantine entries are JSON-safe and keep the raw values for inspection.
     assert json.loads(json.dumps(bad))[2]["values"]["sentence"] == "caf\\xe9"
 
@@ -173,7 +173,8 @@ def test_duplicate_ids_are_found_across_files_and_named_with_their_rows(tmp_path
     message = str(err.value)
     assert message.startswith("3 duplicate IDs in column 'ID'")
     assert f"'x2': {b}: row 2, first at {a}: row 2" in message
-    assert f"'x3': {b}: row 3, first at {a}: row 3" in message and f"'x3': {b}: row 4, first at {a}: row 3" in message
+    assert f"'x3': {b}: row 3, first at {a}: row 3" in message
+    assert f"'x3': {b}: row 4, first at {a}: row 3" in message
 
 
 def test_missing_id_column_is_an_error_unless_ids_are_generated(tmp_path):
@@ -215,7 +216,8 @@ def test_a_file_changed_since_planning_is_an_error(tmp_path):
 def test_unit_ids_are_stable_and_distinct():
     unit = WorkUnit(index=3, file="/d/a.csv", fmt="csv", start=1, stop=11, has_ids=True, id_name="a.csv")
     again = WorkUnit.from_dict(json.loads(json.dumps(unit.to_dict())))
-    assert again == unit and again.unit_id == unit.unit_id
+    assert again == unit
+    assert again.unit_id == unit.unit_id
     assert unit.unit_id.startswith("part-000003-")
     other = WorkUnit(index=3, file="/d/a.csv", fmt="csv", start=11, stop=21, has_ids=True, id_name="a.csv")
     assert other.unit_id != unit.unit_id
@@ -248,16 +250,20 @@ def test_a_json_array_file_is_cut_into_units_like_any_other(tmp_path):
     p = plan([f], rows_per_unit=2)
     assert [(u.start, u.stop) for u in p.units] == [(1, 3), (3, 4)]
     table, bad = read_all(p.units, chunk_rows=2)
-    assert table.column("ID").to_pylist() == ["r1", "r3"] and [b["row"] for b in bad] == [2]
+    assert table.column("ID").to_pylist() == ["r1", "r3"]
+    assert [b["row"] for b in bad] == [2]
 
 
 def test_first_piece_split_keeps_rows_order_and_quarantine(tmp_path):
     f = write_csv(tmp_path / "f.csv", b"ID,sentence\n0,s0\nx,\n1,s1\n2,s2\n3,s3\n4,s4\n")
     checked = RowValidator(RowRules(**COLS)).validate(whole_file(f), has_ids=True)
     first, rest = _split_first(checked, 2)
-    assert first.table("ID").column("ID").to_pylist() == ["0", "1"] and first.sentences == ["s0", "s1"]
-    assert rest.table("ID").column("ID").to_pylist() == ["2", "3", "4"] and rest.sentences == ["s2", "s3", "s4"]
-    assert [e["row"] for e in first.quarantined] == [2] and rest.quarantined == []
+    assert first.table("ID").column("ID").to_pylist() == ["0", "1"]
+    assert first.sentences == ["s0", "s1"]
+    assert rest.table("ID").column("ID").to_pylist() == ["2", "3", "4"]
+    assert rest.sentences == ["s2", "s3", "s4"]
+    assert [e["row"] for e in first.quarantined] == [2]
+    assert rest.quarantined == []
     assert _split_first(checked, 5) == [checked]
 
 
@@ -266,10 +272,13 @@ def test_a_small_input_is_cut_into_about_four_units_per_actor(tmp_path, actors, 
     rows = "".join(f"r{i},sentence {i}\n" for i in range(4000))
     f = write_csv(tmp_path / "small.csv", b"ID,sentence\n" + rows.encode())
     p = plan_units([str(f)], text_column="sentence", id_column="ID", generate_ids=False, actors=actors)
-    assert len(p.units) == units and p.total_rows == 4000
-    assert sum(u.num_rows for u in p.units) == 4000 and p.rows_per_unit == 4000 // units
+    assert len(p.units) == units
+    assert p.total_rows == 4000
+    assert sum(u.num_rows for u in p.units) == 4000
+    assert p.rows_per_unit == 4000 // units
     table, bad = read_all(p.units, chunk_rows=333)
-    assert bad == [] and table.column("ID").to_pylist() == [f"r{i}" for i in range(4000)]
+    assert bad == []
+    assert table.column("ID").to_pylist() == [f"r{i}" for i in range(4000)]
 
 
 def test_a_large_input_keeps_units_of_at_most_fifty_thousand_rows():
@@ -292,7 +301,7 @@ def test_progress_counts_each_row_once_when_a_unit_is_redone():
     board.update("u1", 120, 3)  # the unit's last piece
     assert board.totals() == (170, 3)
     line = Snapshot(done=170, total=340, bad=3, rate=85.0, eta_s=2.0).line()
-    assert line == "labelling 170 / 340 rows (50%)  85 rows/s  ETA 00:02  bad rows 3"
+    assert line == "labelling 170 / 340 rows (50%)  85 rows/s  ETA 2s  bad rows 3"
 
 
 # ----------------------------------------------------------------------------- content
@@ -308,7 +317,8 @@ def edit_in_place(path, old: bytes, new: bytes) -> None:
     assert data.count(old) == 1
     path.write_bytes(data.replace(old, new))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert path.stat().st_size == stat.st_size
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl.gz", "parquet", "json"])
@@ -327,7 +337,8 @@ def test_a_same_size_in_place_edit_is_found_in_exactly_the_units_it_touches(tmp_
     else:
         pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3, compression="none")
     units = plan([path], rows_per_unit=3).units
-    assert len(units) == 4 and all(u.sha256 for u in units)
+    assert len(units) == 4
+    assert all(u.sha256 for u in units)
     assert changed_units(units) == []
     if kind == "jsonl.gz":  # edit the decompressed content, recompressed to the same... any size
         data = gzip.decompress(path.read_bytes()).replace(b"number 07", b"NUMBER 07")
@@ -385,12 +396,15 @@ def test_markers_of_another_plan_are_not_this_plans_commits(tmp_path):
 def test_texts_over_the_bound_are_cut_before_tokenising_and_flagged(tmp_path):
     f = write_csv(tmp_path / "f.csv", b"ID,sentence\n1,short\n2," + b"x" * 50 + b"\n3,also short\n")
     checked = RowValidator(RowRules(**COLS, max_text_chars=10)).validate(whole_file(f), has_ids=True)
-    assert checked.sentences == ["short", "x" * 10, "also short"] and checked.cut == [False, True, False]
+    assert checked.sentences == ["short", "x" * 10, "also short"]
+    assert checked.cut == [False, True, False]
     assert checked.table("ID").column("sentence").to_pylist()[1] == "x" * 50  # the output keeps the full text
     first, rest = _split_first(checked, 2)
-    assert first.cut == [False, True] and rest.cut == [False]
+    assert first.cut == [False, True]
+    assert rest.cut == [False]
     unbounded = RowValidator(RowRules(**COLS)).validate(whole_file(f), has_ids=True)
-    assert unbounded.sentences[1] == "x" * 50 and unbounded.cut == []
+    assert unbounded.sentences[1] == "x" * 50
+    assert unbounded.cut == []
 
 
 def test_prompt_markers_are_the_templates_own_lines():
@@ -446,8 +460,10 @@ def test_a_driver_killed_while_planning_leaves_no_temporary(tmp_path):
     )
     repo = str(Path(__file__).resolve().parents[2])
     child = subprocess.Popen(
-        [sys.executable, "-c", code, str(source), repo], env={**os.environ, "TMPDIR": str(temp)},
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", code, str(source), repo],
+        env={**os.environ, "TMPDIR": str(temp)},
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout.readline().strip() == "indexing"  # the index is open and filled
@@ -472,7 +488,8 @@ def test_ids_are_kept_byte_for_byte_and_only_exact_repeats_are_duplicates(tmp_pa
     p = plan([csv_file, jsonl, parquet], rows_per_unit=3)  # `7` and ` 7` are two IDs: no duplicate
     table, bad = read_all(p.units)
     expected = WRITTEN_IDS + [f"j{i}" for i in WRITTEN_IDS] + [f"p{i}" for i in WRITTEN_IDS]
-    assert bad == [] and table.column("ID").to_pylist() == expected
+    assert bad == []
+    assert table.column("ID").to_pylist() == expected
     # What a labelling actor writes: the unit's Parquet shard and its `ID,label` CSV shard.
     shard = tmp_path / "shard.parquet"
     pq.write_table(table, shard)
@@ -506,26 +523,36 @@ def test_a_quote_never_closed_is_an_error_naming_its_line_and_the_lines_it_swall
         plan([f], rows_per_unit=100)
     assert str(err.value) == (
         f"{f}: line 3: a quote opens in row 2 and is never closed: the 998 lines after it, to the end of "
-        "the file, would be one field; close the quote, or double a quote inside a quoted field (\"\")"
+        'the file, would be one field; close the quote, or double a quote inside a quoted field ("")'
     )
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("body", [
-    b'ID,sentence\nx1,"a\nb"\nx2,last',  # no newline at the end
-    b'ID,sentence\nx1,a\nx2,"quoted\nat the end"\n',
-    b'ID,sentence\nx1,a\nx2,"quoted at the end"',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'ID,sentence\nx1,"a\nb"\nx2,last',  # no newline at the end
+        b'ID,sentence\nx1,a\nx2,"quoted\nat the end"\n',
+        b'ID,sentence\nx1,a\nx2,"quoted at the end"',
+    ],
+)
 def test_a_closed_quote_at_the_end_of_the_file_is_no_error(tmp_path, body):
     table, bad = read_all(plan([write_csv(tmp_path / "e.csv", body)], rows_per_unit=1).units)
-    assert bad == [] and table.column("ID").to_pylist() == ["x1", "x2"]
+    assert bad == []
+    assert table.column("ID").to_pylist() == ["x1", "x2"]
 
 
 def test_a_stray_quote_closed_by_a_later_one_is_quarantined_counting_the_lines_it_spans(tmp_path):
     f = write_csv(tmp_path / "s.csv", b'ID,sentence,label\nc1,"stray,Positive\nc2,b,Negative\nc3,c,"Positive"\nc4,d,Negative\n')
     table, bad = read_all(plan([f], rows_per_unit=10).units)
     assert table.column("ID").to_pylist() == ["c4"]
-    assert [(b["row"], b["line"], b["reason"]) for b in bad] == [(1, 2, (
-        "malformed row (has 2 fields, the header has 3; one quoted field runs over lines 2-4: "
-        "2 lines swallowed by an unbalanced quote?)"
-    ))]
+    assert [(b["row"], b["line"], b["reason"]) for b in bad] == [
+        (
+            1,
+            2,
+            (
+                "malformed row (has 2 fields, the header has 3; one quoted field runs over lines 2-4: "
+                "2 lines swallowed by an unbalanced quote?)"
+            ),
+        )
+    ]

@@ -31,8 +31,10 @@ def dead_pid() -> int:
 def test_a_second_job_is_refused_in_one_line_naming_the_holder(tmp_path):
     with Lease(Storage(str(tmp_path)), purpose="label") as first:
         record = lock_record(tmp_path)
-        assert record["owner"] == first.token and record["pid"] == first.record["pid"]
-        assert record["host"] == socket.gethostname() and record["process_start"] == process_start(record["pid"])
+        assert record["owner"] == first.token
+        assert record["pid"] == first.record["pid"]
+        assert record["host"] == socket.gethostname()
+        assert record["process_start"] == process_start(record["pid"])
         with pytest.raises(LockHeld) as refused:
             Lease(Storage(str(tmp_path)), purpose="label").acquire()
         message = str(refused.value)
@@ -128,7 +130,8 @@ def test_racing_jobs_get_exactly_one_lock(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert len(won) == 1 and len(refused) == 7
+    assert len(won) == 1
+    assert len(refused) == 7
     won[0].release()
 
 

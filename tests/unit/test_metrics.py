@@ -27,7 +27,8 @@ def test_report_accuracy_macro_f1_and_languages():
 
 def test_unparsed_predictions_count_as_wrong_and_are_reported():
     r = classification_report(["Positive", "Negative"], [None, "Negative"], L)
-    assert r["accuracy"] == 0.5 and r["unparsed"] == 1
+    assert r["accuracy"] == 0.5
+    assert r["unparsed"] == 1
 
 
 def test_length_mismatch_is_an_error():
@@ -85,7 +86,9 @@ def test_counts_summed_piece_by_piece_give_the_whole_tables_report_to_the_last_b
         part = slice(start, start + piece)
         counts.add(gold[part], predicted[part], confidence=confidence[part] if confidence else None, langs=langs[part])
     streamed = counts.report()
-    assert ("ece" in whole) is with_confidence and whole["rows_without_label"] > 0 and whole["unparsed"] > 0
+    assert ("ece" in whole) is with_confidence
+    assert whole["rows_without_label"] > 0
+    assert whole["unparsed"] > 0
     assert streamed == whole
     assert list(streamed) == list(whole)  # the same keys in the same order: the same metrics.json
 
@@ -97,15 +100,20 @@ def test_counts_of_rows_without_a_usable_gold_label_report_nothing():
     counts = EvaluationCounts(LabelSet(["Positive", "Negative"]))
     counts.add([None, "maybe"], ["Positive", None], confidence=[0.9, 0.5], langs=[None, "en"])
     assert counts.report() is None
+
+
 def test_gold_labels_outside_the_label_set_are_counted_and_named_and_ece_is_given_per_language():
     from sentiment_ray.metrics import unknown_labels_line
 
     labels = LabelSet(["Positive", "Negative"])
     gold = ["Positive", "Negative", "Neutral", None, "Neutral", "positive"]
     predicted = ["Positive", "Positive", "Negative", "Negative", "Positive", "Positive"]
-    report = evaluate_predictions(gold, predicted, labels, confidence=[0.9, 0.8, 0.7, 0.6, 0.9, 0.95],
-                                  langs=["en", "fr", "en", "en", "fr", "en"])
-    assert report["n"] == 3 and report["rows_without_label"] == 3 and report["unknown_labels"] == {"Neutral": 2}
+    report = evaluate_predictions(
+        gold, predicted, labels, confidence=[0.9, 0.8, 0.7, 0.6, 0.9, 0.95], langs=["en", "fr", "en", "en", "fr", "en"]
+    )
+    assert report["n"] == 3
+    assert report["rows_without_label"] == 3
+    assert report["unknown_labels"] == {"Neutral": 2}
     line = unknown_labels_line(report)
     assert line.startswith("2 row(s) have a gold label outside the label set, not scored: 'Neutral' (2)")
     assert unknown_labels_line(evaluate_predictions(["Positive"], ["Positive"], labels)) is None

@@ -23,7 +23,8 @@ def _csv(path, rows: int, bad_at: int | None = None) -> str:
 def test_a_small_input_is_read_whole_and_split_as_the_worker_will(tmp_path):
     cfg = load_config("demo", [f"data.train_path={_csv(tmp_path / 'a.csv', 400)}", "data.validation_fraction=0.25"])
     checked = preflight.check_data(cfg)
-    assert checked.whole and (checked.train_rows, checked.validation_rows) == (300, 100)
+    assert checked.whole
+    assert (checked.train_rows, checked.validation_rows) == (300, 100)
     assert checked.describe().startswith("data: 300 training rows, 100 validation rows (")
 
     cfg = load_config("demo", [f"data.train_path={_csv(tmp_path / 'b.csv', 400, bad_at=390)}"])
@@ -31,7 +32,8 @@ def test_a_small_input_is_read_whole_and_split_as_the_worker_will(tmp_path):
         preflight.check_data(cfg)
     cfg.data.on_bad_rows, cfg.data.quarantine_path = "skip", str(tmp_path / "never-written.jsonl")
     checked = preflight.check_data(cfg)
-    assert checked.bad_rows == 1 and "1 bad rows will be quarantined" in checked.describe()
+    assert checked.bad_rows == 1
+    assert "1 bad rows will be quarantined" in checked.describe()
     assert not (tmp_path / "never-written.jsonl").exists()  # the driver writes nothing
 
 
@@ -40,7 +42,9 @@ def test_a_large_input_is_checked_by_its_header_and_first_rows(tmp_path, monkeyp
     monkeypatch.setattr(preflight, "SAMPLE_ROWS", 100)
     late = load_config("demo", [f"data.train_path={_csv(tmp_path / 'late.csv', 400, bad_at=390)}"])
     checked = preflight.check_data(late)
-    assert not checked.whole and checked.sampled_rows == 100 and "first 100 rows checked" in checked.describe()
+    assert not checked.whole
+    assert checked.sampled_rows == 100
+    assert "first 100 rows checked" in checked.describe()
     early = load_config("demo", [f"data.train_path={_csv(tmp_path / 'early.csv', 400, bad_at=50)}"])
     with pytest.raises(DataError, match=r"early\.csv: row 50 "):
         preflight.check_data(early)
@@ -55,10 +59,14 @@ def test_the_model_must_be_here_unless_the_driver_joins_a_cluster(tmp_path, monk
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     with pytest.raises(ModelNotFoundError, match="model folder '/nowhere/model' does not exist"):
         preflight.check_run(load_config("demo", ["model.name=/nowhere/model", f"data.train_path={data}"]))
-    joined = preflight.check_run(load_config("demo", ["model.name=/nowhere/model", f"data.train_path={data}", "run.ray_address=auto"]))
-    assert joined.warnings and "the training workers must have it" in joined.warnings[0]
+    joined = preflight.check_run(
+        load_config("demo", ["model.name=/nowhere/model", f"data.train_path={data}", "run.ray_address=auto"])
+    )
+    assert joined.warnings
+    assert "the training workers must have it" in joined.warnings[0]
     hub = preflight.check_run(load_config("demo", ["model.name=org/some-model", f"data.train_path={data}"]))
-    assert hub.model == "hub:org/some-model" and not hub.warnings
+    assert hub.model == "hub:org/some-model"
+    assert not hub.warnings
 
 
 def test_files_of_a_training_folder_that_are_not_read_are_a_warning(tmp_path):

@@ -52,14 +52,17 @@ def test_the_threshold_is_monotone_in_the_target():
     thresholds = [risk.certify(conf, correct, max_error=target).threshold for target in (0.01, 0.03, 0.05, 0.1, 0.2, 0.3)]
     as_numbers = [np.inf if t is None else t for t in thresholds]
     assert as_numbers == sorted(as_numbers, reverse=True)
-    assert thresholds[-1] is not None and thresholds[-1] < thresholds[2]
+    assert thresholds[-1] is not None
+    assert thresholds[-1] < thresholds[2]
 
 
 def test_no_threshold_when_the_target_cannot_be_certified():
     rng = np.random.default_rng(3)
     conf, correct = draw(rng, 300)
     found = risk.certify(conf, correct, max_error=0.001, delta=0.05)  # 300 rows cannot show 0.1%
-    assert found.threshold is None and found.accepted == 0 and found.coverage == 0.0
+    assert found.threshold is None
+    assert found.accepted == 0
+    assert found.coverage == 0.0
     assert risk.certify([], [], max_error=0.05).threshold is None
     # A model that is wrong half the time at every confidence: nothing reaches 5%.
     assert risk.certify(rng.uniform(0.5, 1, 5000), rng.uniform(size=5000) < 0.5, max_error=0.05).threshold is None

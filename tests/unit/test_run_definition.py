@@ -37,7 +37,8 @@ def test_a_resume_with_a_changed_learning_rate_or_lora_rank_is_refused_naming_th
     message = str(refused.value)
     assert "\n" not in message
     assert "lora.r (16 -> 8); train.learning_rate (0.0003 -> 0.001)" in message
-    assert "--new-run" in message and "run.name" in message
+    assert "--new-run" in message
+    assert "run.name" in message
     assert run.read_json(layout.DEFINITION_FILE)["max_steps"] == 40  # the refused rerun recorded nothing
 
 
@@ -84,20 +85,37 @@ def test_every_resumable_field_exists_and_the_rest_define_the_run():
     for section, names in RESUMABLE.items():
         assert names <= set(dump[section]), (section, names - set(dump[section]))
     definition = run_definition(cfg(), data={"train": "f", "validation": None})
-    for key in ("model.name", "lora.r", "lora.target_modules", "prompt.labels", "prompt.instruction", "train.learning_rate",
-                "train.lr_scheduler_type", "train.warmup_steps", "train.optim", "train.seed", "train.global_batch_size",
-                "data.label_map", "data.train_fingerprint"):
+    for key in (
+        "model.name",
+        "lora.r",
+        "lora.target_modules",
+        "prompt.labels",
+        "prompt.instruction",
+        "train.learning_rate",
+        "train.lr_scheduler_type",
+        "train.warmup_steps",
+        "train.optim",
+        "train.seed",
+        "train.global_batch_size",
+        "data.label_map",
+        "data.train_fingerprint",
+    ):
         assert key in definition, key
-    assert "train.max_steps" not in definition and "run.name" not in definition
+    assert "train.max_steps" not in definition
+    assert "run.name" not in definition
 
 
 def test_workers_and_per_device_batch_may_trade_places_when_the_global_batch_stays(tmp_path):
     run = Storage(str(tmp_path / "run"))
     check_or_record(cfg(run={"num_workers": 2}, train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}), run)
     run.makedirs(layout.checkpoint_dir_name(2))
-    check_or_record(cfg(run={"num_workers": 1}, train={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}), run)  # same rows per step
+    check_or_record(
+        cfg(run={"num_workers": 1}, train={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}), run
+    )  # same rows per step
     with pytest.raises(RunChanged, match=r"train.global_batch_size \(run.num_workers x .*\) \(16 -> 8\)"):
-        check_or_record(cfg(run={"num_workers": 1}, train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}), run)
+        check_or_record(
+            cfg(run={"num_workers": 1}, train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}), run
+        )
 
 
 def test_a_resume_may_cut_the_global_batch_into_other_micro_batches(tmp_path):
@@ -107,7 +125,8 @@ def test_a_resume_may_cut_the_global_batch_into_other_micro_batches(tmp_path):
     check_or_record(cfg(train={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}), run)
     run.makedirs(layout.checkpoint_dir_name(2))
     check_or_record(cfg(train={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}), run)
-    check_or_record(cfg(train={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
-                               "micro_batch_size": "auto"}), run)
+    check_or_record(
+        cfg(train={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "micro_batch_size": "auto"}), run
+    )
     with pytest.raises(RunChanged, match=r"train.global_batch_size \(.*\) \(8 -> 16\)"):
         check_or_record(cfg(train={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}), run)

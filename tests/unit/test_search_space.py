@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 
+from sentiment_ray.config import ConfigError, ExperimentConfig, validate
 from sentiment_ray.tune import search_space as ss
-from sentiment_ray.config import ConfigError, ExperimentConfig
 
 REFERENCE_SPACE = {
     "train.learning_rate": {"type": "loguniform", "lower": 1.5e-4, "upper": 6.0e-4},
@@ -19,7 +18,7 @@ REFERENCE_SPACE = {
 
 
 def cfg_with(space: dict) -> ExperimentConfig:
-    return ExperimentConfig(tune={"search_space": space})
+    return validate({"tune": {"search_space": space}})
 
 
 def test_reference_space_is_valid_and_copied():
@@ -71,7 +70,10 @@ def test_field_exists(field, ok):
         ({"lora.alpha": {"type": "ratio_of", "field": "lora.r", "values": [0, 2]}}, "positive numbers"),
         # alpha = 0.5 * r is not an int for r = 5
         (
-            {"lora.r": {"type": "choice", "values": [4, 5]}, "lora.alpha": {"type": "ratio_of", "field": "lora.r", "values": [0.5]}},
+            {
+                "lora.r": {"type": "choice", "values": [4, 5]},
+                "lora.alpha": {"type": "ratio_of", "field": "lora.r", "values": [0.5]},
+            },
             "lora.alpha",
         ),
     ],
@@ -90,7 +92,8 @@ def test_ratio_of_resolves_against_sampled_or_base_value():
     only_alpha = {"lora.alpha": REFERENCE_SPACE["lora.alpha"]}
     assert ss.resolve_trial_values(only_alpha, {"lora.alpha:ratio": 2}, base) == {"lora.alpha": 32}
     values = ss.resolve_trial_values(space, {"lora.r": 8, "lora.alpha:ratio": 2, "unrelated": 1}, base)
-    assert isinstance(values["lora.alpha"], int) and "unrelated" not in values
+    assert isinstance(values["lora.alpha"], int)
+    assert "unrelated" not in values
 
 
 def test_trial_experiment_config_applies_values_and_validates():
@@ -121,12 +124,14 @@ def test_param_space_domains():
     }
     assert isinstance(params["train.learning_rate"], Float)
     assert isinstance(params["train.warmup_steps"], Integer)
-    assert isinstance(params["lora.r"], Categorical) and params["lora.r"].categories == [8, 16, 32]
+    assert isinstance(params["lora.r"], Categorical)
+    assert params["lora.r"].categories == [8, 16, 32]
     assert params["lora.alpha:ratio"].categories == [1, 2]
     samples = [params["train.learning_rate"].sample() for _ in range(200)]
     assert all(1.5e-4 <= s <= 6e-4 for s in samples)
     ints = {params["train.warmup_steps"].sample() for _ in range(300)}
-    assert ints <= set(range(0, 11)) and 10 in ints  # upper bound exclusive, as in Tune
+    assert ints <= set(range(0, 11))
+    assert 10 in ints  # upper bound exclusive, as in Tune
 
 
 def test_max_value():

@@ -170,7 +170,10 @@ def test_missing_column_names_the_column_and_the_columns_found(tmp_path):
     with pytest.raises(DataError) as err:
         load_labelled(path, cfg(), LABELS)
     msg = str(err.value)
-    assert path in msg and "'sentence'" in msg and "'label'" in msg and "['ID', 'text', 'sentiment']" in msg
+    assert path in msg
+    assert "'sentence'" in msg
+    assert "'label'" in msg
+    assert "['ID', 'text', 'sentiment']" in msg
     # ... and configuring the names fixes it.
     loaded = load_labelled(path, cfg(text_column="text", label_column="sentiment"), LABELS)
     assert loaded.table.column("sentence").to_pylist() == ["hi"]
@@ -184,7 +187,8 @@ def test_label_map_with_int_labels_parquet_jsonl_and_csv(tmp_path):
     for name in ("i.parquet", "i.jsonl", "i.csv"):
         table = load_labelled(str(tmp_path / name), imdb, LABELS).table
         assert table.column("label").to_pylist() == ["Negative", "Positive"], name
-        assert "ID" not in table.column_names and "lang" not in table.column_names
+        assert "ID" not in table.column_names
+        assert "lang" not in table.column_names
 
 
 # ----------------------------------------------------------------------------- bad rows: error mode
@@ -194,18 +198,60 @@ BAD_CASES = {
     "empty text": ("e.csv", HEADER + b"1,ok,Positive,en\n2,,Negative,en\n", 2, 3, r"empty text"),
     "whitespace text": ("w.csv", HEADER + b'1,ok,Positive,en\n2,"  \t ",Negative,en\n', 2, 3, r"empty text \(whitespace only\)"),
     "undecodable csv": ("u.csv", HEADER + b"1,ok,Positive,en\n2,caf\xe9 bad,Negative,en\n", 2, 3, r"undecodable bytes .*byte 3"),
-    "unknown label": ("l.csv", HEADER + b"1,ok,Positive,en\n2,meh,Neutral,en\n", 2, 3, r"unknown label \('Neutral'; expected one of Positive, Negative"),
+    "unknown label": (
+        "l.csv",
+        HEADER + b"1,ok,Positive,en\n2,meh,Neutral,en\n",
+        2,
+        3,
+        r"unknown label \('Neutral'; expected one of Positive, Negative",
+    ),
     "missing label csv": ("m.csv", HEADER + b"1,ok,Positive,en\n2,text,,en\n", 2, 3, r"missing label"),
     "duplicate id": ("d.csv", HEADER + b"1,ok,Positive,en\n1,again,Negative,en\n", 2, 3, r"duplicate ID \('1', first at row 1\)"),
     "missing id": ("i.csv", HEADER + b"1,ok,Positive,en\n,no id,Negative,en\n", 2, 3, r"missing ID"),
-    "short csv row": ("s.csv", HEADER + b"1,ok,Positive,en\n2,short\n", 2, 3, r"malformed row \(has 2 fields, the header has 4\)"),
+    "short csv row": (
+        "s.csv",
+        HEADER + b"1,ok,Positive,en\n2,short\n",
+        2,
+        3,
+        r"malformed row \(has 2 fields, the header has 4\)",
+    ),
     # A quoted newline in row 1 shifts row 2 to line 4: the line is counted, not derived.
     "line after multiline": ("n.csv", HEADER + b'1,"two\nlines",Positive,en\n2,x,Bad,en\n', 2, 4, r"unknown label"),
-    "null text jsonl": ("t.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence":null,"label":"Negative"}\n', 2, 2, r"missing text \(null\)"),
-    "number text jsonl": ("n.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence":42,"label":"Negative"}\n', 2, 2, r"text is not a string \(got int 42\)"),
-    "null label jsonl": ("l.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence":"x","label":null}\n', 2, 2, r"missing label"),
-    "undecodable jsonl": ("u.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence":"caf\xe9","label":"Negative"}\n', 2, 2, r"undecodable bytes"),
-    "invalid json": ("j.jsonl", b'{"sentence":"ok","label":"Positive"}\n{"sentence": "x", label}\n', 2, 2, r"malformed row \(invalid JSON"),
+    "null text jsonl": (
+        "t.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence":null,"label":"Negative"}\n',
+        2,
+        2,
+        r"missing text \(null\)",
+    ),
+    "number text jsonl": (
+        "n.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence":42,"label":"Negative"}\n',
+        2,
+        2,
+        r"text is not a string \(got int 42\)",
+    ),
+    "null label jsonl": (
+        "l.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence":"x","label":null}\n',
+        2,
+        2,
+        r"missing label",
+    ),
+    "undecodable jsonl": (
+        "u.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence":"caf\xe9","label":"Negative"}\n',
+        2,
+        2,
+        r"undecodable bytes",
+    ),
+    "invalid json": (
+        "j.jsonl",
+        b'{"sentence":"ok","label":"Positive"}\n{"sentence": "x", label}\n',
+        2,
+        2,
+        r"malformed row \(invalid JSON",
+    ),
 }
 
 
@@ -240,7 +286,9 @@ def test_duplicate_ids_are_caught_across_files(tmp_path):
     write_bytes(tmp_path / "b.csv", HEADER + b"2,ok,Positive,en\n1,again,Negative,en\n")
     with pytest.raises(DataError) as err:
         load_labelled(str(tmp_path / "*.csv"), cfg(), LABELS)
-    assert str(err.value).startswith(f"{tmp_path / 'b.csv'}: row 2 (line 3): duplicate ID ('1', first at {tmp_path / 'a.csv'}: row 1)")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'b.csv'}: row 2 (line 3): duplicate ID ('1', first at {tmp_path / 'a.csv'}: row 1)"
+    )
 
 
 @pytest.mark.parametrize("mode", ["error", "skip"])
@@ -302,8 +350,10 @@ def test_skip_mode_quarantines_every_bad_row_and_keeps_every_good_row(tmp_path):
     assert sorted(by_row) == [2, 3, 5, 6, 7, 8, 10]
     assert all(e["file"] == path for e in entries)
     assert by_row[3]["values"]["sentence"] == "caf\\xe9"  # raw bytes shown, not lost
-    assert by_row[5]["values"]["label"] == "Neutral" and by_row[5]["reason"].startswith("unknown label")
-    assert by_row[7]["values"]["ID"] == "4" and "first at row 4" in by_row[7]["reason"]
+    assert by_row[5]["values"]["label"] == "Neutral"
+    assert by_row[5]["reason"].startswith("unknown label")
+    assert by_row[7]["values"]["ID"] == "4"
+    assert "first at row 4" in by_row[7]["reason"]
     assert by_row[8]["values"]["_raw"] == ["7", "short row"]
     assert by_row[10]["line"] == 12  # after the two-line record
 
@@ -334,7 +384,9 @@ def test_skip_mode_needs_a_quarantine_path(tmp_path):
     # the config's path is used when none is passed
     target = tmp_path / "cfg-q.jsonl"
     loaded = load_labelled(str(DEMO_CSV), cfg(on_bad_rows="skip", quarantine_path=str(target)), LABELS)
-    assert loaded.bad_rows.count == 0 and target.exists() and target.read_text() == ""
+    assert loaded.bad_rows.count == 0
+    assert target.exists()
+    assert target.read_text() == ""
 
 
 # ----------------------------------------------------------------------------- per-row helpers
@@ -359,7 +411,8 @@ def test_text_problem(value, kind):
     if kind is None:
         assert problem is None
     else:
-        assert problem is not None and problem.startswith(kind), problem
+        assert problem is not None, problem
+        assert problem.startswith(kind), problem
 
 
 def test_the_id_index_finds_repeats_across_batches_and_files_and_leaves_no_file(tmp_path, monkeypatch):
@@ -398,7 +451,8 @@ def _keys(table: pa.Table) -> list[str]:
 def test_split_is_deterministic_disjoint_and_complete(demo):
     train, val = split_train_validation(demo, 0.125, seed=42)
     again_train, again_val = split_train_validation(demo, 0.125, seed=42)
-    assert _keys(train) == _keys(again_train) and _keys(val) == _keys(again_val)
+    assert _keys(train) == _keys(again_train)
+    assert _keys(val) == _keys(again_val)
     assert not set(_keys(train)) & set(_keys(val))
     assert sorted(_keys(train) + _keys(val)) == sorted(_keys(demo))
     assert train.schema == demo.schema
@@ -426,7 +480,9 @@ def test_split_small_strata_and_zero_fraction():
     assert Counter(val.column("label").to_pylist()) == {"P": 1, "N": 1}
     assert "f" in _keys(train)
     train, val = split_train_validation(table, 0.0, seed=0)
-    assert val.num_rows == 0 and train.equals(table) and val.schema == table.schema
+    assert val.num_rows == 0
+    assert train.equals(table)
+    assert val.schema == table.schema
     with pytest.raises(ValueError, match="fraction"):
         split_train_validation(table, 1.0, seed=0)
 

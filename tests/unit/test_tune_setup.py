@@ -3,26 +3,21 @@ rungs, trial histories, the trials table and plot, the summary line, the shipped
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
+from sentiment_ray.config import ConfigError, ExperimentConfig, load_config, validate
+from sentiment_ray.io.storage import Storage
 from sentiment_ray.report import plots
+from sentiment_ray.tune import layout, scheduler
 from sentiment_ray.tune import recipe as st
 from sentiment_ray.tune import results as tr
-from sentiment_ray.tune import scheduler
-from sentiment_ray.config import ConfigError, ExperimentConfig, load_config
-from sentiment_ray.tune import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB = REPO_ROOT / "jobs" / "tune.py"
@@ -37,7 +32,7 @@ def tune_cfg(**sections) -> ExperimentConfig:
     raw = {"tune": {"search_space": SPACE}, "train": {"eval_steps": 10, "max_steps": 70}}
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
-    return ExperimentConfig(**raw)
+    return validate(raw)
 
 
 # ============================================================================ setup
@@ -51,7 +46,9 @@ def test_prepare_sets_checkpoint_cadence_to_report_cadence():
 
 def test_prepare_default_cadence_from_shortest_max_steps():
     cfg, _ = st.prepare(
-        tune_cfg(train={"eval_steps": 0}, tune={"search_space": {**SPACE, "train.max_steps": {"type": "choice", "values": [40, 90]}}})
+        tune_cfg(
+            train={"eval_steps": 0}, tune={"search_space": {**SPACE, "train.max_steps": {"type": "choice", "values": [40, 90]}}}
+        )
     )
     assert cfg.train.eval_steps == cfg.train.save_steps == 40 // st.DEFAULT_REPORTS_PER_TRIAL
 
@@ -60,7 +57,7 @@ def test_prepare_default_cadence_from_shortest_max_steps():
     "sections, message",
     [
         ({"tune": {"search_space": {}}}, "search_space is empty"),
-        ({"tune": {"metric": "val_f1"}}, "reports"),
+        ({"tune": {"metric": "val_f1"}}, "tune.metric: Input should be 'val_macro_f1'"),
         ({"tune": {"metric": "val_ece", "mode": "max"}}, "tune.mode=min"),
         ({"tune": {"metric": "train_loss"}}, "tune.mode=min"),
         ({"data": {"validation_fraction": 0.0}}, "validation split"),
@@ -113,12 +110,24 @@ def test_experiment_state_guards_resume(tmp_path):
 
 def test_asha_rungs_in_steps():
     cfg, space = st.prepare(
-        tune_cfg(tune={"grace_period": 2, "reduction_factor": 2, "search_space": {**SPACE, "train.max_steps": {"type": "choice", "values": [50, 90]}}})
+        tune_cfg(
+            tune={
+                "grace_period": 2,
+                "reduction_factor": 2,
+                "search_space": {**SPACE, "train.max_steps": {"type": "choice", "values": [50, 90]}},
+            }
+        )
     )
     sched = scheduler.build_scheduler(cfg, space)
-    assert sched._time_attr == "step" and sched._max_t == 90
+    assert sched._time_attr == "step"
+    assert sched._max_t == 90
     assert sorted(m for m, _ in sched._brackets[0]._rungs) == [20, 40, 80]
-    assert type(scheduler.build_scheduler(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"scheduler": "fifo"})}), space)).__name__ == "FIFOScheduler"
+    assert (
+        type(
+            scheduler.build_scheduler(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"scheduler": "fifo"})}), space)
+        ).__name__
+        == "FIFOScheduler"
+    )
 
 
 def _trial(trial_id, max_steps=None):
@@ -179,7 +188,8 @@ def test_history_callback_keeps_reports_across_driver_restarts(tmp_path):
     restored.on_trial_result(0, [], trial, {"step": 4, "val_macro_f1": 0.6})
     rows = scheduler.read_history(exp, "t_00000")
     assert [(r["step"], r["val_macro_f1"]) for r in rows] == [(2, 0.5), (4, 0.6)]
-    assert "config" not in rows[0] and "nested" not in rows[0]
+    assert "config" not in rows[0]
+    assert "nested" not in rows[0]
     assert scheduler.read_history(exp, "t_00001") is None
 
 
@@ -190,7 +200,9 @@ def test_finished_run_report(tmp_path):
     metrics = {"train": {"global_step": 4, "loss_last": 1.5}, "fine_tuned": {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.1}}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     report = st.finished_run_report(str(run_dir), 4)
-    assert report["step"] == 4 and report["val_macro_f1"] == 0.8 and report["train_loss"] == 1.5
+    assert report["step"] == 4
+    assert report["val_macro_f1"] == 0.8
+    assert report["train_loss"] == 1.5
     assert st.finished_run_report(str(run_dir), 6) is None  # an earlier, shorter run
 
 
@@ -202,15 +214,47 @@ def _hist(*pairs, metric="val_macro_f1", dt=1.0):
 
 
 RECORDS = [
-    {"trial_id": "a_00000", "status": "TERMINATED", "values": {"lora.r": 8}, "max_steps": 6,
-     "history": _hist((2, 0.5), (4, 0.7), (6, 0.6)), "finished": True, "adapter": "/x/a", "run_dir": "/x"},
+    {
+        "trial_id": "a_00000",
+        "status": "TERMINATED",
+        "values": {"lora.r": 8},
+        "max_steps": 6,
+        "history": _hist((2, 0.5), (4, 0.7), (6, 0.6)),
+        "finished": True,
+        "adapter": "/x/a",
+        "run_dir": "/x",
+    },
     # resumed from step 2 after a crash: steps 4 reported twice, the later report counts
-    {"trial_id": "a_00001", "status": "TERMINATED", "values": {"lora.r": 16}, "max_steps": 6,
-     "history": _hist((2, 0.4), (4, 0.1), (4, 0.65), (6, 0.8)), "finished": True, "adapter": "/x/b", "run_dir": "/y"},
-    {"trial_id": "a_00002", "status": "TERMINATED", "values": {"lora.r": [1, 2]}, "max_steps": 6,
-     "history": _hist((2, 0.2)), "finished": False, "adapter": "/x/c", "run_dir": "/z"},
-    {"trial_id": "a_00003", "status": "ERROR", "values": {"lora.r": 8}, "max_steps": 6, "history": [],
-     "error": "RuntimeError: boom", "finished": False, "adapter": "/x/d"},
+    {
+        "trial_id": "a_00001",
+        "status": "TERMINATED",
+        "values": {"lora.r": 16},
+        "max_steps": 6,
+        "history": _hist((2, 0.4), (4, 0.1), (4, 0.65), (6, 0.8)),
+        "finished": True,
+        "adapter": "/x/b",
+        "run_dir": "/y",
+    },
+    {
+        "trial_id": "a_00002",
+        "status": "TERMINATED",
+        "values": {"lora.r": [1, 2]},
+        "max_steps": 6,
+        "history": _hist((2, 0.2)),
+        "finished": False,
+        "adapter": "/x/c",
+        "run_dir": "/z",
+    },
+    {
+        "trial_id": "a_00003",
+        "status": "ERROR",
+        "values": {"lora.r": 8},
+        "max_steps": 6,
+        "history": [],
+        "error": "RuntimeError: boom",
+        "finished": False,
+        "adapter": "/x/d",
+    },
     {"trial_id": "a_00004", "status": "PENDING", "values": {}, "max_steps": 6, "history": [], "finished": False},
 ]
 
@@ -223,7 +267,8 @@ def test_trial_rows_outcomes_and_metrics():
     assert (b["final_val_macro_f1"], b["best_val_macro_f1"], b["best_step"], b["reports"]) == (0.8, 0.8, 6, 4)
     assert b["wall_time_s"] == 4.0  # time across attempts
     assert (c["stopped_at_step"], c["steps"], c["adapter"]) == (2, 2, None)
-    assert a["stopped_at_step"] is None and a["adapter"] == "/x/a"
+    assert a["stopped_at_step"] is None
+    assert a["adapter"] == "/x/a"
     assert c["lora.r"] == "[1, 2]"  # non-scalars as JSON
     assert rows["a_00003"]["error"] == "RuntimeError: boom"
     assert tr.best_row(list(rows.values()), "val_macro_f1", "max")["trial_id"] == "a_00001"
@@ -246,28 +291,33 @@ def test_table_files_round_trip_and_text(tmp_path):
     import pyarrow.parquet as pq
 
     rows = tr.trial_rows(RECORDS, "val_macro_f1", "max", ["lora.r"])
-    tr.write_table(rows, str(tmp_path / "t.csv"), str(tmp_path / "t.parquet"))
+    tr.write_table(rows, Storage(str(tmp_path)), "t.csv", "t.parquet")
     for table in (pq.read_table(tmp_path / "t.parquet"), pacsv.read_csv(tmp_path / "t.csv")):
         assert table.num_rows == len(RECORDS)
         assert table.column("trial_id").to_pylist() == [r["trial_id"] for r in RECORDS]
         assert table.column("outcome").to_pylist()[2] == "stopped_by_scheduler"
         assert table.column("final_val_macro_f1").to_pylist()[:2] == [0.6, 0.8]
     text = tr.format_table(rows, best_id="a_00001")
-    assert "stopped_by_scheduler" in text and "RuntimeError: boom" in text
+    assert "stopped_by_scheduler" in text
+    assert "RuntimeError: boom" in text
     assert next(line for line in text.splitlines() if "a_00001" in line).startswith("*")
 
 
 def test_metric_plot_is_a_png():
     png = plots.render_metric_plot(RECORDS, "val_macro_f1", best_id="a_00001")
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 5000
     assert plots.render_metric_plot([], "val_macro_f1")[:4] == b"\x89PNG"
 
 
-def test_summary_line_is_one_json_line():
-    line = st.summary_line({"experiment": "/e", "best_trial": "x", "best_config": {"lora.r": 8}, "best_metric": float("nan"), "other": 1})
-    assert "\n" not in line
-    parsed = json.loads(line)
-    assert parsed["best_config"] == {"lora.r": 8} and "other" not in parsed
+def test_json_summary_is_valid_json_without_the_internal_fields():
+    shown = st.json_summary(
+        {"experiment": "/e", "best_trial": "x", "best_config": {"lora.r": 8}, "best_metric": float("nan"), "other": 1}
+    )
+    parsed = json.loads(json.dumps(shown, allow_nan=False))
+    assert parsed["best_config"] == {"lora.r": 8}
+    assert parsed["best_metric"] is None
+    assert "other" not in parsed
 
 
 # ============================================================================ preset and job
@@ -277,13 +327,19 @@ def test_shipped_tune_preset_is_around_the_reference():
     cfg = load_config("llama31_8b_tune")
     prepared, space = st.prepare(cfg)
     lr = space["train.learning_rate"]
-    assert lr["type"] == "loguniform" and lr["lower"] < 3e-4 < lr["upper"]
+    assert lr["type"] == "loguniform"
+    assert lr["lower"] < 3e-4 < lr["upper"]
     assert space["lora.r"] == {"type": "choice", "values": [8, 16, 32]}
     assert space["lora.alpha"] == {"type": "ratio_of", "field": "lora.r", "values": [1, 2]}
     steps = space["train.max_steps"]["values"]
-    assert 70 in steps and min(steps) >= 40 and max(steps) <= 100
-    assert cfg.tune.metric == "val_macro_f1" and cfg.tune.mode == "max" and cfg.tune.scheduler == "asha"
-    assert cfg.tune.max_concurrent_trials == 0 and cfg.run.use_gpu == "true"
+    assert 70 in steps
+    assert min(steps) >= 40
+    assert max(steps) <= 100
+    assert cfg.tune.metric == "val_macro_f1"
+    assert cfg.tune.mode == "max"
+    assert cfg.tune.scheduler == "asha"
+    assert cfg.tune.max_concurrent_trials == 0
+    assert cfg.run.use_gpu == "true"
     assert prepared.train.save_steps == prepared.train.eval_steps > 0
     assert cfg.model.name == load_config("llama31_8b_multilingual").model.name
 
@@ -306,13 +362,13 @@ def test_tune_and_trial_drivers_never_import_the_model_stack():
     assert out.stdout.strip() == ""
 
 
-def test_job_rejects_bad_config_with_exit_2(capsys):
+def test_job_rejects_bad_config_in_one_error_line(capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("jobs_tune", JOB)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(["--config", "llama31_8b_tune", "tune.search_space={lora.q: {type: choice, values: [1]}}"]) == 2
-    assert "lora.q" in capsys.readouterr().err
-
-
+    assert job.main(["--config", "llama31_8b_tune", "tune.search_space={lora.q: {type: choice, values: [1]}}"]) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith("error: ")
+    assert "lora.q" in line

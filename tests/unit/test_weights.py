@@ -35,7 +35,9 @@ def pickle_adapter(folder, marker) -> None:
 def test_a_pickle_adapter_is_refused_naming_the_file_and_nothing_is_unpickled(tmp_path):
     marker = tmp_path / "payload-ran"
     pickle_adapter(tmp_path / "adapter", marker)
-    with pytest.raises(UnsafeWeightsError, match=r"adapter_model\.bin: the adapter's weights are a pickle file.*allow_unsafe_weights=true"):
+    with pytest.raises(
+        UnsafeWeightsError, match=r"adapter_model\.bin: the adapter's weights are a pickle file.*allow_unsafe_weights=true"
+    ):
         check_adapter_weights(str(tmp_path / "adapter"), allow_unsafe=False)
     assert check_adapter_weights(str(tmp_path / "adapter"), allow_unsafe=True).endswith("adapter_model.bin")
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
@@ -61,4 +63,5 @@ def test_a_model_folder_with_only_pickle_weights_is_refused(tmp_path):
     check_model_folder(str(tmp_path), allow_unsafe=True)
     (tmp_path / "model.safetensors").write_bytes(b"")
     check_model_folder(str(tmp_path), allow_unsafe=False)
-    assert from_pretrained_kwargs(False) == {"use_safetensors": True} and from_pretrained_kwargs(True) == {}
+    assert from_pretrained_kwargs(False) == {"use_safetensors": True}
+    assert from_pretrained_kwargs(True) == {}

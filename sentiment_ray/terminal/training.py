@@ -3,11 +3,9 @@ resumes, what was checked), the phases and the step bar (console.py, fed by the 
 events), the closing table, and what a failure means.
 
     terminal = TrainTerminal(CommandLine.from_args("python jobs/train.py", argv, "demo", overrides))
-    summary = run_training(cfg, terminal=terminal)     # the recipe calls the hooks below
-    terminal.finish(summary)                           # the table, where things are, the next command
-
-`Silent` is the same interface doing nothing: what `run_training` uses when called from
-Python (tests, notebooks, Tune) without a terminal.
+    run_job("train", lambda: run_training(cfg, observer=terminal), terminal.ending())
+    # the recipe tells it its moments (train/observer.py); the runner shows the closing table,
+    # where things are and the next command, or the failure
 
 Failures (`explain`): a mistake in the input is one line, `error: <message>`; an exception
 raised in the training worker is one line with its type and where its traceback is; a
@@ -20,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import sys
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,20 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from sentiment_ray import cluster, compat
-from sentiment_ray.config import ConfigError, ExperimentConfig
-from sentiment_ray.console import Display, RunLog, format_duration
+from sentiment_ray.config import ExperimentConfig
+from sentiment_ray.errors import UserError
 from sentiment_ray.io.storage import Storage
-from sentiment_ray.io.uris import StorageError, is_uri
-from sentiment_ray.io.values import DataError
-from sentiment_ray.models import ModelNotFoundError, cache_dir
+from sentiment_ray.io.uris import is_uri
+from sentiment_ray.terminal import faults
+from sentiment_ray.terminal.console import Display, RunLog, format_duration
+from sentiment_ray.terminal.runner import Ending, stop_ray
 from sentiment_ray.train import layout
+from sentiment_ray.train.observer import TrainingObserver
 
 # Overrides that the label job needs to load and prompt the same model the run trained.
-_CARRIED_PREFIXES = ("model.", "prompt.", "data.text_column=", "data.label_column=", "data.id_column=",
-                     "data.lang_column=", "data.label_map=", "run.use_gpu=", "run.ray_address=")
+_CARRIED_PREFIXES = (
+    "model.",
+    "prompt.",
+    "data.text_column=",
+    "data.label_column=",
+    "data.id_column=",
+    "data.lang_column=",
+    "data.label_map=",
+    "run.use_gpu=",
+    "run.ray_address=",
+)
 _CHECKPOINT = re.compile(r"^checkpoint[-_](\d+)$")
-# Mistakes in what the user gave: their message is the whole story.
-USER_ERRORS: tuple[type[BaseException], ...] = (DataError, ModelNotFoundError, ConfigError, StorageError, cluster.ClusterError)
 
 
 @dataclass
@@ -60,8 +67,8 @@ class CommandLine:
         """The launcher of another job the same way (`python jobs/label.py`, `sentiment-ray label`)."""
         if self.launcher.startswith("sentiment-ray"):
             return f"sentiment-ray {command}"
-        parts = self.launcher.rsplit("train.py", 1)
-        return f"{command}.py".join(parts) if len(parts) == 2 else f"python jobs/{command}.py"
+        script = re.fullmatch(r"(python .*?)\w+\.py", self.launcher)
+        return f"{script.group(1)}{command}.py" if script else f"python jobs/{command}.py"
 
 
 def short_path(path: str) -> str:
@@ -90,28 +97,17 @@ def last_checkpoint(run_dir: str) -> tuple[int, str] | None:
         name = compat.latest_registered_checkpoint(snapshot)
         match = _CHECKPOINT.match(name or "")
         return (int(match.group(1)), storage.path(name)) if match and name in folders else None
-    found = sorted((int(m.group(1)), n) for n in folders if (m := _CHECKPOINT.match(n)) and storage.exists(f"{n}/trainer_state.json"))
+    found = sorted(
+        (int(m.group(1)), n) for n in folders if (m := _CHECKPOINT.match(n)) and storage.exists(f"{n}/trainer_state.json")
+    )
     return (found[-1][0], storage.path(found[-1][1])) if found else None
 
 
-# ============================================================================ the hooks
+# ============================================================================ the run's moments
 
 
-class Silent:
-    """The hooks `run_training` calls, doing nothing (no terminal)."""
-
-    wants_events = False
-    log_path: str | None = None
-
-    def opening(self, cfg: ExperimentConfig, run_dir: str) -> None: ...
-    def checked(self, checked) -> None: ...
-    def connecting(self, cfg: ExperimentConfig) -> None: ...
-    def connected(self) -> None: ...
-    def fitting(self, run_dir: str) -> None: ...
-
-
-class TrainTerminal(Silent):
-    """The training job's terminal: hooks for `run_training`, then `finish` or `failed`."""
+class TrainTerminal(TrainingObserver):
+    """The training job's terminal: the observer of `run_training`, then `finish` or `failed`."""
 
     wants_events = True
 
@@ -130,22 +126,20 @@ class TrainTerminal(Silent):
     def log_path(self) -> str | None:
         return self.log.path
 
-    # -- hooks
+    # -- the run's moments
 
-    def opening(self, cfg: ExperimentConfig, run_dir: str) -> None:
+    def run_started(self, cfg: ExperimentConfig, run_dir: str, checked) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         saved = last_checkpoint(run_dir)
         if saved:
             self.display.phase(f"run {cfg.run.name}: {short_path(run_dir)} (resuming from its checkpoint at step {saved[0]})")
         else:
             self.display.phase(f"run {cfg.run.name}: {short_path(run_dir)}")
-
-    def checked(self, checked) -> None:
         for warning in checked.warnings:
             self.display.warning(warning)
         self.display.phase(checked.describe())
 
-    def connecting(self, cfg: ExperimentConfig) -> None:
+    def cluster_starting(self, cfg: ExperimentConfig) -> None:
         self.log.before_ray_init()
         if cluster.in_ray_job():
             self.display.phase("joining the job's Ray cluster")
@@ -154,13 +148,13 @@ class TrainTerminal(Silent):
         else:
             self.display.phase("starting a local Ray cluster")
 
-    def connected(self) -> None:
+    def cluster_started(self) -> None:
         self.log.capture_worker_output()
 
-    def fitting(self, run_dir: str) -> None:
-        name = time.strftime("train-%Y%m%d-%H%M%S.log", time.gmtime())
+    def training_started(self, run_dir: str) -> None:
+        name = faults.log_file_name("train")
         if is_uri(run_dir):
-            local = str(cache_dir() / "logs" / f"{self.cfg.run.name if self.cfg else 'run'}-{name}")
+            local = os.path.join(faults.logs_folder(), f"{self.cfg.run.name if self.cfg else 'run'}-{name}")
             target = Storage(run_dir)
             self.log.open(local, upload=lambda p: target.write_bytes(f"{layout.LOGS_DIR}/{name}", Path(p).read_bytes()))
             self.remote_log = target.path(layout.LOGS_DIR, name)
@@ -173,15 +167,17 @@ class TrainTerminal(Silent):
 
     # -- the end
 
+    def ending(self) -> Ending:
+        """How the job runner (terminal/runner.py) ends a training job on this terminal."""
+        return Ending(finished=self.closing_lines, interrupted=self.interrupted, failed=self.failed)
+
     def _stop_ray(self) -> None:
         """Stop forwarding (and a local cluster) so nothing Ray prints follows the summary."""
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        stop_ray()
 
-    def finish(self, summary: dict) -> None:
-        """The closing table, where the run lives and the next command; then the JSON line
-        (stdout, last)."""
+    def closing_lines(self, summary: dict) -> list[str]:
+        """The closing table, where the run lives and the next command (the runner prints
+        them, then the JSON line: stdout, last)."""
         self._stop_ray()
         self.log.release_worker_output()
         metrics = Storage(summary["run_dir"]).read_json_or_none(layout.METRICS_FILE) or {}
@@ -190,8 +186,7 @@ class TrainTerminal(Silent):
         lines.append(f"next     {self.next_command(summary)}")
         self.log.write_text("\n".join(lines))
         self.log.close()
-        for line in lines:
-            self.display.info(line)
+        return lines
 
     def next_command(self, summary: dict) -> str:
         """Label with this adapter: the same config and model overrides, the run's data,
@@ -202,23 +197,49 @@ class TrainTerminal(Silent):
             parts += ["--config", self.command.config]
         data = (cfg.data.validation_path or cfg.data.train_path) if cfg else ""
         run_dir = short_path(summary["run_dir"])
-        parts += ["--input", short_path(data) if data else "YOUR_DATA.csv", "--output", f"{run_dir}-labels",
-                  "--adapter", short_path(summary["adapter"])]
+        parts += [
+            "--input",
+            short_path(data) if data else "YOUR_DATA.csv",
+            "--output",
+            f"{run_dir}-labels",
+            "--adapter",
+            short_path(summary["adapter"]),
+        ]
         parts += [o for o in self.command.overrides if o.startswith(_CARRIED_PREFIXES)]
         parts.append("label.write_submission=true")
         return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
 
-    def failed(self, err: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> int:
-        """Explain `err` on the terminal (and in the log); the exit code. `user_errors`:
-        more exception types whose message is the whole story. Re-raises what is not a
-        known kind of failure (a bug: its traceback is the useful output)."""
-        explained = explain(err, run_dir=self.run_dir, command=self.command, log_path=self.shown_log_path(),
-                            save_every=_save_every(self.cfg), at_step=self.display.last_step,
-                            user_errors=USER_ERRORS + tuple(user_errors))
+    def interrupted(self, sig: signal.Signals, err: BaseException) -> str:
+        """The line for a run a signal stopped. Ray stops first, so the checkpoint named is
+        the one Ray Train registered last (what a rerun restores), never one still being
+        written."""
+        self._stop_ray()
+        text = interrupted_line(
+            sig, run_dir=self.run_dir, command=self.command, save_every=_save_every(self.cfg), at_step=self.display.last_step
+        )
+        self.log.write_text("".join(traceback.format_exception(err)) + text)
+        self.log.release_worker_output()
+        self.log.close()
+        return text
+
+    def failed(self, err: BaseException) -> tuple[int, str] | None:
+        """(exit code, text) for a failure this terminal understands (a user error, a worker's
+        exception, Ray or a worker dying), also written to the log; None for any other (a
+        bug: the runner's line names the trace's file)."""
+        explained = explain(
+            err,
+            run_dir=self.run_dir,
+            command=self.command,
+            log_path=self.shown_log_path(),
+            save_every=_save_every(self.cfg),
+            at_step=self.display.last_step,
+        )
         if explained is None:
             self.log.write_text("".join(traceback.format_exception(err)))
+            self._stop_ray()
+            self.log.release_worker_output()
             self.log.close()
-            raise err
+            return None
         code, text, details = explained
         if details:
             self.log.write_text(details)
@@ -226,8 +247,7 @@ class TrainTerminal(Silent):
         self._stop_ray()
         self.log.release_worker_output()
         self.log.close()
-        self.display.error(text)
-        return code
+        return code, text
 
 
 def _save_every(cfg: ExperimentConfig | None) -> int | None:
@@ -249,10 +269,13 @@ def summary_table(metrics: dict) -> list[str]:
     zs, ft = metrics.get("zero_shot") or {}, metrics.get("fine_tuned") or {}
     if not zs and not ft:
         return ["no validation rows: nothing was scored"]
-    rows: list[tuple[str, Any, Any, Any, Any, Any]] = [("all", (ft or zs).get("n"), zs.get("accuracy"), zs.get("macro_f1"),
-                                                        ft.get("accuracy"), ft.get("macro_f1"))]
-    langs = sorted(set(zs.get("per_language") or {}) | set(ft.get("per_language") or {}),
-                   key=lambda lang: -((ft.get("per_language") or zs.get("per_language") or {}).get(lang, {}).get("n") or 0))
+    rows: list[tuple[str, Any, Any, Any, Any, Any]] = [
+        ("all", (ft or zs).get("n"), zs.get("accuracy"), zs.get("macro_f1"), ft.get("accuracy"), ft.get("macro_f1"))
+    ]
+    langs = sorted(
+        set(zs.get("per_language") or {}) | set(ft.get("per_language") or {}),
+        key=lambda lang: -((ft.get("per_language") or zs.get("per_language") or {}).get(lang, {}).get("n") or 0),
+    )
     for lang in langs:
         z, f = (zs.get("per_language") or {}).get(lang, {}), (ft.get("per_language") or {}).get(lang, {})
         rows.append((f"  {lang}", (f or z).get("n"), z.get("accuracy"), z.get("macro_f1"), f.get("accuracy"), f.get("macro_f1")))
@@ -264,7 +287,9 @@ def summary_table(metrics: dict) -> list[str]:
     verdicts = {f"  {c['lang']}": c.get("verdict") for c in metrics.get("languages") or []}
     for name, n, za, zf, fa, ff in rows:
         mark = verdicts.get(name) if verdicts.get(name) in ("worse", "lower, within noise") else ""
-        out.append(f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}  {mark}")
+        out.append(
+            f"{name:<{width}} {'' if n is None else n:>5}  {_num(za):>9} {_num(zf):>9}  {_num(fa):>9} {_num(ff):>9}  {mark}"
+        )
     # One ECE, defined once (train/evaluation.py calibrate_scores): fine_tuned.ece is the
     # model's own; the calibrated one is measured out of fold.
     calibration = metrics.get("calibration") or {}
@@ -276,7 +301,9 @@ def summary_table(metrics: dict) -> list[str]:
             note = f"temperature {temperature:.2f}, out of fold" if temperature is not None else "out of fold"
             out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {_num(ft['ece_calibrated']):>9}  {note}")
         else:
-            out.append(f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {'–':>9}  not applied: no temperature lowers the out-of-fold NLL")
+            out.append(
+                f"{'  calibrated':<{width}} {'':>5}  {'':>9} {'':>9}  {'–':>9}  not applied: no temperature lowers the out-of-fold NLL"
+            )
     certified = [c for c in (metrics.get("risk_control") or {}).get("certified", []) if c.get("threshold") is not None]
     if certified:
         delta = metrics["risk_control"]["delta"]
@@ -291,8 +318,10 @@ def where_lines(summary: dict, log_path: str | None, seconds: float) -> list[str
     how = f"{steps} steps" if steps is not None else "trained"
     if resumed:
         how += f", resumed at step {resumed}"
-    lines = [f"run      {short_path(summary['run_dir'])}  ({how}, {format_duration(seconds)})",
-             f"adapter  {short_path(summary['adapter'])}"]
+    lines = [
+        f"run      {short_path(summary['run_dir'])}  ({how}, {format_duration(seconds)})",
+        f"adapter  {short_path(summary['adapter'])}",
+    ]
     if log_path:
         lines.append(f"log      {log_path}")
     return lines
@@ -315,20 +344,33 @@ def _resume_hint(run_dir: str | None, save_every: int | None) -> tuple[str, int 
     return f"no checkpoint was saved yet{every}: rerunning the same command starts over", None
 
 
-def explain(err: BaseException, *, run_dir: str | None, command: CommandLine, log_path: str | None,
-            save_every: int | None = None, at_step: tuple[int, int] | None = None,
-            user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> tuple[int, str, str | None] | None:
+def _is_user_error(err: BaseException) -> bool:
+    return isinstance(err, UserError) and not err.keeps_trace
+
+
+def explain(
+    err: BaseException,
+    *,
+    run_dir: str | None,
+    command: CommandLine,
+    log_path: str | None,
+    save_every: int | None = None,
+    at_step: tuple[int, int] | None = None,
+) -> tuple[int, str, str | None] | None:
     """(exit code, what to print, details for the log) for a failure; None for one that is
-    not understood (a bug)."""
-    if isinstance(err, user_errors):
+    not understood (a bug) or whose trace is worth a file (errors.UserError.keeps_trace)."""
+    if _is_user_error(err):
         return 1, f"error: {_one_line(err)}", None
     if isinstance(err, KeyboardInterrupt):
-        hint, _ = _resume_hint(run_dir, save_every)
-        return 130, f"interrupted; {hint}:\n    {command.text()}", None
+        return (
+            130,
+            interrupted_line(signal.SIGINT, run_dir=run_dir, command=command, save_every=save_every, at_step=at_step),
+            None,
+        )
     cause, trace = _worker_exception(err)
     where = f" (traceback: {log_path})" if log_path else ""
     if cause is not None:
-        if isinstance(cause, user_errors):
+        if _is_user_error(cause):
             return 1, f"error: {_one_line(cause)}{where}", trace
         hint, step = _resume_hint(run_dir, save_every) if run_dir else ("", None)
         resume = f"; {hint}" if step is not None else ""
@@ -345,6 +387,28 @@ def explain(err: BaseException, *, run_dir: str | None, command: CommandLine, lo
     if log_path:
         lines.append(f"Everything Ray and the workers printed is in {log_path}")
     return 1, "\n".join(lines), "".join(traceback.format_exception(err))
+
+
+def interrupted_line(
+    sig: signal.Signals,
+    *,
+    run_dir: str | None,
+    command: CommandLine,
+    save_every: int | None = None,
+    at_step: tuple[int, int] | None = None,
+) -> str:
+    """One line: what stopped (the signal, the step), the checkpoint a rerun resumes from
+    (Ray Train's registered one: a checkpoint folder written but not registered is not
+    named, since a rerun would not use it) and the command."""
+    at = f" at step {at_step[0]} of {at_step[1]}" if at_step else ""
+    saved = last_checkpoint(run_dir) if run_dir else None
+    if saved:
+        step, path = saved
+        kept = f"the last checkpoint is step {step} ({short_path(path)}); rerun the same command to resume from it"
+    else:
+        every = f" (one is saved every {save_every} steps)" if save_every else ""
+        kept = f"no checkpoint was saved yet{every}; rerun the same command to start over"
+    return f"Training interrupted by {sig.name}{at}: {kept}: {command.text()}"
 
 
 def _worker_exception(err: BaseException) -> tuple[BaseException | None, str | None]:

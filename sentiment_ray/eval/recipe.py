@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sentiment_ray.errors import UserError
+from sentiment_ray.eval.layout import METRICS_FILE, REPORT_FILE
 from sentiment_ray.io.files import expand_paths
 from sentiment_ray.io.readers import read_chunks
 from sentiment_ray.io.storage import Storage
@@ -31,13 +33,10 @@ from sentiment_ray.report import html
 from sentiment_ray.train import layout as train_layout
 from sentiment_ray.tune import layout as tune_layout
 
-# The files `eval` writes (into --output, by default the folder it read).
-REPORT_FILE = "eval-report.html"
-METRICS_FILE = "eval-metrics.json"
 PREDICTED_COLUMNS = ("pred_label", "predicted")
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The predictions or experiment folder cannot be read into a report."""
 
 
@@ -59,10 +58,16 @@ def evaluate_to_report(
     out = Storage(output or _default_output(experiment or predictions))
     report = None
     if predictions:
-        data = read_predictions(predictions, labels=labels, label_map=label_map, label_column=label_column, lang_column=lang_column)
+        data = read_predictions(
+            predictions, labels=labels, label_map=label_map, label_column=label_column, lang_column=lang_column
+        )
         report = evaluate_predictions(
-            data["gold"], data["predicted"], data["labels"], label_map=data["label_map"],
-            confidence=data["confidence"], langs=data["langs"],
+            data["gold"],
+            data["predicted"],
+            data["labels"],
+            label_map=data["label_map"],
+            confidence=data["confidence"],
+            langs=data["langs"],
         )
         if report is None:
             mapping = f" through label_map {data['label_map']}" if data["label_map"] else ""
@@ -76,13 +81,20 @@ def evaluate_to_report(
             best = Storage(experiment).read_json_or_none(f"{tune_layout.BEST_DIR}/{train_layout.METRICS_FILE}")
             report = (best or {}).get("fine_tuned")
         page = html.tune_report_html(
-            records, rows, metric=info["metric"], mode=info["mode"], best=info["best"],
-            title=title or f"Tune experiment {info['name']}", best_report=report,
+            records,
+            rows,
+            metric=info["metric"],
+            mode=info["mode"],
+            best=info["best"],
+            title=title or f"Tune experiment {info['name']}",
+            best_report=report,
         )
     else:
         name = predictions.rstrip("/").rsplit("/", 1)[-1]
         page = html.prediction_report_html(
-            report, title=title or f"Evaluation of {name}", subtitle=f"{report['n']} labelled rows from {predictions}",
+            report,
+            title=title or f"Evaluation of {name}",
+            subtitle=f"{report['n']} labelled rows from {predictions}",
             details=report_details(predictions),
         )
     out.write_text(REPORT_FILE, page)
@@ -107,8 +119,11 @@ def report_details(source: str) -> dict[str, Any]:
         config = run_manifest.get("config") or {}
         files = (run_manifest.get("data_files") or {}).get("validation") or (run_manifest.get("data_files") or {}).get("train")
         return label_outputs.report_details(
-            None, model=(config.get("model") or {}).get("name"), adapter=folder.path(train_layout.ADAPTER_DIR),
-            input=", ".join(files) if files else None, predictions=folder.path(train_layout.PREDICTIONS_FILE),
+            None,
+            model=(config.get("model") or {}).get("name"),
+            adapter=folder.path(train_layout.ADAPTER_DIR),
+            input=", ".join(files) if files else None,
+            predictions=folder.path(train_layout.PREDICTIONS_FILE),
         )
     return label_outputs.report_details(None, predictions=source)
 
@@ -182,7 +197,9 @@ def _read_prediction_files(files, source, labels, label_map, label_column, lang_
                 continue  # a label shard whose rows were all quarantined has none
             seen_prediction = True
             if label_column not in chunk.columns:
-                raise ReportError(f"{file}: no gold label column {label_column!r} (columns: {', '.join(chunk.columns)}); see --label-column")
+                raise ReportError(
+                    f"{file}: no gold label column {label_column!r} (columns: {', '.join(chunk.columns)}); see --label-column"
+                )
             if prob_columns is None:
                 prob_columns = [c for c in chunk.columns if c.startswith("p_")]
             gold += chunk.column_values(label_column)
@@ -202,8 +219,13 @@ def _read_prediction_files(files, source, labels, label_map, label_column, lang_
     scores = probs if len(probs) == len(predicted) else confidence
     usable = scores if scores and all(c is not None for c in scores) else None
     return {
-        "gold": gold, "predicted": predicted, "confidence": usable, "langs": langs,
-        "labels": label_set, "label_map": label_map, "label_column": label_column,
+        "gold": gold,
+        "predicted": predicted,
+        "confidence": usable,
+        "langs": langs,
+        "labels": label_set,
+        "label_map": label_map,
+        "label_column": label_column,
     }
 
 
@@ -226,7 +248,9 @@ def experiment_records(exp_path: str) -> tuple[list[dict], list[dict], dict]:
 
     experiment = Storage(exp_path)
     if not experiment.is_file(tune_layout.TABLE_PARQUET):
-        raise ReportError(f"{exp_path} has no {tune_layout.TABLE_PARQUET}: not a tune experiment folder, or its report was never written")
+        raise ReportError(
+            f"{exp_path} has no {tune_layout.TABLE_PARQUET}: not a tune experiment folder, or its report was never written"
+        )
     with experiment.open_input(tune_layout.TABLE_PARQUET) as f:
         rows = pq.read_table(f).to_pylist()
     tune_cfg = (experiment.read_json_or_none(tune_layout.STATE_FILE) or {}).get("config", {}).get("tune", {})
@@ -237,7 +261,9 @@ def experiment_records(exp_path: str) -> tuple[list[dict], list[dict], dict]:
         history = []
         if experiment.is_file(history_file):
             history = [json.loads(line) for line in experiment.read_text(history_file).splitlines() if line.strip()]
-        records.append({"trial_id": row["trial_id"], "status": row.get("status"), "max_steps": row.get("max_steps"), "history": history})
+        records.append(
+            {"trial_id": row["trial_id"], "status": row.get("status"), "max_steps": row.get("max_steps"), "history": history}
+        )
     best_trial = experiment.read_json_or_none(f"{tune_layout.BEST_DIR}/{tune_layout.BEST_TRIAL_FILE}")
     best = next((r for r in rows if best_trial and r["trial_id"] == best_trial.get("trial_id")), None)
     name = tune_cfg.get("experiment_name") or experiment.root.rstrip("/").rsplit("/", 1)[-1]

@@ -58,6 +58,16 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def hide_library_progress_bars() -> None:
+    """transformers' `Loading weights` and huggingface_hub's `Writing model shards` bars: a
+    job's terminal shows its own phases instead."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 # ============================================================================ events
 
 
@@ -71,7 +81,7 @@ def parse_event(line: str) -> dict | None:
     if at < 0:
         return None
     try:
-        event = json.loads(line[at + len(EVENT_PREFIX):].strip())
+        event = json.loads(line[at + len(EVENT_PREFIX) :].strip())
     except ValueError:
         return None
     return event if isinstance(event, dict) and "kind" in event else None
@@ -182,17 +192,31 @@ class Display:
     def progress_start(self, total: int, initial: int = 0, unit: str = "step") -> None:
         with self._lock:
             self.close_progress()
-            self._progress = {"total": max(int(total), 1), "initial": int(initial), "unit": unit,
-                              "started": time.monotonic(), "last_line_step": int(initial), "step": int(initial), "loss": None,
-                              "checkpoint": None}
+            self._progress = {
+                "total": max(int(total), 1),
+                "initial": int(initial),
+                "unit": unit,
+                "started": time.monotonic(),
+                "last_line_step": int(initial),
+                "step": int(initial),
+                "loss": None,
+                "checkpoint": None,
+            }
             if self.tty:
                 from tqdm import tqdm
 
                 self._bar = tqdm(
-                    total=self._progress["total"], initial=self._progress["initial"], file=self.stream, unit=unit,
-                    dynamic_ncols=True, leave=True,
-                    # tqdm puts ", " before a postfix: `[00:45<02:15, 3.00s/step, loss 0.6120, checkpoint 15]`
-                    bar_format="  {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
+                    total=self._progress["total"],
+                    initial=self._progress["initial"],
+                    file=self.stream,
+                    unit=unit,
+                    dynamic_ncols=True,
+                    leave=True,
+                    # tqdm puts ", " before a postfix: `[00:45<02:15, 3.00s/step, loss 0.6120, checkpoint 15]`;
+                    # rows come by the thousand: their rate reads as rows/s
+                    bar_format="  {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, "
+                    + ("{rate_fmt}" if unit == "row" else "{rate_inv_fmt}")
+                    + "{postfix}]",
                 )
                 self._bar.unit = unit
 
@@ -228,9 +252,17 @@ class Display:
                 if self._bar is not None:
                     self._bar.set_postfix_str(self._postfix())
 
+    def progress_postfix(self, text: str) -> None:
+        """Text shown beside the bar (the label job's bad rows)."""
+        with self._lock:
+            if self._progress is not None:
+                self._progress["postfix"] = text
+
     def _postfix(self) -> str:
         p = self._progress or {}
         parts = [f"loss {p['loss']:.4f}"] if p.get("loss") is not None else []
+        if p.get("postfix"):
+            parts.append(p["postfix"])
         if p.get("checkpoint"):
             parts.append(f"checkpoint {p['checkpoint']}")
         return ", ".join(parts)
@@ -251,7 +283,9 @@ class Display:
             parts.append(f"{per:.1f} s/{p.get('unit', 'step')}")
         if p.get("checkpoint"):
             parts.append(f"checkpoint {p['checkpoint']}")
-        parts.append(f"ETA {format_duration(remaining)}" if p.get("step", 0) < p.get("total", 0) else f"took {format_duration(elapsed)}")
+        parts.append(
+            f"ETA {format_duration(remaining)}" if p.get("step", 0) < p.get("total", 0) else f"took {format_duration(elapsed)}"
+        )
         return "  ".join(parts)
 
     def close_progress(self) -> None:
@@ -347,7 +381,7 @@ class RunLog:
 
     # -- set-up / tear-down
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         self.start()
         return self
 

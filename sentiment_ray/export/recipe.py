@@ -25,19 +25,19 @@ import shutil
 import time
 from typing import Any
 
-from sentiment_ray import backends, languages, risk
+from sentiment_ray import backends, base_identity, languages, risk
 from sentiment_ray.backends.adapter_forms import merge_lora
-from sentiment_ray.backends.base import normalise_device
+from sentiment_ray.backends.base import BackendError, check_adapter_dir, normalise_device
 from sentiment_ray.calibration import adapter_temperature
 from sentiment_ray.config import ExperimentConfig
-from sentiment_ray.weights import UnsafeWeightsError, check_adapter_weights
+from sentiment_ray.errors import UserError
+from sentiment_ray.export.layout import EXPORT_INFO_FILE
 
-EXPORT_INFO_FILE = "sentiment_ray_export.json"
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(UserError, RuntimeError):
+    """The adapter, the base or --output cannot be exported as asked (the message says why)."""
 
 
 def _prepare_output(output: str, overwrite: bool) -> None:
@@ -55,12 +55,10 @@ def _prepare_output(output: str, overwrite: bool) -> None:
 def _check_adapter(adapter: str, allow_unsafe: bool = False) -> None:
     if "://" in adapter:
         raise ExportError(f"--adapter {adapter}: give a local folder (download the adapter first)")
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise ExportError(f"--adapter {adapter} has no adapter_config.json: not a saved LoRA adapter")
     try:
-        check_adapter_weights(adapter, allow_unsafe=allow_unsafe)
-    except UnsafeWeightsError as err:
-        raise ExportError(str(err)) from None
+        check_adapter_dir(adapter, allow_unsafe)  # the labeller's own check
+    except BackendError as err:
+        raise ExportError(f"--adapter: {err}") from None
 
 
 def export_merged(
@@ -77,6 +75,10 @@ def export_merged(
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     _check_adapter(adapter, cfg.model.allow_unsafe_weights)
+    try:
+        base_identity.check(adapter, cfg.model.name, cfg.model.allow_base_mismatch)
+    except base_identity.BaseMismatch as err:
+        raise ExportError(str(err)) from None
     started = time.perf_counter()
 
     requested = cfg.model.backend
