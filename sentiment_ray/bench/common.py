@@ -7,13 +7,15 @@ GPU itself; each measurement runs in a child process of its own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +246,25 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def child_main(measure: Callable[[dict], dict], description: str, argv: list[str] | None = None) -> tuple[int, dict]:
+    """A benchmark child process: `measure` the spec at --spec, write its result (or the
+    error and traceback that ended it) to --result; (exit code, result)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args(argv)
+    spec = read_json(args.spec)
+    try:
+        result = measure(spec)
+    except Exception as err:  # noqa: BLE001 - the parent reports it beside the other runs
+        traceback.print_exc()
+        result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        write_json(args.result, result)
+        return 1, result
+    write_json(args.result, result)
+    return (1 if "error" in result else 0), result
 
 
 def run_measurement(

@@ -29,7 +29,6 @@ excluded; the padded count is reported beside them). MFU for scoring follows
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -725,19 +724,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="One labelling benchmark run (a child of jobs/benchmark.py label).")
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args(argv)
-    spec = common.read_json(args.spec)
-    try:
-        result = measure(spec)
-    except Exception as err:  # noqa: BLE001
-        traceback.print_exc()
-        common.write_json(args.result, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
-        return 1
-    common.write_json(args.result, result)
-    return 1 if "error" in result else 0
+    return common.child_main(measure, "One labelling benchmark run (a child of jobs/benchmark.py label).", argv)[0]
 
 
 if __name__ == "__main__":

@@ -35,13 +35,11 @@ they are in the peak). FLOPs and MFU: see `sentiment_ray.bench.flops`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -638,24 +636,14 @@ def _param_counts(model) -> dict[str, int]:
 
 
 def child_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="One training benchmark run (a child of jobs/benchmark.py train).")
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args(argv)
-    spec = common.read_json(args.spec)
-    try:
-        result = measure(spec)
-    except Exception as err:  # noqa: BLE001  (the parent reports it beside the other run)
-        traceback.print_exc()
-        common.write_json(args.result, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
-        return 1
-    common.write_json(args.result, result)
-    print(
-        f"[child] {result['backend']}/{result['loop']}: {result['tokens_per_s']:.1f} tokens/s, "
-        f"step {result['step_time_s']['mean']:.3f} s, loss {result['loss_last']}",
-        flush=True,
-    )
-    return 0
+    code, result = common.child_main(measure, "One training benchmark run (a child of jobs/benchmark.py train).", argv)
+    if code == 0:
+        print(
+            f"[child] {result['backend']}/{result['loop']}: {result['tokens_per_s']:.1f} tokens/s, "
+            f"step {result['step_time_s']['mean']:.3f} s, loss {result['loss_last']}",
+            flush=True,
+        )
+    return code
 
 
 if __name__ == "__main__":
