@@ -241,14 +241,15 @@ class EvaluationCounts:
         self.rows += len(gold)
         if langs is not None and any(x is not None for x in langs):
             self.any_lang = True
-        kept, truths = [], []
+        kept, truths, kept_langs = [], [], []
         for i, value in enumerate(gold):
             truth, _ = self.labels.resolve(value, self.label_map)
-            lang = None if langs is None or langs[i] is None else as_key(langs[i])
             if truth is not None:
+                lang = None if langs is None or langs[i] is None else as_key(langs[i])
                 self.cells[(truth, predicted[i], lang)] += 1
                 kept.append(i)
                 truths.append(truth)
+                kept_langs.append(lang)
             elif as_key(value) is not None:
                 self.unknown[str(value)] += 1
         if confidence is None or any(confidence[i] is None for i in kept):
@@ -259,10 +260,9 @@ class EvaluationCounts:
         conf = np.asarray([confidence[i] for i in kept], dtype=np.float64)
         edges = np.linspace(0.0, 1.0, self.n_bins + 1)
         which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, self.n_bins - 1)
-        for b, value, truth, i in zip(which.tolist(), conf.tolist(), truths, kept):
+        for b, value, truth, i, lang in zip(which.tolist(), conf.tolist(), truths, kept, kept_langs):
             right = truth == predicted[i]
             self.bins.add(b, value, right)
-            lang = None if langs is None or langs[i] is None else as_key(langs[i])
             if lang is not None:
                 self.lang_bins.setdefault(str(lang), _Bins(self.n_bins)).add(b, value, right)
 

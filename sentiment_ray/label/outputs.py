@@ -296,8 +296,8 @@ def report_details(manifest: dict[str, Any] | None, **known: Any) -> dict[str, A
 
 
 def describe_form(summary: dict[str, Any]) -> str | None:
-    """The model's form for a person: 'adapter merged into 16-bit weights, compiled, 15.2 GiB
-    of weights, 35.1 GiB peak' (None when no actor ran now)."""
+    """The model's form for a person: 'adapter merged into 16-bit weights, eager, <w> GiB of
+    weights, <p> GiB peak' (None when no actor ran now)."""
     form = summary.get("adapter_form")
     if not form:
         return None
