@@ -105,3 +105,23 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
     target = sys.argv[1] if len(sys.argv) > 1 else "tiny-llama"
     print(build_tiny_model(target))
+
+
+def build_tiny_adapter(model_dir: str, out_dir: str | Path, targets: list[str], *, seed: int, b_std: float) -> str:
+    """A LoRA adapter (r 4, alpha 8, dropout 0) on `targets` of a tiny model, with random
+    non-zero B matrices (normal, `b_std`), so that it changes the model's scores."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, b_std)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return str(out_dir)

@@ -12,22 +12,11 @@ from test_scoring import SENTENCES  # the same multilingual sentences
 @pytest.fixture(scope="module")
 def lora_adapter(tiny_model_dir, tmp_path_factory) -> str:
     """An adapter on all seven projections with non-zero B matrices (it changes the scores)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_model import build_tiny_adapter
 
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.3)
     out = tmp_path_factory.mktemp("adapter-all-projections")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return str(out)
+    return build_tiny_adapter(tiny_model_dir, out, targets, seed=1, b_std=0.3)
 
 
 def _labeler(tiny_cfg, adapter, **label):

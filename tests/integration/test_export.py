@@ -20,23 +20,10 @@ from sentiment_ray.prompts import PromptTemplate
 def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
     """A LoRA adapter on the tiny model with random (non-zero) B matrices, so the merged
     weights differ from the base."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_model import build_tiny_adapter
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
     out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return str(out)
+    return build_tiny_adapter(tiny_model_dir, out, ["q_proj", "v_proj", "down_proj"], seed=0, b_std=0.5)
 
 
 def _score(model, tokenizer, cfg):
