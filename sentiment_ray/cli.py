@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,14 +170,23 @@ def keep_storage_durable(cfg: ExperimentConfig) -> None:
 
 
 def launcher(prog: str | None, script: str) -> str:
-    """How this job was started, as a person would type it again."""
+    """How this job was started, as a person would type it again from where they stand."""
     if prog:
         return prog
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else script
     if argv0.endswith(".py"):
-        shown = os.path.relpath(argv0) if not os.path.relpath(argv0).startswith("..") else argv0
-        return f"python {shown}"
+        return f"{interpreter()} {short_path(os.path.abspath(argv0))}"
     return f"{PROG} {script}"
+
+
+def interpreter() -> str:
+    """`python` when that is the interpreter running this job (an active venv), else its path
+    (`make demo` runs `.venv/bin/python` without activating the venv: a bare `python` would
+    lack the project's packages)."""
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable):
+        return "python"
+    return shlex.quote(short_path(os.path.abspath(sys.executable)))
 
 
 # ----------------------------------------------------------------------------- train

@@ -349,6 +349,30 @@ def _phase(fn):
         return {"error": f"{type(err).__name__}: {err}"}
 
 
+class _Clock:
+    """The measuring device: synchronise before reading a clock, reset and read the peak
+    of allocated GPU memory (None on a CPU)."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float | None:
+        return self.torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None
+
+
 FORMS = ("none", "unmerged", "fused", "merged", "merged+compiled")
 
 
@@ -361,14 +385,13 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
     import contextlib
 
     import numpy as np
-    import torch
 
     started = time.perf_counter()
     backend_name = backends.resolve_backend_name(spec["config"]["model"]["backend"])
     backends.early_import(backend_name)
     cfg = validate(spec["config"], source="label benchmark spec")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    cuda = device.type == "cuda"
+    clock = _Clock()
+    device = clock.device
     backend = backends.get_backend(backend_name)
     t0 = time.perf_counter()
     model, tok = backend.load_for_inference(cfg, spec.get("adapter"), device)
@@ -383,10 +406,6 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
     wanted = [f for f in FORMS if f in (spec.get("forms") or FORMS)]
     has_adapter = hasattr(model, "peft_config")
     lora_params = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
 
     def run_form(name: str, compile: bool = False, context=contextlib.nullcontext) -> dict[str, Any]:
         with context():
@@ -412,13 +431,11 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
                 for reuse in [False, True] if shared_prefix else [False]:
                     scorer.max_batch_tokens, scorer.prefix_ids = budget, shared_prefix if reuse else []
                     scorer.score(sentences[: min(len(sentences), 512)])  # this budget's shapes, once
-                    if cuda:
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats(device)
-                    sync()
+                    clock.reset_peak()
+                    clock.sync()
                     t = time.perf_counter()
                     res = scorer.score(sentences)
-                    sync()
+                    clock.sync()
                     dt = time.perf_counter() - t
                     padded = padded_tokens(lengths if not reuse else [n - len(shared_prefix) for n in lengths], None, budget)
                     out["runs"].append(
@@ -432,7 +449,7 @@ def measure_forms(spec: dict[str, Any]) -> dict[str, Any]:
                             if padded
                             else 0.0,
                             "mfu": flops.mfu(fl["model_flops"], dt, peak),
-                            "peak_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                            "peak_memory_allocated_gib": clock.peak_gib(),
                             "probs": res.probs,
                         }
                     )
@@ -517,20 +534,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     cfg = validate(cfg_dict, source="label benchmark spec")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    cuda = device.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    def reset_peak():
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def peak_gib():
-        return torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    clock = _Clock()
+    device = clock.device
+    sync, reset_peak, peak_gib = clock.sync, clock.reset_peak, clock.peak_gib
 
     t0 = time.perf_counter()
     labeler = Labeler(cfg, adapter_path=spec.get("adapter"), device=device)

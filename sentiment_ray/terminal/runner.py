@@ -18,6 +18,7 @@ signal's line, and (training) what a failure of Ray or a worker means.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -56,14 +57,27 @@ def error_line(err: BaseException, command: str) -> str:
     return f"error: {faults.report(err, command)}"
 
 
+def _last_words(err: BaseException, command: str, what: str | None = None) -> str:
+    """The job's `error:` line, whatever happens while it is written (a trace that cannot be
+    formatted still leaves the line)."""
+    try:
+        if what is not None:
+            log = faults.write_trace(err, command)
+            return f"error: {what} (full trace: {log})" if log else f"error: {what}"
+        return error_line(err, command)
+    except Exception as fault:  # noqa: BLE001 - the last line must come out
+        return f"error: {command} failed: {type(err).__name__} (and its report failed: {type(fault).__name__}: {fault})"
+
+
 def summary_json(summary: dict) -> str:
     return json.dumps(summary, ensure_ascii=False, default=str)
 
 
 def run_job(command: str, job: Callable[[], dict], ending: Ending | None = None, *, display: Display | None = None) -> int:
     """Run `job` under the signal handling of `faults.on_signals`; end it the one way (module
-    docstring). Returns the exit code. Re-raises only what is not an Exception and no signal
-    caused (SystemExit from argparse, a second KeyboardInterrupt outside the job)."""
+    docstring). Returns the exit code. A SystemExit inside the job that no signal caused is a
+    library ending the process (Ray does, when its local node goes away): it too is one line.
+    Only a second KeyboardInterrupt outside the job is re-raised."""
     ending = ending or Ending()
     display = display or Display()
     try:
@@ -71,7 +85,8 @@ def run_job(command: str, job: Callable[[], dict], ending: Ending | None = None,
             summary = job()
             lines = ending.finished(summary) if ending.finished else []
     except BaseException as err:  # noqa: BLE001 - every way a job stops ends here, in one line
-        _close(ending)
+        with contextlib.suppress(Exception):  # the job's own failure is the line to print
+            _close(ending)
         stopped_by = faults.interrupted() or (signal.SIGINT if isinstance(err, KeyboardInterrupt) else None)
         if stopped_by is not None:
             # Whatever Ray raised while its processes went down with the signal: the job was
@@ -79,13 +94,17 @@ def run_job(command: str, job: Callable[[], dict], ending: Ending | None = None,
             text = ending.interrupted(stopped_by, err) if ending.interrupted else f"{command} interrupted by {stopped_by.name}"
             display.error(text)
             return faults.exit_code(stopped_by)
+        if isinstance(err, SystemExit):
+            code = err.code if isinstance(err.code, int) and err.code else 1
+            display.error(_last_words(err, command, f"{command} was ended by a library (exit {code}) before it finished"))
+            return code
         if not isinstance(err, Exception):
             raise
         try:
             explained = ending.failed(err) if ending.failed else None
         except Exception as fault:  # noqa: BLE001 - explaining failed: the fault's own line
-            explained = (1, error_line(fault, command))
-        code, text = explained or (1, error_line(err, command))
+            explained = (1, _last_words(fault, command))
+        code, text = explained or (1, _last_words(err, command))
         display.error(text)
         return code
     _close(ending)

@@ -2,7 +2,7 @@
 resumes, what was checked), the phases and the step bar (console.py, fed by the worker's
 events), the closing table, and what a failure means.
 
-    terminal = TrainTerminal(CommandLine.from_args("python jobs/train.py", argv, "demo", overrides))
+    terminal = TrainTerminal(CommandLine(launcher(prog, "train"), argv, args.config, overrides))
     run_job("train", lambda: run_training(cfg, observer=terminal), terminal.ending())
     # the recipe tells it its moments (train/observer.py); the runner shows the closing table,
     # where things are and the next command, or the failure
@@ -67,8 +67,10 @@ class CommandLine:
         """The launcher of another job the same way (`python jobs/label.py`, `sentiment-ray label`)."""
         if self.launcher.startswith("sentiment-ray"):
             return f"sentiment-ray {command}"
-        script = re.fullmatch(r"(python .*?)\w+\.py", self.launcher)
-        return f"{script.group(1)}{command}.py" if script else f"python jobs/{command}.py"
+        python, _, script = self.launcher.rpartition(" ")
+        if python and script.endswith(".py"):
+            return f"{python} {os.path.join(os.path.dirname(script), command + '.py')}"
+        return f"python jobs/{command}.py"
 
 
 def short_path(path: str) -> str:

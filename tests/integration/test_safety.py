@@ -432,7 +432,9 @@ def test_a_full_disk_in_an_actor_is_one_line_and_the_rerun_resumes(ray_address, 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 1, done.stderr[-3000:]
     assert done.stdout == "", done.stderr[-3000:]
-    [line] = error_lines(done.stderr)
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1, done.stderr[-5000:]
+    [line] = lines
     assert line.startswith(f"error: {out}/predictions/part-000003-"), line
     assert ".parquet: cannot write: no space left on device (disk full) (full trace: " in line
     log = Path(line.rsplit("(full trace: ", 1)[1].rstrip(")")).read_text()

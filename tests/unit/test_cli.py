@@ -142,6 +142,42 @@ def test_a_fault_is_one_line_naming_its_trace_file(tmp_path, capsys, monkeypatch
     assert "Traceback" in log.read_text()
 
 
+def test_a_library_ending_the_process_inside_a_job_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ray ends its driver with SystemExit(1) when its local node goes away: the job still
+    ends with one `error:` line naming the trace, and the exit code is kept."""
+    from sentiment_ray.terminal import runner
+
+    monkeypatch.setenv("SENTIMENT_RAY_CACHE", str(tmp_path / "cache"))
+
+    def job() -> dict:
+        raise SystemExit(1)
+
+    assert runner.run_job("label", job) == 1
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line.startswith("error: label was ended by a library (exit 1) before it finished (full trace: ")
+
+
+def test_the_error_line_comes_out_when_stopping_and_reporting_fail(tmp_path, capsys, monkeypatch):
+    from sentiment_ray.terminal import faults, runner
+
+    monkeypatch.setenv("SENTIMENT_RAY_CACHE", str(tmp_path / "cache"))
+
+    def broken_report(err, command):
+        raise RuntimeError("cannot format")
+
+    def closed():
+        raise RuntimeError("ray.shutdown failed")
+
+    monkeypatch.setattr(faults, "report", broken_report)
+
+    def job() -> dict:
+        raise KeyError("boom")
+
+    assert runner.run_job("eval", job, runner.Ending(closed=closed)) == 1
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line == "error: eval failed: KeyError (and its report failed: RuntimeError: cannot format)"
+
+
 def test_a_finished_job_prints_its_summary_then_the_json_line_last(capsys):
     from sentiment_ray.terminal import runner
 
@@ -150,3 +186,24 @@ def test_a_finished_job_prints_its_summary_then_the_json_line_last(capsys):
     captured = capsys.readouterr()
     assert "report     out/eval-report.html" in captured.err
     assert captured.out.splitlines()[-1] == '{"report": "out/eval-report.html"}'
+
+
+def test_printed_commands_are_runnable_from_where_the_user_stands(monkeypatch, tmp_path):
+    """`make demo` runs `.venv/bin/python jobs/train.py` without activating the venv: the
+    rerun and next commands name that interpreter, since a bare `python` lacks the packages;
+    with the venv active they say `python`."""
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(venv_python))
+    monkeypatch.setattr(sys, "argv", ["jobs/train.py", "train.max_steps=5"])
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the venv not active
+    command = cli.CommandLine(cli.launcher(None, "train"), ["train.max_steps=5"])
+    assert command.text() == ".venv/bin/python jobs/train.py train.max_steps=5"
+    assert command.sibling("label") == ".venv/bin/python jobs/label.py"
+
+    monkeypatch.setenv("PATH", f"{venv_python.parent}:/usr/bin:/bin")  # `source .venv/bin/activate`
+    assert cli.launcher(None, "train") == "python jobs/train.py"
+    assert cli.launcher("sentiment-ray train", "train") == "sentiment-ray train"
