@@ -184,7 +184,8 @@ def interpreter() -> str:
     (`make demo` runs `.venv/bin/python` without activating the venv: a bare `python` would
     lack the project's packages)."""
     on_path = shutil.which("python")
-    if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable):
+    # The same folder, not the same file: a venv's python links to the system's.
+    if on_path and os.path.dirname(os.path.abspath(on_path)) == os.path.dirname(os.path.abspath(sys.executable)):
         return "python"
     return shlex.quote(short_path(os.path.abspath(sys.executable)))
 

@@ -52,12 +52,19 @@ def tiny_overrides(model_dir: str, storage: Path, name: str, **extra: object) ->
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of a job started from a shell with this interpreter's venv active
+    (`. .venv/bin/activate`): the printed commands then say `python`; no cluster named."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **extra}
+
+
 def train(args: list[str], timeout: float = 420, **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
     return subprocess.run(
         [sys.executable, "jobs/train.py", *args],
         cwd=REPO_ROOT,
-        env={**full_env, **env},
+        env=job_env(**env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -163,10 +170,10 @@ def test_a_run_shows_phases_steps_and_the_table_of_metrics_json_without_error_li
     assert out.stdout.count("\n") == 1
     assert json.loads(out.stdout)["run_dir"] == str(run_dir)
 
-    # The next command works as printed (`python` being this environment's, as after `. .venv/bin/activate`).
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    labelled = subprocess.run(where["next"], shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=420, env=env)
+    # The next command works as printed.
+    labelled = subprocess.run(
+        where["next"], shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=420, env=job_env()
+    )
     assert labelled.returncode == 0, labelled.stderr[-3000:]
     summary = json.loads(labelled.stdout.strip().splitlines()[-1])
     assert summary["adapter"].startswith("adapter@")
@@ -219,7 +226,7 @@ def _registered_checkpoint(run_dir: Path) -> int:
 def test_a_dead_cluster_is_one_paragraph_and_the_same_command_resumes(tiny_model_dir, tmp_path):
     args = tiny_overrides(tiny_model_dir, tmp_path / "runs", "crash", **{"train.max_steps": 300, "train.save_steps": 5})
     run_dir = tmp_path / "runs" / "crash"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    env = job_env()
     driver = subprocess.Popen(
         [sys.executable, "jobs/train.py", *args],
         cwd=REPO_ROOT,
@@ -266,7 +273,7 @@ def test_a_dead_cluster_is_one_paragraph_and_the_same_command_resumes(tiny_model
 
 
 def label(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    env = job_env()
     return subprocess.run(
         [sys.executable, "jobs/label.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -456,7 +463,7 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> Non
 def test_ctrl_c_of_a_run_is_one_line_naming_the_registered_checkpoint_and_the_rerun_resumes_from_it(tiny_model_dir, tmp_path):
     args = tiny_overrides(tiny_model_dir, tmp_path / "runs", "ctrl-c", **{"train.max_steps": 120, "train.save_steps": 4})
     run_dir = tmp_path / "runs" / "ctrl-c"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    env = job_env()
     driver = subprocess.Popen(
         [sys.executable, "jobs/train.py", *args],
         cwd=REPO_ROOT,
@@ -507,7 +514,7 @@ def test_ctrl_c_of_a_label_job_is_one_line_naming_the_committed_units_and_the_re
         f"model.name={tiny_model_dir}",
         *LABEL_OVERRIDES,
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SENTIMENT_RAY_LOG")}
+    env = job_env()
     driver = subprocess.Popen(
         [sys.executable, "jobs/label.py", *args],
         cwd=REPO_ROOT,
