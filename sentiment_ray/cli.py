@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from sentiment_ray.label.recipe import interrupted_line as label_interrupted_lin
 from sentiment_ray.label.recipe import label_dataset
 from sentiment_ray.terminal import console, faults
 from sentiment_ray.terminal.runner import Ending, run_job, stop_ray
-from sentiment_ray.terminal.training import CommandLine, TrainTerminal, short_path
+from sentiment_ray.terminal.training import CommandLine, TrainTerminal, launcher, short_path
 from sentiment_ray.train.recipe import run_training
 from sentiment_ray.tune import recipe as tune_recipe
 
@@ -167,27 +166,6 @@ def keep_storage_durable(cfg: ExperimentConfig) -> None:
     """Inside `ray job submit` the working dir is a temporary copy that Ray deletes: a
     relative run.storage_path is taken under ~/sentiment-ray instead (cluster.durable_path)."""
     cfg.run.storage_path = cluster.durable_path(cfg.run.storage_path)
-
-
-def launcher(prog: str | None, script: str) -> str:
-    """How this job was started, as a person would type it again from where they stand."""
-    if prog:
-        return prog
-    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else script
-    if argv0.endswith(".py"):
-        return f"{interpreter()} {short_path(os.path.abspath(argv0))}"
-    return f"{PROG} {script}"
-
-
-def interpreter() -> str:
-    """`python` when that is the interpreter running this job (an active venv), else its path
-    (`make demo` runs `.venv/bin/python` without activating the venv: a bare `python` would
-    lack the project's packages)."""
-    on_path = shutil.which("python")
-    # The same folder, not the same file: a venv's python links to the system's.
-    if on_path and os.path.dirname(os.path.abspath(on_path)) == os.path.dirname(os.path.abspath(sys.executable)):
-        return "python"
-    return shlex.quote(short_path(os.path.abspath(sys.executable)))
 
 
 # ----------------------------------------------------------------------------- train

@@ -99,14 +99,6 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, demo_csv: Path = DEMO_C
     return out_dir
 
 
-if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
-    target = sys.argv[1] if len(sys.argv) > 1 else "tiny-llama"
-    print(build_tiny_model(target))
-
-
 def build_tiny_adapter(model_dir: str, out_dir: str | Path, targets: list[str], *, seed: int, b_std: float) -> str:
     """A LoRA adapter (r 4, alpha 8, dropout 0) on `targets` of a tiny model, with random
     non-zero B matrices (normal, `b_std`), so that it changes the model's scores."""
@@ -125,3 +117,11 @@ def build_tiny_adapter(model_dir: str, out_dir: str | Path, targets: list[str], 
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
     return str(out_dir)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+    target = sys.argv[1] if len(sys.argv) > 1 else "tiny-llama"
+    print(build_tiny_model(target))

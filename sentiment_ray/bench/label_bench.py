@@ -536,7 +536,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = validate(cfg_dict, source="label benchmark spec")
     clock = _Clock()
     device = clock.device
-    sync, reset_peak, peak_gib = clock.sync, clock.reset_peak, clock.peak_gib
 
     t0 = time.perf_counter()
     labeler = Labeler(cfg, adapter_path=spec.get("adapter"), device=device)
@@ -610,11 +609,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             scorer.batch_size, scorer.max_batch_tokens = bs or (None if budget else max(batch_sizes)), budget
             scorer.prefix_ids = shared_prefix if reuse else []
             scorer.max_length = cap or full_length
-            reset_peak()
-            sync()
+            clock.reset_peak()
+            clock.sync()
             t0 = time.perf_counter()
             res = scorer.score(sentences)
-            sync()
+            clock.sync()
             dt = time.perf_counter() - t0
             run_lengths = lengths if not cap else [len(x) for x in scorer.encode(sentences)[0]]
             padded = padded_tokens(run_lengths, scorer.batch_size, budget)
@@ -636,7 +635,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                     "model_flops": fl["model_flops"],
                     "achieved_tflops": fl["model_flops"] / dt / 1e12,
                     "mfu": flops.mfu(fl["model_flops"], dt, peak),
-                    "peak_memory_allocated_gib": peak_gib(),
+                    "peak_memory_allocated_gib": clock.peak_gib(),
                     "finite": bool(torch.isfinite(torch.from_numpy(res.probs)).all()),
                     "predicted_share": {l: res.predicted().count(l) / n for l in labels},
                 }
@@ -658,11 +657,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         scorer.generate(gen_sentences[: min(len(gen_sentences), 2 * min(batch_sizes))], k)
         for bs in batch_sizes:
             scorer.batch_size = bs
-            reset_peak()
-            sync()
+            clock.reset_peak()
+            clock.sync()
             t0 = time.perf_counter()
             res = scorer.generate(gen_sentences, k)
-            sync()
+            clock.sync()
             dt = time.perf_counter() - t0
             out.append(
                 {
@@ -674,7 +673,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                     "prompt_tokens_per_s": res.prompt_tokens / dt,
                     "padding_fraction": 1 - sum(gen_lengths) / max(1, padded_tokens(gen_lengths, bs)),
                     "parse_failed": int(res.parse_failed.sum()),
-                    "peak_memory_allocated_gib": peak_gib(),
+                    "peak_memory_allocated_gib": clock.peak_gib(),
                 }
             )
         return out
@@ -700,11 +699,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             return width, int(out.shape[1] - width), labels.parse_generated(text)
 
         one(row_sentences[0])  # warm-up
-        reset_peak()
-        sync()
+        clock.reset_peak()
+        clock.sync()
         t0 = time.perf_counter()
         done = [one(s) for s in row_sentences]
-        sync()
+        clock.sync()
         dt = time.perf_counter() - t0
         return {
             "n": len(row_sentences),
@@ -714,7 +713,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "prompt_tokens_per_s": sum(d[0] for d in done) / dt,
             "new_tokens": sum(d[1] for d in done),
             "parse_failed": sum(d[2] is None for d in done),
-            "peak_memory_allocated_gib": peak_gib(),
+            "peak_memory_allocated_gib": clock.peak_gib(),
         }
 
     result["generate_per_row"] = _phase(generate_per_row)

@@ -114,10 +114,11 @@ def write_trace(err: BaseException, command: str) -> str | None:
     return None
 
 
-def report(err: BaseException, command: str) -> str:
-    """`one_line(err)` plus where its full trace went."""
+def report(err: BaseException, command: str, headline: str | None = None) -> str:
+    """`headline` (default `one_line(err)`) plus where the full trace went."""
     log = write_trace(err, command)
-    return f"{one_line(err)} (full trace: {log})" if log else f"{one_line(err)} (no trace file could be written)"
+    headline = headline or one_line(err)
+    return f"{headline} (full trace: {log})" if log else f"{headline} (no trace file could be written)"
 
 
 # ----------------------------------------------------------------------------- signals

@@ -57,14 +57,11 @@ def error_line(err: BaseException, command: str) -> str:
     return f"error: {faults.report(err, command)}"
 
 
-def _last_words(err: BaseException, command: str, what: str | None = None) -> str:
+def _last_words(err: BaseException, command: str, headline: str | None = None) -> str:
     """The job's `error:` line, whatever happens while it is written (a trace that cannot be
     formatted still leaves the line)."""
     try:
-        if what is not None:
-            log = faults.write_trace(err, command)
-            return f"error: {what} (full trace: {log})" if log else f"error: {what}"
-        return error_line(err, command)
+        return f"error: {faults.report(err, command, headline)}" if headline else error_line(err, command)
     except Exception as fault:  # noqa: BLE001 - the last line must come out
         return f"error: {command} failed: {type(err).__name__} (and its report failed: {type(fault).__name__}: {fault})"
 
@@ -76,8 +73,8 @@ def summary_json(summary: dict) -> str:
 def run_job(command: str, job: Callable[[], dict], ending: Ending | None = None, *, display: Display | None = None) -> int:
     """Run `job` under the signal handling of `faults.on_signals`; end it the one way (module
     docstring). Returns the exit code. A SystemExit inside the job that no signal caused is a
-    library ending the process (Ray does, when its local node goes away): it too is one line.
-    Only a second KeyboardInterrupt outside the job is re-raised."""
+    library ending the process (Ray's handlers call sys.exit): it too is one line. Only a
+    second KeyboardInterrupt outside the job is re-raised."""
     ending = ending or Ending()
     display = display or Display()
     try:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -71,6 +73,27 @@ class CommandLine:
         if python and script.endswith(".py"):
             return f"{python} {os.path.join(os.path.dirname(script), command + '.py')}"
         return f"python jobs/{command}.py"
+
+
+def launcher(prog: str | None, script: str) -> str:
+    """How this job was started, as a person would type it again from where they stand."""
+    if prog:
+        return prog
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else script
+    if argv0.endswith(".py"):
+        return f"{interpreter()} {short_path(os.path.abspath(argv0))}"
+    return f"sentiment-ray {script}"
+
+
+def interpreter() -> str:
+    """`python` when that is the interpreter running this job (an active venv), else its path
+    (`make demo` runs `.venv/bin/python` without activating the venv: a bare `python` would
+    lack the project's packages)."""
+    on_path = shutil.which("python")
+    # The same folder, not the same file: a venv's python links to the system's.
+    if on_path and os.path.dirname(os.path.abspath(on_path)) == os.path.dirname(os.path.abspath(sys.executable)):
+        return "python"
+    return shlex.quote(short_path(os.path.abspath(sys.executable)))
 
 
 def short_path(path: str) -> str:
